@@ -1,0 +1,101 @@
+"""From a composed configuration to the objects of a run: data, model, trainer.
+
+This is the wiring: Hydra instantiates the leaves, and values known only at
+run time (the backbone width, the image size, the number of classes) are
+passed here as keyword arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mmtx.checkpoint import AtomicCheckpointIO
+
+
+def build_data(cfg: DictConfig) -> L.LightningDataModule:
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
+    dim = cfg.backbone.dim
+    tokenizer = instantiate(
+        cfg.tokenizer, dim=dim, image_size=datamodule.image_size, in_channels=datamodule.in_channels
+    )
+    backbone = instantiate(cfg.backbone)
+    head = instantiate(cfg.head, dim=dim, num_classes=datamodule.num_classes)
+    # _partial_: the stored run config holds _target_ nodes that must stay data, not be instantiated.
+    module_cls = instantiate(cfg.module, _partial_=True)
+    return module_cls(
+        tokenizer=tokenizer,
+        backbone=backbone,
+        head=head,
+        num_classes=datamodule.num_classes,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def build(task: str | DictConfig = "vit_cifar", overrides: Sequence[str] = ()):
+    """The model and data module of a task, built but not trained.
+
+    `task` is a task name (composed with `overrides`, as on the command
+    line) or an already composed configuration.
+
+    >>> model, datamodule = build("vit_cifar", ["backbone=tiny"])
+    """
+    if isinstance(task, str):
+        from mmtx.config import compose
+
+        cfg = compose(task, overrides)
+    else:
+        cfg = task
+    datamodule = build_data(cfg)
+    return build_model(cfg, datamodule), datamodule
+
+
+def resolve_precision(trainer_cfg: DictConfig) -> str:
+    """`precision: auto` -> bf16 autocast where the GPU supports it, else full fp32."""
+    if trainer_cfg.precision != "auto":
+        return trainer_cfg.precision
+    on_gpu = trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        extra: dict[str, Any] = {}
+        if node._target_.endswith("ModelCheckpoint"):
+            extra["dirpath"] = str(run_dir / "checkpoints")
+        callbacks.append(instantiate(node, **extra))
+    return callbacks
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    node = cfg.get("logger")
+    if not node:
+        return False
+    return instantiate(node, save_dir=str(run_dir))
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, **overrides: Any) -> L.Trainer:
+    kwargs: dict[str, Any] = dict(
+        precision=resolve_precision(cfg.trainer),
+        default_root_dir=str(run_dir),
+        callbacks=build_callbacks(cfg, run_dir),
+        logger=build_logger(cfg, run_dir),
+        plugins=[AtomicCheckpointIO()],
+    )
+    kwargs.update(overrides)
+    return instantiate(cfg.trainer, **kwargs)

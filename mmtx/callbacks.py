@@ -1,0 +1,90 @@
+"""Callbacks mmtx adds to Lightning's: RNG state in checkpoints, throughput, periodic last checkpoint."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+
+class RNGState(L.Callback):
+    """Save the Python, NumPy and torch (CPU and CUDA) RNG states in checkpoints and restore them on resume.
+
+    Lightning restores weights, optimizer, scheduler and loop counters; with
+    this, a resumed run also draws the same random numbers (augmentations,
+    dropout) as if it had never stopped.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        version, state, gauss = random.getstate()
+        return {
+            "python": {"version": version, "state": list(state), "gauss": gauss},
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        py = state["python"]
+        random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+        npy = state["numpy"]
+        np.random.set_state(
+            ("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+        )
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Throughput(L.Callback):
+    """Log `train/samples_per_sec` averaged over the last `window` optimizer steps (wall clock)."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self._t0: float | None = None
+        self._samples = 0
+        self._steps = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0, self._samples, self._steps = None, 0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._t0 is None:  # the first batch includes start-up costs: start timing after it
+            self._t0 = now
+            return
+        self._samples += _batch_size(batch)
+        self._steps += 1
+        if self._steps >= self.window:
+            pl_module.log("train/samples_per_sec", self._samples / (now - self._t0), on_step=True, on_epoch=False)
+            self._t0, self._samples, self._steps = now, 0, 0
+
+
+def _batch_size(batch: Any) -> int:
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)] if isinstance(batch, dict) else [batch]
+    return int(tensors[0].shape[0])
+
+
+class PeriodicCheckpoint(L.Callback):
+    """Write `<dirpath>/last.ckpt` every `every_n_steps` optimizer steps, so a killed run loses little.
+
+    (ModelCheckpoint's own `save_last` writes at validation ends; this adds
+    the saves in between, through the same atomic checkpoint IO.)
+    """
+
+    def __init__(self, every_n_steps: int = 500, dirpath: str | None = None) -> None:
+        self.every_n_steps = every_n_steps
+        self.dirpath = dirpath
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and not trainer.sanity_checking:
+            dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+            trainer.save_checkpoint(dirpath / "last.ckpt")

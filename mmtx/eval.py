@@ -1,0 +1,71 @@
+"""`python -m mmtx.eval ckpt=PATH [key=value ...]`: test metrics of a checkpoint.
+
+The run configuration stored in the checkpoint rebuilds the data and model;
+`key=value` arguments override it (for example `data.root=/elsewhere`,
+`data.source.image_size=64` to evaluate at another resolution, or
+`trainer.accelerator=cpu`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import lightning as L
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
+
+from mmtx.build import build_data, build_model, resolve_precision
+from mmtx.checkpoint import load_checkpoint
+
+USAGE = "usage: python -m mmtx.eval ckpt=PATH [key=value ...]"
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str, list[str]]:
+    ckpt, overrides = None, []
+    for arg in argv:
+        if "=" not in arg:
+            raise SystemExit(f"{USAGE}\nnot a key=value argument: {arg!r}")
+        if arg.startswith("ckpt="):
+            ckpt = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    if not ckpt:
+        raise SystemExit(f"{USAGE}\nmissing ckpt=PATH")
+    return ckpt, overrides
+
+
+def evaluate(ckpt: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Rebuild the run stored in `ckpt`, load its weights and return its test metrics."""
+    checkpoint = load_checkpoint(ckpt)
+    cfg = OmegaConf.create(checkpoint["mmtx_config"])
+    OmegaConf.set_struct(cfg, True)
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except ConfigKeyError as err:
+        raise SystemExit(f"unknown configuration key in overrides {list(overrides)}: {err.msg}") from None
+    datamodule = build_data(cfg)
+    model = build_model(cfg, datamodule)
+    model.load_state_dict(checkpoint["state_dict"])
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        precision=resolve_precision(cfg.trainer),
+        logger=False,
+        enable_checkpointing=False,
+        limit_test_batches=cfg.trainer.get("limit_test_batches"),
+    )
+    results = trainer.test(model, datamodule=datamodule, verbose=False)
+    return results[0] if results else {}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ckpt, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    metrics = evaluate(ckpt, overrides)
+    for key, value in sorted(metrics.items()):
+        print(f"{key}: {value:.4f}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

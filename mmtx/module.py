@@ -1,0 +1,91 @@
+"""The LightningModule every task trains: tokenizer -> backbone -> head -> loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mmtx.optim import build_optimizer
+
+
+class ClassificationModule(L.LightningModule):
+    """Encoder-only classification (images today; audio later).
+
+    Loss: cross-entropy with label smoothing; with soft targets from
+    Mixup/CutMix, the same smoothing is applied to them. Metrics: top-1
+    accuracy (torchmetrics) logged as `{stage}/acc` beside `{stage}/loss`.
+    `run_config` is the resolved run configuration, stored in every checkpoint so
+    `mmtx.eval` can rebuild the run.
+    """
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        backbone: nn.Module,
+        head: nn.Module,
+        num_classes: int,
+        optim: dict[str, Any],
+        label_smoothing: float = 0.0,
+        compile: bool = False,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.backbone = backbone
+        self.head = head
+        self.num_classes = num_classes
+        self.optim = dict(optim)
+        self.label_smoothing = label_smoothing
+        self.run_config = run_config or {}
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._forward = torch.compile(self.forward_logits) if compile else self.forward_logits
+
+    def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = self.head.prepare(self.tokenizer(batch))  # Tokens: (B, T, D), mask (B, T) | None
+        x = self.backbone(tokens)  # (B, T, D)
+        return self.head(x, tokens.mask)  # (B, num_classes)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._forward(batch)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        target = batch.get("target")
+        if target is None:
+            return F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        target = target * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes
+        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+    def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(batch)
+        loss = self.loss(logits, batch)
+        metric = getattr(self, f"{stage}_acc")
+        metric(logits.detach(), batch["label"])
+        on_step = stage == "train"
+        batch_size = batch["label"].shape[0]
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=not on_step)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.shared_step(batch, "test")
+
+    def configure_optimizers(self):
+        total = int(self.trainer.estimated_stepping_batches)
+        optimizer, schedule = build_optimizer(self, total_steps=total, **self.optim)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmtx_config"] = self.run_config

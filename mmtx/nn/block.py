@@ -1,0 +1,57 @@
+"""The pre-norm transformer block, with an optional cross-attention."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from mmtx.nn.attention import Attention, CrossAttention
+from mmtx.nn.mlp import Mlp
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)) [+ cross_attn(norm(x), context)] + mlp(norm(x)).
+
+    Pre-norm (Xiong et al., 2020) trains without warm-up tricks at depth; drop
+    path is stochastic depth (Huang et al., 2016) on each residual branch.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        drop_path: float = 0.0,
+        qkv_bias: bool = True,
+        cross_attention: bool = False,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_dropout, dropout)
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(dim, eps=norm_eps)
+            self.cross_attn = CrossAttention(dim, num_heads, qkv_bias, attn_dropout, dropout)
+        else:
+            self.cross_attn = None
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), mask, causal))
+        if self.cross_attn is not None:
+            if context is None:
+                raise ValueError("this block has cross-attention and needs a `context`")
+            x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context, context_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -1,0 +1,101 @@
+"""Images -> 2D patch tokens with x/y positional encodings."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from mmtx.batch import Tokens
+from mmtx.nn.pos_embed import resample_1d, sincos_2d
+
+
+class PatchTokenizer(nn.Module):
+    """Split an image into non-overlapping patches and project each to `dim` (ViT, Dosovitskiy et al., 2021).
+
+    Works for any image whose sides are multiples of `patch_size`; the
+    positional encodings follow the patch grid of each batch, so a model
+    trained at one resolution evaluates at another.
+
+    pos_embed: "sincos" (fixed 2D sin-cos, half the channels encode x and
+    half y) or "learned" (a learned table for x and one for y, each dim/2
+    wide, linearly resampled when the grid differs from `image_size`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        image_size: int | tuple[int, int] = 224,
+        pos_embed: str = "sincos",
+        input_key: str = "image",
+    ) -> None:
+        super().__init__()
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by tokenizer.patch_size={patch_size} "
+                "(change data.source.image_size or tokenizer.patch_size)"
+            )
+        self.patch_size = patch_size
+        self.input_key = input_key
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        if pos_embed not in _POS_EMBEDS:
+            raise ValueError(f"tokenizer.pos_embed must be one of {sorted(_POS_EMBEDS)}, got {pos_embed!r}")
+        self.pos = _POS_EMBEDS[pos_embed](dim, height // patch_size, width // patch_size)
+        # Patch projection as a linear layer (timm/MAE): xavier on the flattened kernel.
+        nn.init.xavier_uniform_(self.proj.weight.view(dim, -1))
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Tokens:
+        images = batch[self.input_key]  # (B, C, H, W), float, normalised
+        H, W = images.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not divisible by tokenizer.patch_size={p}")
+        x = self.proj(images)  # (B, C, H, W) -> (B, D, H/p, W/p)
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, gh*gw, D)
+        x = x + self.pos(gh, gw).to(x.dtype)
+        return Tokens(x)
+
+
+class SinCos2d(nn.Module):
+    """Fixed 2D sin-cos encoding, cached per grid as a non-persistent buffer."""
+
+    def __init__(self, dim: int, grid_h: int, grid_w: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.grid = (grid_h, grid_w)
+        self.register_buffer("table", sincos_2d(grid_h, grid_w, dim), persistent=False)
+
+    def forward(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        if self.grid != (grid_h, grid_w):
+            # A new resolution: recompute (cheap) and keep it for the next batch.
+            self.grid = (grid_h, grid_w)
+            self.table = sincos_2d(grid_h, grid_w, self.dim, device=self.table.device)
+        return self.table  # (gh*gw, D)
+
+
+class Learned2d(nn.Module):
+    """Learned x and y tables (each dim/2 wide), concatenated per patch."""
+
+    def __init__(self, dim: int, grid_h: int, grid_w: int) -> None:
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"learned 2D positions need an even dim, got {dim}")
+        self.x = nn.Parameter(torch.zeros(grid_w, dim // 2))
+        self.y = nn.Parameter(torch.zeros(grid_h, dim // 2))
+        trunc_normal_(self.x, std=0.02)
+        trunc_normal_(self.y, std=0.02)
+
+    def forward(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        x = resample_1d(self.x, grid_w)  # (gw, D/2)
+        y = resample_1d(self.y, grid_h)  # (gh, D/2)
+        x = x[None, :, :].expand(grid_h, grid_w, -1)  # (gh, gw, D/2)
+        y = y[:, None, :].expand(grid_h, grid_w, -1)  # (gh, gw, D/2)
+        return torch.cat([x, y], dim=-1).flatten(0, 1)  # (gh*gw, D)
+
+
+_POS_EMBEDS = {"sincos": SinCos2d, "learned": Learned2d}

@@ -1,0 +1,95 @@
+"""`python -m mmtx.train task=vit_cifar [overrides]`: one training run, read top to bottom.
+
+compose config -> seed -> data -> model -> trainer (callbacks, logger) -> fit
+(resuming if asked) -> test the best checkpoint -> summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from mmtx.build import build_data, build_model, build_trainer
+from mmtx.checkpoint import find_resume
+from mmtx.config import config_dir
+
+log = logging.getLogger("mmtx.train")
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train (and test) one run of `cfg` in `run_dir`; return its summary.
+
+    `run_dir` defaults to Hydra's output directory for this job.
+    """
+    run_dir = Path(run_dir or _hydra_run_dir())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = find_resume(cfg.resume, cfg.paths.output_root, cfg.task_name, exclude=run_dir)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build_data(cfg)
+    model = build_model(cfg, datamodule)
+    trainer = build_trainer(cfg, run_dir)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    best = trainer.checkpoint_callback
+    best_path = best.best_model_path if best is not None else ""
+    test_metrics = {}
+    if cfg.test_after_fit and not trainer.fast_dev_run and not trainer.interrupted:
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None)
+        test_metrics = results[0] if results else {}
+    summary = {
+        "run_dir": str(run_dir),
+        "monitor": best.monitor if best is not None else None,
+        "best_score": float(best.best_model_score) if best is not None and best.best_model_score is not None else None,
+        "best_checkpoint": best_path or None,
+        "last_checkpoint": _last_checkpoint(run_dir),
+        "global_step": trainer.global_step,
+        "resumed_from": ckpt_path,
+        **{k: float(v) for k, v in test_metrics.items()},
+    }
+    if trainer.is_global_zero:
+        _print_summary(summary)
+    return summary
+
+
+def _hydra_run_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir
+
+
+def _last_checkpoint(run_dir: Path) -> str | None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return str(last) if last.exists() else None
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    lines = [f"run directory:   {summary['run_dir']}"]
+    if summary["best_score"] is not None:
+        lines.append(f"best {summary['monitor']}: {summary['best_score']:.4f}")
+    for key, value in summary.items():
+        if key.startswith("test/"):
+            lines.append(f"{key}:{' ' * max(1, 15 - len(key))}{value:.4f}")
+    lines.append(f"best checkpoint: {summary['best_checkpoint'] or '-'}")
+    lines.append(f"last checkpoint: {summary['last_checkpoint'] or '-'}")
+    print("\n".join(["", "mmtx run summary", *("  " + line for line in lines)]), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    summary = train(cfg)
+    # Returned to Hydra so sweepers (Optuna) can optimise the monitored metric.
+    return summary["best_score"]
+
+
+if __name__ == "__main__":
+    main()
