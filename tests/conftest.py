@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny synthetic image folders and the overrides that make a run small and fast."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "ship"), per_class=(12, 4), size=16, seed=0) -> Path:
+    """A learnable ImageFolder: each class has its own mean colour, plus noise."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "test"), per_class):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((size, size, 3)) + 60 * c + 40
+                pixels = np.clip(base + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def small_run(tmp_path: Path, data_root: Path | None = None) -> list[str]:
+    """Overrides that make any image task tiny: small model, small batches, CPU, outputs in tmp_path."""
+    overrides = [
+        "backbone=tiny",
+        "backbone.depth=2",
+        "backbone.dim=32",
+        "backbone.num_heads=2",
+        "tokenizer.patch_size=4",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
+        "data.augment.randaugment=null",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        f"paths.output_root={tmp_path / 'outputs'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+    if data_root is not None:
+        overrides.append(f"data.root={data_root}")
+    return overrides
+
+
+def folder_run(tmp_path: Path, folder: Path) -> list[str]:
+    """small_run on a local ImageFolder."""
+    return [*small_run(tmp_path), "data=imagefolder", f"data.source.path={folder}", "data.val_fraction=0.2"]

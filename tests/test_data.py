@@ -1,0 +1,214 @@
+"""Image sources, the decoded cache, device-side augmentation and bad inputs."""
+
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED_DATA, make_image_folder
+from mmtx.data import ImageDataModule
+from mmtx.data import sources
+from mmtx.data.augment import random_crop, random_hflip
+from mmtx.data.sources import HFImages, ImageFolder, cifar10, resolve_root
+
+
+def datamodule(source, tmp_path, **kw):
+    dm = ImageDataModule(source, cache_dir=str(tmp_path / "cache"), batch_size=4, **kw)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def test_image_folder_decodes_all_splits(image_folder, tmp_path):
+    dm = datamodule(ImageFolder(image_folder), tmp_path)
+    assert dm.classes == ["cat", "dog", "ship"] and dm.num_classes == 3
+    train, test = dm.splits["train"], dm.splits["test"]
+    assert train["images"].shape == (36, 3, 16, 16) and train["images"].dtype == torch.uint8
+    assert test["images"].shape == (12, 3, 16, 16)
+    assert train["labels"].bincount().tolist() == [12, 12, 12]
+    assert dm.splits["val"] is test  # no val split and val_fraction=0: validate on test
+
+
+def test_val_fraction_holds_out_part_of_train(image_folder, tmp_path):
+    dm = datamodule(ImageFolder(image_folder), tmp_path, val_fraction=0.25)
+    assert len(dm.splits["train"]["labels"]) == 27 and len(dm.splits["val"]["labels"]) == 9
+
+
+def test_resize_to_image_size(image_folder, tmp_path):
+    dm = datamodule(ImageFolder(image_folder, image_size=8), tmp_path)
+    assert dm.image_size == (8, 8)
+
+
+def test_cache_is_reused_and_rebuilt_when_the_source_changes(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "imgs", per_class=(3, 2))
+    source = ImageFolder(folder)
+    calls = []
+    decode = source.decode
+    monkeypatch.setattr(source, "decode", lambda split: calls.append(split) or decode(split))
+    datamodule(source, tmp_path)
+    assert sorted(calls) == ["test", "train"]
+    calls.clear()
+    datamodule(source, tmp_path)
+    assert calls == []  # reused
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "train" / "cat" / "new.png")
+    dm = datamodule(source, tmp_path)
+    assert calls == ["train"]  # only the changed split is rebuilt
+    assert len(dm.splits["train"]["labels"]) == 10
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=(2, 2))
+    source = ImageFolder(folder)
+    datamodule(source, tmp_path)
+    cache = tmp_path / "cache" / f"{source.cache_name}-train.pt"
+    cache.write_bytes(cache.read_bytes()[:100])  # truncated, as by a crash
+    assert len(datamodule(source, tmp_path).splits["train"]["labels"]) == 6
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path, caplog):
+    folder = make_image_folder(tmp_path / "imgs", per_class=(3, 2))
+    (folder / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (folder / "train" / "dog" / "notes.txt").write_text("hello")
+    with caplog.at_level(logging.WARNING):
+        dm = datamodule(ImageFolder(folder), tmp_path)
+    assert len(dm.splits["train"]["labels"]) == 9
+    assert "skipped 2 unreadable file(s)" in caplog.text and "broken.jpg" in caplog.text
+
+
+def test_unreadable_file_with_on_bad_file_error_names_it(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=(3, 2))
+    bad = folder / "train" / "cat" / "broken.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError, match="broken.png"):
+        datamodule(ImageFolder(folder, on_bad_file="error"), tmp_path)
+
+
+def test_missing_root_and_empty_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolder(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no split folder"):
+        ImageFolder(tmp_path / "empty")
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        ImageFolder(tmp_path / "empty").fingerprint("train")
+    (tmp_path / "noclass" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no class sub-folders"):
+        ImageFolder(tmp_path / "noclass").fingerprint("train")
+
+
+def test_different_sizes_without_image_size(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", per_class=(2, 1))
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "train" / "cat" / "big.png")
+    with pytest.raises(ValueError, match="data.image_size"):
+        ImageFolder(folder).decode("train")
+
+
+def test_data_root_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("MMTX_DATA_DIR", raising=False)
+    assert resolve_root(None) == resolve_root("data")
+    monkeypatch.setenv("MMTX_DATA_DIR", str(tmp_path))
+    assert resolve_root(None) == tmp_path
+    assert str(resolve_root("/x")) == "/x"
+
+
+def test_cifar10_source_finds_an_image_folder_under_the_root(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "cifar10", per_class=(1, 1))
+    monkeypatch.setenv("MMTX_DATA_DIR", str(tmp_path))
+    source = cifar10(download=False)
+    assert isinstance(source, ImageFolder) and source.path == tmp_path / "cifar10"
+
+
+def test_cifar10_source_missing_without_download_names_the_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        cifar10(root=str(tmp_path), download=False)
+
+
+def test_cifar10_source_downloads_only_when_nothing_is_local(tmp_path, monkeypatch):
+    made = []
+
+    class FakeCIFAR:
+        def __init__(self, root, download):
+            made.append(download)
+
+    monkeypatch.setattr(sources, "TorchvisionCIFAR10", FakeCIFAR)
+    cifar10(root=str(tmp_path), download=True)
+    assert made == [True]
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    cifar10(root=str(tmp_path), download=True)
+    assert made == [True, False]  # torchvision's files found: no download
+
+
+def test_hf_imagefolder_source_offline(image_folder, tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    source = HFImages("imagefolder", data_dir=str(image_folder))
+    dm = datamodule(source, tmp_path)
+    assert dm.classes == ["cat", "dog", "ship"]
+    assert dm.splits["train"]["images"].shape == (36, 3, 16, 16)
+
+
+def test_hf_missing_data_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_dir"):
+        HFImages("imagefolder", data_dir=str(tmp_path / "nope")).fingerprint("train")
+
+
+def test_random_crop_is_a_shifted_window_of_the_padded_image():
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (16, 3, 8, 8), dtype=torch.uint8)
+    out = random_crop(images, padding=2)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(16):
+        windows = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], out[i])]
+        assert windows, f"sample {i} is not a crop of its padded image"
+    assert not all(torch.equal(out[i], images[i]) for i in range(16))  # not all unshifted
+
+
+def test_random_hflip_flips_some_samples():
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (64, 3, 4, 4), dtype=torch.uint8)
+    out = random_hflip(images)
+    flipped = [torch.equal(out[i], images[i].flip(-1)) for i in range(64)]
+    kept = [torch.equal(out[i], images[i]) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+def test_batches_are_gathered_and_augmented_on_transfer(image_folder, tmp_path):
+    dm = datamodule(ImageFolder(image_folder), tmp_path, augment={"randaugment": {"num_ops": 2, "magnitude": 9}})
+    index_batch = next(iter(dm.train_dataloader()))
+    assert set(index_batch) == {"index", "split"}  # the loader moves indices only
+    batch = dm.on_after_batch_transfer(index_batch, 0)
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
+    torch.testing.assert_close(batch["label"], dm.splits["train"]["labels"][index_batch["index"]])
+    val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    raw = dm.splits["val"]["images"][:4].float() / 255
+    torch.testing.assert_close(val["image"], (raw - dm.mean) / dm.std)  # no augmentation at eval
+
+
+def test_mixup_gives_soft_targets(image_folder, tmp_path):
+    dm = datamodule(ImageFolder(image_folder), tmp_path, mixup=0.8, cutmix=1.0)
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert batch["target"].shape == (4, 3)
+    torch.testing.assert_close(batch["target"].sum(1), torch.ones(4))
+
+
+def test_shared_cifar10_slice(tmp_path):
+    src = SHARED_DATA / "cifar10"
+    if not src.is_dir():
+        pytest.skip(f"shared CIFAR-10 not found at {src}")
+    for split, n in (("train", 6), ("test", 2)):
+        for cls in sorted(os.listdir(src / split)):
+            dst = tmp_path / "cifar10" / split / cls
+            dst.mkdir(parents=True)
+            for name in sorted(os.listdir(src / split / cls))[:n]:
+                shutil.copy(src / split / cls / name, dst / name)
+    dm = datamodule(cifar10(root=str(tmp_path), download=False), tmp_path)
+    assert dm.classes[:3] == ["airplane", "automobile", "bird"] and dm.num_classes == 10
+    assert dm.splits["train"]["images"].shape == (60, 3, 32, 32)
