@@ -16,7 +16,7 @@ def __getattr__(name):  # lazy: `import mmtx` stays cheap
 
         return compose
     if name == "build":
-        from mmtx.build import build
+        from mmtx.wiring import build
 
         return build
     raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""Callbacks mmtx adds to Lightning's: RNG state in checkpoints, throughput, periodic last checkpoint."""
+"""Callbacks mmtx adds to Lightning's: RNG state in checkpoints, throughput, an always-current last.ckpt."""
 
 from __future__ import annotations
 
@@ -72,19 +72,34 @@ def _batch_size(batch: Any) -> int:
     return int(tensors[0].shape[0])
 
 
-class PeriodicCheckpoint(L.Callback):
-    """Write `<dirpath>/last.ckpt` every `every_n_steps` optimizer steps, so a killed run loses little.
+class LastCheckpoint(L.Callback):
+    """Keep `<dirpath>/last.ckpt` current: every `every_n_steps` steps, at each epoch end and when training ends.
 
-    (ModelCheckpoint's own `save_last` writes at validation ends; this adds
-    the saves in between, through the same atomic checkpoint IO.)
+    Lightning's ModelCheckpoint(save_last=True) writes only when it saves a
+    best checkpoint, so its last.ckpt can lag (a run stopped by max_steps
+    leaves one from the previous validation). This callback owns last.ckpt;
+    saves go through the atomic checkpoint IO, so a run killed at any moment
+    resumes from here.
     """
 
-    def __init__(self, every_n_steps: int = 500, dirpath: str | None = None) -> None:
+    def __init__(self, every_n_steps: int = 1000, dirpath: str | None = None) -> None:
         self.every_n_steps = every_n_steps
         self.dirpath = dirpath
+        self._saved_step = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == self._saved_step:
+            return
+        dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+        trainer.save_checkpoint(dirpath / "last.ckpt")
+        self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and not trainer.sanity_checking:
-            dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
-            trainer.save_checkpoint(dirpath / "last.ckpt")
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)

@@ -15,7 +15,7 @@ import lightning as L
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from mmtx.build import build_data, build_model, resolve_precision
+from mmtx.wiring import build_data, build_model, resolve_precision
 from mmtx.checkpoint import load_checkpoint
 
 USAGE = "usage: python -m mmtx.eval ckpt=PATH [key=value ...]"

@@ -14,7 +14,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from mmtx.build import build_data, build_model, build_trainer
+from mmtx.wiring import build_data, build_model, build_trainer
 from mmtx.checkpoint import find_resume
 from mmtx.config import config_dir
 

@@ -60,3 +60,18 @@ def small_run(tmp_path: Path, data_root: Path | None = None) -> list[str]:
 def folder_run(tmp_path: Path, folder: Path) -> list[str]:
     """small_run on a local ImageFolder."""
     return [*small_run(tmp_path), "data=imagefolder", f"data.source.path={folder}", "data.val_fraction=0.2"]
+
+
+class StopAtStep:
+    """A callback (used through Hydra as `conftest.StopAtStep`) that stops training at a given step,
+    as an interruption would, without changing the configured schedule."""
+
+    def __new__(cls, step: int):
+        import lightning as L
+
+        class _Stop(L.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step >= step:
+                    trainer.should_stop = True
+
+        return _Stop()

@@ -76,7 +76,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
         if node is None or "_target_" not in node:
             continue
         extra: dict[str, Any] = {}
-        if node._target_.endswith("ModelCheckpoint"):
+        if node._target_.endswith(("ModelCheckpoint", "LastCheckpoint")):
             extra["dirpath"] = str(run_dir / "checkpoints")
         callbacks.append(instantiate(node, **extra))
     return callbacks

@@ -1,0 +1,78 @@
+"""Every task composes and runs; the Python API; config errors name the culprit."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from conftest import make_image_folder, small_run
+from mmtx import build, compose
+from mmtx.config import config_dir
+from mmtx.train import train
+
+TASKS = sorted(p.stem for p in (Path(config_dir()) / "task").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """A data root holding every data set a task looks for, in miniature."""
+    root = tmp_path_factory.mktemp("data_root")
+    make_image_folder(root / "cifar10", classes=[f"c{i}" for i in range(10)], per_class=(2, 1), size=32)
+    return root
+
+
+def test_tasks_are_found():
+    assert "vit_cifar" in TASKS
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_composes_and_runs_fast_dev_run(task, data_root, tmp_path):
+    cfg = compose(task, [*small_run(tmp_path, data_root), "trainer.fast_dev_run=true"])
+    assert cfg.task_name == task
+    summary = train(cfg, run_dir=tmp_path / "run")
+    assert summary["global_step"] == 1
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_compose_and_build_from_python(data_root, tmp_path):
+    cfg = compose("vit_cifar", [*small_run(tmp_path, data_root), "optim.lr=3e-4"])
+    assert cfg.optim.lr == 3e-4 and cfg.backbone.dim == 32
+    model, dm = build(cfg)
+    assert dm.num_classes == 10
+    assert model.head.proj.out_features == 10 and model.tokenizer.proj.out_channels == 32
+    model2, _ = build("vit_cifar", small_run(tmp_path, data_root))
+    assert type(model2) is type(model)
+
+
+def test_default_vit_cifar_config():
+    cfg = compose("vit_cifar")
+    assert cfg.data.source._target_.endswith("cifar10") and cfg.tokenizer.patch_size == 4
+    assert cfg.data.batch_size == 512 and cfg.backbone.dim == 384
+    assert cfg.callbacks.checkpoint.monitor == "val/acc"
+
+
+def test_unknown_task():
+    with pytest.raises(ConfigCompositionException, match="task/nonexistent"):
+        compose("nonexistent")
+
+
+def test_misspelled_key():
+    with pytest.raises(ConfigCompositionException, match="optim.lrr"):
+        compose("vit_cifar", ["optim.lrr=0.1"])
+
+
+def test_unknown_group_option():
+    with pytest.raises(ConfigCompositionException, match="backbone"):
+        compose("vit_cifar", ["backbone=gigantic"])
+
+
+def test_image_size_not_divisible_by_patch_size(data_root, tmp_path):
+    cfg = compose("vit_cifar", [*small_run(tmp_path, data_root), "data.source.image_size=30"])
+    with pytest.raises(Exception, match="30x30 is not divisible by tokenizer.patch_size=4"):
+        build(cfg)
+
+
+def test_missing_data_root(tmp_path):
+    cfg = compose("vit_cifar", [*small_run(tmp_path, tmp_path / "absent"), "data.source.download=false"])
+    with pytest.raises(Exception, match="CIFAR-10 not found under data root"):
+        build(cfg)

@@ -1,0 +1,173 @@
+"""End-to-end runs: the CLI, checkpoints, resume (also after a kill), evaluation, multirun, loggers."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, folder_run
+from mmtx import compose
+from mmtx.checkpoint import load_checkpoint
+from mmtx.eval import evaluate
+from mmtx.train import train
+
+
+def cli(module: str, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_cli_train_then_eval(image_folder, tmp_path):
+    proc = cli("mmtx.train", "task=vit_cifar", *folder_run(tmp_path, image_folder), "trainer.max_epochs=4",
+               "optim.lr=3e-3")
+    runs = list((tmp_path / "outputs" / "vit_cifar").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    assert (run / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    best = list((run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1
+    assert "mmtx run summary" in proc.stdout and str(best[0]) in proc.stdout
+
+    rows = list(csv.DictReader(open(run / "metrics" / "version_0" / "metrics.csv")))
+    keys = set().union(*(r.keys() for r in rows))
+    assert {"train/loss_step", "val/loss", "val/acc", "test/acc", "lr-AdamW/decay"} <= keys
+    val_acc = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
+    assert max(val_acc) > 0.6  # three colour classes: learnable in a few epochs
+
+    proc = cli("mmtx.eval", f"ckpt={best[0]}")
+    acc = float(next(line for line in proc.stdout.splitlines() if line.startswith("test/acc")).split()[-1])
+    assert acc > 0.6
+    # a checkpoint carries its config: evaluate at another resolution (positions recomputed)
+    metrics = evaluate(str(best[0]), ["data.source.image_size=24", "trainer.accelerator=cpu"])
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+def test_multirun_sweep_gives_each_job_its_own_directory(image_folder, tmp_path):
+    cli("mmtx.train", "-m", "task=vit_cifar", *folder_run(tmp_path, image_folder), "trainer.max_steps=2",
+        "trainer.limit_val_batches=1", "test_after_fit=false", "optim.lr=1e-3,3e-4")
+    sweep = next((tmp_path / "outputs" / "vit_cifar" / "multirun").iterdir())
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    assert "optim.lr=0.0003" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
+    assert all((sweep / j / "checkpoints" / "last.ckpt").is_file() for j in jobs)
+
+
+def test_unknown_task_and_misspelled_key_on_the_cli():
+    proc = cli("mmtx.train", "task=vit_cifarr", check=False)
+    assert proc.returncode != 0 and "task/vit_cifarr" in proc.stderr
+    proc = cli("mmtx.train", "task=vit_cifar", "optim.lrr=1", check=False)
+    assert proc.returncode != 0 and "optim.lrr" in proc.stderr
+
+
+def test_resume_continues_at_the_right_step(image_folder, tmp_path):
+    base = [*folder_run(tmp_path, image_folder), "test_after_fit=false"]
+    first = train(compose("vit_cifar", [*base, "trainer.max_steps=6"]), run_dir=tmp_path / "outputs/vit_cifar/a")
+    assert first["global_step"] == 6
+    last = torch.load(first["last_checkpoint"], map_location="cpu", weights_only=False)
+    assert last["global_step"] == 6 and "RNGState" in last["callbacks"]
+
+    second = train(compose("vit_cifar", [*base, "trainer.max_steps=10", "resume=auto"]),
+                   run_dir=tmp_path / "outputs/vit_cifar/b")
+    assert second["resumed_from"] == first["last_checkpoint"]
+    assert second["global_step"] == 10
+    rows = list(csv.DictReader(open(tmp_path / "outputs/vit_cifar/b/metrics/version_0/metrics.csv")))
+    steps = sorted({int(r["step"]) for r in rows if r.get("train/loss_step")})
+    assert steps[0] >= 6  # no step before the checkpoint was trained again
+
+
+def test_resume_restores_weights_optimizer_and_schedule(image_folder, tmp_path):
+    """6 + 3 steps resumed equals 9 steps straight through (29 training images, 3 batches an epoch)."""
+    base = [*folder_run(tmp_path, image_folder), "test_after_fit=false", "trainer.limit_val_batches=0",
+            "data.augment.crop_padding=0", "data.augment.hflip=false", "callbacks.last_checkpoint.every_n_steps=3",
+            "trainer.max_steps=9", "trainer.deterministic=true"]
+    straight = train(compose("vit_cifar", base), run_dir=tmp_path / "straight")
+    a = load_checkpoint(straight["last_checkpoint"])
+    stop = ["+callbacks.stop._target_=conftest.StopAtStep", "+callbacks.stop.step=6"]
+    cut = train(compose("vit_cifar", [*base, *stop]), run_dir=tmp_path / "cut")
+    assert cut["global_step"] == 6
+    resumed = train(compose("vit_cifar", [*base, f"resume={cut['last_checkpoint']}"]), run_dir=tmp_path / "resumed")
+    b = load_checkpoint(resumed["last_checkpoint"])
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, atol=1e-5, rtol=1e-4, msg=key)
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 9
+    assert a["optimizer_states"][0]["state"][0]["step"] == b["optimizer_states"][0]["state"][0]["step"] == 9
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(image_folder, tmp_path):
+    args = [*folder_run(tmp_path, image_folder), "trainer.max_steps=400", "trainer.limit_val_batches=1",
+            "callbacks.last_checkpoint.every_n_steps=3", "test_after_fit=false"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mmtx.train", "task=vit_cifar", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    task_dir = tmp_path / "outputs" / "vit_cifar"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(task_dir.glob("*/checkpoints/last.ckpt")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last = next(task_dir.glob("*/checkpoints/last.ckpt"))
+    saved = load_checkpoint(last)["global_step"]  # readable: written atomically
+    assert 0 < saved < 400
+
+    resumed = train(compose("vit_cifar", [*args, "trainer.max_steps=" + str(saved + 3), "resume=auto"]),
+                    run_dir=task_dir / "resumed")
+    assert resumed["resumed_from"] == str(last)
+    assert resumed["global_step"] == saved + 3
+
+
+def test_resume_auto_without_a_previous_run(image_folder, tmp_path):
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), "resume=auto"])
+    with pytest.raises(FileNotFoundError, match="no previous run of task 'vit_cifar'"):
+        train(cfg, run_dir=tmp_path / "run")
+
+
+def test_resume_from_a_corrupt_or_missing_checkpoint(image_folder, tmp_path):
+    bad = tmp_path / "outputs" / "vit_cifar" / "old" / "checkpoints" / "last.ckpt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    for resume in ("auto", str(bad)):
+        cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), f"resume={resume}"])
+        with pytest.raises(ValueError, match=f"checkpoint {bad} is corrupt"):
+            train(cfg, run_dir=tmp_path / "run")
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), f"resume={tmp_path / 'none.ckpt'}"])
+    with pytest.raises(FileNotFoundError, match="none.ckpt does not exist"):
+        train(cfg, run_dir=tmp_path / "run")
+
+
+def test_eval_rejects_foreign_checkpoints_and_bad_overrides(image_folder, tmp_path):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="no mmtx run configuration"):
+        evaluate(str(foreign))
+    summary = train(compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=1", "test_after_fit=false"]),
+                    run_dir=tmp_path / "run")
+    with pytest.raises(SystemExit, match="data.batch_sizee"):
+        evaluate(summary["last_checkpoint"], ["data.batch_sizee=3"])
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
+def test_other_loggers(logger, image_folder, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), f"logger={logger}", "trainer.max_steps=2",
+                                "test_after_fit=false", "trainer.limit_val_batches=1"])
+    train(cfg, run_dir=tmp_path / "run")
+    if logger == "tensorboard":
+        assert list((tmp_path / "run" / "tensorboard").glob("**/events.out.tfevents.*"))
+    else:
+        offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+        assert offline, "W&B should run offline without an API key"
+        assert list(offline[0].glob("*.wandb"))
