@@ -84,7 +84,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
 
 def build_logger(cfg: DictConfig, run_dir: Path):
     node = cfg.get("logger")
-    if not node:
+    if not node or "_target_" not in node:  # logger=none or ~logger
         return False
     return instantiate(node, save_dir=str(run_dir))
 

@@ -158,14 +158,17 @@ def test_eval_rejects_foreign_checkpoints_and_bad_overrides(image_folder, tmp_pa
         evaluate(summary["last_checkpoint"], ["data.batch_sizee=3"])
 
 
-@pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb", "none"])
 def test_other_loggers(logger, image_folder, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), f"logger={logger}", "trainer.max_steps=2",
                                 "test_after_fit=false", "trainer.limit_val_batches=1"])
     train(cfg, run_dir=tmp_path / "run")
-    if logger == "tensorboard":
+    assert (tmp_path / "run" / "metrics").exists() is False  # the csv default is replaced
+    if logger == "none":
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "config.yaml"]
+    elif logger == "tensorboard":
         assert list((tmp_path / "run" / "tensorboard").glob("**/events.out.tfevents.*"))
     else:
         offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
