@@ -70,11 +70,13 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
     return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
+def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool = True) -> list[L.Callback]:
     callbacks = []
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None or "_target_" not in node:
             continue
+        if not has_logger and node._target_.endswith("LearningRateMonitor"):
+            continue  # it has nowhere to write (and Lightning refuses it without a logger)
         extra: dict[str, Any] = {}
         if node._target_.endswith(("ModelCheckpoint", "LastCheckpoint")):
             extra["dirpath"] = str(run_dir / "checkpoints")
@@ -90,11 +92,12 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, **overrides: Any) -> L.Trainer:
+    logger = build_logger(cfg, run_dir)
     kwargs: dict[str, Any] = dict(
         precision=resolve_precision(cfg.trainer),
         default_root_dir=str(run_dir),
-        callbacks=build_callbacks(cfg, run_dir),
-        logger=build_logger(cfg, run_dir),
+        callbacks=build_callbacks(cfg, run_dir, has_logger=bool(logger)),
+        logger=logger,
         plugins=[AtomicCheckpointIO()],
     )
     kwargs.update(overrides)
