@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import SHARED_DATA, make_image_folder
 from mmtx.data import ImageDataModule
 from mmtx.data import sources
-from mmtx.data.augment import random_crop, random_hflip
+from mmtx.data.augment import random_crop_flip
 from mmtx.data.sources import HFImages, ImageFolder, cifar10, resolve_root
 
 
@@ -158,26 +158,24 @@ def test_hf_missing_data_dir(tmp_path):
         HFImages("imagefolder", data_dir=str(tmp_path / "nope")).fingerprint("train")
 
 
-def test_random_crop_is_a_shifted_window_of_the_padded_image():
+def test_random_crop_flip_is_a_window_of_the_padded_image_or_its_mirror():
     torch.manual_seed(0)
-    images = torch.randint(0, 255, (16, 3, 8, 8), dtype=torch.uint8)
-    out = random_crop(images, padding=2)
+    images = torch.randint(0, 255, (64, 3, 8, 6), dtype=torch.uint8)
+    out = random_crop_flip(images, padding=2)
     assert out.shape == images.shape and out.dtype == torch.uint8
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
-    for i in range(16):
-        windows = [(dy, dx) for dy in range(5) for dx in range(5)
-                   if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], out[i])]
-        assert windows, f"sample {i} is not a crop of its padded image"
-    assert not all(torch.equal(out[i], images[i]) for i in range(16))  # not all unshifted
-
-
-def test_random_hflip_flips_some_samples():
-    torch.manual_seed(0)
-    images = torch.randint(0, 255, (64, 3, 4, 4), dtype=torch.uint8)
-    out = random_hflip(images)
-    flipped = [torch.equal(out[i], images[i].flip(-1)) for i in range(64)]
-    kept = [torch.equal(out[i], images[i]) for i in range(64)]
-    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+    flips = 0
+    for i in range(64):
+        windows = [padded[i, :, dy:dy + 8, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        plain = any(torch.equal(w, out[i]) for w in windows)
+        mirrored = any(torch.equal(w.flip(-1), out[i]) for w in windows)
+        assert plain or mirrored, f"sample {i} is not a (mirrored) crop of its padded image"
+        flips += mirrored and not plain
+    assert 10 < flips < 54
+    assert not all(torch.equal(out[i], images[i]) for i in range(64))  # not all unshifted
+    no_flip = random_crop_flip(images, padding=0, flip_p=0.0)
+    assert torch.equal(no_flip, images)
+    torch.testing.assert_close(random_crop_flip(images, padding=0, flip_p=1.0), images.flip(-1))
 
 
 def test_batches_are_gathered_and_augmented_on_transfer(image_folder, tmp_path):
@@ -189,7 +187,8 @@ def test_batches_are_gathered_and_augmented_on_transfer(image_folder, tmp_path):
     torch.testing.assert_close(batch["label"], dm.splits["train"]["labels"][index_batch["index"]])
     val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
     raw = dm.splits["val"]["images"][:4].float() / 255
-    torch.testing.assert_close(val["image"], (raw - dm.mean) / dm.std)  # no augmentation at eval
+    mean, std = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
+    torch.testing.assert_close(val["image"], (raw - mean) / std)  # no augmentation at eval
 
 
 def test_mixup_gives_soft_targets(image_folder, tmp_path):
