@@ -1,0 +1,253 @@
+"""Where images come from: a local ImageFolder, torchvision's CIFAR-10, or a Hugging Face dataset.
+
+Each source lists its splits, fingerprints a split cheaply (so the cache
+knows when to rebuild) and decodes a split into one uint8 tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from mmtx.data.cache import digest
+
+log = logging.getLogger(__name__)
+
+
+class ImageSource(Protocol):
+    """What `ImageDataModule` needs from a source of labelled images."""
+
+    cache_name: str  # a file-name-safe identity of the source, for its cache files
+
+    def splits(self) -> list[str]: ...
+    def fingerprint(self, split: str) -> str: ...
+    def decode(self, split: str) -> dict[str, Any]: ...  # images (N,C,H,W) uint8, labels (N,), classes
+
+
+def resolve_root(root: str | None) -> Path:
+    """`data.root` if set, else $MMTX_DATA_DIR, else ./data."""
+    return Path(root or os.environ.get("MMTX_DATA_DIR") or "data").expanduser()
+
+
+def pil_to_tensor(image: Image.Image, size: int | None) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, size, size): shorter side resized to `size`, centre-cropped."""
+    image = image.convert("RGB")
+    if size is not None and image.size != (size, size):
+        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def stack_images(images: list[torch.Tensor], origin: str) -> torch.Tensor:
+    """Stack decoded images, naming the source when their sizes differ."""
+    sizes = {tuple(t.shape) for t in images}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"images in {origin} have different sizes {sorted(sizes)[:4]}; set data.image_size to resize them"
+        )
+    return torch.stack(images)
+
+
+class ImageFolder:
+    """A local folder in torchvision's ImageFolder layout: `<path>/<split>/<class>/<image>`.
+
+    Files that cannot be decoded as images are skipped and counted (one
+    warning per split naming the first few) with on_bad_file="skip", the
+    default; on_bad_file="error" stops at the first one and names it.
+    """
+
+    SPLITS = ("train", "val", "test")
+
+    def __init__(self, path: str | os.PathLike, image_size: int | None = None, on_bad_file: str = "skip") -> None:
+        if on_bad_file not in ("skip", "error"):
+            raise ValueError(f"data.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
+        self.path = Path(path).expanduser()
+        self.image_size = image_size
+        self.on_bad_file = on_bad_file
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"image folder {self.path} does not exist")
+        if not self.splits():
+            raise FileNotFoundError(
+                f"image folder {self.path} has no split folder ({', '.join(self.SPLITS)}); "
+                "expected <path>/train/<class>/<image>"
+            )
+        self.cache_name = f"imagefolder-{self.path.name}-{digest(self.path.resolve(), image_size)}"
+
+    def splits(self) -> list[str]:
+        return [s for s in self.SPLITS if (self.path / s).is_dir()]
+
+    def classes(self) -> list[str]:
+        """Class names: the sub-folders of the training split, sorted (torchvision's order)."""
+        split = "train" if (self.path / "train").is_dir() else self.splits()[0]
+        root = self.path / split
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
+        return classes
+
+    def _files(self, split: str) -> list[tuple[Path, int, int, int]]:
+        """(path, label, size, mtime_ns) of every file of a split, in a stable order."""
+        root = self.path / split
+        classes = self.classes()
+        found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(f"{root} has classes {unknown} that the training split {self.path / 'train'} lacks")
+        files = []
+        for label, name in enumerate(classes):
+            for dirpath, dirnames, filenames in os.walk(root / name):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for fname in sorted(filenames):
+                    if fname.startswith("."):
+                        continue
+                    p = Path(dirpath) / fname
+                    st = p.stat()
+                    files.append((p, label, st.st_size, st.st_mtime_ns))
+        if not files:
+            raise FileNotFoundError(f"{root} holds no images (expected {root}/<class>/<image>)")
+        return files
+
+    def fingerprint(self, split: str) -> str:
+        files = self._files(split)
+        return digest(self.image_size, self.on_bad_file, *((str(p), s, m) for p, _, s, m in files))
+
+    def decode(self, split: str) -> dict[str, Any]:
+        images, labels, bad = [], [], []
+        for path, label, _, _ in self._files(split):
+            try:
+                with Image.open(path) as image:
+                    images.append(pil_to_tensor(image, self.image_size))
+            except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not an image"
+                if self.on_bad_file == "error":
+                    raise ValueError(f"cannot read image {path}: {err} (set data.on_bad_file=skip to skip such files)") from err
+                bad.append(str(path))
+                continue
+            labels.append(label)
+        if bad:
+            log.warning("skipped %d unreadable file(s) in %s, e.g. %s", len(bad), self.path / split, bad[:3])
+        if not images:
+            raise FileNotFoundError(f"{self.path / split} holds no readable images")
+        return {
+            "images": stack_images(images, str(self.path / split)),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "classes": self.classes(),
+            "skipped": bad,
+        }
+
+
+class TorchvisionCIFAR10:
+    """torchvision's CIFAR-10 (the python pickle batches), downloaded into `root` if asked."""
+
+    def __init__(self, root: str | os.PathLike, download: bool = False) -> None:
+        self.root = Path(root).expanduser()
+        self.download = download
+        self.cache_name = f"cifar10-{digest(self.root.resolve())}"
+
+    def splits(self) -> list[str]:
+        return ["train", "test"]
+
+    def _dataset(self, split: str):
+        from torchvision.datasets import CIFAR10
+
+        return CIFAR10(str(self.root), train=split == "train", download=self.download)
+
+    def fingerprint(self, split: str) -> str:
+        folder = self.root / "cifar-10-batches-py"
+        if not folder.is_dir():
+            self._dataset(split)  # downloads (or fails naming the root)
+        stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())
+        return digest(split, *stats)
+
+    def decode(self, split: str) -> dict[str, Any]:
+        ds = self._dataset(split)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
+        return {"images": images, "labels": torch.tensor(ds.targets, dtype=torch.long), "classes": list(ds.classes)}
+
+
+def cifar10(root: str | None = None, download: bool = True, image_size: int | None = 32, on_bad_file: str = "skip"):
+    """CIFAR-10 from wherever it is under the data root.
+
+    Looks for torchvision's files (`<root>/cifar-10-batches-py`), then a
+    `<root>/cifar10/` folder in ImageFolder layout; downloads with torchvision
+    only when neither is there (and `download` is true).
+    """
+    base = resolve_root(root)
+    if (base / "cifar-10-batches-py").is_dir():
+        return TorchvisionCIFAR10(base, download=False)
+    if (base / "cifar10" / "train").is_dir():
+        return ImageFolder(base / "cifar10", image_size=image_size, on_bad_file=on_bad_file)
+    if not download:
+        raise FileNotFoundError(
+            f"CIFAR-10 not found under data root {base}: looked for {base / 'cifar-10-batches-py'} "
+            f"and {base / 'cifar10'}/train (set data.root or $MMTX_DATA_DIR, or data.source.download=true)"
+        )
+    log.info("CIFAR-10 not found under %s; downloading it there", base)
+    return TorchvisionCIFAR10(base, download=True)
+
+
+def image_folder(path: str, root: str | None = None, image_size: int | None = None, on_bad_file: str = "skip"):
+    """An ImageFolder at `path`; a relative path is taken under the data root."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists():
+        p = resolve_root(root) / p
+    return ImageFolder(p, image_size=image_size, on_bad_file=on_bad_file)
+
+
+class HFImages:
+    """A Hugging Face `datasets` image-classification dataset.
+
+    `path` and `name`/`data_dir` go to `datasets.load_dataset` (for example
+    path="imagefolder", data_dir="/data/pets", or path="uoft-cs/cifar10").
+    `split_names` maps our split names to the dataset's.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        name: str | None = None,
+        data_dir: str | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+        split_names: dict[str, str] | None = None,
+        image_size: int | None = None,
+    ) -> None:
+        self.path, self.name, self.data_dir = path, name, data_dir
+        self.image_key, self.label_key = image_key, label_key
+        self.split_names = dict(split_names or {"train": "train", "test": "test"})
+        self.image_size = image_size
+        self.cache_name = f"hf-{Path(path).name}-{digest(path, name, data_dir, image_size)}"
+
+    def splits(self) -> list[str]:
+        return list(self.split_names)
+
+    def _dataset(self, split: str):
+        import datasets  # optional integration: loaded only for this source
+
+        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
+            raise FileNotFoundError(f"data.source.data_dir {self.data_dir} does not exist")
+        return datasets.load_dataset(self.path, self.name, data_dir=self.data_dir, split=self.split_names[split])
+
+    def fingerprint(self, split: str) -> str:
+        return digest(self.image_size, self._dataset(split)._fingerprint)
+
+    def decode(self, split: str) -> dict[str, Any]:
+        ds = self._dataset(split)
+        for key in (self.image_key, self.label_key):
+            if key not in ds.features:
+                raise KeyError(f"dataset {self.path} has no column {key!r}; columns: {list(ds.features)}")
+        feature = ds.features[self.label_key]
+        classes = list(feature.names) if hasattr(feature, "names") else sorted(set(ds[self.label_key]))
+        to_index = (lambda v: v) if hasattr(feature, "names") else {c: i for i, c in enumerate(classes)}.__getitem__
+        images = [pil_to_tensor(img, self.image_size) for img in ds[self.image_key]]
+        labels = [to_index(v) for v in ds[self.label_key]]
+        return {
+            "images": stack_images(images, f"{self.path}[{split}]"),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "classes": [str(c) for c in classes],
+        }
