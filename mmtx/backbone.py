@@ -8,6 +8,7 @@ from torch import nn
 
 from mmtx.batch import Tokens
 from mmtx.nn import Block
+from mmtx.nn.attention import KVCache
 
 
 class Backbone(nn.Module):
@@ -15,7 +16,9 @@ class Backbone(nn.Module):
 
     `causal=True` makes every block attend only to earlier positions (decoder
     use); `cross_attention=True` gives every block a cross-attention to a
-    `context` sequence (the decoder of an encoder-decoder).
+    `context` sequence (the decoder of an encoder-decoder); `rotary=True`
+    gives self-attention rotary positions. `caches` (one `KVCache` a block,
+    from `new_caches`) lets a decoder process one new position at a time.
     """
 
     def __init__(
@@ -30,18 +33,21 @@ class Backbone(nn.Module):
         qkv_bias: bool = True,
         causal: bool = False,
         cross_attention: bool = False,
+        rotary: bool = False,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.depth = depth
+        self.num_heads = num_heads
         self.causal = causal
         # Stochastic depth rises linearly with depth (Huang et al., 2016; DeiT).
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, dropout, attn_dropout, rate, qkv_bias, cross_attention)
+            Block(dim, num_heads, mlp_ratio, dropout, attn_dropout, rate, qkv_bias, cross_attention, rotary, bias)
             for rate in rates
         )
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=1e-6, bias=bias)
         self.apply(init_weights)
 
     def forward(
@@ -49,11 +55,17 @@ class Backbone(nn.Module):
         tokens: Tokens,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
         x = tokens.x
-        for block in self.blocks:
-            x = block(x, tokens.mask, self.causal, context, context_mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, tokens.mask, self.causal, context, context_mask, caches[i] if caches else None)
         return self.norm(x)
+
+    def new_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
+        """Empty KV caches, one a block, for decoding up to `max_len` positions."""
+        head_dim = self.dim // self.num_heads
+        return [KVCache(batch, self.num_heads, head_dim, max_len, device, dtype) for _ in self.blocks]
 
 
 def init_weights(module: nn.Module) -> None:
@@ -64,4 +76,5 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -43,17 +43,50 @@ class RNGState(L.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets; MFU is reported
+# against these (Chowdhery et al., 2022, Appendix B) and not at all on devices not listed.
+PEAK_BF16_FLOPS = {
+    "H100": 989.4e12,  # H100 SXM5; the PCIe card is lower (756e12), but is named "H100 PCIe"
+    "H100 PCIe": 756.0e12,
+    "H200": 989.4e12,
+    "A100": 312.0e12,
+    "L4": 121.0e12,
+    "A10G": 70.0e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The bf16 dense peak of a CUDA device, looked up by name; None where unknown (CPUs included)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    matches = [k for k in PEAK_BF16_FLOPS if k in name]
+    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
+
+
 class Throughput(L.Callback):
-    """Log `train/samples_per_sec` averaged over the last `window` optimizer steps (wall clock)."""
+    """Log throughput averaged over the last `window` optimizer steps (wall clock, all ranks together).
+
+    `train/samples_per_sec` always; for token batches also `train/tokens_per_sec`
+    and, where the device's peak is known and the module can count its FLOPs
+    (`flops_per_token(seq_len)`), `train/mfu`: model FLOPs per second per device
+    over that device's bf16 dense peak.
+    """
 
     def __init__(self, window: int = 20) -> None:
         self.window = window
+        self._reset()
+
+    def _reset(self) -> None:
         self._t0: float | None = None
-        self._samples = 0
-        self._steps = 0
+        self._samples = self._tokens = self._steps = 0
+        self._seq_len = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t0, self._samples, self._steps = None, 0, 0
+        self._reset()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()  # validation time is not training throughput
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -61,10 +94,22 @@ class Throughput(L.Callback):
             self._t0 = now
             return
         self._samples += _batch_size(batch)
+        if isinstance(batch, dict) and "tokens" in batch:
+            self._tokens += batch["tokens"].numel()
+            self._seq_len = batch["tokens"].shape[1]
         self._steps += 1
-        if self._steps >= self.window:
-            pl_module.log("train/samples_per_sec", self._samples / (now - self._t0), on_step=True, on_epoch=False)
-            self._t0, self._samples, self._steps = now, 0, 0
+        if self._steps < self.window:
+            return
+        seconds, ranks = now - self._t0, trainer.world_size
+        metrics = {"train/samples_per_sec": self._samples * ranks / seconds}
+        if self._tokens:
+            metrics["train/tokens_per_sec"] = self._tokens * ranks / seconds
+            peak = peak_flops(pl_module.device)
+            if peak and hasattr(pl_module, "flops_per_token"):
+                metrics["train/mfu"] = pl_module.flops_per_token(self._seq_len) * self._tokens / seconds / peak
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        self._reset()
+        self._t0 = now
 
 
 def _batch_size(batch: Any) -> int:

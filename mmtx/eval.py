@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError
 
 from mmtx.wiring import build_data, build_model, resolve_precision
 from mmtx.checkpoint import load_checkpoint
+from mmtx.tokenizers.text import Vocab
 
 USAGE = "usage: python -m mmtx.eval ckpt=PATH [key=value ...]"
 
@@ -44,8 +45,11 @@ def evaluate(ckpt: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except ConfigKeyError as err:
         raise SystemExit(f"unknown configuration key in overrides {list(overrides)}: {err.msg}") from None
-    datamodule = build_data(cfg)
-    model = build_model(cfg, datamodule)
+    extra = {}
+    if "mmtx_vocab" in checkpoint:  # evaluate with exactly the vocabulary the model was trained with
+        extra["fixed_vocab"] = Vocab.from_json(checkpoint["mmtx_vocab"])
+    datamodule = build_data(cfg, **extra)
+    model = build_model(cfg, datamodule.runtime_kwargs())
     model.load_state_dict(checkpoint["state_dict"])
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,

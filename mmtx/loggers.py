@@ -38,3 +38,38 @@ def wandb(
         save_dir=save_dir, project=project, entity=entity, group=group, tags=list(tags or []),
         name=name, offline=offline, log_model=log_model and not offline,
     )
+
+
+def log_text_table(trainer, key: str, columns: list[str], rows: list[list]) -> None:
+    """Log a small table of text to every logger that can show one, and append it to `<run dir>/<key>.tsv`.
+
+    W&B gets a table, TensorBoard a markdown table; the TSV file serves the CSV
+    logger and anyone reading the run folder.
+    """
+    from pathlib import Path
+
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        kind = type(logger).__name__
+        if kind == "WandbLogger":
+            logger.log_text(key=key, columns=columns, data=rows, step=trainer.global_step)
+        elif kind == "TensorBoardLogger":
+            header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+            body = "".join("| " + " | ".join(_md(v) for v in row) + " |\n" for row in rows)
+            logger.experiment.add_text(key, header + body, global_step=trainer.global_step)
+    path = Path(trainer.default_root_dir) / f"{key}.tsv"
+    new = not path.exists()
+    with path.open("a", encoding="utf-8") as f:
+        if new:
+            f.write("\t".join(columns) + "\n")
+        for row in rows:
+            f.write("\t".join(_tsv(v) for v in row) + "\n")
+
+
+def _md(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", "<br>")
+
+
+def _tsv(value) -> str:
+    return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")

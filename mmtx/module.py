@@ -1,7 +1,8 @@
-"""The LightningModule every task trains: tokenizer -> backbone -> head -> loss."""
+"""The LightningModules: tokenizer -> backbone -> head -> loss, one per kind of head."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,14 +14,73 @@ from torchmetrics.classification import MulticlassAccuracy
 from mmtx.optim import build_optimizer
 
 
-class ClassificationModule(L.LightningModule):
+class TaskModule(L.LightningModule):
+    """What every mmtx task shares: the three stages, AdamW + warm-up/cosine, and
+    checkpoints that carry the run configuration (and the text vocabulary, if any)
+    so `mmtx.eval` and `mmtx.generate` rebuild exactly this model.
+
+    Subclasses define `shared_step(batch, stage)`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        backbone: nn.Module,
+        head: nn.Module,
+        optim: dict[str, Any],
+        compile: bool = False,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.backbone = backbone
+        self.head = head
+        self.optim = dict(optim)
+        self.run_config = run_config or {}
+        self._forward = torch.compile(self.forward_logits) if compile else self.forward_logits
+
+    def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = self.head.prepare(self.tokenizer(batch))  # Tokens: (B, T, D), mask (B, T) | None
+        x = self.backbone(tokens)  # (B, T, D)
+        return self.head(x, tokens.mask)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._forward(batch)
+
+    @property
+    def vocab(self):
+        return getattr(self.tokenizer, "vocab", None)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.shared_step(batch, "test")
+
+    def configure_optimizers(self):
+        total = int(self.trainer.estimated_stepping_batches)
+        optimizer, schedule = build_optimizer(self, total_steps=total, **self.optim)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.vocab is not None and self.trainer.is_global_zero:
+            self.vocab.save(Path(self.trainer.default_root_dir) / "tokenizer.json")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmtx_config"] = self.run_config
+        if self.vocab is not None:
+            checkpoint["mmtx_vocab"] = self.vocab.to_json()
+
+
+class ClassificationModule(TaskModule):
     """Encoder-only classification (images today; audio later).
 
     Loss: cross-entropy with label smoothing; with soft targets from
     Mixup/CutMix, the same smoothing is applied to them. Metrics: top-1
     accuracy (torchmetrics) logged as `{stage}/acc` beside `{stage}/loss`.
-    `run_config` is the resolved run configuration, stored in every checkpoint so
-    `mmtx.eval` can rebuild the run.
     """
 
     def __init__(
@@ -34,26 +94,12 @@ class ClassificationModule(L.LightningModule):
         compile: bool = False,
         run_config: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.backbone = backbone
-        self.head = head
+        super().__init__(tokenizer, backbone, head, optim, compile, run_config)
         self.num_classes = num_classes
-        self.optim = dict(optim)
         self.label_smoothing = label_smoothing
-        self.run_config = run_config or {}
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self._forward = torch.compile(self.forward_logits) if compile else self.forward_logits
-
-    def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = self.head.prepare(self.tokenizer(batch))  # Tokens: (B, T, D), mask (B, T) | None
-        x = self.backbone(tokens)  # (B, T, D)
-        return self.head(x, tokens.mask)  # (B, num_classes)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._forward(batch)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         target = batch.get("target")
@@ -72,20 +118,3 @@ class ClassificationModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.shared_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.shared_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.shared_step(batch, "test")
-
-    def configure_optimizers(self):
-        total = int(self.trainer.estimated_stepping_batches)
-        optimizer, schedule = build_optimizer(self, total_steps=total, **self.optim)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmtx_config"] = self.run_config

@@ -33,7 +33,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_data(cfg)
-    model = build_model(cfg, datamodule)
+    model = build_model(cfg, datamodule.runtime_kwargs())
     trainer = build_trainer(cfg, run_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -18,29 +18,30 @@ from omegaconf import DictConfig, OmegaConf
 from mmtx.checkpoint import AtomicCheckpointIO
 
 
-def build_data(cfg: DictConfig) -> L.LightningDataModule:
-    datamodule = instantiate(cfg.data, _convert_="all")
+def build_data(cfg: DictConfig, **kwargs: Any) -> L.LightningDataModule:
+    """The task's data module, prepared and set up (`kwargs` override its config)."""
+    datamodule = instantiate(cfg.data, _convert_="all", **kwargs)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
 
 
-def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
+def build_model(cfg: DictConfig, runtime: dict[str, dict[str, Any]]) -> L.LightningModule:
+    """The LightningModule of `cfg`, given the run-time values `runtime` = {stage: kwargs}
+    (from `datamodule.runtime_kwargs()`: image size, classes, vocabulary, ...)."""
     dim = cfg.backbone.dim
-    tokenizer = instantiate(
-        cfg.tokenizer, dim=dim, image_size=datamodule.image_size, in_channels=datamodule.in_channels
-    )
+    tokenizer = instantiate(cfg.tokenizer, dim=dim, **runtime.get("tokenizer", {}))
     backbone = instantiate(cfg.backbone)
-    head = instantiate(cfg.head, dim=dim, num_classes=datamodule.num_classes)
+    head = instantiate(cfg.head, dim=dim, **runtime.get("head", {}))
     # _partial_: the stored run config holds _target_ nodes that must stay data, not be instantiated.
     module_cls = instantiate(cfg.module, _partial_=True)
     return module_cls(
         tokenizer=tokenizer,
         backbone=backbone,
         head=head,
-        num_classes=datamodule.num_classes,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        **runtime.get("module", {}),
     )
 
 
@@ -59,7 +60,7 @@ def build(task: str | DictConfig = "vit_cifar", overrides: Sequence[str] = ()):
     else:
         cfg = task
     datamodule = build_data(cfg)
-    return build_model(cfg, datamodule), datamodule
+    return build_model(cfg, datamodule.runtime_kwargs()), datamodule
 
 
 def resolve_precision(trainer_cfg: DictConfig) -> str:

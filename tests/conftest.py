@@ -35,17 +35,15 @@ def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
-def small_run(tmp_path: Path, data_root: Path | None = None) -> list[str]:
-    """Overrides that make any image task tiny: small model, small batches, CPU, outputs in tmp_path."""
+def small_run(tmp_path: Path, data_root: Path | None = None, modality: str = "image") -> list[str]:
+    """Overrides that make any task tiny: small model, small batches, CPU, outputs in tmp_path."""
     overrides = [
-        "backbone=tiny",
         "backbone.depth=2",
         "backbone.dim=32",
         "backbone.num_heads=2",
-        "tokenizer.patch_size=4",
         "data.batch_size=8",
         "data.eval_batch_size=16",
-        "data.augment.randaugment=null",
+        *MODALITY_OVERRIDES[modality],
         "trainer=cpu",
         "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=1",
@@ -55,6 +53,18 @@ def small_run(tmp_path: Path, data_root: Path | None = None) -> list[str]:
     if data_root is not None:
         overrides.append(f"data.root={data_root}")
     return overrides
+
+
+MODALITY_OVERRIDES = {
+    "image": ["tokenizer.patch_size=4", "data.augment.randaugment=null"],
+    "text": ["data.block_size=16", "module.sample_tokens=8", "trainer.val_check_interval=null",
+             "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=2"],
+}
+
+TINY_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+) * 20
 
 
 def folder_run(tmp_path: Path, folder: Path) -> list[str]:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from conftest import make_image_folder, small_run
+from conftest import TINY_TEXT, make_image_folder, small_run
 from mmtx import build, compose
 from mmtx.config import config_dir
 from mmtx.train import train
@@ -18,16 +18,22 @@ def data_root(tmp_path_factory) -> Path:
     """A data root holding every data set a task looks for, in miniature."""
     root = tmp_path_factory.mktemp("data_root")
     make_image_folder(root / "cifar10", classes=[f"c{i}" for i in range(10)], per_class=(2, 1), size=32)
+    (root / "tinyshakespeare").mkdir()
+    (root / "tinyshakespeare" / "input.txt").write_text(TINY_TEXT)
     return root
 
 
+def modality(task: str) -> str:
+    return "text" if compose(task).tokenizer._target_.endswith("TokenEmbedding") else "image"
+
+
 def test_tasks_are_found():
-    assert "vit_cifar" in TASKS
+    assert {"vit_cifar", "gpt_shakespeare", "gpt_shakespeare_cpu"} <= set(TASKS)
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_composes_and_runs_fast_dev_run(task, data_root, tmp_path):
-    cfg = compose(task, [*small_run(tmp_path, data_root), "trainer.fast_dev_run=true"])
+    cfg = compose(task, [*small_run(tmp_path, data_root, modality(task)), "trainer.fast_dev_run=true"])
     assert cfg.task_name == task
     summary = train(cfg, run_dir=tmp_path / "run")
     assert summary["global_step"] == 1

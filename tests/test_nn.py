@@ -58,11 +58,14 @@ def test_key_padding_mask_hides_padding(causal):
 
 def test_attention_mask_combines_padding_and_causality():
     key_mask = torch.tensor([[True, True, False]])
-    mask, is_causal = attention_mask(key_mask, 3, causal=True)
+    mask, is_causal = attention_mask(key_mask, 3, 3, causal=True)
     assert not is_causal
     expected = torch.tensor([[True, False, False], [True, True, False], [True, True, False]])
     assert torch.equal(mask[0, 0], expected)
-    assert attention_mask(None, 3, causal=True) == (None, True)
+    assert attention_mask(None, 3, 3, causal=True) == (None, True)
+    assert attention_mask(None, 1, 5, causal=True) == (None, False)  # one new query with a cache
+    mask, _ = attention_mask(None, 2, 4, causal=True)  # two new queries after two cached positions
+    assert torch.equal(mask[0, 0], torch.tensor([[True, True, True, False], [True, True, True, True]]))
 
 
 def test_cross_attention_block_uses_context_and_its_mask():

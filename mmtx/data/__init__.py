@@ -1,5 +1,6 @@
-"""LightningDataModules and the decoded-tensor caches behind them."""
+"""LightningDataModules and the decoded caches behind them."""
 
 from mmtx.data.image import ImageDataModule
+from mmtx.data.text import TextDataModule
 
-__all__ = ["ImageDataModule"]
+__all__ = ["ImageDataModule", "TextDataModule"]

@@ -157,6 +157,15 @@ class ImageDataModule(L.LightningDataModule):
         self.setup()
         return self.splits["train"]["images"].shape[1]
 
+    def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
+        """Run-time values the model is built with: image geometry (tokenizer), number of classes (head, module)."""
+        self.setup()
+        return {
+            "tokenizer": {"image_size": self.image_size, "in_channels": self.in_channels},
+            "head": {"num_classes": self.num_classes},
+            "module": {"num_classes": self.num_classes},
+        }
+
     # -- loaders ---------------------------------------------------------------
 
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:

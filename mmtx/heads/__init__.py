@@ -1,5 +1,6 @@
-"""Heads: backbone output -> logits (classifier, and later LM and seq2seq)."""
+"""Heads: backbone output -> logits (encoder-only classifier, decoder-only LM)."""
 
 from mmtx.heads.classifier import ClassifierHead
+from mmtx.heads.lm import LMHead
 
-__all__ = ["ClassifierHead"]
+__all__ = ["ClassifierHead", "LMHead"]

@@ -1,8 +1,8 @@
-"""Multi-head attention through `F.scaled_dot_product_attention`.
+"""Multi-head attention through `F.scaled_dot_product_attention`, with optional rotary positions and KV cache.
 
 SDPA picks a fused kernel (flash or memory-efficient on GPU, a fused CPU
-kernel otherwise); we keep the fast path free of masks: with no padding and no
-causality the kernel gets `attn_mask=None`.
+kernel otherwise); we keep the fast path free of masks: with no padding,
+causality alone goes to SDPA as `is_causal`, and no mask at all otherwise.
 """
 
 from __future__ import annotations
@@ -11,34 +11,61 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtx.nn.pos_embed import apply_rotary, rotary_tables
+
 
 def attention_mask(
-    key_mask: torch.Tensor | None, q_len: int, causal: bool
+    key_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool
 ) -> tuple[torch.Tensor | None, bool]:
     """Combine a key-padding mask and causality into SDPA arguments.
 
-    key_mask: (B, S) bool, True for real keys. Returns (attn_mask, is_causal):
-    a boolean (B, 1, T, S) mask where True means "may attend", or None with
-    `is_causal` set when causality alone is needed (so SDPA can use its
-    fused causal kernel).
+    key_mask: (B, S) bool, True for real keys, or None. The queries are the
+    last `q_len` of the `k_len` positions (true with a KV cache too). Returns
+    (attn_mask, is_causal): a boolean (B|1, 1, T, S) mask where True means
+    "may attend", or None with `is_causal` set when plain causality suffices
+    (so SDPA can use its fused causal kernel).
     """
-    if key_mask is None:
-        return None, causal
-    mask = key_mask[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
+    if key_mask is None and (not causal or q_len == k_len or q_len == 1):
+        # q_len == 1 with a cache: the one new query may see every key.
+        return None, causal and q_len == k_len and q_len > 1
+    mask = None
+    if key_mask is not None:
+        mask = key_mask[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
     if causal:
-        s_len = key_mask.shape[1]
-        # Queries are the last q_len positions of the keys (true with a KV cache too).
-        tril = torch.ones(q_len, s_len, dtype=torch.bool, device=key_mask.device)
-        tril = tril.tril(diagonal=s_len - q_len)  # (T, S)
-        mask = mask & tril
-    # A query whose every key is masked would give NaN; let it see itself-less
-    # rows as all-True instead (its output is ignored downstream anyway).
-    mask = mask | ~mask.any(dim=-1, keepdim=True)
-    return mask, False
+        device = key_mask.device if key_mask is not None else None
+        tril = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)  # (T, S)
+        mask = tril[None, None] if mask is None else mask & tril
+    # A query whose every key is masked would give NaN; let such rows (padding
+    # queries, whose outputs are ignored) see everything instead.
+    return mask | ~mask.any(dim=-1, keepdim=True), False
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for one self-attention layer.
+
+    Preallocated to `max_len` so each decoding step writes one position in
+    place instead of concatenating (B, H, S, Dh) tensors.
+    """
+
+    def __init__(self, batch: int, num_heads: int, head_dim: int, max_len: int, device=None, dtype=None) -> None:
+        shape = (batch, num_heads, max_len, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, Dh) new keys and values; return all of them so far."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.k.shape[2]}")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention."""
+    """Multi-head self-attention; `rotary=True` rotates queries and keys by position (RoFormer, Su et al., 2021)."""
 
     def __init__(
         self,
@@ -47,6 +74,8 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         attn_dropout: float = 0.0,
         dropout: float = 0.0,
+        rotary: bool = False,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -55,16 +84,34 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_dropout = attn_dropout
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=bias)
         self.proj_drop = nn.Dropout(dropout)
+        self.rotary = rotary
+        if rotary:
+            self.register_buffer("rope", rotary_tables(0, self.head_dim), persistent=False)
+
+    def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + x.shape[2]
+        if self.rope.shape[0] < end:  # grow the (cos, sin) table to cover the new positions
+            self.rope = rotary_tables(max(end, 2 * self.rope.shape[0]), self.head_dim, device=self.rope.device)
+        return apply_rotary(x, self.rope[start:end])
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, T, 3D) -> 3 x (B, H, T, Dh)
-        attn_mask, is_causal = attention_mask(mask, T, causal)
+        start = cache.length if cache is not None else 0
+        if self.rotary:
+            q, k = self._rotate(q, start), self._rotate(k, start)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, start + T, Dh)
+        attn_mask, is_causal = attention_mask(mask, T, k.shape[2], causal)
         x = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
@@ -85,6 +132,7 @@ class CrossAttention(nn.Module):
         qkv_bias: bool = True,
         attn_dropout: float = 0.0,
         dropout: float = 0.0,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -94,7 +142,7 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.attn_dropout = attn_dropout
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=bias)
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(
@@ -105,7 +153,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         kv = self.kv(context).reshape(B, S, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, S, 2D) -> 2 x (B, H, S, Dh)
-        attn_mask, _ = attention_mask(context_mask, T, causal=False)
+        attn_mask, _ = attention_mask(context_mask, T, S, causal=False)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
         )

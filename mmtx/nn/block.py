@@ -6,7 +6,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from mmtx.nn.attention import Attention, CrossAttention
+from mmtx.nn.attention import Attention, CrossAttention, KVCache
 from mmtx.nn.mlp import Mlp
 
 
@@ -15,6 +15,8 @@ class Block(nn.Module):
 
     Pre-norm (Xiong et al., 2020) trains without warm-up tricks at depth; drop
     path is stochastic depth (Huang et al., 2016) on each residual branch.
+    `bias=False` drops the biases of the projections, MLP and norms (as nanoGPT
+    does); `qkv_bias` governs the query/key/value projection alone.
     """
 
     def __init__(
@@ -27,18 +29,20 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         qkv_bias: bool = True,
         cross_attention: bool = False,
+        rotary: bool = False,
+        bias: bool = True,
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_dropout, dropout)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_dropout, dropout, rotary, bias)
         if cross_attention:
-            self.norm_cross = nn.LayerNorm(dim, eps=norm_eps)
-            self.cross_attn = CrossAttention(dim, num_heads, qkv_bias, attn_dropout, dropout)
+            self.norm_cross = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
+            self.cross_attn = CrossAttention(dim, num_heads, qkv_bias, attn_dropout, dropout, bias)
         else:
             self.cross_attn = None
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout, bias)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
@@ -48,8 +52,9 @@ class Block(nn.Module):
         causal: bool = False,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), mask, causal))
+        x = x + self.drop_path(self.attn(self.norm1(x), mask, causal, cache))
         if self.cross_attn is not None:
             if context is None:
                 raise ValueError("this block has cross-attention and needs a `context`")

@@ -44,3 +44,22 @@ def resample_1d(table: torch.Tensor, length: int) -> torch.Tensor:
     x = table.t()[None]  # (N, C) -> (1, C, N)
     x = torch.nn.functional.interpolate(x, size=length, mode="linear", align_corners=True)
     return x[0].t()  # (1, C, length) -> (length, C)
+
+
+def rotary_tables(length: int, head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
+    """cos and sin of rotary angles for positions 0..length-1: (length, 2, head_dim/2).
+
+    Pair i of a head rotates at frequency base^(-2i/head_dim) (RoFormer, Su et al., 2021).
+    """
+    if head_dim % 2:
+        raise ValueError(f"rotary positions need an even head dim, got {head_dim}")
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq[None]  # (L, Dh/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=1)  # (L, 2, Dh/2)
+
+
+def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate the halves of each head of x (B, H, T, Dh) by the angles of `table` (T, 2, Dh/2)."""
+    cos, sin = table[:, 0].to(x.dtype), table[:, 1].to(x.dtype)  # (T, Dh/2) each
+    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, Dh) -> 2 x (B, H, T, Dh/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)

@@ -1,5 +1,6 @@
-"""Tokenizers: raw tensors of one modality -> `Tokens` for the shared backbone."""
+"""Tokenizers: raw data of one modality -> `Tokens` for the shared backbone."""
 
 from mmtx.tokenizers.image import PatchTokenizer
+from mmtx.tokenizers.text import TokenEmbedding, Vocab
 
-__all__ = ["PatchTokenizer"]
+__all__ = ["PatchTokenizer", "TokenEmbedding", "Vocab"]

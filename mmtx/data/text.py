@@ -1,0 +1,192 @@
+"""Language-model data: text -> token ids once (a memory-mapped cache), random contiguous windows per batch.
+
+The cache folder holds the trained tokenizer (tokenizer.json), one token file
+per split (uint16 when the vocabulary fits, else int32) and meta.json; it is
+keyed by the source's fingerprint and the vocabulary settings, built in a
+temporary folder and renamed into place. As with images, the DataLoader
+yields only sample indices; `on_after_batch_transfer` cuts the windows out of
+the split, which lives on the training device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mmtx.data.cache import digest
+from mmtx.data.image import EpochShuffle, IndexDataset, _identity
+from mmtx.data.sources import resolve_root
+from mmtx.data.text_sources import TextSource
+from mmtx.tokenizers.text import Vocab, build_vocab
+
+log = logging.getLogger(__name__)
+
+
+class TextDataModule(L.LightningDataModule):
+    """Token windows of `block_size` (+1 for the shifted targets) from a text source.
+
+    Training: each epoch visits every block of the training split once, in a
+    seeded random order, each shifted by a random offset within its block, so
+    samples are random contiguous windows that cover the data evenly (and
+    differ across DDP ranks). Validation and test: the non-overlapping windows
+    of the validation split, in order (a deterministic loss).
+    val_fraction: the last fraction of the text, when the source has no
+    validation split (Tiny Shakespeare: the last 10%).
+    vocab: the `tokenizer.vocab` settings (kind bpe | char | file, ...).
+    """
+
+    def __init__(
+        self,
+        source: TextSource,
+        cache_dir: str,
+        vocab: dict[str, Any],
+        root: str | None = None,
+        block_size: int = 256,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        device_resident: bool = True,
+        fixed_vocab: Vocab | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.source = source
+        self.root = resolve_root(root)
+        self.cache_dir = Path(cache_dir)
+        self.vocab_spec = dict(vocab)
+        self.fixed_vocab = fixed_vocab  # e.g. the one stored in a checkpoint being evaluated
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.device_resident = device_resident
+        self.seed = seed
+        self.vocab: Vocab | None = None
+        self.meta: dict[str, Any] = {}
+        self.splits: dict[str, torch.Tensor | np.memmap] = {}
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    # -- tokenizing once -------------------------------------------------------
+
+    def _cache_path(self) -> Path:
+        vocab_key = self.fixed_vocab.to_json() if self.fixed_vocab is not None else sorted(self.vocab_spec.items())
+        key = digest(self.source.fingerprint(), vocab_key, self.val_fraction)
+        return self.cache_dir / f"{self.source.cache_name}-{key}"
+
+    def prepare_data(self) -> None:
+        path = self._cache_path()
+        if (path / "meta.json").is_file():
+            return
+        texts = self.source.read()
+        if "all" in texts:  # split by position: the first (1 - val_fraction) for training
+            text = texts["all"]
+            cut = int(len(text) * (1 - self.val_fraction))
+            texts = {"train": text[:cut], "val": text[cut:]}
+        vocab = self.fixed_vocab or build_vocab(text=texts["train"], **self.vocab_spec)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max + 1 else np.int32
+        meta: dict[str, Any] = {"dtype": np.dtype(dtype).name, "vocab_size": len(vocab), "splits": {}}
+        for split, text in texts.items():
+            ids = np.asarray(vocab.encode(text), dtype=dtype)
+            ids.tofile(tmp / f"{split}.bin")
+            meta["splits"][split] = {"tokens": int(ids.size), "chars": len(text)}
+        vocab.save(tmp / "tokenizer.json")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, path)  # atomic; another process may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("tokenized %s into %s: %s", self.source.cache_name, path, meta["splits"])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self.prepare_data()
+        path = self._cache_path()
+        self.meta = json.loads((path / "meta.json").read_text())
+        self.vocab = self.fixed_vocab or Vocab.from_file(path / "tokenizer.json")
+        for split in ("train", "val"):
+            ids = np.memmap(path / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
+            if ids.size < self.block_size + 2:
+                raise ValueError(
+                    f"data.block_size={self.block_size} is longer than the {split} split "
+                    f"({ids.size} tokens); use a smaller block_size or more text"
+                )
+            # Resident: one int64 copy (moved to the device once). Otherwise the memory map itself.
+            self.splits[split] = torch.from_numpy(ids.astype(np.int64)) if self.device_resident else ids
+        self.splits["test"] = self.splits["val"]
+
+    # -- what the model needs to know ------------------------------------------------
+
+    @property
+    def chars_per_token(self) -> float:
+        val = self.meta["splits"]["val"]
+        return val["chars"] / max(1, val["tokens"])
+
+    def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
+        self.setup()
+        return text_runtime(self.vocab, self.chars_per_token)
+
+    # -- loaders and the device-side data path ---------------------------------------------
+
+    def _num_windows(self, split: str) -> int:
+        return (len(self.splits[split]) - 1) // self.block_size
+
+    def train_dataloader(self) -> DataLoader:
+        n = self._num_windows("train")
+        return DataLoader(IndexDataset("train", n), batch_size=self.batch_size, sampler=EpochShuffle(n, self.seed),
+                          drop_last=True, collate_fn=_identity)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(IndexDataset(split, self._num_windows(split)), batch_size=self.eval_batch_size,
+                          collate_fn=_identity)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def _store(self, split: str, device: torch.device) -> torch.Tensor:
+        key = (split, device)
+        if key not in self._on_device:
+            self._on_device[key] = self.splits[split].to(device)
+        return self._on_device[key]
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> dict[str, Any]:
+        if "index" not in batch:
+            return batch
+        device = batch["index"].device
+        split, T = batch["split"], self.block_size
+        n = len(self.splits[split])
+        starts = batch["index"] * T  # (B,)
+        if split == "train":
+            starts = (starts + torch.randint(0, T, starts.shape, device=device)).clamp_max(n - T - 1)
+        offsets = starts[:, None] + torch.arange(T + 1, device=device)  # (B, T+1)
+        if self.device_resident:
+            window = self._store(split, device)[offsets]
+        else:  # gather from the memory map on the CPU, then move
+            window = torch.from_numpy(self.splits[split][offsets.cpu().numpy()].astype(np.int64)).to(device)
+        return {"tokens": window[:, :-1], "targets": window[:, 1:]}  # (B, T) each
+
+
+def text_runtime(vocab: Vocab, chars_per_token: float | None = None) -> dict[str, dict[str, Any]]:
+    """Run-time values of a text model: its vocabulary (tokenizer), output size (head), chars/token (module)."""
+    return {
+        "tokenizer": {"vocab": vocab},
+        "head": {"vocab_size": len(vocab)},
+        "module": {"chars_per_token": chars_per_token},
+    }

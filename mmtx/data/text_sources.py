@@ -1,0 +1,131 @@
+"""Where text comes from: local files (a path or a glob) or a Hugging Face `datasets` text dataset."""
+
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+from typing import Protocol
+
+from mmtx.data.cache import digest
+from mmtx.data.sources import resolve_root
+
+log = logging.getLogger(__name__)
+
+
+class TextSource(Protocol):
+    cache_name: str
+
+    def fingerprint(self) -> str: ...
+    def read(self) -> dict[str, str]: ...  # {"train": text, "val": text} or {"all": text}
+
+
+class TextFiles:
+    """One or many UTF-8 text files, concatenated in sorted order.
+
+    `paths` is a path, a glob, or a list of them; relative ones are looked up
+    under the data root when they do not exist as given. Bytes that are not
+    UTF-8 stop the run naming the file and byte offset (on_decode_error=error,
+    the default), or become U+FFFD and are counted in one warning
+    (on_decode_error=replace).
+    """
+
+    def __init__(self, paths: str | list[str], root: str | None = None, on_decode_error: str = "error") -> None:
+        if on_decode_error not in ("error", "replace"):
+            raise ValueError(f"data.on_decode_error must be 'error' or 'replace', got {on_decode_error!r}")
+        self.patterns = [paths] if isinstance(paths, str) else list(paths)
+        self.root = resolve_root(root)
+        self.on_decode_error = on_decode_error
+        self.files = self._expand()
+        self.cache_name = f"text-{self.files[0].stem}-{digest(*self.files)}"
+
+    def _expand(self) -> list[Path]:
+        files: list[Path] = []
+        for pattern in self.patterns:
+            p = Path(pattern).expanduser()
+            candidates = [p] if p.is_absolute() or p.exists() or glob.has_magic(pattern) else [p, self.root / p]
+            found = []
+            for c in candidates:
+                found = sorted(Path(f) for f in glob.glob(str(c), recursive=True) if Path(f).is_file())
+                if found:
+                    break
+            if not found:
+                where = " or ".join(str(c) for c in candidates)
+                raise FileNotFoundError(f"no text file matches {where} (data.files; data root {self.root})")
+            files += found
+        return files
+
+    def fingerprint(self) -> str:
+        stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
+        return digest(self.on_decode_error, *stats)
+
+    def read(self) -> dict[str, str]:
+        texts = [self._read(f) for f in self.files]
+        text = "\n".join(texts)
+        if not text.strip():
+            raise ValueError(f"the text files {[str(f) for f in self.files]} are empty")
+        return {"all": text}
+
+    def _read(self, path: Path) -> str:
+        data = path.read_bytes()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if self.on_decode_error == "error":
+                raise ValueError(
+                    f"{path} is not UTF-8: invalid byte {data[err.start]:#04x} at byte offset {err.start} "
+                    "(set data.on_decode_error=replace to replace such bytes with U+FFFD)"
+                ) from None
+            text = data.decode("utf-8", errors="replace")
+            log.warning("%s: replaced %d invalid UTF-8 byte sequence(s) with U+FFFD, the first at byte offset %d",
+                        path, text.count("\ufffd") - data.decode("utf-8", "ignore").count("\ufffd"), err.start)
+            return text
+
+
+class HFText:
+    """A Hugging Face `datasets` text dataset; documents are joined by `separator`.
+
+    `split_names` maps train/val to the dataset's splits; with no val split the
+    data module splits train by `val_fraction`.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        name: str | None = None,
+        data_dir: str | None = None,
+        data_files: str | list[str] | dict | None = None,
+        text_key: str = "text",
+        split_names: dict[str, str] | None = None,
+        separator: str = "\n\n",
+    ) -> None:
+        self.path, self.name, self.data_dir, self.data_files = path, name, data_dir, data_files
+        self.text_key, self.separator = text_key, separator
+        self.split_names = dict(split_names or {"train": "train"})
+        self.cache_name = f"hftext-{Path(path).name}-{digest(path, name, data_dir, data_files, text_key, separator)}"
+
+    def _load(self, split: str):
+        import datasets  # optional integration: loaded only for this source
+
+        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
+            raise FileNotFoundError(f"data.source.data_dir {self.data_dir} does not exist")
+        ds = datasets.load_dataset(self.path, self.name, data_dir=self.data_dir, data_files=self.data_files,
+                                   split=self.split_names[split])
+        if self.text_key not in ds.features:
+            raise KeyError(f"dataset {self.path} has no column {self.text_key!r}; columns: {list(ds.features)}")
+        return ds
+
+    def fingerprint(self) -> str:
+        return digest(*(self._load(s)._fingerprint for s in self.split_names))
+
+    def read(self) -> dict[str, str]:
+        texts = {s: self.separator.join(t for t in self._load(s)[self.text_key] if t) for s in self.split_names}
+        if not texts.get("train", "").strip():
+            raise ValueError(f"dataset {self.path} has no text in its train split")
+        return texts if "val" in texts else {"all": texts["train"]}
+
+
+def text_files(files: str | list[str], root: str | None = None, on_decode_error: str = "error") -> TextFiles:
+    return TextFiles(files, root=root, on_decode_error=on_decode_error)
+
+

@@ -1,0 +1,75 @@
+"""Autoregressive sampling for decoder-only models, with or without a KV cache.
+
+The model is any object with `decode(ids, caches=None, start=0) -> logits`
+(B, T, V) and `new_caches(batch, max_len)`, and a `max_len` (the longest
+context it was trained for), such as `mmtx.lm.LMModule`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Keep the `top_k` most likely tokens and the smallest set whose probability reaches `top_p`
+    (nucleus sampling, Holtzman et al., 2020); the rest get -inf. logits: (B, V)."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # tokens past the nucleus (the first always stays)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits of the last position -> (B, 1) next ids; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    use_cache: bool = True,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continue each prompt in `ids` (B, T0) by up to `max_new_tokens` tokens; returns (B, T0 + new).
+
+    With the cache, each new token costs one position. The context is the last
+    `model.max_len` tokens, as without the cache: when the cache is full it is
+    refilled from the last `max_len // 2` tokens (positions must stay within the
+    trained range), so cached and uncached outputs agree while the whole text
+    fits in `max_len`.
+    """
+    max_len = model.max_len
+    caches, start = None, 0
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            context = ids[:, -max_len:]
+            logits = model.decode(context)[:, -1]
+        else:
+            if caches is None or start + 1 > max_len:
+                context = ids[:, -(max_len // 2 if caches is not None else max_len):]
+                caches = model.new_caches(ids.shape[0], max_len)
+                logits = model.decode(context, caches, 0)[:, -1]  # prefill
+                start = context.shape[1]
+            else:
+                logits = model.decode(ids[:, -1:], caches, start)[:, -1]
+                start += 1
+        token = next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        ids = torch.cat([ids, token], dim=1)
+        if eos_id is not None and bool((token == eos_id).all()):
+            break
+    return ids

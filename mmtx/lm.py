@@ -1,0 +1,125 @@
+"""Decoder-only language modelling: the causal LM module, its metrics and its samples."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtx.generation import generate
+from mmtx.loggers import log_text_table
+from mmtx.module import TaskModule
+
+
+class LMModule(TaskModule):
+    """Next-token prediction over the shared backbone (run causal).
+
+    The head's output matrix is the tokenizer's embedding matrix (tied). The
+    residual output projections start scaled by 1/sqrt(2 * depth) (GPT-2,
+    Radford et al., 2019) so the residual stream's variance does not grow
+    with depth. Metrics: `{stage}/loss` in nats per token and, when the
+    data says how many characters a token covers, `{stage}/bpc` (bits per
+    character = loss / ln 2 / chars_per_token), comparable across vocabularies.
+    At each validation end, `samples` continuations of `sample_prompts` are
+    logged as a table (W&B: a table; TensorBoard: text; always
+    `<run dir>/samples.tsv`).
+    """
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        backbone: nn.Module,
+        head: nn.Module,
+        optim: dict[str, Any],
+        chars_per_token: float | None = None,
+        sample_prompts: Sequence[str] = ("\n",),
+        sample_tokens: int = 200,
+        sample_temperature: float = 0.8,
+        sample_top_k: int | None = 200,
+        compile: bool = False,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(tokenizer, backbone, head, optim, compile, run_config)
+        if not backbone.causal:
+            raise ValueError("a language model needs backbone.causal=true")
+        self.head.proj.weight = self.tokenizer.embed.weight  # tied input and output embeddings
+        scale_residual_init(backbone)
+        self.chars_per_token = chars_per_token
+        self.sample_prompts = list(sample_prompts)
+        self.sample = {"max_new_tokens": sample_tokens, "temperature": sample_temperature, "top_k": sample_top_k}
+
+    # -- the model as a decoder ----------------------------------------------------
+
+    @property
+    def max_len(self) -> int:
+        return self.tokenizer.max_len
+
+    def decode(self, ids: torch.Tensor, caches=None, start: int = 0) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T) at positions start..start+T-1."""
+        tokens = self.tokenizer({"tokens": ids}, start=start)
+        return self.head(self.backbone(tokens, caches=caches))
+
+    def new_caches(self, batch: int, max_len: int):
+        p = self.tokenizer.embed.weight
+        return self.backbone.new_caches(batch, max_len, device=p.device, dtype=_compute_dtype(p))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token: 6N + 12 L D T (Kaplan et al., 2020; PaLM, Appendix B).
+
+        N counts the parameters minus the position table (the tied embedding
+        counts once, as the output matmul); 12 L D T is attention's QK^T and AV.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if getattr(self.tokenizer, "pos", None) is not None:
+            n -= self.tokenizer.pos.numel()
+        return 6 * n + 12 * self.backbone.depth * self.backbone.dim * seq_len
+
+    # -- training ----------------------------------------------------------------------
+
+    def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(batch)  # (B, T, V)
+        targets = batch["targets"]  # (B, T)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        on_step = stage == "train"
+        n = targets.numel()
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=not on_step)
+        if self.chars_per_token and stage != "train":
+            bpc = loss / math.log(2) / self.chars_per_token
+            self.log(f"{stage}/bpc", bpc, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self.vocab is None or not self.sample_prompts or self.sample["max_new_tokens"] <= 0:
+            return
+        if self.trainer.sanity_checking:
+            return
+        rows = [[self.global_step, prompt, self.complete(prompt, **self.sample)] for prompt in self.sample_prompts]
+        log_text_table(self.trainer, "samples", ["step", "prompt", "text"], rows)
+
+    def complete(self, prompt: str, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> str:
+        """The text of `prompt` continued by the model."""
+        ids = torch.tensor([self.vocab.encode(prompt)], device=self.device)
+        was_training = self.training
+        self.eval()
+        out = generate(self, ids, max_new_tokens, temperature, top_k, top_p, generator=generator)
+        self.train(was_training)
+        return self.vocab.decode(out[0].tolist())
+
+
+def scale_residual_init(backbone: nn.Module) -> None:
+    """Re-draw the residual output projections with std 0.02 / sqrt(2 * depth)."""
+    std = 0.02 / math.sqrt(2 * backbone.depth)
+    for block in backbone.blocks:
+        for layer in (block.attn.proj, block.mlp.fc2):
+            nn.init.normal_(layer.weight, std=std)
+
+
+def _compute_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype activations have: autocast's when it is on, else the parameters'."""
+    if torch.is_autocast_enabled(p.device.type):
+        return torch.get_autocast_dtype(p.device.type)
+    return p.dtype

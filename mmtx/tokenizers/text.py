@@ -1,0 +1,176 @@
+"""Text: strings <-> token ids (byte-level BPE, characters, or a tokenizer.json), and ids -> Tokens.
+
+`Vocab` wraps a Hugging Face `tokenizers.Tokenizer` for all three kinds, so
+each is saved and reloaded the same way: as tokenizer.json in the run folder
+and as its JSON string inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from mmtx.batch import Tokens
+
+log = logging.getLogger(__name__)
+
+UNK = "<unk>"
+
+
+class Vocab:
+    """A text tokenizer: `encode(str) -> ids`, `decode(ids) -> str`, `len()` ids."""
+
+    def __init__(self, tokenizer, kind: str) -> None:
+        self.tokenizer = tokenizer
+        self.kind = kind
+
+    def __len__(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        unk = self.tokenizer.token_to_id(UNK)
+        if self.kind == "char" and unk is not None and unk in ids:
+            unseen = sorted({ch for ch in text if self.tokenizer.token_to_id(ch) is None})
+            raise ValueError(
+                f"text has characters the char tokenizer never saw in training: {unseen[:20]} "
+                "(use tokenizer=bpe, which covers every byte)"
+            )
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def from_json(cls, text: str) -> "Vocab":
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(text)
+        return cls(tokenizer, _kind_of(tokenizer))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Vocab":
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        try:
+            return cls.from_json(path.read_text())
+        except Exception as err:
+            raise ValueError(f"{path} is not a tokenizers JSON file: {err}") from err
+
+
+def _kind_of(tokenizer) -> str:
+    model = type(tokenizer.model).__name__
+    return "char" if model == "WordLevel" else model.lower()
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (), min_frequency: int = 2) -> Vocab:
+    """Byte-level BPE (GPT-2's scheme, Radford et al., 2019): every byte is a base token, so no text is unknown."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return Vocab(tokenizer, "bpe")
+
+
+def train_char(text: str, special_tokens: Sequence[str] = ()) -> Vocab:
+    """One token per character seen in `text` (sorted, as nanoGPT's shakespeare_char), plus <unk> and specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = sorted(set(text))
+    tokens = [*chars, UNK, *[t for t in special_tokens if t not in chars and t != UNK]]
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens([t for t in special_tokens])
+    return Vocab(tokenizer, "char")
+
+
+def build_vocab(
+    kind: str,
+    text: str,
+    vocab_size: int = 4096,
+    special_tokens: Sequence[str] = ("<|endoftext|>",),
+    min_frequency: int = 2,
+    path: str | None = None,
+) -> Vocab:
+    """The vocabulary a `tokenizer.vocab` config asks for, trained on `text` (the training split)."""
+    if kind == "bpe":
+        lines = text.splitlines(keepends=True)
+        chunks = ("".join(lines[i:i + 1000]) for i in range(0, len(lines), 1000))
+        return train_bpe(chunks, vocab_size, special_tokens, min_frequency)
+    if kind == "char":
+        return train_char(text, special_tokens)
+    if kind == "file":
+        if not path:
+            raise ValueError("tokenizer.vocab.kind=file needs tokenizer.vocab.path=/path/to/tokenizer.json")
+        return Vocab.from_file(path)
+    raise ValueError(f"tokenizer.vocab.kind must be bpe, char or file, got {kind!r}")
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids (B, T) -> Tokens: an embedding table plus, optionally, learned 1D positions.
+
+    pos_embed="learned": a (max_len, dim) table added to the embeddings (GPT-2);
+    "none": no absolute positions, for a backbone with rotary attention.
+    The embedding matrix is shared with the LM head's output layer (tied).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        vocab: Vocab | int,
+        max_len: int = 1024,
+        pos_embed: str = "learned",
+        dropout: float = 0.0,
+        input_key: str = "tokens",
+    ) -> None:
+        super().__init__()
+        if pos_embed not in ("learned", "none"):
+            raise ValueError(f"tokenizer.pos_embed must be 'learned' or 'none', got {pos_embed!r}")
+        self.vocab = vocab if isinstance(vocab, Vocab) else None  # kept for decoding; not a parameter
+        vocab_size = len(vocab) if isinstance(vocab, Vocab) else vocab
+        self.input_key = input_key
+        self.max_len = max_len
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.zeros(max_len, dim)) if pos_embed == "learned" else None
+        self.drop = nn.Dropout(dropout)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        if self.pos is not None:
+            trunc_normal_(self.pos, std=0.02)
+
+    def forward(self, batch: dict[str, torch.Tensor], start: int = 0) -> Tokens:
+        ids = batch[self.input_key]  # (B, T) int
+        T = ids.shape[1]
+        if start + T > self.max_len and self.pos is not None:
+            raise ValueError(f"sequence of {start + T} tokens is longer than tokenizer.max_len={self.max_len}")
+        x = self.embed(ids)  # (B, T) -> (B, T, D)
+        if self.pos is not None:
+            x = x + self.pos[start:start + T]
+        return Tokens(self.drop(x), batch.get(f"{self.input_key}_mask"))
