@@ -93,7 +93,10 @@ class TextDataModule(L.LightningDataModule):
             text = texts["all"]
             cut = int(len(text) * (1 - self.val_fraction))
             texts = {"train": text[:cut], "val": text[cut:]}
-        vocab = self.fixed_vocab or build_vocab(text=texts["train"], **self.vocab_spec)
+        # BPE learns its merges from the training split alone; a character vocabulary is the
+        # set of characters of all splits (as nanoGPT's), so validation text is never unknown.
+        vocab_text = "".join(texts.values()) if self.vocab_spec.get("kind") == "char" else texts["train"]
+        vocab = self.fixed_vocab or build_vocab(text=vocab_text, **self.vocab_spec)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -1,0 +1,249 @@
+"""Text: tokenizers, the token cache, the causal LM, KV-cache generation and bad inputs."""
+
+import logging
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_TEXT, small_run
+from mmtx import compose
+from mmtx.backbone import Backbone
+from mmtx.batch import Tokens
+from mmtx.data.text import TextDataModule
+from mmtx.data.text_sources import TextFiles
+from mmtx.generate import load_lm
+from mmtx.generation import filter_logits, generate
+from mmtx.tokenizers.text import Vocab, build_vocab
+from mmtx.train import train
+
+UNICODE = "Grüße, 世界! naïve café — emoji 😀\n\ttabs  and  spaces\r\n"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus" / "input.txt"
+    path.parent.mkdir()
+    path.write_text(TINY_TEXT + UNICODE)
+    return path
+
+
+def text_run(tmp_path, corpus, *extra):
+    return [*small_run(tmp_path, modality="text"), "data=text_files", f"data.source.files={corpus}", *extra]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_tokenizer_round_trips(kind):
+    vocab = build_vocab(kind, TINY_TEXT + UNICODE, vocab_size=300, min_frequency=1)
+    for text in (TINY_TEXT, UNICODE, "", "  speak and  spaces  ", "\n\n"):
+        assert vocab.decode(vocab.encode(text)) == text
+    reloaded = Vocab.from_json(vocab.to_json())
+    assert reloaded.kind == kind and reloaded.encode(UNICODE) == vocab.encode(UNICODE)
+
+
+def test_bpe_covers_unseen_text_and_merges():
+    vocab = build_vocab("bpe", TINY_TEXT, vocab_size=300, min_frequency=1)
+    unseen = "Zebras 🦓 über alles"
+    assert vocab.decode(vocab.encode(unseen)) == unseen  # byte-level: nothing is unknown
+    assert len(vocab.encode("First Citizen")) < len("First Citizen")  # merges learned
+    assert vocab.token_id("<|endoftext|>") is not None
+
+
+def test_char_tokenizer_names_unseen_characters():
+    vocab = build_vocab("char", "abc \n")
+    with pytest.raises(ValueError, match=r"never saw in training: \['z'\]"):
+        vocab.encode("abz")
+
+
+def test_tokenizer_from_file(tmp_path):
+    vocab = build_vocab("char", "hello")
+    vocab.save(tmp_path / "tokenizer.json")
+    assert build_vocab("file", "", path=str(tmp_path / "tokenizer.json")).encode("hello") == vocab.encode("hello")
+    with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
+        build_vocab("file", "", path=str(tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json is not a tokenizers JSON file"):
+        build_vocab("file", "", path=str(tmp_path / "bad.json"))
+
+
+def datamodule(tmp_path, corpus, **kw):
+    kw.setdefault("vocab", {"kind": "char"})
+    dm = TextDataModule(TextFiles(str(corpus)), cache_dir=str(tmp_path / "cache"), block_size=8, batch_size=4, **kw)
+    dm.setup()
+    return dm
+
+
+def test_split_windows_and_targets(tmp_path, corpus):
+    dm = datamodule(tmp_path, corpus)
+    text = corpus.read_bytes().decode()  # (read_text would turn the \r\n into \n)
+    cut = int(len(text) * 0.9)
+    assert dm.vocab.decode(dm.splits["train"].tolist()) == text[:cut]
+    assert dm.vocab.decode(dm.splits["val"].tolist()) == text[cut:]
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert batch["tokens"].shape == batch["targets"].shape == (4, 8)
+    torch.testing.assert_close(batch["tokens"][:, 1:], batch["targets"][:, :-1])
+    val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    torch.testing.assert_close(val["tokens"][0], dm.splits["val"][:8])  # validation: in order, unshifted
+    assert dm.chars_per_token == 1.0
+
+
+def test_memory_mapped_path_gives_the_same_windows(tmp_path, corpus):
+    resident = datamodule(tmp_path, corpus)
+    mapped = datamodule(tmp_path, corpus, device_resident=False)
+    index = next(iter(resident.val_dataloader()))
+    torch.testing.assert_close(resident.on_after_batch_transfer(index, 0)["tokens"],
+                               mapped.on_after_batch_transfer(index, 0)["tokens"])
+    cache = next((tmp_path / "cache").iterdir())
+    assert (cache / "train.bin").stat().st_size == 2 * len(resident.splits["train"])  # uint16 on disk
+
+
+def test_cache_is_reused_and_rebuilt_when_the_text_changes(tmp_path, corpus, monkeypatch):
+    reads = []
+    original = TextFiles.read
+    monkeypatch.setattr(TextFiles, "read", lambda self: reads.append(1) or original(self))
+    datamodule(tmp_path, corpus)
+    datamodule(tmp_path, corpus)
+    assert len(reads) == 1  # reused
+    corpus.write_text(TINY_TEXT + "a brand new ending\n")
+    dm = datamodule(tmp_path, corpus)
+    assert len(reads) == 2 and dm.vocab.decode(dm.splits["val"].tolist()).endswith("a brand new ending\n")
+    datamodule(tmp_path, corpus, vocab={"kind": "bpe", "vocab_size": 300, "min_frequency": 1})
+    assert len(reads) == 3  # another vocabulary: another cache
+
+
+def test_glob_of_files(tmp_path):
+    for i in range(3):
+        (tmp_path / f"part{i}.txt").write_text(f"file {i} " * 50)
+    source = TextFiles(str(tmp_path / "part*.txt"))
+    assert [f.name for f in source.files] == ["part0.txt", "part1.txt", "part2.txt"]
+    assert source.read()["all"].count("file 2") == 50
+
+
+def test_bad_text_inputs(tmp_path, caplog):
+    with pytest.raises(FileNotFoundError, match="no text file matches"):
+        TextFiles(str(tmp_path / "missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.txt.*are empty"):
+        TextFiles(str(empty)).read()
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("hello caf".encode() + b"\xe9 au lait\n")
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8: invalid byte 0xe9 at byte offset 9"):
+        TextFiles(str(latin)).read()
+    with caplog.at_level(logging.WARNING):
+        text = TextFiles(str(latin), on_decode_error="replace").read()["all"]
+    assert text == "hello caf\ufffd au lait\n" and "replaced 1 invalid" in caplog.text
+
+
+def test_block_size_longer_than_the_data(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words of text here")
+    with pytest.raises(ValueError, match=r"data.block_size=64 is longer than the train split \(26 tokens\)"):
+        TextDataModule(TextFiles(str(short)), cache_dir=str(tmp_path), vocab={"kind": "char"}, block_size=64).setup()
+
+
+def tiny_lm(rotary: bool):
+    from mmtx.heads import LMHead
+    from mmtx.lm import LMModule
+    from mmtx.tokenizers.text import TokenEmbedding
+
+    vocab = build_vocab("char", TINY_TEXT)
+    tokenizer = TokenEmbedding(32, vocab, max_len=24, pos_embed="none" if rotary else "learned")
+    backbone = Backbone(32, 2, 4, causal=True, rotary=rotary)
+    return LMModule(tokenizer, backbone, LMHead(32, len(vocab)), optim={}).eval()
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_kv_cache_greedy_decoding_matches_full_recompute(rotary):
+    torch.manual_seed(0)
+    model = tiny_lm(rotary)
+    prompt = torch.tensor([model.vocab.encode("First Citizen:\n"), model.vocab.encode("All:\nSpeak, spe")])
+    cached = generate(model, prompt, max_new_tokens=9, temperature=0.0, use_cache=True)
+    full = generate(model, prompt, max_new_tokens=9, temperature=0.0, use_cache=False)
+    assert cached.shape == (2, 24)
+    assert torch.equal(cached, full)
+    # and the cached logits themselves match the full forward pass
+    caches = model.new_caches(2, 24)
+    steps = [model.decode(cached[:, :10], caches, 0)[:, -1]]
+    steps += [model.decode(cached[:, t:t + 1], caches, t)[:, -1] for t in range(10, 23)]
+    full_logits = model.decode(cached[:, :23])[:, 9:]
+    torch.testing.assert_close(torch.stack(steps, 1), full_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_past_max_len_keeps_going():
+    model = tiny_lm(rotary=False)
+    out = generate(model, torch.tensor([model.vocab.encode("All:\n")]), max_new_tokens=40, temperature=0.0)
+    assert out.shape == (1, 5 + 40)  # max_len is 24: the cache was refilled on the way
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    probs = logits.softmax(-1)  # about [0.64, 0.24, 0.09, 0.03]
+    assert probs[0, 0] < 0.7
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
+
+
+def test_causal_lm_loss_decreases_and_the_run_keeps_its_tokenizer(tmp_path, corpus):
+    cfg = compose("gpt_shakespeare", text_run(tmp_path, corpus, "trainer.max_steps=60", "optim.lr=3e-3",
+                                               "optim.warmup_steps=5", "trainer.limit_val_batches=4"))
+    summary = train(cfg, run_dir=tmp_path / "run")
+    rows = (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    losses = [float(r.split(",")[header.index("train/loss_step")]) for r in rows[1:]
+              if r.split(",")[header.index("train/loss_step")]]
+    assert losses[-1] < 0.75 * losses[0]
+    vocab = Vocab.from_file(tmp_path / "run" / "tokenizer.json")
+    assert summary["test/loss"] < 0.8 * math.log(len(vocab))  # well below the uniform guess
+    torch.testing.assert_close(summary["test/bpc"], summary["test/loss"] / math.log(2))  # chars: 1 per token
+    assert (tmp_path / "run" / "samples.tsv").read_text().startswith("step\tprompt\ttext\n")
+    assert load_lm(summary["last_checkpoint"]).vocab.to_json() == (tmp_path / "run" / "tokenizer.json").read_text()
+
+    # generation from the saved checkpoint, in a fresh process
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmtx.generate", f"ckpt={summary['last_checkpoint']}", "prompt=All:",
+         "max_new_tokens=20", "temperature=0", "device=cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("All:") and len(proc.stdout.rstrip("\n")) >= 4
+    same = load_lm(summary["last_checkpoint"]).complete("All:", 20, temperature=0.0)
+    assert proc.stdout.rstrip("\n") == same.rstrip("\n")
+
+
+def test_generate_rejects_checkpoints_without_a_tokenizer(image_folder, tmp_path):
+    from conftest import folder_run
+
+    summary = train(compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=1",
+                                          "test_after_fit=false"]), run_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        load_lm(summary["last_checkpoint"])
+
+
+def test_generate_cli_arguments():
+    from mmtx.generate import parse_args
+
+    args = parse_args(["ckpt=x.ckpt", "prompt=ROMEO: a=b", "top_k=0", "temperature=0.5"])
+    assert args["prompt"] == "ROMEO: a=b" and args["top_k"] == 0 and args["temperature"] == 0.5
+    with pytest.raises(SystemExit, match="unknown argument 'topk'"):
+        parse_args(["ckpt=x", "topk=3"])
+    with pytest.raises(SystemExit, match="missing ckpt"):
+        parse_args(["prompt=hi"])
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    from mmtx.nn.pos_embed import apply_rotary, rotary_tables
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    table = rotary_tables(32, 8)
+
+    def score(m, n):
+        return (apply_rotary(q, table[m:m + 1]) * apply_rotary(k, table[n:n + 1])).sum()
+
+    torch.testing.assert_close(score(5, 2), score(25, 22))
+    torch.testing.assert_close(score(3, 3), (q * k).sum())
+    assert not torch.allclose(score(5, 2), score(5, 4))
