@@ -95,8 +95,8 @@ def full_val_loss(logits_fn, val: torch.Tensor) -> float:
     return total / count
 
 
-def plain_run(text: str) -> tuple[float, float]:
-    torch.manual_seed(1337)
+def plain_run(text: str, seed: int) -> tuple[float, float]:
+    torch.manual_seed(seed)
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
     data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
@@ -137,9 +137,10 @@ def plain_run(text: str) -> tuple[float, float]:
     return time.perf_counter() - t0, val
 
 
-def mmtx_run(root: str) -> tuple[float, float]:
+def mmtx_run(root: str, seed: int) -> tuple[float, float]:
     out = tempfile.mkdtemp(prefix="mmtx-bench-gpt-")
     cfg = compose("gpt_shakespeare_cpu", [f"data.root={root}", "trainer=cpu", "trainer.enable_progress_bar=false",
+                                          f"seed={seed}",
                                           f"paths.output_root={out}", f"paths.cache_dir={out}/cache", "logger=csv"])
     t0 = time.perf_counter()
     summary = train(cfg, run_dir=f"{out}/run")
@@ -150,20 +151,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=None)
     parser.add_argument("--only", choices=["mmtx", "plain"], default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
     args = parser.parse_args()
     root = resolve_root(args.root)
     text = (root / "tinyshakespeare" / "input.txt").read_text()
-    results = {}
-    if args.only in (None, "plain"):
-        results["plain"] = plain_run(text)
-    if args.only in (None, "mmtx"):
-        results["mmtx"] = mmtx_run(str(root))
+    results: dict[str, list[tuple[float, float]]] = {"plain": [], "mmtx": []}
+    for seed in args.seeds:  # alternate the two, seed by seed, so drift hits both
+        if args.only in (None, "plain"):
+            results["plain"].append(plain_run(text, seed))
+        if args.only in (None, "mmtx"):
+            results["mmtx"].append(mmtx_run(str(root), seed))
     print(f"threads={torch.get_num_threads()} config: {LAYERS} layers, {HEADS} heads, dim {DIM}, block {BLOCK}, "
-          f"batch {BATCH}, {ITERS} iterations")
-    for name, (seconds, loss) in results.items():
-        print(f"{name}: {seconds:.1f} s wall (training + evaluation), full validation loss {loss:.4f}")
-    if len(results) == 2:
-        print(f"ratio mmtx/plain (wall time): {results['mmtx'][0] / results['plain'][0]:.3f}")
+          f"batch {BATCH}, {ITERS} iterations; seeds {args.seeds}")
+    for name, runs in results.items():
+        for seed, (seconds, loss) in zip(args.seeds, runs):
+            print(f"{name} seed {seed}: {seconds:.1f} s wall (training + evaluation), full validation loss {loss:.4f}")
+        if runs:
+            mean_s, mean_loss = (sum(r[i] for r in runs) / len(runs) for i in (0, 1))
+            print(f"{name} mean: {mean_s:.1f} s, validation loss {mean_loss:.4f}")
+    if results["plain"] and results["mmtx"]:
+        ratio = sum(r[0] for r in results["mmtx"]) / sum(r[0] for r in results["plain"])
+        print(f"ratio mmtx/plain (total wall time): {ratio:.3f}")
     print("anchor: nanoGPT, validation loss 1.886 in 78 s on this machine (issue 3)")
 
 

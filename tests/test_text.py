@@ -247,3 +247,29 @@ def test_rotary_scores_depend_on_relative_position_only():
     torch.testing.assert_close(score(5, 2), score(25, 22))
     torch.testing.assert_close(score(3, 3), (q * k).sum())
     assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_hf_text_source_offline(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    from mmtx.data.text_sources import HFText
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "train.txt").write_text(TINY_TEXT)
+    (tmp_path / "val.txt").write_text("All:\nSpeak, speak.\n" * 10)
+    source = HFText("text", data_files={"train": str(tmp_path / "train.txt"), "validation": str(tmp_path / "val.txt")},
+                    split_names={"train": "train", "val": "validation"}, separator="\n")
+    dm = TextDataModule(source, cache_dir=str(tmp_path / "cache"), vocab={"kind": "char"}, block_size=8)
+    dm.setup()
+    assert dm.vocab.decode(dm.splits["val"].tolist()).startswith("All:\nSpeak, speak.\nAll:")
+    assert len(dm.splits["train"]) > len(dm.splits["val"])
+
+
+def test_eval_of_a_language_model_uses_its_stored_tokenizer(tmp_path, corpus):
+    from mmtx.eval import evaluate
+
+    cfg = compose("gpt_shakespeare", text_run(tmp_path, corpus, "trainer.max_steps=5", "test_after_fit=false",
+                                               "tokenizer=bpe", "tokenizer.vocab.vocab_size=300"))
+    summary = train(cfg, run_dir=tmp_path / "run")
+    metrics = evaluate(summary["last_checkpoint"], ["trainer.limit_test_batches=2"])
+    assert metrics["test/loss"] > 0 and metrics["test/bpc"] > 0
