@@ -136,7 +136,7 @@ class LastCheckpoint(L.Callback):
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == self._saved_step:
             return
         dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
-        trainer.save_checkpoint(dirpath / "last.ckpt")
+        trainer.save_checkpoint(dirpath / "last.ckpt", weights_only=False)  # the full state: resumable
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -40,8 +40,9 @@ def wandb(
     )
 
 
-def log_text_table(trainer, key: str, columns: list[str], rows: list[list]) -> None:
-    """Log a small table of text to every logger that can show one, and append it to `<run dir>/<key>.tsv`.
+def log_text_table(trainer, key: str, columns: list[str], rows: list[list], append: bool = True) -> None:
+    """Log a small table of text to every logger that can show one, and write it to `<run dir>/<key>.tsv`
+    (appended to, or replaced with `append=False`).
 
     W&B gets a table, TensorBoard a markdown table; the TSV file serves the CSV
     logger and anyone reading the run folder.
@@ -59,8 +60,8 @@ def log_text_table(trainer, key: str, columns: list[str], rows: list[list]) -> N
             body = "".join("| " + " | ".join(_md(v) for v in row) + " |\n" for row in rows)
             logger.experiment.add_text(key, header + body, global_step=trainer.global_step)
     path = Path(trainer.default_root_dir) / f"{key}.tsv"
-    new = not path.exists()
-    with path.open("a", encoding="utf-8") as f:
+    new = not append or not path.exists()
+    with path.open("a" if append else "w", encoding="utf-8") as f:
         if new:
             f.write("\t".join(columns) + "\n")
         for row in rows:
@@ -73,3 +74,20 @@ def _md(value) -> str:
 
 def _tsv(value) -> str:
     return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+def log_confusion_matrix(trainer, key: str, matrix, class_names: list[str]) -> None:
+    """A confusion matrix (rows: true class, columns: predicted) as a table everywhere, and as
+    W&B's interactive confusion-matrix plot on W&B."""
+    rows = [[name, *[int(v) for v in row]] for name, row in zip(class_names, matrix.tolist())]
+    log_text_table(trainer, key, ["true \\ predicted", *class_names], rows, append=False)
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            y_true = [i for i, row in enumerate(matrix.tolist()) for j, n in enumerate(row) for _ in range(int(n))]
+            preds = [j for i, row in enumerate(matrix.tolist()) for j, n in enumerate(row) for _ in range(int(n))]
+            plot = wandb.plot.confusion_matrix(y_true=y_true, preds=preds, class_names=class_names)
+            logger.experiment.log({f"{key}_plot": plot, "trainer/global_step": trainer.global_step})

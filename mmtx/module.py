@@ -9,7 +9,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from mmtx.loggers import log_confusion_matrix
 
 from mmtx.optim import build_optimizer
 
@@ -80,7 +82,9 @@ class ClassificationModule(TaskModule):
 
     Loss: cross-entropy with label smoothing; with soft targets from
     Mixup/CutMix, the same smoothing is applied to them. Metrics: top-1
-    accuracy (torchmetrics) logged as `{stage}/acc` beside `{stage}/loss`.
+    accuracy (torchmetrics) logged as `{stage}/acc` beside `{stage}/loss`;
+    with `confusion_matrix`, the validation and test confusion matrices are
+    logged at each epoch end (a W&B plot, TensorBoard text, `<run>/{stage}_confusion.tsv`).
     """
 
     def __init__(
@@ -91,15 +95,21 @@ class ClassificationModule(TaskModule):
         num_classes: int,
         optim: dict[str, Any],
         label_smoothing: float = 0.0,
+        class_names: list[str] | None = None,
+        confusion_matrix: bool = True,
         compile: bool = False,
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(tokenizer, backbone, head, optim, compile, run_config)
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
+        self.class_names = list(class_names or range(num_classes))
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.confusion = nn.ModuleDict(
+            {f"{s}_": MulticlassConfusionMatrix(num_classes) for s in ("val", "test")} if confusion_matrix else {}
+        )
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         target = batch.get("target")
@@ -113,8 +123,24 @@ class ClassificationModule(TaskModule):
         loss = self.loss(logits, batch)
         metric = getattr(self, f"{stage}_acc")
         metric(logits.detach(), batch["label"])
+        if f"{stage}_" in self.confusion:
+            self.confusion[f"{stage}_"].update(logits.detach().argmax(-1), batch["label"])
         on_step = stage == "train"
         batch_size = batch["label"].shape[0]
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return loss
+
+    def _log_confusion(self, stage: str) -> None:
+        if f"{stage}_" not in self.confusion:
+            return
+        matrix = self.confusion[f"{stage}_"].compute()  # (true, predicted) counts, reduced across ranks
+        self.confusion[f"{stage}_"].reset()
+        if not self.trainer.sanity_checking:
+            log_confusion_matrix(self.trainer, f"{stage}_confusion", matrix.cpu(), [str(c) for c in self.class_names])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_confusion("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_confusion("test")

@@ -57,6 +57,7 @@ def small_run(tmp_path: Path, data_root: Path | None = None, modality: str = "im
 
 MODALITY_OVERRIDES = {
     "image": ["tokenizer.patch_size=4", "data.augment.randaugment=null"],
+    "audio": ["data.source.max_seconds=1.0"],
     "text": ["data.block_size=16", "module.sample_tokens=8", "trainer.val_check_interval=null",
              "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=2"],
 }

@@ -6,6 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from conftest import TINY_TEXT, make_image_folder, small_run
+from test_audio import make_tones
 from mmtx import build, compose
 from mmtx.config import config_dir
 from mmtx.train import train
@@ -18,17 +19,19 @@ def data_root(tmp_path_factory) -> Path:
     """A data root holding every data set a task looks for, in miniature."""
     root = tmp_path_factory.mktemp("data_root")
     make_image_folder(root / "cifar10", classes=[f"c{i}" for i in range(10)], per_class=(2, 1), size=32)
+    make_tones(root / "fsdd" / "recordings", per_class=(10, 5))  # takes 0-4 are the test split
     (root / "tinyshakespeare").mkdir()
     (root / "tinyshakespeare" / "input.txt").write_text(TINY_TEXT)
     return root
 
 
 def modality(task: str) -> str:
-    return "text" if compose(task).tokenizer._target_.endswith("TokenEmbedding") else "image"
+    target = compose(task).tokenizer._target_
+    return {"TokenEmbedding": "text", "MelTokenizer": "audio"}.get(target.rsplit(".", 1)[-1], "image")
 
 
 def test_tasks_are_found():
-    assert {"vit_cifar", "gpt_shakespeare", "gpt_shakespeare_cpu"} <= set(TASKS)
+    assert {"vit_cifar", "gpt_shakespeare", "gpt_shakespeare_cpu", "audio_fsdd"} <= set(TASKS)
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -1,6 +1,7 @@
 """LightningDataModules and the decoded caches behind them."""
 
+from mmtx.data.audio import AudioDataModule
 from mmtx.data.image import ImageDataModule
 from mmtx.data.text import TextDataModule
 
-__all__ = ["ImageDataModule", "TextDataModule"]
+__all__ = ["AudioDataModule", "ImageDataModule", "TextDataModule"]

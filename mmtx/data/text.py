@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtx.data.cache import digest
-from mmtx.data.image import EpochShuffle, IndexDataset, _identity
+from mmtx.data.base import EpochShuffle, IndexDataset, identity
 from mmtx.data.sources import resolve_root
 from mmtx.data.text_sources import TextSource
 from mmtx.tokenizers.text import Vocab, build_vocab
@@ -151,11 +151,11 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         n = self._num_windows("train")
         return DataLoader(IndexDataset("train", n), batch_size=self.batch_size, sampler=EpochShuffle(n, self.seed),
-                          drop_last=True, collate_fn=_identity)
+                          drop_last=True, collate_fn=identity)
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(IndexDataset(split, self._num_windows(split)), batch_size=self.eval_batch_size,
-                          collate_fn=_identity)
+                          collate_fn=identity)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

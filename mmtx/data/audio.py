@@ -1,0 +1,64 @@
+"""Audio classification data: decoded waveforms cached once, clips gathered and padded per batch on the device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmtx.data.base import LabelledSplits
+
+
+class AudioDataModule(LabelledSplits):
+    """Labelled clips of different lengths from an audio source (see `mmtx.data.audio_sources`).
+
+    A split's cache is one flat float16 waveform with per-clip offsets and
+    lengths; each batch is cut out of the copy on the training device and
+    zero-padded to its longest clip. Batches carry `audio` (B, L) float32,
+    `audio_lengths` (B,) and `label` (B,); the mel tokenizer turns the lengths
+    into the key-padding mask.
+    """
+
+    sample_keys = ("offsets", "lengths", "labels")
+
+    def __init__(
+        self,
+        source,
+        cache_dir: str,
+        root: str | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.0,
+        device_resident: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(source, cache_dir, root, batch_size, eval_batch_size, val_fraction, device_resident, seed)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.source.sample_rate
+
+    def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
+        self.setup()
+        return {
+            "tokenizer": {"sample_rate": self.sample_rate},
+            "head": {"num_classes": self.num_classes},
+            "module": {"num_classes": self.num_classes, "class_names": self.classes},
+        }
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> dict[str, Any]:
+        if "index" not in batch:
+            return batch
+        device = batch["index"].device
+        store = self._store(batch["split"], device)
+        index = batch["index"].to(store["labels"].device)
+        offsets, lengths = store["offsets"][index], store["lengths"][index]  # (B,) each
+        steps = torch.arange(int(lengths.max()), device=offsets.device)  # (L,)
+        inside = steps[None, :] < lengths[:, None]  # (B, L)
+        where = (offsets[:, None] + steps[None, :]).clamp_max(store["audio"].numel() - 1)  # (B, L)
+        audio = store["audio"][where].float() * inside  # zero padding
+        return {
+            "audio": audio.to(device, non_blocking=True),
+            "audio_lengths": lengths.to(device, non_blocking=True),
+            "label": store["labels"][index].to(device, non_blocking=True),
+        }

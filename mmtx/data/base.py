@@ -1,0 +1,193 @@
+"""What the cached-data modules share: index batches, an epoch-seeded sampler, and
+labelled splits decoded once into tensors that are copied to the training device.
+
+The DataLoader only yields index batches (cheap, and shuffled and sharded by
+Lightning's samplers, DDP included); a subclass's `on_after_batch_transfer`
+gathers the samples from the copy of the split on the training device and
+augments the whole batch there. A CPU DataLoader never starves the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from mmtx.data.cache import load_or_build
+from mmtx.data.sources import resolve_root
+
+log = logging.getLogger(__name__)
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """Indices 0..n-1 of one split; batched fetches return one index tensor."""
+
+    def __init__(self, split: str, size: int) -> None:
+        self.split, self.size = split, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        return {"index": torch.tensor(indices, dtype=torch.long), "split": self.split}
+
+
+def identity(batch):
+    return batch
+
+
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A fresh random order every epoch, fixed by (seed, epoch) alone.
+
+    Lightning calls `set_epoch` at each epoch start (as for DistributedSampler),
+    so a run resumed at an epoch boundary sees the same batches as one that
+    never stopped.
+
+    With `lengths` and `batch_size`, samples of similar length are batched
+    together (less padding): the shuffled order is cut into windows of 4
+    batches, each sorted by length and cut into batches, and the full batches
+    are shuffled (as Hugging Face's group_by_length, with small windows so that a
+    batch still mixes classes whose clips differ in length).
+    """
+
+    def __init__(self, size: int, seed: int = 0, lengths: torch.Tensor | None = None, batch_size: int = 1) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.lengths, self.batch_size = lengths, batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator)
+        if self.lengths is None:
+            return iter(order.tolist())
+        window = 4 * self.batch_size
+        full, partial = [], []
+        for start in range(0, self.size, window):
+            chunk = order[start:start + window]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True)]
+            for batch in chunk.split(self.batch_size):
+                (full if len(batch) == self.batch_size else partial).append(batch)
+        batches = [full[i] for i in torch.randperm(len(full), generator=generator)] + partial  # partial ones last
+        return iter(torch.cat(batches).tolist())
+
+
+class LabelledSplits(L.LightningDataModule):
+    """Labelled samples from a source with `splits()`, `fingerprint(split)`, `decode(split)`.
+
+    Each split is decoded once into a cache of tensors (see `mmtx.data.cache`).
+    `sample_keys` names the tensors indexed by sample; any other tensor of a
+    split is shared by its samples (the flat waveform of an audio split).
+    val_fraction: the share of the training split held out for validation
+    (a fixed, seeded choice); with 0 the source's `val` split is used, or
+    else its `test` split.
+    root: the data root the source was looked up under (`data.root`, else
+    $MMTX_DATA_DIR, else ./data); kept for messages.
+    """
+
+    sample_keys: tuple[str, ...] = ("labels",)
+
+    def __init__(
+        self,
+        source,
+        cache_dir: str,
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.0,
+        device_resident: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.source = source
+        self.root = resolve_root(root)
+        self.cache_dir = Path(cache_dir)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.device_resident = device_resident
+        self.seed = seed
+        self.classes: list[str] = []
+        self.splits: dict[str, dict[str, torch.Tensor]] = {}
+        self._on_device: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}
+
+    def _cache(self, split: str) -> dict[str, Any]:
+        path = self.cache_dir / f"{self.source.cache_name}-{split}.pt"
+        return load_or_build(path, self.source.fingerprint(split), lambda: self.source.decode(split))
+
+    def prepare_data(self) -> None:
+        for split in self.source.splits():
+            self._cache(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        caches = {split: self._cache(split) for split in self.source.splits()}
+        self.classes = list(caches["train"]["classes"])
+        splits = {k: {n: t for n, t in v.items() if isinstance(t, torch.Tensor)} for k, v in caches.items()}
+        if self.val_fraction > 0:
+            splits["train"], splits["val"] = self._hold_out(splits["train"])
+        elif "val" not in splits:
+            splits["val"] = splits["test"]
+        self.splits = splits
+        log.info("data under %s: %s", self.root, {k: len(v["labels"]) for k, v in splits.items()})
+
+    def _hold_out(self, split: dict[str, torch.Tensor]):
+        """Split off a seeded random `val_fraction` of a split's samples."""
+        n = len(split["labels"])
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        n_val = max(1, int(round(n * self.val_fraction)))
+        val, train = order[:n_val].sort().values, order[n_val:].sort().values
+
+        def pick(idx):
+            return {k: v[idx] if k in self.sample_keys else v for k, v in split.items()}
+
+        return pick(train), pick(val)
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.classes)
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        if split not in self.splits:
+            raise KeyError(f"the data source has no {split!r} split (it has {sorted(self.splits)})")
+        dataset = IndexDataset(split, len(self.splits[split]["labels"]))
+        lengths = self.splits[split].get("lengths")  # variable-length samples: batch similar lengths
+        if train:
+            sampler = EpochShuffle(len(dataset), self.seed, lengths, batch_size)
+        else:
+            sampler = None if lengths is None else torch.argsort(lengths, descending=True).tolist()
+        # Training batches keep a fixed size (Mixup pairs samples; shapes stay static).
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=identity)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, train=False)
+
+    def _store(self, split: str, device: torch.device) -> dict[str, torch.Tensor]:
+        """The split's tensors on `device` (copied there once), or on the CPU when not device-resident."""
+        if not self.device_resident:
+            return self.splits[split]
+        key = (split, device)
+        if key not in self._on_device:
+            self._on_device[key] = {k: v.to(device) for k, v in self.splits[split].items()}
+        return self._on_device[key]

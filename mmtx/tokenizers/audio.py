@@ -1,0 +1,116 @@
+"""Audio -> log-mel frames -> tokens with 1D time positions.
+
+The mel frontend is fixed signal processing (torchaudio), kept apart from the
+learned stem, and runs in batches on the training device. Frames are computed
+without centring (`center=False`): every frame lies inside its clip, so a clip
+alone and the same clip zero-padded in a batch give the same frames, and the
+key-padding mask marks exactly the frames (and tokens) that padding produced.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtx.batch import Tokens
+from mmtx.nn.pos_embed import sincos_1d
+
+
+def log_mel_normalise(mel: torch.Tensor) -> torch.Tensor:
+    """Whisper's scaling of a power mel spectrogram: (log10(max(mel, 1e-10)) + 4) / 4.
+
+    (Radford et al., 2022, without its per-clip dynamic-range floor, which would
+    depend on the clip's loudest frame and so on padding.) Silence maps to -1.5,
+    speech to roughly [-1, 1].
+    """
+    return (torch.log10(mel.clamp_min(1e-10)) + 4.0) / 4.0
+
+
+class MelTokenizer(nn.Module):
+    """Waveforms (B, L) with lengths -> Tokens of log-mel frames.
+
+    win_ms / hop_ms: the analysis window and hop (Whisper: 25 ms, 10 ms);
+    n_mels: bands (None: 80 at 16 kHz, scaled to the sample rate, at least 20).
+    stem: "stack" concatenates `stack` consecutive frames and projects them
+    linearly; "conv" is Whisper's two 1D convolutions (the second with stride 2).
+    spec_augment: SpecAugment (Park et al., 2019) in training only:
+    `num_masks` frequency masks of up to `freq_mask` bands and time masks of up
+    to `time_mask` frames, drawn per example; null turns it off.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        sample_rate: int = 16000,
+        n_mels: int | None = None,
+        win_ms: float = 25.0,
+        hop_ms: float = 10.0,
+        stem: str = "stack",
+        stack: int = 1,
+        spec_augment: dict | None = None,
+        input_key: str = "audio",
+    ) -> None:
+        super().__init__()
+        import torchaudio.transforms as T
+
+        if stem not in ("stack", "conv"):
+            raise ValueError(f"tokenizer.stem must be 'stack' or 'conv', got {stem!r}")
+        self.input_key = input_key
+        self.n_fft = round(sample_rate * win_ms / 1000)
+        self.hop = round(sample_rate * hop_ms / 1000)
+        self.n_mels = n_mels or max(20, round(80 * sample_rate / 16000))
+        self.mel = T.MelSpectrogram(
+            sample_rate, n_fft=self.n_fft, hop_length=self.hop, n_mels=self.n_mels, center=False, power=2.0
+        )
+        self.stem_kind, self.stack = stem, stack
+        if stem == "stack":
+            self.proj = nn.Linear(stack * self.n_mels, dim)
+        else:
+            self.conv1 = nn.Conv1d(self.n_mels, dim, kernel_size=3, padding=1)
+            self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
+        augment = spec_augment or {}
+        self.freq_masks = nn.ModuleList(
+            T.FrequencyMasking(augment["freq_mask"], iid_masks=True) for _ in range(augment.get("num_masks", 0))
+        )
+        self.time_masks = nn.ModuleList(
+            T.TimeMasking(augment["time_mask"], iid_masks=True) for _ in range(augment.get("num_masks", 0))
+        )
+        self.dim = dim
+
+    def frames(self, audio: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised log-mel frames (B, F, n_mels) and their validity mask (B, F)."""
+        if audio.shape[1] < self.n_fft:
+            audio = F.pad(audio, (0, self.n_fft - audio.shape[1]))
+        with torch.autocast(audio.device.type, enabled=False):  # the FFT and logs in float32
+            mel = self.mel(audio.float())  # (B, L) -> (B, n_mels, F)
+        x = log_mel_normalise(mel)
+        if self.training:
+            for mask in [*self.freq_masks, *self.time_masks]:
+                x = mask(x)
+        x = x.transpose(1, 2)  # (B, n_mels, F) -> (B, F, n_mels)
+        n = x.shape[1]
+        if lengths is None:
+            valid = torch.full((x.shape[0],), n, device=x.device)
+        else:
+            valid = ((lengths - self.n_fft) // self.hop + 1).clamp(1, n)  # frames inside each clip
+        mask = torch.arange(n, device=x.device)[None, :] < valid[:, None]  # (B, F)
+        return x * mask[..., None], mask
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Tokens:
+        x, mask = self.frames(batch[self.input_key], batch.get(f"{self.input_key}_lengths"))
+        B, n, _ = x.shape
+        if self.stem_kind == "stack":
+            pad = (-n) % self.stack
+            x = F.pad(x, (0, 0, 0, pad))  # (B, F', n_mels), F' a multiple of stack
+            x = self.proj(x.reshape(B, -1, self.stack * self.n_mels))  # (B, F'/k, k*n_mels) -> (B, T, D)
+            # A token is real if any of its frames is; its padding frames are zeros, as for the clip alone.
+            mask = F.pad(mask, (0, pad)).reshape(B, -1, self.stack).any(-1)
+        else:
+            m = mask[:, None, :].to(x.dtype)  # (B, 1, F)
+            h = F.gelu(self.conv1(x.transpose(1, 2))) * m  # (B, D, F); padding frames stay zero
+            x = F.gelu(self.conv2(h)).transpose(1, 2)  # (B, D, ceil(F/2)) -> (B, T, D)
+            mask = mask[:, ::2]  # token j is real if its centre frame 2j is
+        T = x.shape[1]
+        pos = sincos_1d(torch.arange(T, device=x.device, dtype=torch.float32), self.dim)  # (T, D)
+        return Tokens(x + pos.to(x.dtype), mask)

@@ -1,0 +1,71 @@
+"""audio_fsdd on the CPU: test accuracy within the time budget, and the mel frontend's share of a step.
+
+1. Trains `task=audio_fsdd` (as shipped) on FSDD and prints the wall time of
+   the whole run (data set-up, training, validation, the final test) and the
+   test accuracy on the official split (takes 0-4, 300 clips).
+2. On a training batch of that task, times the mel frontend (waveform ->
+   normalised log-mel frames, SpecAugment included) against a whole training
+   step (tokenizer, backbone, head, loss, backward, AdamW update), same process.
+
+    python scripts/bench_audio.py [--root ../shared/data] [--steps 30] [--skip-train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from mmtx import compose
+from mmtx.train import train
+from mmtx.wiring import build
+
+
+def frontend_share(cfg, steps: int) -> None:
+    model, dm = build(cfg)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = [dm.on_after_batch_transfer(b, 0) for _, b in zip(range(steps), dm.train_dataloader())]
+    tok = model.tokenizer
+    front, step = [], []
+    for batch in batches:
+        t0 = time.perf_counter()
+        tok.frames(batch["audio"], batch["audio_lengths"])
+        front.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        loss = model.loss(model(batch), batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step.append(time.perf_counter() - t0)
+    f, s = statistics.median(front), statistics.median(step)
+    padded = statistics.median(b["audio"].shape[1] for b in batches)
+    print(f"batches of {batches[0]['audio'].shape[0]} clips padded to a median {padded:.0f} samples; "
+          f"mel frontend {f * 1000:.2f} ms, whole training step {s * 1000:.1f} ms: frontend share {f / s:.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=None)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--skip-train", action="store_true")
+    args = parser.parse_args()
+    out = tempfile.mkdtemp(prefix="mmtx-bench-audio-")
+    overrides = ["trainer=cpu", "trainer.enable_progress_bar=false", f"paths.output_root={out}",
+                 f"paths.cache_dir={out}/cache"]
+    if args.root:
+        overrides.append(f"data.root={args.root}")
+    cfg = compose("audio_fsdd", overrides)
+    if not args.skip_train:
+        t0 = time.perf_counter()
+        summary = train(cfg, run_dir=f"{out}/run")
+        print(f"audio_fsdd: {time.perf_counter() - t0:.1f} s wall (set-up, training, validation, test); "
+              f"test/acc {summary['test/acc']:.4f} ({round((1 - summary['test/acc']) * 300)} errors of 300)")
+    frontend_share(cfg, args.steps)
+
+
+if __name__ == "__main__":
+    main()
