@@ -21,19 +21,6 @@ class AudioDataModule(LabelledSplits):
 
     sample_keys = ("offsets", "lengths", "labels")
 
-    def __init__(
-        self,
-        source,
-        cache_dir: str,
-        root: str | None = None,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        val_fraction: float = 0.0,
-        device_resident: bool = True,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(source, cache_dir, root, batch_size, eval_batch_size, val_fraction, device_resident, seed)
-
     @property
     def sample_rate(self) -> int:
         return self.source.sample_rate

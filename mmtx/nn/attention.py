@@ -64,7 +64,33 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-class Attention(nn.Module):
+class _MultiHead(nn.Module):
+    """What self- and cross-attention share: the head split, SDPA and the output projection."""
+
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float, dropout: float, bias: bool) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_dropout = attn_dropout
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def attend(self, q, k, v, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """(B, H, T, Dh) queries over (B, H, S, Dh) keys/values -> (B, T, D) projected output."""
+        x = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        B, H, T, Dh = x.shape
+        x = x.transpose(1, 2).reshape(B, T, H * Dh)  # (B, H, T, Dh) -> (B, T, D)
+        return self.proj_drop(self.proj(x))
+
+
+class Attention(_MultiHead):
     """Multi-head self-attention; `rotary=True` rotates queries and keys by position (RoFormer, Su et al., 2021)."""
 
     def __init__(
@@ -77,15 +103,8 @@ class Attention(nn.Module):
         rotary: bool = False,
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, attn_dropout, dropout, bias)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.attn_dropout = attn_dropout
-        self.proj = nn.Linear(dim, dim, bias=bias)
-        self.proj_drop = nn.Dropout(dropout)
         self.rotary = rotary
         if rotary:
             self.register_buffer("rope", rotary_tables(0, self.head_dim), persistent=False)
@@ -112,17 +131,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, start + T, Dh)
         attn_mask, is_causal = attention_mask(mask, T, k.shape[2], causal)
-        x = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )
-        x = x.transpose(1, 2).reshape(B, T, D)  # (B, H, T, Dh) -> (B, T, D)
-        return self.proj_drop(self.proj(x))
+        return self.attend(q, k, v, attn_mask, is_causal)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_MultiHead):
     """Multi-head attention from `x` (queries) to `context` (keys and values)."""
 
     def __init__(
@@ -134,16 +146,9 @@ class CrossAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, attn_dropout, dropout, bias)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.attn_dropout = attn_dropout
-        self.proj = nn.Linear(dim, dim, bias=bias)
-        self.proj_drop = nn.Dropout(dropout)
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
@@ -154,8 +159,4 @@ class CrossAttention(nn.Module):
         kv = self.kv(context).reshape(B, S, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, S, 2D) -> 2 x (B, H, S, Dh)
         attn_mask, _ = attention_mask(context_mask, T, S, causal=False)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
-        )
-        x = x.transpose(1, 2).reshape(B, T, D)  # (B, H, T, Dh) -> (B, T, D)
-        return self.proj_drop(self.proj(x))
+        return self.attend(q, k, v, attn_mask, False)
