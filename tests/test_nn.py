@@ -94,3 +94,30 @@ def test_cross_attention_backward():
 def test_dim_must_divide_heads():
     with pytest.raises(ValueError, match="num_heads"):
         Backbone(dim=30, depth=1, num_heads=4)
+
+
+def test_decoder_with_cross_attention_decodes_step_by_step_from_its_cache():
+    """A cached step-by-step pass over a causal, cross-attending backbone equals the full pass;
+    the encoder keys/values are computed once; reordering the cache follows a beam's choice."""
+    torch.manual_seed(0)
+    decoder = Backbone(dim=16, depth=2, num_heads=2, causal=True, cross_attention=True).eval()
+    memory = torch.randn(2, 7, 16)
+    memory_mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    x = torch.randn(2, 6, 16)
+    full = decoder(Tokens(x), context=memory, context_mask=memory_mask)
+    caches = decoder.new_caches(2, 6)
+    steps = [decoder(Tokens(x[:, :2]), context=memory, context_mask=memory_mask, caches=caches)]
+    cross_k = caches[0].cross[0]
+    for t in range(2, 6):
+        steps.append(decoder(Tokens(x[:, t:t + 1]), context=memory, context_mask=memory_mask, caches=caches))
+    assert caches[0].cross[0] is cross_k  # not recomputed
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+    caches = decoder.new_caches(2, 6)
+    decoder(Tokens(x[:, :3]), context=memory, context_mask=memory_mask, caches=caches)
+    for c in caches:
+        c.reorder(torch.tensor([1, 1]))  # both rows continue hypothesis 1
+    out = decoder(Tokens(x[1:2, 3:4].expand(2, 1, 16)), context=memory[[1, 1]], context_mask=memory_mask[[1, 1]],
+                  caches=caches)
+    torch.testing.assert_close(out[0], full[1, 3:4], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], full[1, 3:4], atol=1e-5, rtol=1e-5)

@@ -41,10 +41,12 @@ def attention_mask(
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, for one self-attention layer.
+    """Keys and values of the positions seen so far, for one block of a decoder.
 
     Preallocated to `max_len` so each decoding step writes one position in
-    place instead of concatenating (B, H, S, Dh) tensors.
+    place instead of concatenating (B, H, S, Dh) tensors. `cross` holds the
+    block's cross-attention keys and values of the encoder output, computed
+    once per source. `reorder` follows beam search's choice of hypotheses.
     """
 
     def __init__(self, batch: int, num_heads: int, head_dim: int, max_len: int, device=None, dtype=None) -> None:
@@ -52,6 +54,13 @@ class KVCache:
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0
+        self.cross: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the batch rows `index` (B',) in that order (beam search)."""
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        if self.cross is not None:
+            self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, H, T, Dh) new keys and values; return all of them so far."""
@@ -151,12 +160,21 @@ class CrossAttention(_MultiHead):
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, D = x.shape
         S = context.shape[1]
         q = self.q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        kv = self.kv(context).reshape(B, S, 2, self.num_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, S, 2D) -> 2 x (B, H, S, Dh)
+        if cache is not None and cache.cross is not None:
+            k, v = cache.cross  # the encoder output's keys and values, computed at the first step
+        else:
+            kv = self.kv(context).reshape(B, S, 2, self.num_heads, self.head_dim)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, S, 2D) -> 2 x (B, H, S, Dh)
+            if cache is not None:
+                cache.cross = (k, v)
         attn_mask, _ = attention_mask(context_mask, T, S, causal=False)
         return self.attend(q, k, v, attn_mask, False)

@@ -58,5 +58,5 @@ class Block(nn.Module):
         if self.cross_attn is not None:
             if context is None:
                 raise ValueError("this block has cross-attention and needs a `context`")
-            x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context, context_mask))
+            x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context, context_mask, cache))
         return x + self.drop_path(self.mlp(self.norm2(x)))
