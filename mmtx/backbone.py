@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
@@ -78,3 +80,11 @@ def init_weights(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def scale_residual_init(backbone: nn.Module) -> None:
+    """Re-draw the residual output projections with std 0.02 / sqrt(2 * depth)."""
+    std = 0.02 / math.sqrt(2 * backbone.depth)
+    for block in backbone.blocks:
+        for layer in (block.attn.proj, block.mlp.fc2):
+            nn.init.normal_(layer.weight, std=std)

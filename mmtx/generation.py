@@ -73,3 +73,56 @@ def generate(
         if eos_id is not None and bool((token == eos_id).all()):
             break
     return ids
+
+
+@torch.no_grad()
+def beam_search(
+    step,
+    new_caches,
+    batch: int,
+    bos_id: int,
+    eos_id: int,
+    beam_size: int = 4,
+    max_len: int = 64,
+    length_penalty: float = 1.0,
+    device=None,
+) -> list[list[int]]:
+    """Batched beam search over a cached decoder; returns the best token ids of each input (no BOS/EOS).
+
+    step(ids (N, 1), caches, start) -> logits (N, 1, V) for N = batch * beam_size rows, row
+    b * beam_size + k being hypothesis k of input b; `new_caches(N)` makes the caches (each with
+    `reorder`). Finished hypotheses (which produced `eos_id`) stay in the beam, extended by EOS at no
+    cost. Hypotheses are ranked at the end by log-probability / ((5 + length) / 6) ** length_penalty
+    (GNMT, Wu et al., 2016). With beam_size=1 this is greedy decoding.
+    """
+    K = beam_size
+    caches = new_caches(batch * K)
+    ids = torch.full((batch * K, 1), bos_id, dtype=torch.long, device=device)
+    scores = torch.full((batch, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start as one hypothesis
+    finished = torch.zeros(batch * K, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch * K, dtype=torch.long, device=device)
+    for t in range(max_len):
+        logp = step(ids[:, -1:], caches, t)[:, -1].float().log_softmax(-1)  # (B*K, V)
+        V = logp.shape[-1]
+        eos_only = torch.full_like(logp, float("-inf"))
+        eos_only[:, eos_id] = 0.0
+        logp = torch.where(finished[:, None], eos_only, logp)
+        candidates = (scores[:, :, None] + logp.view(batch, K, V)).view(batch, K * V)
+        scores, flat = candidates.topk(K, dim=-1)  # (B, K)
+        origin = (flat // V + torch.arange(batch, device=device)[:, None] * K).view(-1)  # rows of B*K
+        token = (flat % V).view(-1, 1)
+        for cache in caches:
+            cache.reorder(origin)
+        ids = torch.cat([ids[origin], token], dim=1)
+        lengths = lengths[origin] + (~finished[origin]).long()
+        finished = finished[origin] | (token[:, 0] == eos_id)
+        if bool(finished.all()):
+            break
+    penalty = ((5.0 + lengths.float()) / 6.0) ** length_penalty
+    best = (scores.view(-1) / penalty).view(batch, K).argmax(-1)  # (B,)
+    out = []
+    for b in range(batch):
+        row = ids[b * K + best[b], 1:].tolist()
+        out.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return out

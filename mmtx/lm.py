@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtx.backbone import scale_residual_init
 from mmtx.generation import generate
 from mmtx.loggers import log_text_table
 from mmtx.module import TaskModule
@@ -108,14 +109,6 @@ class LMModule(TaskModule):
         out = generate(self, ids, max_new_tokens, temperature, top_k, top_p, generator=generator)
         self.train(was_training)
         return self.vocab.decode(out[0].tolist())
-
-
-def scale_residual_init(backbone: nn.Module) -> None:
-    """Re-draw the residual output projections with std 0.02 / sqrt(2 * depth)."""
-    std = 0.02 / math.sqrt(2 * backbone.depth)
-    for block in backbone.blocks:
-        for layer in (block.attn.proj, block.mlp.fc2):
-            nn.init.normal_(layer.weight, std=std)
 
 
 def _compute_dtype(p: torch.Tensor) -> torch.dtype:
