@@ -1,6 +1,7 @@
-"""Autoregressive sampling for decoder-only models, with or without a KV cache.
+"""Autoregressive decoding: sampling for decoder-only models (`generate`) and batched
+beam search for encoder-decoders (`beam_search`), with KV caches.
 
-The model is any object with `decode(ids, caches=None, start=0) -> logits`
+For `generate`, the model is any object with `decode(ids, caches=None, start=0) -> logits`
 (B, T, V) and `new_caches(batch, max_len)`, and a `max_len` (the longest
 context it was trained for), such as `mmtx.lm.LMModule`.
 """

@@ -11,7 +11,6 @@ import torch
 from conftest import REPO, TINY_TEXT, small_run
 from mmtx import compose
 from mmtx.backbone import Backbone
-from mmtx.batch import Tokens
 from mmtx.data.text import TextDataModule
 from mmtx.data.text_sources import TextFiles
 from mmtx.generate import load_lm
