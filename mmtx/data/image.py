@@ -44,6 +44,13 @@ class ImageDataModule(LabelledSplits):
         self.augment = BatchAugment(**(augment or {}))
         self.mixup_args = {"mixup_alpha": mixup, "cutmix_alpha": cutmix}
         self.mixup = None
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _normaliser(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std on `device`, copied there once rather than every batch."""
+        if device not in self._norm:
+            self._norm[device] = (self.mean.to(device), self.std.to(device))
+        return self._norm[device]
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -85,7 +92,8 @@ class ImageDataModule(LabelledSplits):
         train = batch["split"] == "train"
         if train:
             images = self.augment(images)
-        images = images.float().sub_(self.mean.to(device)).div_(self.std.to(device))  # mean, std in 0..255 units
+        mean, std = self._normaliser(device)
+        images = images.float().sub_(mean).div_(std)  # mean, std in 0..255 units
         out = {"image": images, "label": labels}
         if train and self.mixup is not None:
             out["image"], out["target"] = self.mixup(images, labels)  # target: (B, num_classes)
