@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 from PIL import Image
@@ -73,16 +74,13 @@ def folder_run(tmp_path: Path, folder: Path) -> list[str]:
     return [*small_run(tmp_path), "data=imagefolder", f"data.source.path={folder}", "data.val_fraction=0.2"]
 
 
-class StopAtStep:
+class StopAtStep(L.Callback):
     """A callback (used through Hydra as `conftest.StopAtStep`) that stops training at a given step,
     as an interruption would, without changing the configured schedule."""
 
-    def __new__(cls, step: int):
-        import lightning as L
+    def __init__(self, step: int) -> None:
+        self.step = step
 
-        class _Stop(L.Callback):
-            def on_train_batch_end(self, trainer, *args):
-                if trainer.global_step >= step:
-                    trainer.should_stop = True
-
-        return _Stop()
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
