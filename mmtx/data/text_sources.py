@@ -23,17 +23,17 @@ class TextSource(Protocol):
 class TextFiles:
     """One or many UTF-8 text files, concatenated in sorted order.
 
-    `paths` is a path, a glob, or a list of them; relative ones are looked up
+    `files` is a path, a glob, or a list of them; relative ones are looked up
     under the data root when they do not exist as given. Bytes that are not
     UTF-8 stop the run naming the file and byte offset (on_decode_error=error,
     the default), or become U+FFFD and are counted in one warning
     (on_decode_error=replace).
     """
 
-    def __init__(self, paths: str | list[str], root: str | None = None, on_decode_error: str = "error") -> None:
+    def __init__(self, files: str | list[str], root: str | None = None, on_decode_error: str = "error") -> None:
         if on_decode_error not in ("error", "replace"):
             raise ValueError(f"data.on_decode_error must be 'error' or 'replace', got {on_decode_error!r}")
-        self.patterns = [paths] if isinstance(paths, str) else list(paths)
+        self.patterns = [files] if isinstance(files, str) else list(files)
         self.root = resolve_root(root)
         self.on_decode_error = on_decode_error
         self.files = self._expand()
@@ -123,9 +123,3 @@ class HFText:
         if not texts.get("train", "").strip():
             raise ValueError(f"dataset {self.path} has no text in its train split")
         return texts if "val" in texts else {"all": texts["train"]}
-
-
-def text_files(files: str | list[str], root: str | None = None, on_decode_error: str = "error") -> TextFiles:
-    return TextFiles(files, root=root, on_decode_error=on_decode_error)
-
-
