@@ -67,10 +67,11 @@ def peak_flops(device: torch.device) -> float | None:
 class Throughput(L.Callback):
     """Log throughput averaged over the last `window` optimizer steps (wall clock, all ranks together).
 
-    `train/samples_per_sec` always; for token batches also `train/tokens_per_sec`
-    and, where the device's peak is known and the module can count its FLOPs
-    (`flops_per_token(seq_len)`), `train/mfu`: model FLOPs per second per device
-    over that device's bf16 dense peak.
+    `train/samples_per_sec` always; for encoder-decoder batches
+    `train/tgt_tokens_per_sec` (target tokens that carry loss); for token
+    batches `train/tokens_per_sec` and, where the device's peak is known and
+    the module can count its FLOPs (`flops_per_token(seq_len)`), `train/mfu`:
+    model FLOPs per second per device over that device's bf16 dense peak.
     """
 
     def __init__(self, window: int = 20) -> None:
@@ -81,6 +82,7 @@ class Throughput(L.Callback):
         self._t0: float | None = None
         self._samples = self._tokens = self._steps = 0
         self._seq_len = 0
+        self._tgt_tokens: torch.Tensor | int = 0  # summed on the device: no sync per step
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
@@ -97,11 +99,15 @@ class Throughput(L.Callback):
         if isinstance(batch, dict) and "tokens" in batch:
             self._tokens += batch["tokens"].numel()
             self._seq_len = batch["tokens"].shape[1]
+        elif isinstance(batch, dict) and "tgt_out" in batch:
+            self._tgt_tokens = self._tgt_tokens + (batch["tgt_out"] != -100).sum()
         self._steps += 1
         if self._steps < self.window:
             return
         seconds, ranks = now - self._t0, trainer.world_size
         metrics = {"train/samples_per_sec": self._samples * ranks / seconds}
+        if isinstance(self._tgt_tokens, torch.Tensor):
+            metrics["train/tgt_tokens_per_sec"] = float(self._tgt_tokens) * ranks / seconds
         if self._tokens:
             metrics["train/tokens_per_sec"] = self._tokens * ranks / seconds
             peak = peak_flops(pl_module.device)

@@ -48,6 +48,8 @@ def evaluate(ckpt: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     extra = {}
     if "mmtx_vocab" in checkpoint:  # evaluate with exactly the vocabulary the model was trained with
         extra["fixed_vocab"] = Vocab.from_json(checkpoint["mmtx_vocab"])
+    if "mmtx_tgt_vocab" in checkpoint:  # an encoder-decoder's target side
+        extra["fixed_tgt_vocab"] = Vocab.from_json(checkpoint["mmtx_tgt_vocab"])
     datamodule = build_data(cfg, **extra)
     model = build_model(cfg, datamodule.runtime_kwargs())
     model.load_state_dict(checkpoint["state_dict"])

@@ -1,21 +1,32 @@
-"""`python -m mmtx.generate ckpt=PATH prompt="ROMEO:" max_new_tokens=500 temperature=0.8 top_k=200`.
+"""Generate from a checkpoint: continue a prompt (decoder-only), translate text or transcribe audio
+(encoder-decoder). The model and its vocabularies come from the checkpoint alone: no data is read.
 
-Continues a prompt with a decoder-only model from a checkpoint. The model and
-its vocabulary come from the checkpoint alone: no data is read.
-Arguments (key=value): ckpt (required), prompt ("\\n"), max_new_tokens (500),
-temperature (0.8; 0 is greedy), top_k (200; 0 or null: off), top_p (null),
-num_samples (1), seed (1337), device (auto | cpu | cuda), use_cache (true).
+    python -m mmtx.generate ckpt=PATH prompt="ROMEO:" max_new_tokens=500 temperature=0.8 top_k=200
+    python -m mmtx.generate ckpt=PATH text="A dog runs on the beach."
+    python -m mmtx.generate ckpt=PATH text_file=sentences.en > sentences.de    (one line in, one line out)
+    python -m mmtx.generate ckpt=PATH audio='clips/*.wav'                      (prints path<TAB>transcript)
+
+Arguments (key=value): ckpt (required); device (auto | cpu | cuda).
+Decoder-only: prompt ("\\n"), max_new_tokens (500), temperature (0.8; 0 is greedy), top_k (200; 0 or
+null: off), top_p (null), num_samples (1), seed (1337), use_cache (true).
+Encoder-decoder: text, text_file or audio (a file, a glob, or a comma-separated list), beam_size,
+length_penalty, max_len (null: the model's own settings), batch_size (32).
 """
 
 from __future__ import annotations
 
+import glob
+import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from omegaconf import OmegaConf
 
 from mmtx.checkpoint import load_checkpoint
+from mmtx.data.audio_sources import AudioDecoder
+from mmtx.data.seq2seq import seq2seq_runtime
 from mmtx.data.text import text_runtime
 from mmtx.tokenizers.text import Vocab
 from mmtx.wiring import build_model
@@ -23,7 +34,10 @@ from mmtx.wiring import build_model
 DEFAULTS: dict[str, Any] = {
     "ckpt": None, "prompt": "\n", "max_new_tokens": 500, "temperature": 0.8, "top_k": 200, "top_p": None,
     "num_samples": 1, "seed": 1337, "device": "auto", "use_cache": True,
+    "text": None, "text_file": None, "audio": None, "beam_size": None, "length_penalty": None, "max_len": None,
+    "batch_size": 32,
 }
+TEXT_ARGS = ("prompt", "text")
 USAGE = "usage: python -m mmtx.generate ckpt=PATH [prompt=TEXT max_new_tokens=N temperature=T top_k=K top_p=P ...]"
 
 
@@ -36,21 +50,90 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
             raise SystemExit(f"{USAGE}\nnot a key=value argument: {arg!r}")
         if key not in DEFAULTS:
             raise SystemExit(f"{USAGE}\nunknown argument {key!r} (known: {', '.join(DEFAULTS)})")
-        args[key] = value if key == "prompt" else OmegaConf.from_dotlist([arg])[key]
+        args[key] = value if key in TEXT_ARGS else OmegaConf.from_dotlist([arg])[key]
     if not args.ckpt:
         raise SystemExit(f"{USAGE}\nmissing ckpt=PATH")
     return OmegaConf.to_container(args)
 
 
-def load_lm(ckpt: str, device: str = "cpu"):
-    """The language model stored in `ckpt`, with its vocabulary, in eval mode on `device`."""
+def load_model(ckpt: str, device: str = "cpu"):
+    """The language model or encoder-decoder stored in `ckpt`, with its vocabularies, in eval mode on `device`."""
     checkpoint = load_checkpoint(ckpt)
-    if "mmtx_vocab" not in checkpoint:
-        raise ValueError(f"checkpoint {ckpt} has no tokenizer (it was not written by a text task's training run)")
     cfg = OmegaConf.create(checkpoint["mmtx_config"])
-    model = build_model(cfg, text_runtime(Vocab.from_json(checkpoint["mmtx_vocab"])))
+    if str(cfg.module._target_).endswith("Seq2SeqModule"):
+        if "mmtx_tgt_vocab" not in checkpoint:
+            raise ValueError(f"checkpoint {ckpt} has no target tokenizer (mmtx_tgt_vocab): it was not written by "
+                             "an encoder-decoder training run of mmtx")
+        src = Vocab.from_json(checkpoint["mmtx_vocab"]) if "mmtx_vocab" in checkpoint else None
+        runtime = seq2seq_runtime(Vocab.from_json(checkpoint["mmtx_tgt_vocab"]), src, checkpoint.get("mmtx_sample_rate"))
+    else:
+        if "mmtx_vocab" not in checkpoint:
+            raise ValueError(f"checkpoint {ckpt} has no tokenizer (it was not written by a text task's training run)")
+        runtime = text_runtime(Vocab.from_json(checkpoint["mmtx_vocab"]))
+    model = build_model(cfg, runtime)
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval()
+
+
+def seq2seq_inputs(model, args: dict[str, Any]) -> list[str]:
+    """The texts (a text model) or audio file paths (a speech model) to decode, from the arguments."""
+    audio_model = model.sample_rate is not None
+    given = [k for k in ("text", "text_file", "audio") if args[k] is not None]
+    if len(given) != 1:
+        want = "audio=FILE|GLOB" if audio_model else "text=TEXT or text_file=FILE"
+        raise SystemExit(f"{USAGE}\nthis checkpoint is an encoder-decoder: give exactly one input, {want}")
+    if audio_model != (given[0] == "audio"):
+        kind = "audio" if audio_model else "text"
+        raise SystemExit(f"this checkpoint's model reads {kind}, but {given[0]}= was given")
+    if given[0] == "text":
+        return [str(args["text"])]
+    if given[0] == "text_file":
+        path = Path(str(args["text_file"])).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"text_file {path} does not exist")
+        return path.read_text(encoding="utf-8").splitlines()
+    files: list[str] = []
+    for pattern in str(args["audio"]).split(","):
+        found = sorted(glob.glob(os.path.expanduser(pattern.strip()))) if glob.has_magic(pattern) else [pattern.strip()]
+        if not found or not all(Path(f).is_file() for f in found):
+            raise SystemExit(f"no audio file at {pattern.strip()}")
+        files += found
+    return files
+
+
+def seq2seq_batch(model, items: list[str], cfg) -> dict[str, torch.Tensor]:
+    """A batch of sources in the layout the data module makes: `src` + `src_mask`, or `audio` + `audio_lengths`."""
+    if model.sample_rate is None:
+        vocab, limit = model.vocab, int(cfg.data.max_src_len)
+        seqs = [vocab.encode(text.strip())[:limit] or [0] for text in items]
+        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, :len(seq)] = torch.tensor(seq)
+        mask = torch.arange(ids.shape[1])[None, :] < torch.tensor([len(s) for s in seqs])[:, None]
+        return {"src": ids.to(model.device), "src_mask": mask.to(model.device)}
+    decoder = AudioDecoder(model.sample_rate, cfg.data.source.get("max_seconds"), on_bad_file="error")
+    waves = [decoder.decode(f, f) for f in items]
+    lengths = torch.tensor([w.numel() for w in waves])
+    audio = torch.zeros(len(waves), int(lengths.max()))
+    for i, w in enumerate(waves):
+        audio[i, :w.numel()] = w
+    return {"audio": audio.to(model.device), "audio_lengths": lengths.to(model.device)}
+
+
+def run_seq2seq(model, args: dict[str, Any], cfg) -> list[str]:
+    items = seq2seq_inputs(model, args)
+    search = {k: args[k] for k in ("beam_size", "length_penalty", "max_len") if args[k] is not None}
+    out: list[str] = []
+    size = max(1, int(args["batch_size"]))
+    for start in range(0, len(items), size):
+        chunk = items[start:start + size]
+        blank = [not item.strip() for item in chunk]  # an empty line in, an empty line out
+        hyps = model.translate(seq2seq_batch(model, [c if c.strip() else "." for c in chunk], cfg), **search)
+        for item, hyp, skip in zip(chunk, hyps, blank):
+            hyp = "" if skip else hyp
+            out.append(hyp)
+            print(f"{item}\t{hyp}" if args["audio"] is not None else hyp, flush=True)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -58,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     device = args["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_lm(args["ckpt"], device)
+    model = load_model(args["ckpt"], device)
+    if hasattr(model, "translate"):
+        return run_seq2seq(model, args, OmegaConf.create(model.run_config))
     generator = torch.Generator(device=device).manual_seed(int(args["seed"]))
     texts = []
     for i in range(int(args["num_samples"])):

@@ -90,9 +90,10 @@ def beam_search(
 ) -> list[list[int]]:
     """Batched beam search over a cached decoder; returns the best token ids of each input (no BOS/EOS).
 
-    step(ids (N, 1), caches, start) -> logits (N, 1, V) for N = batch * beam_size rows, row
-    b * beam_size + k being hypothesis k of input b; `new_caches(N)` makes the caches (each with
-    `reorder`). Finished hypotheses (which produced `eos_id`) stay in the beam, extended by EOS at no
+    step(ids (N, t + 1), caches, t) -> logits (N, T, V) whose last position scores token t + 1, for
+    N = batch * beam_size rows, row b * beam_size + k being hypothesis k of input b; `ids` is the
+    whole prefix (a cached step feeds only its last column). `new_caches(N)` makes the caches (each
+    with `reorder`; an empty list decodes without caches). Finished hypotheses (which produced `eos_id`) stay in the beam, extended by EOS at no
     cost. Hypotheses are ranked at the end by log-probability / ((5 + length) / 6) ** length_penalty
     (GNMT, Wu et al., 2016). With beam_size=1 this is greedy decoding.
     """
@@ -104,7 +105,7 @@ def beam_search(
     finished = torch.zeros(batch * K, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch * K, dtype=torch.long, device=device)
     for t in range(max_len):
-        logp = step(ids[:, -1:], caches, t)[:, -1].float().log_softmax(-1)  # (B*K, V)
+        logp = step(ids, caches, t)[:, -1].float().log_softmax(-1)  # (B*K, V)
         V = logp.shape[-1]
         eos_only = torch.full_like(logp, float("-inf"))
         eos_only[:, eos_id] = 0.0

@@ -61,6 +61,8 @@ MODALITY_OVERRIDES = {
     "audio": ["data.source.max_seconds=1.0"],
     "text": ["data.block_size=16", "module.sample_tokens=8", "trainer.val_check_interval=null",
              "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=2"],
+    "text2text": ["head.depth=1", "tokenizer.vocab.vocab_size=300", "module.beam_size=2", "data.max_tgt_len=24"],
+    "audio2text": ["head.depth=1", "data.source.max_seconds=1.0"],
 }
 
 TINY_TEXT = (
@@ -84,3 +86,21 @@ class StopAtStep(L.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+EN = "zero one two three four five six seven eight nine".split()
+DE = "null eins zwei drei vier fünf sechs sieben acht neun".split()
+
+
+def make_parallel(folder: Path, sizes=(("train", 80), ("val", 12), ("test_2016_flickr", 12)), seed=0) -> Path:
+    """A miniature Multi30k: `<split>.en.gz` / `<split>.de.gz`, counting words translated word by word."""
+    import gzip
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes:
+        rows = [rng.integers(0, 10, rng.integers(2, 6)) for _ in range(n)]
+        for lang, words in (("en", EN), ("de", DE)):
+            text = "".join(" ".join(words[i] for i in row).capitalize() + ".\n" for row in rows)
+            (folder / f"{split}.{lang}.gz").write_bytes(gzip.compress(text.encode()))
+    return folder

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from conftest import TINY_TEXT, make_image_folder, small_run
+from conftest import TINY_TEXT, make_image_folder, make_parallel, small_run
 from test_audio import make_tones
 from mmtx import build, compose
 from mmtx.config import config_dir
@@ -22,16 +22,19 @@ def data_root(tmp_path_factory) -> Path:
     make_tones(root / "fsdd" / "recordings", per_class=(10, 5))  # takes 0-4 are the test split
     (root / "tinyshakespeare").mkdir()
     (root / "tinyshakespeare" / "input.txt").write_text(TINY_TEXT)
+    make_parallel(root / "multi30k")
     return root
 
 
 def modality(task: str) -> str:
-    target = compose(task).tokenizer._target_
-    return {"TokenEmbedding": "text", "MelTokenizer": "audio"}.get(target.rsplit(".", 1)[-1], "image")
+    cfg = compose(task)
+    kind = {"TokenEmbedding": "text", "MelTokenizer": "audio"}.get(cfg.tokenizer._target_.rsplit(".", 1)[-1], "image")
+    return f"{kind}2text" if cfg.head._target_.endswith("Seq2SeqHead") else kind
 
 
 def test_tasks_are_found():
-    assert {"vit_cifar", "gpt_shakespeare", "gpt_shakespeare_cpu", "audio_fsdd"} <= set(TASKS)
+    assert {"vit_cifar", "gpt_shakespeare", "gpt_shakespeare_cpu", "audio_fsdd", "translate_multi30k",
+            "translate_multi30k_cpu", "asr_fsdd"} <= set(TASKS)
 
 
 @pytest.mark.parametrize("task", TASKS)

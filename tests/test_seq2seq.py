@@ -59,7 +59,7 @@ def search(head, memory, mask, beam, max_len=10, length_penalty=1.0):
     mem, msk = memory.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
 
     def step(ids, caches, t):
-        return head.decode(ids, mem, msk, caches, t)
+        return head.decode(ids[:, -1:], mem, msk, caches, t)
 
     return beam_search(step, lambda n: head.new_caches(n, 32), 3, BOS, EOS, beam, max_len, length_penalty)
 
@@ -130,4 +130,5 @@ def test_seq2seq_module_learns_to_reverse_and_decodes_with_beams():
     greedy = model.decode(test, beam_size=1)
     beams = model.decode(test, beam_size=3)
     assert sum(g == e for g, e in zip(greedy, expected)) >= 12
+    assert model.decode(test, beam_size=3, use_cache=False) == beams  # the cache changes nothing
     assert sum(b == e for b, e in zip(beams, expected)) >= sum(g == e for g, e in zip(greedy, expected)) - 1

@@ -13,7 +13,7 @@ from mmtx import compose
 from mmtx.backbone import Backbone
 from mmtx.data.text import TextDataModule
 from mmtx.data.text_sources import TextFiles
-from mmtx.generate import load_lm
+from mmtx.generate import load_model
 from mmtx.generation import filter_logits, generate
 from mmtx.tokenizers.text import Vocab, build_vocab
 from mmtx.train import train
@@ -199,7 +199,7 @@ def test_causal_lm_loss_decreases_and_the_run_keeps_its_tokenizer(tmp_path, corp
     assert summary["test/loss"] < 0.8 * math.log(len(vocab))  # well below the uniform guess
     torch.testing.assert_close(summary["test/bpc"], summary["test/loss"] / math.log(2))  # chars: 1 per token
     assert (tmp_path / "run" / "samples.tsv").read_text().startswith("step\tprompt\ttext\n")
-    assert load_lm(summary["last_checkpoint"]).vocab.to_json() == (tmp_path / "run" / "tokenizer.json").read_text()
+    assert load_model(summary["last_checkpoint"]).vocab.to_json() == (tmp_path / "run" / "tokenizer.json").read_text()
 
     # generation from the saved checkpoint, in a fresh process
     proc = subprocess.run(
@@ -209,7 +209,7 @@ def test_causal_lm_loss_decreases_and_the_run_keeps_its_tokenizer(tmp_path, corp
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("All:") and len(proc.stdout.rstrip("\n")) >= 4
-    same = load_lm(summary["last_checkpoint"]).complete("All:", 20, temperature=0.0)
+    same = load_model(summary["last_checkpoint"]).complete("All:", 20, temperature=0.0)
     assert proc.stdout.rstrip("\n") == same.rstrip("\n")
 
 
@@ -219,7 +219,7 @@ def test_generate_rejects_checkpoints_without_a_tokenizer(image_folder, tmp_path
     summary = train(compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=1",
                                           "test_after_fit=false"]), run_dir=tmp_path / "run")
     with pytest.raises(ValueError, match="has no tokenizer"):
-        load_lm(summary["last_checkpoint"])
+        load_model(summary["last_checkpoint"])
 
 
 def test_generate_cli_arguments():

@@ -2,6 +2,7 @@
 
 from mmtx.data.audio import AudioDataModule
 from mmtx.data.image import ImageDataModule
+from mmtx.data.seq2seq import Seq2SeqDataModule
 from mmtx.data.text import TextDataModule
 
-__all__ = ["AudioDataModule", "ImageDataModule", "TextDataModule"]
+__all__ = ["AudioDataModule", "ImageDataModule", "Seq2SeqDataModule", "TextDataModule"]

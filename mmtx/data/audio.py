@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from mmtx.data.base import LabelledSplits
+from mmtx.data.base import LabelledSplits, gather_padded
 
 
 class AudioDataModule(LabelledSplits):
@@ -39,13 +37,10 @@ class AudioDataModule(LabelledSplits):
         device = batch["index"].device
         store = self._store(batch["split"], device)
         index = batch["index"].to(store["labels"].device)
-        offsets, lengths = store["offsets"][index], store["lengths"][index]  # (B,) each
-        steps = torch.arange(int(lengths.max()), device=offsets.device)  # (L,)
-        inside = steps[None, :] < lengths[:, None]  # (B, L)
-        where = (offsets[:, None] + steps[None, :]).clamp_max(store["audio"].numel() - 1)  # (B, L)
-        audio = store["audio"][where].float() * inside  # zero padding
+        lengths = store["lengths"][index]  # (B,)
+        audio, _ = gather_padded(store["audio"], store["offsets"][index], lengths)  # zero-padded (B, L)
         return {
-            "audio": audio.to(device, non_blocking=True),
+            "audio": audio.float().to(device, non_blocking=True),
             "audio_lengths": lengths.to(device, non_blocking=True),
             "label": store["labels"][index].to(device, non_blocking=True),
         }

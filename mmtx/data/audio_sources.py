@@ -81,8 +81,10 @@ class AudioDecoder:
             log.warning("%s: skipped %d unreadable or empty file(s), e.g. %s", where, len(self.bad), self.bad[:3])
 
 
-def pack(waves: list[torch.Tensor], labels: list[int], classes: list[str], where: str) -> dict[str, Any]:
-    """Clips of different lengths -> one flat float16 tensor plus offsets and lengths (the cache format)."""
+def pack(waves: list[torch.Tensor], labels: list[int], classes: list[str], where: str,
+         names: list[str] | None = None) -> dict[str, Any]:
+    """Clips of different lengths -> one flat float16 tensor plus offsets and lengths (the cache format);
+    `names` (the clips' files) are kept for tables and messages."""
     if not waves:
         raise FileNotFoundError(f"{where} holds no readable audio")
     lengths = torch.tensor([w.numel() for w in waves], dtype=torch.long)
@@ -93,6 +95,7 @@ def pack(waves: list[torch.Tensor], labels: list[int], classes: list[str], where
         "lengths": lengths,
         "labels": torch.tensor(labels, dtype=torch.long),
         "classes": classes,
+        "names": list(names or []),
     }
 
 
@@ -171,14 +174,15 @@ class AudioFolder:
     def decode(self, split: str) -> dict[str, Any]:
         decoder = AudioDecoder(self.sample_rate, self.max_seconds, self.on_bad_file)
         index = {c: i for i, c in enumerate(self.classes())}
-        waves, labels = [], []
+        waves, labels, names = [], [], []
         for f, label in self._list()[split]:
             wave = decoder.decode(f, str(f))
             if wave is not None:
                 waves.append(wave)
                 labels.append(index[label])
+                names.append(str(f.relative_to(self.path)))
         decoder.report(f"{self.path} [{split}]")
-        return pack(waves, labels, self.classes(), f"{self.path} [{split}]")
+        return pack(waves, labels, self.classes(), f"{self.path} [{split}]", names)
 
 
 def _audio_files(root: Path) -> Iterable[Path]:

@@ -43,6 +43,16 @@ def identity(batch):
     return batch
 
 
+def gather_padded(flat: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor,
+                  pad_value: float | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length samples cut out of one flat tensor: (B, L) padded with `pad_value` to the
+    longest of them, and the mask of real positions (B, L). offsets, lengths: (B,)."""
+    steps = torch.arange(int(lengths.max()), device=offsets.device)  # (L,)
+    inside = steps[None, :] < lengths[:, None]  # (B, L)
+    where = (offsets[:, None] + steps[None, :]).clamp_max(flat.numel() - 1)  # (B, L)
+    return flat[where].masked_fill(~inside, pad_value), inside
+
+
 class EpochShuffle(torch.utils.data.Sampler[int]):
     """A fresh random order every epoch, fixed by (seed, epoch) alone.
 

@@ -67,19 +67,24 @@ class TextFiles:
         return {"all": text}
 
     def _read(self, path: Path) -> str:
-        data = path.read_bytes()
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            if self.on_decode_error == "error":
-                raise ValueError(
-                    f"{path} is not UTF-8: invalid byte {data[err.start]:#04x} at byte offset {err.start} "
-                    "(set data.on_decode_error=replace to replace such bytes with U+FFFD)"
-                ) from None
-            text = data.decode("utf-8", errors="replace")
-            log.warning("%s: replaced %d invalid UTF-8 byte sequence(s) with U+FFFD, the first at byte offset %d",
-                        path, text.count("\ufffd") - data.decode("utf-8", "ignore").count("\ufffd"), err.start)
-            return text
+        return decode_utf8(path.read_bytes(), path, self.on_decode_error)
+
+
+def decode_utf8(data: bytes, path: Path | str, on_decode_error: str = "error") -> str:
+    """`data` (the bytes of `path`) as text: invalid UTF-8 stops the run naming the file and byte
+    offset (on_decode_error=error), or becomes U+FFFD, counted in one warning (replace)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if on_decode_error == "error":
+            raise ValueError(
+                f"{path} is not UTF-8: invalid byte {data[err.start]:#04x} at byte offset {err.start} "
+                "(set data.on_decode_error=replace to replace such bytes with U+FFFD)"
+            ) from None
+        text = data.decode("utf-8", errors="replace")
+        log.warning("%s: replaced %d invalid UTF-8 byte sequence(s) with U+FFFD, the first at byte offset %d",
+                    path, text.count("\ufffd") - data.decode("utf-8", "ignore").count("\ufffd"), err.start)
+        return text
 
 
 class HFText:

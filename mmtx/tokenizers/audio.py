@@ -57,6 +57,7 @@ class MelTokenizer(nn.Module):
         if stem not in ("stack", "conv"):
             raise ValueError(f"tokenizer.stem must be 'stack' or 'conv', got {stem!r}")
         self.input_key = input_key
+        self.sample_rate = sample_rate
         self.n_fft = round(sample_rate * win_ms / 1000)
         self.hop = round(sample_rate * hop_ms / 1000)
         self.n_mels = n_mels or max(20, round(80 * sample_rate / 16000))

@@ -1,0 +1,286 @@
+"""Sequence-to-sequence data: (text | audio) -> text pairs, cached once, padded per batch on the device.
+
+Each split of the source is read once into a cache (`mmtx.data.cache`: the
+sentence pairs, or the decoded waveforms and their transcripts). The
+vocabularies are trained on the training split alone and kept in a cache
+folder of their own (tokenizer.json files, written atomically); with
+`shared_vocab` one byte-level BPE covers source and target (translation
+between languages that share a script), otherwise each side has its own.
+Token ids are made in `setup` (a few seconds for Multi30k).
+
+As for images and audio, the DataLoader yields only index batches, grouped
+by source length; `on_after_batch_transfer` cuts the samples out of the flat
+copies on the training device. Batches carry the source (`src` (B, S) ids +
+`src_mask`, or `audio` (B, L) + `audio_lengths`), `tgt_in` (BOS + target,
+padded with the pad id), `tgt_out` (target + EOS, padding -100) and, for
+validation and test, `refs` and `sources`: the original strings, so metrics
+are computed against the untokenized references.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from mmtx.data.base import EpochShuffle, IndexDataset, gather_padded, identity
+from mmtx.data.cache import digest, load_or_build
+from mmtx.data.sources import resolve_root
+from mmtx.tokenizers.text import Vocab, build_vocab
+
+log = logging.getLogger(__name__)
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+IGNORE = -100  # target positions that carry no loss
+
+
+def with_specials(spec: dict[str, Any]) -> dict[str, Any]:
+    """A vocabulary spec whose special tokens start with <pad>, <s>, </s> (ids 0, 1, 2 for BPE)."""
+    spec = dict(spec)
+    extra = [t for t in spec.get("special_tokens") or () if t not in (PAD, BOS, EOS)]
+    spec["special_tokens"] = [PAD, BOS, EOS, *extra]
+    return spec
+
+
+def special_ids(vocab: Vocab) -> dict[str, int]:
+    ids = {name: vocab.token_id(tok) for name, tok in (("pad_id", PAD), ("bos_id", BOS), ("eos_id", EOS))}
+    missing = [tok for tok, i in zip((PAD, BOS, EOS), ids.values()) if i is None]
+    if missing:
+        raise ValueError(f"the target tokenizer has no special token(s) {missing}; an encoder-decoder needs "
+                         f"{PAD}, {BOS} and {EOS} (add them to its special tokens)")
+    return ids
+
+
+def seq2seq_runtime(tgt_vocab: Vocab, src_vocab: Vocab | None = None,
+                    sample_rate: int | None = None) -> dict[str, dict[str, Any]]:
+    """Run-time values of an encoder-decoder: the source tokenizer's vocabulary (text) or sample
+    rate (audio), the target vocabulary (head) and the special ids (module)."""
+    tokenizer = {"vocab": src_vocab} if src_vocab is not None else {"sample_rate": sample_rate}
+    return {"tokenizer": tokenizer, "head": {"vocab": tgt_vocab}, "module": special_ids(tgt_vocab)}
+
+
+def _flatten(seqs: list[list[int]], limit: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Token id lists -> flat ids, offsets and lengths, each cut to `limit`; also how many were cut."""
+    cut = sum(len(s) > limit for s in seqs)
+    seqs = [s[:limit] for s in seqs]
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    ids = torch.tensor([i for s in seqs for i in s], dtype=torch.int32)
+    return {"ids": ids, "offsets": torch.cumsum(lengths, 0) - lengths, "lengths": lengths}, cut
+
+
+class Seq2SeqDataModule(L.LightningDataModule):
+    """Pairs from a seq2seq source (see `mmtx.data.seq2seq_sources`).
+
+    src_vocab / tgt_vocab: vocabulary specs (as `tokenizer.vocab`: kind bpe |
+    char | file, vocab_size, ...); src_vocab is unused for audio sources, and
+    with shared_vocab the target spec serves both sides.
+    max_src_len / max_tgt_len: longer sources are cut to max_src_len tokens,
+    longer targets to max_tgt_len - 1 (room for BOS / EOS); cuts are counted
+    in a warning. Audio is cropped by the source (`max_seconds`).
+    val_fraction: the share of the training split held out for validation
+    (seeded), for sources without a val split; with 0 the val split is used,
+    or else the test split.
+    """
+
+    def __init__(
+        self,
+        source,
+        cache_dir: str,
+        tgt_vocab: dict[str, Any],
+        src_vocab: dict[str, Any] | None = None,
+        shared_vocab: bool = True,
+        root: str | None = None,
+        max_src_len: int = 128,
+        max_tgt_len: int = 128,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.0,
+        device_resident: bool = True,
+        fixed_vocab: Vocab | None = None,
+        fixed_tgt_vocab: Vocab | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        for key, value in (("max_src_len", max_src_len), ("max_tgt_len", max_tgt_len)):
+            if value < 2:
+                raise ValueError(f"data.{key} must be at least 2, got {value}")
+        self.source = source
+        self.text_source = source.kind == "text"
+        self.root = resolve_root(root)
+        self.cache_dir = Path(cache_dir)
+        self.tgt_spec = with_specials(tgt_vocab)
+        self.shared_vocab = shared_vocab and self.text_source
+        self.src_spec = dict(src_vocab or tgt_vocab)
+        self.fixed = (fixed_vocab, fixed_tgt_vocab)  # the vocabularies of a checkpoint being evaluated
+        self.max_src_len, self.max_tgt_len = max_src_len, max_tgt_len
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.device_resident = device_resident
+        self.seed = seed
+        self.src_vocab: Vocab | None = None
+        self.tgt_vocab: Vocab | None = None
+        self.special: dict[str, int] = {}
+        self.splits: dict[str, dict[str, torch.Tensor]] = {}
+        self.texts: dict[str, dict[str, list[str]]] = {}
+        self._on_device: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}
+
+    # -- reading and tokenizing ------------------------------------------------------
+
+    def _raw(self, split: str) -> dict[str, Any]:
+        path = self.cache_dir / f"{self.source.cache_name}-{split}.pt"
+        return load_or_build(path, self.source.fingerprint(split), lambda: self.source.read(split))
+
+    def prepare_data(self) -> None:
+        raw = {split: self._raw(split) for split in self.source.splits()}
+        self._vocabs(raw["train"])
+
+    def _vocabs(self, train: dict[str, Any]) -> tuple[Vocab | None, Vocab]:
+        """(source, target) vocabularies: a checkpoint's, or trained on the training split once and cached."""
+        fixed_src, fixed_tgt = self.fixed
+        if fixed_tgt is not None:
+            return (fixed_src if self.text_source else None), fixed_tgt
+        specs = {"tgt": self.tgt_spec, "src": self.src_spec if self.text_source and not self.shared_vocab else None}
+        key = digest(train["fingerprint"], json.dumps(specs, sort_keys=True), self.shared_vocab)
+        folder = self.cache_dir / f"{self.source.cache_name}-vocab-{key}"
+        if not (folder / "tgt_tokenizer.json").is_file():
+            tgt_text = "\n".join(train["tgt"])
+            if self.shared_vocab:
+                tgt = build_vocab(text="\n".join(train["src"]) + "\n" + tgt_text, **self.tgt_spec)
+            else:
+                tgt = build_vocab(text=tgt_text, **self.tgt_spec)
+            src = build_vocab(text="\n".join(train["src"]), **self.src_spec) if specs["src"] else None
+            tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            tgt.save(tmp / "tgt_tokenizer.json")
+            if src is not None:
+                src.save(tmp / "src_tokenizer.json")
+            try:
+                os.rename(tmp, folder)  # atomic; another process may have won the race
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.info("trained the tokenizer(s) of %s into %s", self.source.cache_name, folder)
+        tgt = Vocab.from_file(folder / "tgt_tokenizer.json")
+        if not self.text_source:
+            return None, tgt
+        return (tgt if self.shared_vocab else Vocab.from_file(folder / "src_tokenizer.json")), tgt
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = {split: self._raw(split) for split in self.source.splits()}
+        self.src_vocab, self.tgt_vocab = self._vocabs(raw["train"])
+        self.special = special_ids(self.tgt_vocab)  # fails early on a tokenizer file without them
+        splits, texts = {}, {}
+        for split, data in raw.items():
+            tgt, cut_tgt = _flatten(self.tgt_vocab.encode_batch(data["tgt"]), self.max_tgt_len - 1)
+            tensors = {f"tgt_{k}": v for k, v in tgt.items()}
+            if self.text_source:
+                src, cut_src = _flatten(self.src_vocab.encode_batch(data["src"]), self.max_src_len)
+                tensors.update({f"src_{k}": v for k, v in src.items()})
+                sources = list(data["src"])
+            else:
+                packed, cut_src = data["src"], 0
+                tensors.update({"audio": packed["audio"], "src_offsets": packed["offsets"],
+                                "src_lengths": packed["lengths"]})
+                sources = list(data.get("names") or packed.get("names") or [""] * len(data["tgt"]))
+            if cut_src or cut_tgt:
+                log.warning("%s [%s]: cut %d source(s) to data.max_src_len=%d tokens and %d target(s) to "
+                            "data.max_tgt_len-1=%d tokens", self.source.cache_name, split, cut_src,
+                            self.max_src_len, cut_tgt, self.max_tgt_len - 1)
+            splits[split] = tensors
+            texts[split] = {"src": sources, "tgt": list(data["tgt"])}
+        if self.val_fraction > 0:
+            self._hold_out(splits, texts)
+        elif "val" not in splits:
+            if "test" not in splits:
+                raise ValueError("the data source has no val or test split; set data.val_fraction to hold out "
+                                 "part of the training split")
+            splits["val"], texts["val"] = splits["test"], texts["test"]
+        self.splits, self.texts = splits, texts
+        log.info("data under %s: %s pairs", self.root, {k: len(v["tgt_lengths"]) for k, v in splits.items()})
+
+    def _hold_out(self, splits: dict, texts: dict) -> None:
+        """Move a seeded random `val_fraction` of the training samples into the val split.
+        Only the per-sample offsets and lengths are picked: the flat ids and audio stay shared."""
+        n = len(splits["train"]["tgt_lengths"])
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        n_val = max(1, int(round(n * self.val_fraction)))
+        train = splits["train"]
+        for name, idx in (("val", order[:n_val].sort().values), ("train", order[n_val:].sort().values)):
+            splits[name] = {k: v[idx] if k.endswith(("_offsets", "_lengths")) else v for k, v in train.items()}
+            texts[name] = {side: [texts["train"][side][i] for i in idx.tolist()] for side in ("src", "tgt")}
+
+    def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
+        self.setup()
+        return seq2seq_runtime(self.tgt_vocab, self.src_vocab, getattr(self.source, "sample_rate", None))
+
+    # -- loaders and the device-side data path -----------------------------------------
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        if split not in self.splits:
+            raise KeyError(f"the data source has no {split!r} split (it has {sorted(self.splits)})")
+        lengths = self.splits[split]["src_lengths"]
+        dataset = IndexDataset(split, len(lengths))
+        if train:  # a fresh order per epoch, sources of similar length batched together
+            sampler = EpochShuffle(len(dataset), self.seed, lengths, batch_size)
+        else:
+            sampler = torch.argsort(lengths, descending=True).tolist()
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=identity)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, train=False)
+
+    def _store(self, split: str, device: torch.device) -> dict[str, torch.Tensor]:
+        if not self.device_resident:
+            return self.splits[split]
+        key = (split, device)
+        if key not in self._on_device:
+            self._on_device[key] = {k: v.to(device) for k, v in self.splits[split].items()}
+        return self._on_device[key]
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> dict[str, Any]:
+        if "index" not in batch:
+            return batch
+        device, split = batch["index"].device, batch["split"]
+        store = self._store(split, device)
+        index = batch["index"].to(store["tgt_lengths"].device)
+        ids = self.special
+        out: dict[str, Any] = {}
+        offsets, lengths = store["src_offsets"][index], store["src_lengths"][index]
+        if self.text_source:
+            src, mask = gather_padded(store["src_ids"], offsets, lengths, self.src_vocab.token_id(PAD) or 0)
+            out["src"], out["src_mask"] = src.long(), mask
+        else:
+            audio, _ = gather_padded(store["audio"], offsets, lengths)
+            out["audio"], out["audio_lengths"] = audio.float(), lengths
+        tgt_len = store["tgt_lengths"][index]
+        tgt, inside = gather_padded(store["tgt_ids"], store["tgt_offsets"][index], tgt_len)
+        tgt = tgt.long()
+        B = tgt.shape[0]
+        bos = torch.full((B, 1), ids["bos_id"], dtype=torch.long, device=tgt.device)
+        out["tgt_in"] = torch.cat([bos, tgt.masked_fill(~inside, ids["pad_id"])], 1)  # (B, T+1)
+        tgt_out = torch.cat([tgt.masked_fill(~inside, IGNORE), torch.full_like(bos, IGNORE)], 1)
+        out["tgt_out"] = tgt_out.scatter(1, tgt_len[:, None], ids["eos_id"])  # EOS right after each target
+        out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
+        if split != "train":
+            rows = batch["index"].tolist()
+            out["refs"] = [self.texts[split]["tgt"][i] for i in rows]
+            out["sources"] = [self.texts[split]["src"][i] for i in rows]
+        return out
