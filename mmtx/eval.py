@@ -3,12 +3,15 @@
 The run configuration stored in the checkpoint rebuilds the data and model;
 `key=value` arguments override it (for example `data.root=/elsewhere`,
 `data.source.image_size=64` to evaluate at another resolution, or
-`trainer.accelerator=cpu`).
+`trainer.accelerator=cpu`). Files the test writes (the examples table of an
+encoder-decoder: source, reference, hypothesis) go to `<run dir>/eval/`,
+beside the checkpoint's `checkpoints/` folder.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
@@ -36,6 +39,14 @@ def parse_args(argv: Sequence[str]) -> tuple[str, list[str]]:
     return ckpt, overrides
 
 
+def eval_dir(ckpt: str) -> Path:
+    """Where an evaluation of `ckpt` writes its files: <run dir>/eval (run dir: the folder that holds checkpoints/)."""
+    folder = Path(ckpt).expanduser().resolve().parent
+    out = (folder.parent if folder.name == "checkpoints" else folder) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def evaluate(ckpt: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Rebuild the run stored in `ckpt`, load its weights and return its test metrics."""
     checkpoint = load_checkpoint(ckpt)
@@ -54,6 +65,7 @@ def evaluate(ckpt: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     model = build_model(cfg, datamodule.runtime_kwargs())
     model.load_state_dict(checkpoint["state_dict"])
     trainer = L.Trainer(
+        default_root_dir=str(eval_dir(ckpt)),
         accelerator=cfg.trainer.accelerator,
         devices=1,
         precision=resolve_precision(cfg.trainer),

@@ -183,6 +183,7 @@ def test_translate_task_trains_evaluates_and_translates(corpus, tmp_path):
     ckpt = summary["last_checkpoint"]
     metrics = evaluate(ckpt, ["trainer.accelerator=cpu"])
     assert set(metrics) == {"test/loss", "test/bleu"}
+    assert len((run / "eval" / "test_examples.tsv").read_text().splitlines()) == 1 + 12
 
     outs = generate([f"ckpt={ckpt}", "text=One two three.", "beam_size=2"])
     assert len(outs) == 1 and isinstance(outs[0], str)
