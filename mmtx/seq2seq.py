@@ -16,7 +16,6 @@ from mmtx.metrics import text_metrics
 from mmtx.module import TaskModule
 
 
-
 class Seq2SeqModule(TaskModule):
     """Teacher-forced sequence-to-sequence training with label smoothing, and beam-search decoding.
 
@@ -27,8 +26,8 @@ class Seq2SeqModule(TaskModule):
     the source embedding is the target embedding too (which is tied to the
     output layer), as in Vaswani et al. (2017).
 
-    Validation decodes the first `val_decode_batches` batches (null: all; 0:
-    none) with `val_beam_size` and logs `metrics` (bleu: sacreBLEU; cer, wer)
+    Validation decodes `val_decode_batches` batches spread over the epoch (null:
+    all; 0: none) with `val_beam_size` and logs `metrics` (bleu: sacreBLEU; cer, wer)
     against the original reference strings, as `val/<metric>`; test decodes
     everything with `beam_size`. Examples (source, reference, hypothesis) are
     logged as a table: the first `log_examples` at each validation, all of
@@ -104,9 +103,21 @@ class Seq2SeqModule(TaskModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.shared_step(batch, "val")
-        limit = self.val_decode_batches
-        if limit is None or batch_idx < limit:
+        if self._decode_at_validation(batch_idx):
             self._collect(batch, self.val_beam_size)
+
+    def _decode_at_validation(self, batch_idx: int) -> bool:
+        """Whether validation batch `batch_idx` is one of the `val_decode_batches` decoded: spread evenly
+        over the epoch's batches, which the data module orders by length, so they cover every length."""
+        k = self.val_decode_batches
+        if k is None:
+            return True
+        trainer = self._trainer
+        counts = (trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches) if trainer else []
+        total = int(counts[0]) if counts and counts[0] != float("inf") else 0
+        if total <= k:
+            return batch_idx < k
+        return batch_idx in {i * total // k for i in range(k)}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.shared_step(batch, "test")

@@ -83,6 +83,26 @@ def test_invalid_utf8_names_file_and_offset(tmp_path):
         ParallelText({"train": {"src": "x.en", "tgt": "x.de"}}, root=str(tmp_path)).read("train")
 
 
+def test_hf_translation_reads_a_translation_column_or_language_columns(tmp_path, monkeypatch):
+    """Through `datasets`' local JSON loader (no network): WMT-style dicts and per-language columns."""
+    import json
+
+    from mmtx.data.seq2seq_sources import HFTranslation
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    rows = [{"translation": {"en": "One.", "de": "Eins."}}, {"translation": {"en": "", "de": "Leer."}},
+            {"translation": {"en": "Two.", "de": "Zwei."}}]
+    write(tmp_path / "wmt.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write(tmp_path / "cols.jsonl", "".join(json.dumps(r["translation"]) + "\n" for r in rows))
+    for name in ("wmt", "cols"):
+        source = HFTranslation("json", "en", "de", data_files={"train": str(tmp_path / f"{name}.jsonl")},
+                               split_names={"train": "train"})
+        assert source.read("train") == {"src": ["One.", "Two."], "tgt": ["Eins.", "Zwei."], "names": []}
+    with pytest.raises(KeyError, match="has no language \\['fr'\\]"):
+        HFTranslation("json", "fr", "de", data_files={"train": str(tmp_path / "wmt.jsonl")},
+                      split_names={"train": "train"}).read("train")
+
+
 # -- the data module -----------------------------------------------------------------------------------
 
 
