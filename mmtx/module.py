@@ -73,6 +73,8 @@ class TaskModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmtx_config"] = self.run_config
+        if getattr(self, "run_info", None):
+            checkpoint["mmtx_run_info"] = self.run_info  # seed, versions, git commit (mmtx.runinfo)
         if self.vocab is not None:
             checkpoint["mmtx_vocab"] = self.vocab.to_json()
 

@@ -6,19 +6,28 @@ compose config -> seed -> data -> model -> trainer (callbacks, logger) -> fit
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from lightning.fabric.utilities.distributed import _destroy_dist_connection
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mmtx.wiring import build_data, build_model, build_trainer
 from mmtx.checkpoint import find_resume
+from mmtx.data.cache import atomic_write_text
+from mmtx.runinfo import run_info
 from mmtx.config import config_dir
 
 log = logging.getLogger("mmtx.train")
+
+_DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK")
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -26,17 +35,23 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     `run_dir` defaults to Hydra's output directory for this job.
     """
+    dist_env = {k: os.environ.get(k) for k in _DIST_ENV}
     run_dir = Path(run_dir or _hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = find_resume(cfg.resume, cfg.paths.output_root, cfg.task_name, exclude=run_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    info = run_info(cfg.seed)
+    if rank_zero_only.rank == 0:  # other ranks (DDP) share the folder and write nothing here
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=1))
+    _ranks_share_this_job_dir(run_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_data(cfg)
     model = build_model(cfg, datamodule.runtime_kwargs())
+    model.run_info = info  # stored in every checkpoint
     trainer = build_trainer(cfg, run_dir)
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": info})
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
@@ -57,8 +72,42 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         **{k: float(v) for k, v in test_metrics.items()},
     }
     if trainer.is_global_zero:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
         _print_summary(summary)
+    # Close this run's process group and forget the ranks Lightning's launcher set in this process's
+    # environment: the next job of a multirun launches its own (it would otherwise wait for ranks that
+    # were never started). Values set from outside (torchrun, SLURM) are kept.
+    _destroy_dist_connection()
+    for key, value in dist_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     return summary
+
+
+def _ranks_share_this_job_dir(run_dir: Path) -> None:
+    """Under a Hydra multirun, make the DDP processes that Lightning launches run this one job, in
+    this job's folder.
+
+    Lightning starts ranks > 0 by re-running the command line with `hydra.run.dir` set to the
+    parent's `hydra.run.dir`. In a multirun that command line is the whole sweep (`-m`) and that
+    folder is not the job's, so each rank would start a sweep of its own and the ranks would wait for
+    each other forever. Here the command line becomes this job's overrides and `hydra.run.dir` this
+    job's folder.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    if not HydraConfig.initialized() or os.environ.get("LOCAL_RANK") is not None:
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = str(run_dir)
 
 
 def _hydra_run_dir() -> str:

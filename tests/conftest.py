@@ -104,3 +104,16 @@ def make_parallel(folder: Path, sizes=(("train", 80), ("val", 12), ("test_2016_f
             text = "".join(" ".join(words[i] for i in row).capitalize() + ".\n" for row in rows)
             (folder / f"{split}.{lang}.gz").write_bytes(gzip.compress(text.encode()))
     return folder
+
+
+class RecordSamplerIndices(L.Callback):
+    """Writes the training sample indices this rank will see in epoch 0 to `<run>/indices_rank<r>.json`
+    (used through Hydra as `conftest.RecordSamplerIndices` in the distributed tests)."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        import json
+
+        if trainer.current_epoch == 0:
+            sampler = trainer.train_dataloader.sampler
+            path = Path(trainer.default_root_dir) / f"indices_rank{trainer.global_rank}.json"
+            path.write_text(json.dumps([int(i) for i in sampler]))

@@ -166,7 +166,7 @@ def test_other_loggers(logger, image_folder, tmp_path, monkeypatch):
     train(cfg, run_dir=tmp_path / "run")
     assert (tmp_path / "run" / "metrics").exists() is False  # the csv default is replaced
     if logger == "none":
-        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "config.yaml"]
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "config.yaml", "run_info.json", "summary.json"]
     elif logger == "tensorboard":
         assert list((tmp_path / "run" / "tensorboard").glob("**/events.out.tfevents.*"))
     else:

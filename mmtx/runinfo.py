@@ -1,0 +1,51 @@
+"""What a run was made from: seed, package versions, the git commit of the code, the command line.
+
+Written to `<run dir>/run_info.json`, logged with the hyperparameters and stored
+in every checkpoint (`mmtx_run_info`), so any result can be traced to its code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import mmtx
+
+
+def git_state(path: Path | None = None) -> dict[str, Any]:
+    """The commit of the git checkout holding `path` (default: the mmtx package) and whether it
+    has uncommitted changes; None values outside a checkout (an installed wheel) or without git."""
+    where = str(path or Path(mmtx.__file__).resolve().parent)
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", where, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
+
+
+def run_info(seed: int | None) -> dict[str, Any]:
+    import lightning
+    import torch
+
+    return {
+        "mmtx_version": mmtx.__version__,
+        **git_state(),
+        "seed": seed,
+        "torch": str(torch.__version__),  # a TorchVersion object, which weights-only loading refuses
+        "lightning": str(lightning.__version__),
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,91 @@
+"""Two-process DDP on the CPU (gloo), launched by Lightning from the command line, alone and inside a
+Hydra multirun; run information; the sweep summary."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, make_image_folder
+
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("ddp_images"), per_class=(16, 4))
+
+
+def deterministic_run(tmp_path, images, batch_size):
+    """A tiny vit_cifar run on the image folder with nothing random but the sample order."""
+    return [
+        "task=vit_cifar", "data=imagefolder", f"data.source.path={images}", "data.val_fraction=0.25",
+        "backbone.depth=2", "backbone.dim=32", "backbone.num_heads=2", "backbone.drop_path=0", "tokenizer.patch_size=4",
+        f"data.batch_size={batch_size}", "data.eval_batch_size=8", "data.augment.crop_padding=0",
+        "data.augment.hflip=false", "data.augment.randaugment=null", "data.mixup=0", "data.cutmix=0",
+        "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false", f"paths.output_root={tmp_path / 'outputs'}",
+        f"paths.cache_dir={tmp_path / 'cache'}", "+callbacks.record._target_=conftest.RecordSamplerIndices",
+    ]
+
+
+def cli(args, cwd):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, "-m", "mmtx.train", *args], cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def metrics(run_dir):
+    with open(next(run_dir.glob("metrics/*/metrics.csv"))) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, images):
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli([*deterministic_run(tmp_path, images, 16), "trainer=cpu", f"hydra.run.dir={one}"], tmp_path)
+    cli([*deterministic_run(tmp_path, images, 8), "trainer=ddp", "trainer.devices=2", f"hydra.run.dir={two}"], tmp_path)
+
+    rank0, rank1 = (set(json.loads((two / f"indices_rank{r}.json").read_text())) for r in (0, 1))
+    assert rank0 and rank1 and not rank0 & rank1  # each rank its own shard
+    assert sorted(rank0 | rank1) == sorted(json.loads((one / "indices_rank0.json").read_text()))
+
+    checkpoints = sorted(p.name for p in (two / "checkpoints").iterdir())
+    assert len(checkpoints) == 2 and "last.ckpt" in checkpoints  # one best, one last: written once
+    assert not list(two.glob("**/.*.tmp"))
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["global_step"] == json.loads((one / "summary.json").read_text())["global_step"] == 2 * 2
+
+    loss_one = [float(r["train/loss_step"]) for r in metrics(one) if r.get("train/loss_step")]
+    loss_two = [float(r["train/loss_step"]) for r in metrics(two) if r.get("train/loss_step")]
+    # rank 0 logs its own half-batch loss; the updates (averaged gradients) are the same, so the
+    # end-of-run validation loss (reduced over ranks) matches the one-process run.
+    assert len(loss_one) == len(loss_two) == 4
+    val_one = [float(r["val/loss"]) for r in metrics(one) if r.get("val/loss")][-1]
+    val_two = [float(r["val/loss"]) for r in metrics(two) if r.get("val/loss")][-1]
+    assert val_two == pytest.approx(val_one, rel=0.05)
+
+    info = json.loads((two / "run_info.json").read_text())
+    assert info["seed"] == 42 and info["mmtx_version"] and "git_commit" in info and "trainer=ddp" in info["command"]
+    checkpoint = torch.load(two / "checkpoints" / "last.ckpt", weights_only=True)  # plain types only
+    assert checkpoint["mmtx_run_info"]["git_commit"] == info["git_commit"]
+
+
+def test_ddp_inside_a_hydra_multirun(tmp_path, images):
+    sweep = tmp_path / "sweep"
+    out = cli(["-m", *deterministic_run(tmp_path, images, 8), "trainer=ddp", "trainer.devices=2",
+               "trainer.max_epochs=1", "optim.lr=1e-3,3e-4", f"hydra.sweep.dir={sweep}"], tmp_path)
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"], out.stdout[-2000:]
+    for job in jobs:  # both ranks of a job worked in the job's folder
+        assert {f"indices_rank{r}.json" for r in (0, 1)} <= {p.name for p in (sweep / job).iterdir()}
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.ckpt"))
+    rows = list(csv.DictReader(open(sweep / "summary.tsv"), delimiter="\t"))
+    assert [r["overrides"].split()[-1] for r in rows] == ["optim.lr=0.001", "optim.lr=0.0003"]
+    assert all(r["best val/acc"] and r["test/acc"] for r in rows)
