@@ -24,11 +24,13 @@ def wandb(
     name: str | None = None,
     offline: bool | None = None,
     log_model: bool = False,
+    id: str | None = None,
 ):
     """Lightning's WandbLogger, offline when no API key is configured (offline=None).
 
     Offline runs are written under `<run dir>/wandb` and can be uploaded later
-    with `wandb sync`.
+    with `wandb sync`. `id`: continue that W&B run (a resumed training run passes
+    the id stored in its checkpoint, so its curves go on in the same W&B run).
     """
     from lightning.pytorch.loggers import WandbLogger  # imports wandb: only when this logger is chosen
 
@@ -37,6 +39,7 @@ def wandb(
     return WandbLogger(
         save_dir=save_dir, project=project, entity=entity, group=group, tags=list(tags or []),
         name=name, offline=offline, log_model=log_model and not offline,
+        **({"id": id, "resume": "allow"} if id else {}),
     )
 
 

@@ -75,6 +75,9 @@ class TaskModule(L.LightningModule):
         checkpoint["mmtx_config"] = self.run_config
         if getattr(self, "run_info", None):
             checkpoint["mmtx_run_info"] = self.run_info  # seed, versions, git commit (mmtx.runinfo)
+        for logger in self.loggers if self._trainer is not None else []:
+            if type(logger).__name__ == "WandbLogger":
+                checkpoint["mmtx_wandb_id"] = logger.version  # a resumed run continues this W&B run
         if self.vocab is not None:
             checkpoint["mmtx_vocab"] = self.vocab.to_json()
 

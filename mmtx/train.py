@@ -49,7 +49,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     datamodule = build_data(cfg)
     model = build_model(cfg, datamodule.runtime_kwargs())
     model.run_info = info  # stored in every checkpoint
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, wandb_id=_wandb_id(ckpt_path))
     for logger in trainer.loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": info})
 
@@ -74,6 +74,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
         _print_summary(summary)
+    for logger in trainer.loggers:  # end this run's W&B run: the next job of a multirun starts its own
+        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+            logger.experiment.finish()
     # Close this run's process group and forget the ranks Lightning's launcher set in this process's
     # environment: the next job of a multirun launches its own (it would otherwise wait for ranks that
     # were never started). Values set from outside (torchrun, SLURM) are kept.
@@ -84,6 +87,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         else:
             os.environ[key] = value
     return summary
+
+
+def _wandb_id(ckpt_path: str | None) -> str | None:
+    """The W&B run id stored in the checkpoint being resumed, if it was logged to W&B."""
+    if not ckpt_path:
+        return None
+    import torch
+
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("mmtx_wandb_id")
 
 
 def _ranks_share_this_job_dir(run_dir: Path) -> None:

@@ -85,15 +85,16 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool = True) -> 
     return callbacks
 
 
-def build_logger(cfg: DictConfig, run_dir: Path):
+def build_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None):
     node = cfg.get("logger")
     if not node or "_target_" not in node:  # logger=none or ~logger
         return False
-    return instantiate(node, save_dir=str(run_dir))
+    extra = {"id": wandb_id} if wandb_id and node._target_ == "mmtx.loggers.wandb" else {}
+    return instantiate(node, save_dir=str(run_dir), **extra)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, **overrides: Any) -> L.Trainer:
-    logger = build_logger(cfg, run_dir)
+def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, **overrides: Any) -> L.Trainer:
+    logger = build_logger(cfg, run_dir, wandb_id)
     kwargs: dict[str, Any] = dict(
         precision=resolve_precision(cfg.trainer),
         default_root_dir=str(run_dir),

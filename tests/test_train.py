@@ -173,3 +173,16 @@ def test_other_loggers(logger, image_folder, tmp_path, monkeypatch):
         offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
         assert offline, "W&B should run offline without an API key"
         assert list(offline[0].glob("*.wandb"))
+
+
+def test_a_resumed_run_continues_its_wandb_run(image_folder, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    common = [*folder_run(tmp_path, image_folder), "logger=wandb", "test_after_fit=false", "trainer.limit_val_batches=1"]
+    first = train(compose("vit_cifar", [*common, "trainer.max_epochs=1"]), run_dir=tmp_path / "first")
+    ckpt = torch.load(first["last_checkpoint"], weights_only=True)
+    run_id = ckpt["mmtx_wandb_id"]
+    assert run_id and [p.name.rsplit("-", 1)[-1] for p in (tmp_path / "first" / "wandb").glob("offline-run-*")] == [run_id]
+    train(compose("vit_cifar", [*common, "trainer.max_epochs=2", f"resume={first['last_checkpoint']}"]),
+          run_dir=tmp_path / "second")
+    assert [p.name.rsplit("-", 1)[-1] for p in (tmp_path / "second" / "wandb").glob("offline-run-*")] == [run_id]
