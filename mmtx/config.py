@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+# Resolvers the sweep and launcher configs use: the Optuna direction of a checkpoint mode, and a
+# device count for SLURM (trainer.devices=auto means one).
+OmegaConf.register_new_resolver(
+    "mmtx_direction", lambda mode: "maximize" if str(mode) == "max" else "minimize", replace=True)
+OmegaConf.register_new_resolver(
+    "launcher_devices", lambda devices: 1 if str(devices) in ("auto", "-1") else int(devices), replace=True)
 
 
 def config_dir() -> str:

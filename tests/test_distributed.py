@@ -89,3 +89,29 @@ def test_ddp_inside_a_hydra_multirun(tmp_path, images):
     rows = list(csv.DictReader(open(sweep / "summary.tsv"), delimiter="\t"))
     assert [r["overrides"].split()[-1] for r in rows] == ["optim.lr=0.001", "optim.lr=0.0003"]
     assert all(r["best val/acc"] and r["test/acc"] for r in rows)
+
+
+def test_optuna_sweep_of_two_trials_maximises_the_monitored_metric(tmp_path, images):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the sweep extra is not installed")
+    sweep = tmp_path / "sweep"
+    args = [a for a in deterministic_run(tmp_path, images, 8) if not a.startswith("+callbacks")]
+    cli(["-m", *args, "trainer=cpu", "trainer.max_epochs=1", "sweep=optuna", "hydra.sweeper.n_trials=2",
+         f"hydra.sweep.dir={sweep}"], tmp_path)
+    from omegaconf import OmegaConf
+
+    result = OmegaConf.load(sweep / "optimization_results.yaml")
+    rows = list(csv.DictReader(open(sweep / "summary.tsv"), delimiter="\t"))
+    assert len(rows) == 2 and all("optim.lr=" in r["overrides"] for r in rows)
+    assert result.best_value == pytest.approx(max(float(r["best val/acc"]) for r in rows))  # maximised: val/acc
+    assert set(result.best_params) == {"optim.lr", "optim.weight_decay"}
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the sweep extra is not installed")
+    out = cli(["task=vit_cifar", "launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+               "--cfg", "all", "--resolve"], tmp_path)
+    from omegaconf import OmegaConf
+
+    launcher = OmegaConf.create(out.stdout).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
