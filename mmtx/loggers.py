@@ -94,3 +94,28 @@ def log_confusion_matrix(trainer, key: str, matrix, class_names: list[str]) -> N
             preds = [j for i, row in enumerate(matrix.tolist()) for j, n in enumerate(row) for _ in range(int(n))]
             plot = wandb.plot.confusion_matrix(y_true=y_true, preds=preds, class_names=class_names)
             logger.experiment.log({f"{key}_plot": plot, "trainer/global_step": trainer.global_step})
+
+
+def log_media(trainer, key: str, captions: list[str], images=None, audio=None, sample_rate: int = 16000) -> None:
+    """Labelled examples where a person would rather look than read: images (N, C, H, W) in [0, 1] or
+    audio clips (1D tensors) with captions. W&B: images / audio with captions; TensorBoard: images
+    and audio, with the captions as text."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        kind = type(logger).__name__
+        if kind == "WandbLogger":
+            if images is not None:
+                logger.log_image(key=key, images=list(images), caption=captions, step=trainer.global_step)
+            if audio is not None:
+                import wandb
+
+                clips = [wandb.Audio(a.numpy(), sample_rate=sample_rate, caption=c) for a, c in zip(audio, captions)]
+                logger.experiment.log({key: clips, "trainer/global_step": trainer.global_step})
+        elif kind == "TensorBoardLogger":
+            writer, step = logger.experiment, trainer.global_step
+            if images is not None:
+                writer.add_images(key, images, global_step=step)
+            for i, clip in enumerate(audio or []):
+                writer.add_audio(f"{key}/{i}", clip[None], global_step=step, sample_rate=sample_rate)
+            writer.add_text(key, "\n\n".join(f"{i}: {c}" for i, c in enumerate(captions)), global_step=step)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mmtx.loggers import log_confusion_matrix
+from mmtx.loggers import log_confusion_matrix, log_media
 
 from mmtx.optim import build_optimizer
 
@@ -67,6 +67,15 @@ class TaskModule(L.LightningModule):
         optimizer, schedule = build_optimizer(self, total_steps=total, **self.optim)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log `train/grad_norm`: the global L2 norm of the gradients before clipping (this rank's shard
+        under FSDP), on the steps that are logged."""
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps):
+            return
+        norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True, on_epoch=False)
+
     def on_fit_start(self) -> None:
         if self.vocab is not None and self.trainer.is_global_zero:
             self.vocab.save(Path(self.trainer.default_root_dir) / "tokenizer.json")
@@ -90,6 +99,9 @@ class ClassificationModule(TaskModule):
     accuracy (torchmetrics) logged as `{stage}/acc` beside `{stage}/loss`;
     with `confusion_matrix`, the validation and test confusion matrices are
     logged at each epoch end (a W&B plot, TensorBoard text, `<run>/{stage}_confusion.tsv`).
+    At each validation end, the first `media_samples` images or audio clips of the
+    validation split are logged with their true and predicted labels (W&B images or
+    audio with captions; TensorBoard images); 0 turns this off.
     """
 
     def __init__(
@@ -102,6 +114,7 @@ class ClassificationModule(TaskModule):
         label_smoothing: float = 0.0,
         class_names: list[str] | None = None,
         confusion_matrix: bool = True,
+        media_samples: int = 16,
         compile: bool = False,
         run_config: dict[str, Any] | None = None,
     ) -> None:
@@ -112,6 +125,8 @@ class ClassificationModule(TaskModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.media_samples = media_samples
+        self._media: dict[str, Any] = {}
         self.confusion = nn.ModuleDict(
             {f"{s}_": MulticlassConfusionMatrix(num_classes) for s in ("val", "test")} if confusion_matrix else {}
         )
@@ -126,6 +141,8 @@ class ClassificationModule(TaskModule):
     def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch)
         loss = self.loss(logits, batch)
+        if stage == "val" and self.media_samples and not self._media:
+            self._keep_media(batch, logits.detach().argmax(-1))
         metric = getattr(self, f"{stage}_acc")
         metric(logits.detach(), batch["label"])
         if f"{stage}_" in self.confusion:
@@ -146,6 +163,25 @@ class ClassificationModule(TaskModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_confusion("val")
+        media, self._media = self._media, {}
+        if media and not self.trainer.sanity_checking:
+            log_media(self.trainer, "val_samples", **media)
+
+    def _keep_media(self, batch: dict[str, torch.Tensor], predicted: torch.Tensor) -> None:
+        """The first `media_samples` inputs of the epoch's first validation batch, with their labels."""
+        n = self.media_samples
+        names = [str(c) for c in self.class_names]
+        captions = [f"true {names[t]} / predicted {names[p]}" for t, p in zip(batch["label"][:n].tolist(), predicted[:n].tolist())]
+        if "image" in batch:
+            dm = self.trainer.datamodule
+            images = batch["image"][:n].float()
+            if getattr(dm, "mean", None) is not None:  # undo the normalisation: back to [0, 1]
+                images = (images * dm.std.to(images.device) + dm.mean.to(images.device)) / 255.0
+            self._media = {"images": images.clamp(0, 1).cpu(), "captions": captions}
+        elif "audio" in batch:
+            lengths = batch["audio_lengths"][:n].tolist()
+            clips = [clip[:length].float().cpu() for clip, length in zip(batch["audio"][:n], lengths)]
+            self._media = {"audio": clips, "sample_rate": getattr(self.tokenizer, "sample_rate", 16000), "captions": captions}
 
     def on_test_epoch_end(self) -> None:
         self._log_confusion("test")

@@ -186,3 +186,26 @@ def test_a_resumed_run_continues_its_wandb_run(image_folder, tmp_path, monkeypat
     train(compose("vit_cifar", [*common, "trainer.max_epochs=2", f"resume={first['last_checkpoint']}"]),
           run_dir=tmp_path / "second")
     assert [p.name.rsplit("-", 1)[-1] for p in (tmp_path / "second" / "wandb").glob("offline-run-*")] == [run_id]
+
+
+@pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
+def test_dashboards_get_labelled_samples_grad_norm_and_throughput(logger, image_folder, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), f"logger={logger}", "trainer.max_epochs=2",
+                                "test_after_fit=false", "module.media_samples=4", "callbacks.throughput.window=2"])
+    train(cfg, run_dir=tmp_path / "run")
+    if logger == "wandb":
+        run = next((tmp_path / "run" / "wandb").glob("offline-run-*"))
+        images = list((run / "files" / "media" / "images").glob("val_samples_*.png"))
+        assert len(images) == 2  # W&B stores each validation's 4 labelled images as one sprite file
+        assert list(run.glob("*.wandb"))
+    else:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(next((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")).parent),
+                                  size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+        events.Reload()
+        assert "val_samples" in " ".join(events.Tags()["images"])
+        scalars = events.Tags()["scalars"]
+        assert "train/grad_norm" in scalars and "train/samples_per_sec" in scalars
