@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+from pathlib import Path
 
 
 def _has_wandb_key() -> bool:
@@ -25,8 +26,12 @@ def wandb(
     offline: bool | None = None,
     log_model: bool = False,
     id: str | None = None,
+    task: str | None = None,
 ):
     """Lightning's WandbLogger, offline when no API key is configured (offline=None).
+
+    group=None: the jobs of a Hydra multirun are grouped by sweep (`<project>/<sweep folder>`,
+    e.g. `multirun/2026-11-23_10-00-00`), other runs by `task` (their task name).
 
     Offline runs are written under `<run dir>/wandb` and can be uploaded later
     with `wandb sync`. `id`: continue that W&B run (a resumed training run passes
@@ -36,11 +41,27 @@ def wandb(
 
     if offline is None:
         offline = not _has_wandb_key()
+    if group is None:
+        group = _sweep_group() or task
     return WandbLogger(
         save_dir=save_dir, project=project, entity=entity, group=group, tags=list(tags or []),
         name=name, offline=offline, log_model=log_model and not offline,
         **({"id": id, "resume": "allow"} if id else {}),
     )
+
+
+def _sweep_group() -> str | None:
+    """`<task>/multirun/<time>` for a job of a Hydra multirun, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            sweep_dir = Path(HydraConfig.get().sweep.dir)
+            return f"{sweep_dir.parent.parent.name}/{sweep_dir.parent.name}/{sweep_dir.name}"
+    except Exception:  # not under Hydra: no sweep
+        return None
+    return None
 
 
 def log_text_table(trainer, key: str, columns: list[str], rows: list[list], append: bool = True) -> None:
@@ -50,8 +71,6 @@ def log_text_table(trainer, key: str, columns: list[str], rows: list[list], appe
     W&B gets a table, TensorBoard a markdown table; the TSV file serves the CSV
     logger and anyone reading the run folder.
     """
-    from pathlib import Path
-
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:

@@ -211,3 +211,36 @@ def test_shared_cifar10_slice(tmp_path):
     dm = datamodule(cifar10(root=str(tmp_path), download=False), tmp_path)
     assert dm.classes[:3] == ["airplane", "automobile", "bird"] and dm.num_classes == 10
     assert dm.splits["train"]["images"].shape == (60, 3, 32, 32)
+
+
+def _build_slowly(counter):
+    with open(counter, "a") as f:
+        f.write("built\n")
+    import time
+
+    time.sleep(0.5)
+    return {"x": torch.ones(2)}
+
+
+def _load_in_another_process(path, counter):
+    import functools
+
+    from mmtx.data.cache import load_or_build
+
+    load_or_build(path, "fp", functools.partial(_build_slowly, counter))
+
+
+def test_processes_that_need_one_cache_at_once_build_it_once(tmp_path):
+    """As the ranks of a torchrun job do: the first builds, the others wait and load."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    path, counter = tmp_path / "cache.pt", tmp_path / "builds.txt"
+    procs = [ctx.Process(target=_load_in_another_process, args=(path, counter)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert counter.read_text().count("built") == 1
+    assert torch.load(path, weights_only=True)["fingerprint"] == "fp"

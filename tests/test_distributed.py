@@ -115,3 +115,14 @@ def test_slurm_launcher_config_composes(tmp_path):
     launcher = OmegaConf.create(out.stdout).hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+
+
+def test_each_job_of_a_multirun_is_its_own_wandb_run(tmp_path, images):
+    sweep = tmp_path / "sweep"
+    args = [a for a in deterministic_run(tmp_path, images, 8) if not a.startswith("+callbacks")]
+    cli(["-m", *args, "trainer=cpu", "trainer.max_epochs=1", "logger=wandb", "optim.lr=1e-3,3e-4",
+         f"hydra.sweep.dir={sweep}"], tmp_path)
+    runs = [list((sweep / job / "wandb").glob("offline-run-*")) for job in ("0", "1")]
+    assert [len(r) for r in runs] == [1, 1] and runs[0][0].name.split("-")[-1] != runs[1][0].name.split("-")[-1]
+    for job in ("0", "1"):  # the job's images, with labels, went to its own run
+        assert list((sweep / job / "wandb").glob("offline-run-*/files/media/images/val_samples_*.png"))

@@ -55,18 +55,37 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def load_or_build(
     path: str | os.PathLike, fingerprint: str, build: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
-    """Return the cache at `path` if it was built from `fingerprint`, else build and save it."""
+    """Return the cache at `path` if it was built from `fingerprint`, else build and save it.
+
+    A lock file beside the cache makes processes that need the same cache at once (the ranks of
+    a torchrun or SLURM job) wait for the one that builds it instead of building it again.
+    """
+    from filelock import FileLock
+
     path = Path(path)
-    if path.exists():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated or foreign file: rebuild it
-            log.warning("cache %s is unreadable (%s); rebuilding it", path, err)
-        else:
-            if cached.get("fingerprint") == fingerprint:
-                return cached
-            log.info("source changed since cache %s was built; rebuilding it", path)
-    data = dict(build(), fingerprint=fingerprint)
-    atomic_save(data, path)
+    cached = _load(path, fingerprint)
+    if cached is not None:
+        return cached
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        cached = _load(path, fingerprint)  # built by another process while this one waited
+        if cached is not None:
+            return cached
+        data = dict(build(), fingerprint=fingerprint)
+        atomic_save(data, path)
     log.info("cached %s", path)
     return data
+
+
+def _load(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: rebuild it
+        log.warning("cache %s is unreadable (%s); rebuilding it", path, err)
+        return None
+    if cached.get("fingerprint") == fingerprint:
+        return cached
+    log.info("source changed since cache %s was built; rebuilding it", path)
+    return None
