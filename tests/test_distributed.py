@@ -126,3 +126,17 @@ def test_each_job_of_a_multirun_is_its_own_wandb_run(tmp_path, images):
     assert [len(r) for r in runs] == [1, 1] and runs[0][0].name.split("-")[-1] != runs[1][0].name.split("-")[-1]
     for job in ("0", "1"):  # the job's images, with labels, went to its own run
         assert list((sweep / job / "wandb").glob("offline-run-*/files/media/images/val_samples_*.png"))
+
+
+def test_ranks_started_by_torchrun(tmp_path, images):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "mmtx.train", *deterministic_run(tmp_path, images, 8), "trainer=ddp", "trainer.devices=2",
+                          "trainer.max_epochs=1", f"hydra.run.dir={run}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0, rank1 = (set(json.loads((run / f"indices_rank{r}.json").read_text())) for r in (0, 1))
+    assert rank0 and rank1 and not rank0 & rank1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "last.ckpt"
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 2
