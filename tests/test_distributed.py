@@ -140,3 +140,17 @@ def test_ranks_started_by_torchrun(tmp_path, images):
     assert rank0 and rank1 and not rank0 & rank1
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "last.ckpt"
     assert json.loads((run / "summary.json").read_text())["global_step"] == 2
+
+
+def test_fsdp_config_builds_lightnings_strategy_with_one_unit_per_block():
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from mmtx import compose
+    from mmtx.nn.block import Block
+
+    cfg = compose("vit_cifar", ["trainer=fsdp", "trainer.strategy.activation_checkpointing=true"])
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy.name == "FULL_SHARD"
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}  # recomputed blocks
