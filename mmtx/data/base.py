@@ -93,7 +93,66 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
         return iter(torch.cat(batches).tolist())
 
 
-class LabelledSplits(L.LightningDataModule):
+def hold_out(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed, seeded split of n sample indices: (kept, held out), each sorted; at least one held out."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_out = max(1, int(round(n * fraction)))
+    return order[n_out:].sort().values, order[:n_out].sort().values
+
+
+class IndexedSplits(L.LightningDataModule):
+    """What the cached-data modules share: `splits` = {split: {name: tensor}}, index-only loaders
+    (a fresh seeded order per training epoch; samples of similar length batched together when the
+    split has `lengths_key`) and the copy of each split on the training device.
+
+    A subclass fills `splits` in `setup` and names the per-sample tensor that counts its samples
+    (`size_key`) and the one that holds their lengths (`lengths_key`, if any).
+    """
+
+    size_key = "labels"
+    lengths_key = "lengths"
+
+    def __init__(self, batch_size: int, eval_batch_size: int | None, device_resident: bool, seed: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.device_resident = device_resident
+        self.seed = seed
+        self.splits: dict[str, dict[str, torch.Tensor]] = {}
+        self._on_device: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        if split not in self.splits:
+            raise KeyError(f"the data source has no {split!r} split (it has {sorted(self.splits)})")
+        dataset = IndexDataset(split, len(self.splits[split][self.size_key]))
+        lengths = self.splits[split].get(self.lengths_key)  # variable-length samples: batch similar lengths
+        if train:
+            sampler = EpochShuffle(len(dataset), self.seed, lengths, batch_size)
+        else:
+            sampler = None if lengths is None else torch.argsort(lengths, descending=True).tolist()
+        # Training batches keep a fixed size (Mixup pairs samples; shapes stay static).
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=identity)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, train=False)
+
+    def _store(self, split: str, device: torch.device) -> dict[str, torch.Tensor]:
+        """The split's tensors on `device` (copied there once), or on the CPU when not device-resident."""
+        if not self.device_resident:
+            return self.splits[split]
+        key = (split, device)
+        if key not in self._on_device:
+            self._on_device[key] = {k: v.to(device) for k, v in self.splits[split].items()}
+        return self._on_device[key]
+
+
+class LabelledSplits(IndexedSplits):
     """Labelled samples from a source with `splits()`, `fingerprint(split)`, `decode(split)`.
 
     Each split is decoded once into a cache of tensors (see `mmtx.data.cache`).
@@ -119,20 +178,14 @@ class LabelledSplits(L.LightningDataModule):
         device_resident: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, device_resident, seed)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.source = source
         self.root = resolve_root(root)
         self.cache_dir = Path(cache_dir)
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction = val_fraction
-        self.device_resident = device_resident
-        self.seed = seed
         self.classes: list[str] = []
-        self.splits: dict[str, dict[str, torch.Tensor]] = {}
-        self._on_device: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}
 
     def _cache(self, split: str) -> dict[str, Any]:
         path = self.cache_dir / f"{self.source.cache_name}-{split}.pt"
@@ -157,10 +210,7 @@ class LabelledSplits(L.LightningDataModule):
 
     def _hold_out(self, split: dict[str, torch.Tensor]):
         """Split off a seeded random `val_fraction` of a split's samples."""
-        n = len(split["labels"])
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        n_val = max(1, int(round(n * self.val_fraction)))
-        val, train = order[:n_val].sort().values, order[n_val:].sort().values
+        train, val = hold_out(len(split["labels"]), self.val_fraction, self.seed)
 
         def pick(idx):
             return {k: v[idx] if k in self.sample_keys else v for k, v in split.items()}
@@ -171,33 +221,3 @@ class LabelledSplits(L.LightningDataModule):
     def num_classes(self) -> int:
         self.setup()
         return len(self.classes)
-
-    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
-        if split not in self.splits:
-            raise KeyError(f"the data source has no {split!r} split (it has {sorted(self.splits)})")
-        dataset = IndexDataset(split, len(self.splits[split]["labels"]))
-        lengths = self.splits[split].get("lengths")  # variable-length samples: batch similar lengths
-        if train:
-            sampler = EpochShuffle(len(dataset), self.seed, lengths, batch_size)
-        else:
-            sampler = None if lengths is None else torch.argsort(lengths, descending=True).tolist()
-        # Training batches keep a fixed size (Mixup pairs samples; shapes stay static).
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=identity)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, train=False)
-
-    def _store(self, split: str, device: torch.device) -> dict[str, torch.Tensor]:
-        """The split's tensors on `device` (copied there once), or on the CPU when not device-resident."""
-        if not self.device_resident:
-            return self.splits[split]
-        key = (split, device)
-        if key not in self._on_device:
-            self._on_device[key] = {k: v.to(device) for k, v in self.splits[split].items()}
-        return self._on_device[key]

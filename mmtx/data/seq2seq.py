@@ -26,11 +26,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
-from mmtx.data.base import EpochShuffle, IndexDataset, gather_padded, identity
+from mmtx.data.base import IndexedSplits, gather_padded, hold_out
 from mmtx.data.cache import digest, load_or_build
 from mmtx.data.sources import resolve_root
 from mmtx.tokenizers.text import Vocab, build_vocab
@@ -75,8 +73,10 @@ def _flatten(seqs: list[list[int]], limit: int) -> tuple[dict[str, torch.Tensor]
     return {"ids": ids, "offsets": torch.cumsum(lengths, 0) - lengths, "lengths": lengths}, cut
 
 
-class Seq2SeqDataModule(L.LightningDataModule):
+class Seq2SeqDataModule(IndexedSplits):
     """Pairs from a seq2seq source (see `mmtx.data.seq2seq_sources`).
+
+    Batches are indices of pairs (`IndexedSplits`), grouped by source length.
 
     src_vocab / tgt_vocab: vocabulary specs (as `tokenizer.vocab`: kind bpe |
     char | file, vocab_size, ...); src_vocab is unused for audio sources, and
@@ -88,6 +88,9 @@ class Seq2SeqDataModule(L.LightningDataModule):
     (seeded), for sources without a val split; with 0 the val split is used,
     or else the test split.
     """
+
+    size_key = "tgt_lengths"
+    lengths_key = "src_lengths"  # training batches group sources of similar length
 
     def __init__(
         self,
@@ -107,7 +110,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         fixed_tgt_vocab: Vocab | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, device_resident, seed)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         for key, value in (("max_src_len", max_src_len), ("max_tgt_len", max_tgt_len)):
@@ -122,17 +125,11 @@ class Seq2SeqDataModule(L.LightningDataModule):
         self.src_spec = dict(src_vocab or tgt_vocab)
         self.fixed = (fixed_vocab, fixed_tgt_vocab)  # the vocabularies of a checkpoint being evaluated
         self.max_src_len, self.max_tgt_len = max_src_len, max_tgt_len
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction = val_fraction
-        self.device_resident = device_resident
-        self.seed = seed
         self.src_vocab: Vocab | None = None
         self.tgt_vocab: Vocab | None = None
         self.special: dict[str, int] = {}
-        self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self.texts: dict[str, dict[str, list[str]]] = {}
-        self._on_device: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}
 
     # -- reading and tokenizing ------------------------------------------------------
 
@@ -213,11 +210,9 @@ class Seq2SeqDataModule(L.LightningDataModule):
     def _hold_out(self, splits: dict, texts: dict) -> None:
         """Move a seeded random `val_fraction` of the training samples into the val split.
         Only the per-sample offsets and lengths are picked: the flat ids and audio stay shared."""
-        n = len(splits["train"]["tgt_lengths"])
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        n_val = max(1, int(round(n * self.val_fraction)))
+        kept, held_out = hold_out(len(splits["train"]["tgt_lengths"]), self.val_fraction, self.seed)
         train = splits["train"]
-        for name, idx in (("val", order[:n_val].sort().values), ("train", order[n_val:].sort().values)):
+        for name, idx in (("val", held_out), ("train", kept)):
             splits[name] = {k: v[idx] if k.endswith(("_offsets", "_lengths")) else v for k, v in train.items()}
             texts[name] = {side: [texts["train"][side][i] for i in idx.tolist()] for side in ("src", "tgt")}
 
@@ -225,35 +220,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         self.setup()
         return seq2seq_runtime(self.tgt_vocab, self.src_vocab, getattr(self.source, "sample_rate", None))
 
-    # -- loaders and the device-side data path -----------------------------------------
-
-    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
-        if split not in self.splits:
-            raise KeyError(f"the data source has no {split!r} split (it has {sorted(self.splits)})")
-        lengths = self.splits[split]["src_lengths"]
-        dataset = IndexDataset(split, len(lengths))
-        if train:  # a fresh order per epoch, sources of similar length batched together
-            sampler = EpochShuffle(len(dataset), self.seed, lengths, batch_size)
-        else:
-            sampler = torch.argsort(lengths, descending=True).tolist()
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=identity)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, train=False)
-
-    def _store(self, split: str, device: torch.device) -> dict[str, torch.Tensor]:
-        if not self.device_resident:
-            return self.splits[split]
-        key = (split, device)
-        if key not in self._on_device:
-            self._on_device[key] = {k: v.to(device) for k, v in self.splits[split].items()}
-        return self._on_device[key]
+    # -- the device-side data path (loaders: IndexedSplits) ------------------------------
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> dict[str, Any]:
         if "index" not in batch:
