@@ -36,6 +36,23 @@ def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
+def fsdd_slice(root: Path, takes, speaker: str = "george") -> Path:
+    """Copy `speaker`'s clips of every digit and the given takes from the shared FSDD to
+    `<root>/fsdd/recordings` (takes 0-4 are the test split); skip when the shared data is absent."""
+    import shutil
+
+    src = SHARED_DATA / "fsdd" / "recordings"
+    if not src.is_dir():
+        pytest.skip(f"shared FSDD not found at {src}")
+    dst = root / "fsdd" / "recordings"
+    dst.mkdir(parents=True)
+    for digit in range(10):
+        for take in takes:
+            name = f"{digit}_{speaker}_{take}.wav"
+            shutil.copy(src / name, dst / name)
+    return dst
+
+
 def small_run(tmp_path: Path, data_root: Path | None = None, modality: str = "image") -> list[str]:
     """Overrides that make any task tiny: small model, small batches, CPU, outputs in tmp_path."""
     overrides = [

@@ -2,13 +2,12 @@
 
 import logging
 import math
-import shutil
 
 import pytest
 import soundfile as sf
 import torch
 
-from conftest import SHARED_DATA, small_run
+from conftest import fsdd_slice, small_run
 from mmtx import compose
 from mmtx.data.seq2seq import IGNORE, Seq2SeqDataModule
 from mmtx.data.seq2seq_sources import DIGIT_WORDS, AudioTranscripts, SpeechManifest
@@ -96,14 +95,7 @@ def test_asr_task_learns_tones_and_transcribes_files(tmp_path):
 
 
 def test_shared_fsdd_slice_as_words(tmp_path):
-    src = SHARED_DATA / "fsdd" / "recordings"
-    if not src.is_dir():
-        pytest.skip(f"shared FSDD not found at {src}")
-    dst = tmp_path / "fsdd" / "recordings"
-    dst.mkdir(parents=True)
-    for digit in range(10):
-        for take in (0, 5, 6, 7):
-            shutil.copy(src / f"{digit}_george_{take}.wav", dst / f"{digit}_george_{take}.wav")
+    fsdd_slice(tmp_path, takes=(0, 5, 6, 7))
     cfg = compose("asr_fsdd", [*small_run(tmp_path, tmp_path, "audio2text"), "trainer.max_epochs=1"])
     summary = train(cfg, run_dir=tmp_path / "run")
     assert math.isfinite(summary["test/loss"]) and 0.0 <= summary["test/cer"]

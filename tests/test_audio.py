@@ -2,7 +2,6 @@
 
 import logging
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from conftest import SHARED_DATA, small_run
+from conftest import fsdd_slice, small_run
 from mmtx import compose
 from mmtx.backbone import Backbone
 from mmtx.data import AudioDataModule
@@ -163,15 +162,7 @@ def test_audio_task_learns_synthetic_tones(tmp_path):
 
 
 def test_shared_fsdd_slice(tmp_path):
-    src = SHARED_DATA / "fsdd" / "recordings"
-    if not src.is_dir():
-        pytest.skip(f"shared FSDD not found at {src}")
-    dst = tmp_path / "fsdd" / "recordings"
-    dst.mkdir(parents=True)
-    for digit in range(10):
-        for take in (0, 1, 5, 6, 7):
-            name = f"{digit}_george_{take}.wav"
-            shutil.copy(src / name, dst / name)
+    fsdd_slice(tmp_path, takes=(0, 1, 5, 6, 7))
     cfg = compose("audio_fsdd", [*small_run(tmp_path, tmp_path, "audio"), "trainer.max_epochs=1"])
     summary = train(cfg, run_dir=tmp_path / "run")
     assert summary["global_step"] == 30 // 8  # 30 training clips, batches of 8
