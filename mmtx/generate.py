@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 from omegaconf import OmegaConf
+from torch.nn.utils.rnn import pad_sequence
 
 from mmtx.checkpoint import load_checkpoint
 from mmtx.data.audio_sources import AudioDecoder
@@ -104,20 +105,16 @@ def seq2seq_inputs(model, args: dict[str, Any]) -> list[str]:
 def seq2seq_batch(model, items: list[str], cfg) -> dict[str, torch.Tensor]:
     """A batch of sources in the layout the data module makes: `src` + `src_mask`, or `audio` + `audio_lengths`."""
     if model.sample_rate is None:
-        vocab, limit = model.vocab, int(cfg.data.max_src_len)
-        seqs = [vocab.encode(text.strip())[:limit] or [0] for text in items]
-        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            ids[i, :len(seq)] = torch.tensor(seq)
-        mask = torch.arange(ids.shape[1])[None, :] < torch.tensor([len(s) for s in seqs])[:, None]
-        return {"src": ids.to(model.device), "src_mask": mask.to(model.device)}
-    decoder = AudioDecoder(model.sample_rate, cfg.data.source.get("max_seconds"), on_bad_file="error")
-    waves = [decoder.decode(f, f) for f in items]
-    lengths = torch.tensor([w.numel() for w in waves])
-    audio = torch.zeros(len(waves), int(lengths.max()))
-    for i, w in enumerate(waves):
-        audio[i, :w.numel()] = w
-    return {"audio": audio.to(model.device), "audio_lengths": lengths.to(model.device)}
+        limit = int(cfg.data.max_src_len)
+        seqs = [torch.tensor(model.vocab.encode(text.strip())[:limit] or [0]) for text in items]
+    else:
+        decoder = AudioDecoder(model.sample_rate, cfg.data.source.get("max_seconds"), on_bad_file="error")
+        seqs = [decoder.decode(f, f) for f in items]
+    padded = pad_sequence(seqs, batch_first=True).to(model.device)  # zero-padded (B, S) ids or (B, L) audio
+    lengths = torch.tensor([len(seq) for seq in seqs], device=model.device)
+    if model.sample_rate is None:
+        return {"src": padded, "src_mask": torch.arange(padded.shape[1], device=model.device) < lengths[:, None]}
+    return {"audio": padded, "audio_lengths": lengths}
 
 
 def run_seq2seq(model, args: dict[str, Any], cfg) -> list[str]:
