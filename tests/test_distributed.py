@@ -33,10 +33,11 @@ def deterministic_run(tmp_path, images, batch_size):
     ]
 
 
-def cli(args, cwd):
+def cli(args, cwd, launcher=()):
+    """`python [-m launcher ...] -m mmtx.train ARGS` in a fresh process (the test callbacks importable)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "WANDB_MODE": "offline"}
-    out = subprocess.run([sys.executable, "-m", "mmtx.train", *args], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=TIMEOUT)
+    out = subprocess.run([sys.executable, *launcher, "-m", "mmtx.train", *args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -130,12 +131,8 @@ def test_each_job_of_a_multirun_is_its_own_wandb_run(tmp_path, images):
 
 def test_ranks_started_by_torchrun(tmp_path, images):
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "WANDB_MODE": "offline"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "mmtx.train", *deterministic_run(tmp_path, images, 8), "trainer=ddp", "trainer.devices=2",
-                          "trainer.max_epochs=1", f"hydra.run.dir={run}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert out.returncode == 0, out.stderr[-3000:]
+    cli([*deterministic_run(tmp_path, images, 8), "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=1",
+         f"hydra.run.dir={run}"], tmp_path, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"))
     rank0, rank1 = (set(json.loads((run / f"indices_rank{r}.json").read_text())) for r in (0, 1))
     assert rank0 and rank1 and not rank0 & rank1
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "last.ckpt"
