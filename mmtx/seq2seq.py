@@ -42,7 +42,6 @@ class Seq2SeqModule(TaskModule):
         optim: dict[str, Any],
         bos_id: int,
         eos_id: int,
-        pad_id: int = 0,
         label_smoothing: float = 0.1,
         beam_size: int = 4,
         length_penalty: float = 1.0,
@@ -57,18 +56,18 @@ class Seq2SeqModule(TaskModule):
     ) -> None:
         super().__init__(tokenizer, backbone, head, optim, compile, run_config)
         text_metrics(metrics, [], [])  # unknown names fail here, not after the first epoch
-        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.bos_id, self.eos_id = bos_id, eos_id
         self.label_smoothing = label_smoothing
         self.search = {"beam_size": beam_size, "length_penalty": length_penalty, "max_len": max_decode_len}
         self.metrics = list(metrics)
         self.val_decode_batches, self.val_beam_size = val_decode_batches, val_beam_size
         self.log_examples = log_examples
         src_vocab, tgt_vocab = self.vocab, self.tgt_vocab
-        self.shared_embeddings = bool(
+        shared = bool(
             tie_embeddings and src_vocab is not None and tgt_vocab is not None
             and (src_vocab is tgt_vocab or src_vocab.to_json() == tgt_vocab.to_json())
         )
-        if self.shared_embeddings:
+        if shared:
             self.tokenizer.embed.weight = self.head.embed.embed.weight
         self._decoded: dict[str, list[str]] = {"sources": [], "refs": [], "hyps": []}
 
