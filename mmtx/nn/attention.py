@@ -119,7 +119,8 @@ class Attention(_MultiHead):
             self.register_buffer("rope", rotary_tables(0, self.head_dim), persistent=False)
 
     def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        end = start + x.shape[2]
+        """Rotate x (..., T, Dh) at positions start..start+T-1."""
+        end = start + x.shape[-2]
         if self.rope.shape[0] < end:  # grow the (cos, sin) table to cover the new positions
             self.rope = rotary_tables(max(end, 2 * self.rope.shape[0]), self.head_dim, device=self.rope.device)
         return apply_rotary(x, self.rope[start:end])

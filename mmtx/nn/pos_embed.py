@@ -47,7 +47,7 @@ def resample_1d(table: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def rotary_tables(length: int, head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
-    """cos and sin of rotary angles for positions 0..length-1: (length, 2, head_dim/2).
+    """cos and sin of rotary angles for positions 0..length-1: (length, head_dim/2, 2).
 
     Pair i of a head rotates at frequency base^(-2i/head_dim) (RoFormer, Su et al., 2021).
     """
@@ -55,11 +55,37 @@ def rotary_tables(length: int, head_dim: int, base: float = 10000.0, device=None
         raise ValueError(f"rotary positions need an even head dim, got {head_dim}")
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq[None]  # (L, Dh/2)
-    return torch.stack([angles.cos(), angles.sin()], dim=1)  # (L, 2, Dh/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)  # (L, Dh/2, 2)
 
 
 def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate the halves of each head of x (B, H, T, Dh) by the angles of `table` (T, 2, Dh/2)."""
-    cos, sin = table[:, 0].to(x.dtype), table[:, 1].to(x.dtype)  # (T, Dh/2) each
-    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, Dh) -> 2 x (B, H, T, Dh/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    """Rotate each pair (x[2i], x[2i+1]) of each head of x (..., T, Dh) by the angles of `table` (T, Dh/2, 2).
+
+    The rotation is one complex multiplication (RoFormer, section 3.4.2; as LLaMA computes it), in
+    float32 whatever x's dtype. Its gradient is the inverse rotation, so the backward pass is one
+    complex multiplication too (`_Rotate`), without the copies autograd's generic view_as_complex
+    backward makes of non-contiguous gradients.
+    """
+    real = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _Rotate.apply(x, torch.view_as_complex(table.to(real).contiguous()))  # (T, Dh/2) complex
+
+
+def _rotate(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """x (..., T, Dh) times the unit complex numbers `turn` (T, Dh/2), pair by pair (half precision in float32)."""
+    x32 = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if x32.stride(-1) != 1 or any(stride % 2 for stride in x32.stride()[:-1]) or x32.storage_offset() % 2:
+        x32 = x32.contiguous()  # view_as_complex needs whole (real, imaginary) pairs in memory
+    pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))  # (..., T, Dh) -> (..., T, Dh/2) complex
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)  # -> (..., T, Dh)
+
+
+class _Rotate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(turn)
+        return _rotate(x, turn)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (turn,) = ctx.saved_tensors
+        return _rotate(grad, turn.conj().resolve_conj()), None  # a rotation's transpose is its inverse
