@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import DropPath
 from torch import nn
 
 from mmtx.nn.attention import Attention, CrossAttention, KVCache
@@ -43,7 +42,7 @@ class Block(nn.Module):
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout, bias)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = _drop_path(drop_path)
 
     def forward(
         self,
@@ -60,3 +59,12 @@ class Block(nn.Module):
                 raise ValueError("this block has cross-attention and needs a `context`")
             x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context, context_mask, cache))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _drop_path(rate: float) -> nn.Module:
+    """timm's DropPath, imported only when used: importing timm loads its whole model zoo (about a second)."""
+    if rate <= 0:
+        return nn.Identity()
+    from timm.layers import DropPath
+
+    return DropPath(rate)

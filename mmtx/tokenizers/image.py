@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
+from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
 
 from mmtx.batch import Tokens
 from mmtx.nn.pos_embed import resample_1d, sincos_2d

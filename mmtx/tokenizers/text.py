@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
+from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
 
 from mmtx.batch import Tokens
 
