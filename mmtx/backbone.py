@@ -43,6 +43,7 @@ class Backbone(nn.Module):
         self.depth = depth
         self.num_heads = num_heads
         self.causal = causal
+        self.rotary = rotary
         # Stochastic depth rises linearly with depth (Huang et al., 2016; DeiT).
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -14,6 +15,8 @@ from mmtx.generation import generate
 from mmtx.loggers import log_text_table
 from mmtx.module import TaskModule
 
+log = logging.getLogger(__name__)
+
 
 class LMModule(TaskModule):
     """Next-token prediction over the shared backbone (run causal).
@@ -21,9 +24,10 @@ class LMModule(TaskModule):
     The head's output matrix is the tokenizer's embedding matrix (tied). The
     residual output projections start scaled by 1/sqrt(2 * depth) (GPT-2,
     Radford et al., 2019) so the residual stream's variance does not grow
-    with depth. Metrics: `{stage}/loss` in nats per token and, when the
-    data says how many characters a token covers, `{stage}/bpc` (bits per
-    character = loss / ln 2 / chars_per_token), comparable across vocabularies.
+    with depth. Metrics: `{stage}/loss` in nats per token (`train/loss`: the
+    mean since it was last logged) and, when the data says how many
+    characters a token covers, `val/bpc` and `test/bpc` (bits per character
+    = loss / ln 2 / chars_per_token), comparable across vocabularies.
     At each validation end, `samples` continuations of `sample_prompts` are
     logged as a table (W&B: a table; TensorBoard: text; always
     `<run dir>/samples.tsv`).
@@ -46,11 +50,16 @@ class LMModule(TaskModule):
         super().__init__(tokenizer, backbone, head, optim, compile, run_config)
         if not backbone.causal:
             raise ValueError("a language model needs backbone.causal=true")
+        if getattr(tokenizer, "pos", None) is None and not backbone.rotary:
+            log.warning("this language model has no positions (tokenizer.pos_embed=none, backbone.rotary=false): "
+                        "only causal masking tells it where a token is")
         self.head.proj.weight = self.tokenizer.embed.weight  # tied input and output embeddings
         scale_residual_init(backbone)
         self.chars_per_token = chars_per_token
         self.sample_prompts = list(sample_prompts)
         self.sample = {"max_new_tokens": sample_tokens, "temperature": sample_temperature, "top_k": sample_top_k}
+        self._train_loss: torch.Tensor | None = None  # summed since train/loss was last logged
+        self._train_steps = 0
 
     # -- the model as a decoder ----------------------------------------------------
 
@@ -84,13 +93,30 @@ class LMModule(TaskModule):
         logits = self(batch)  # (B, T, V)
         targets = batch["targets"]  # (B, T)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        on_step = stage == "train"
+        if stage == "train":
+            self._log_train_loss(loss.detach())
+            return loss
         n = targets.numel()
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=not on_step)
-        if self.chars_per_token and stage != "train":
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        if self.chars_per_token:
             bpc = loss / math.log(2) / self.chars_per_token
             self.log(f"{stage}/bpc", bpc, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         return loss
+
+    def _log_train_loss(self, loss: torch.Tensor) -> None:
+        """`train/loss`: the mean over the steps since the loggers last wrote (as the Hugging Face
+        Trainer reports it), logged on the steps they write (`trainer.log_every_n_steps`) only.
+
+        Language models train by steps, so an epoch mean says little; and Lightning's `self.log`
+        costs about a millisecond a call on the CPU, a few percent of a small model's step.
+        """
+        self._train_loss = loss if self._train_loss is None else self._train_loss + loss  # on the device: no sync
+        self._train_steps += 1
+        step = self.trainer.global_step + 1  # this step's number, once the optimizer has stepped
+        if step % self.trainer.log_every_n_steps and step != self.trainer.max_steps:
+            return
+        self.log("train/loss", self._train_loss / self._train_steps, on_step=True, on_epoch=False, prog_bar=True)
+        self._train_loss, self._train_steps = None, 0
 
     def on_validation_epoch_end(self) -> None:
         if self.vocab is None or not self.sample_prompts or self.sample["max_new_tokens"] <= 0:

@@ -1,5 +1,6 @@
 """Text: tokenizers, the token cache, the causal LM, KV-cache generation and bad inputs."""
 
+import csv
 import logging
 import math
 import subprocess
@@ -192,8 +193,9 @@ def test_causal_lm_loss_decreases_and_the_run_keeps_its_tokenizer(tmp_path, corp
     summary = train(cfg, run_dir=tmp_path / "run")
     rows = (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    losses = [float(r.split(",")[header.index("train/loss_step")]) for r in rows[1:]
-              if r.split(",")[header.index("train/loss_step")]]
+    losses = [float(r.split(",")[header.index("train/loss")]) for r in rows[1:]
+              if r.split(",")[header.index("train/loss")]]
+    assert len(losses) >= 3
     assert losses[-1] < 0.75 * losses[0]
     vocab = Vocab.from_file(tmp_path / "run" / "tokenizer.json")
     assert summary["test/loss"] < 0.8 * math.log(len(vocab))  # well below the uniform guess
@@ -211,6 +213,19 @@ def test_causal_lm_loss_decreases_and_the_run_keeps_its_tokenizer(tmp_path, corp
     assert proc.stdout.startswith("All:") and len(proc.stdout.rstrip("\n")) >= 4
     same = load_model(summary["last_checkpoint"]).complete("All:", 20, temperature=0.0)
     assert proc.stdout.rstrip("\n") == same.rstrip("\n")
+
+
+def test_train_loss_is_the_mean_since_it_was_last_logged(tmp_path, corpus):
+    def logged(name, every):
+        cfg = compose("gpt_shakespeare", text_run(tmp_path / name, corpus, "trainer.max_steps=8",
+                                                   f"trainer.log_every_n_steps={every}", "test_after_fit=false"))
+        train(cfg, run_dir=tmp_path / name / "run")
+        with open(tmp_path / name / "run" / "metrics" / "version_0" / "metrics.csv") as f:
+            return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+    every_step, every_fourth = logged("one", 1), logged("four", 4)
+    assert len(every_step) == 8 and len(every_fourth) == 2
+    torch.testing.assert_close(every_fourth, [sum(every_step[:4]) / 4, sum(every_step[4:]) / 4], rtol=1e-4, atol=1e-5)
 
 
 def test_generate_rejects_checkpoints_without_a_tokenizer(image_folder, tmp_path):
