@@ -19,6 +19,7 @@ from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from mmtx.cpu import keep_freed_memory
 from mmtx.wiring import build_data, build_model, build_trainer
 from mmtx.checkpoint import find_resume
 from mmtx.data.cache import atomic_write_text
@@ -50,6 +51,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     model = build_model(cfg, datamodule.runtime_kwargs())
     model.run_info = info  # stored in every checkpoint
     trainer = build_trainer(cfg, run_dir, wandb_id=_wandb_id(ckpt_path))
+    if cfg.get("cpu_keep_freed_memory", True) and trainer.strategy.root_device.type == "cpu":
+        keep_freed_memory()
     for logger in trainer.loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": info})
 
