@@ -263,7 +263,7 @@ def test_rotary_scores_depend_on_relative_position_only():
     assert not torch.allclose(score(5, 2), score(5, 4))
 
 
-def test_rotary_rotates_each_pair_by_its_angle():
+def test_rotary_rotates_each_pair_by_its_angle(monkeypatch):
     from mmtx.nn.pos_embed import apply_rotary, rotary_tables
 
     torch.manual_seed(0)
@@ -278,6 +278,8 @@ def test_rotary_rotates_each_pair_by_its_angle():
     wide = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda w: apply_rotary(w.transpose(1, 2), rotary_tables(5, 8)), (wide,))
     half = apply_rotary(x.bfloat16(), rotary_tables(5, 8))  # autocast activations: rotated in float32, cast back
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # torch.compile's real-arithmetic form
+    torch.testing.assert_close(apply_rotary(x, rotary_tables(5, 8)), out)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), out, atol=0.05, rtol=0.02)
 

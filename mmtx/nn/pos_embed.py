@@ -67,7 +67,18 @@ def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     backward makes of non-contiguous gradients.
     """
     real = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if torch.compiler.is_compiling():  # inductor fuses the real form into one kernel; it has no complex codegen
+        return _rotate_real(x, table.to(real))
     return _Rotate.apply(x, torch.view_as_complex(table.to(real).contiguous()))  # (T, Dh/2) complex
+
+
+def _rotate_real(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The same rotation in real arithmetic: (even, odd) -> (even cos - odd sin, even sin + odd cos)."""
+    cos, sin = table[..., 0], table[..., 1]  # (T, Dh/2) each
+    x32 = x.to(table.dtype)
+    even, odd = x32[..., 0::2], x32[..., 1::2]  # (..., T, Dh/2) each
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # (..., T, Dh/2, 2)
+    return rotated.flatten(-2).to(x.dtype)  # -> (..., T, Dh)
 
 
 def _rotate(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
