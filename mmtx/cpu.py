@@ -20,8 +20,8 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     Every training step frees and re-allocates the same activation and
     gradient buffers. By default glibc serves the large ones with fresh
     `mmap`s and trims the heap when its top is free, so the next step
-    faults the same pages in again (about 400 page faults a step for
-    nanoGPT's CPU model, a few percent of its time). Raising the mmap and
+    faults the same pages in again (350 to 470 page faults a step for
+    nanoGPT's CPU model, measured). Raising the mmap and
     trim thresholds to `limit` keeps those buffers in the heap: PyTorch's
     CPU performance guide gets the same effect by preloading jemalloc or
     tcmalloc. Returns whether the setting took (glibc on Linux only).
