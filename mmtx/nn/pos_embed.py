@@ -66,10 +66,10 @@ def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     complex multiplication too (`_Rotate`), without the copies autograd's generic view_as_complex
     backward makes of non-contiguous gradients.
     """
-    real = torch.float64 if x.dtype == torch.float64 else torch.float32
+    table = table.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if torch.compiler.is_compiling():  # inductor fuses the real form into one kernel; it has no complex codegen
-        return _rotate_real(x, table.to(real))
-    return _Rotate.apply(x, torch.view_as_complex(table.to(real).contiguous()))  # (T, Dh/2) complex
+        return _rotate_real(x, table)
+    return _Rotate.apply(x, torch.view_as_complex(table.contiguous()))  # (T, Dh/2) complex
 
 
 def _rotate_real(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
