@@ -177,8 +177,7 @@ def peer(data_dir: str, vocab_size: int, seed: int, out_dir: str) -> dict:
     model.eval()
     val = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16).astype(np.int64)
     full = full_val_loss(lambda w: model(w[:, :-1], w[:, 1:])[0], torch.from_numpy(val))
-    return {"estimate": estimates[ITERS], "estimates": estimates, "full_val_loss": full,
-            "loop_s": loop_end - t_start, "in_process_s": time.perf_counter() - t_start}
+    return {"estimates": estimates, "full_val_loss": full, "loop_s": loop_end - t_start}
 
 
 def full_val_loss(logits_fn, val) -> float:
@@ -279,7 +278,7 @@ def report(results: dict[str, list[dict]], seeds: list[int], overrides: list[str
     for r in results["peer"]:
         curve = ", ".join(f"{step}: {r['estimates'][str(step)]:.3f}" for step in range(500, ITERS + 1, 500))
         print(f"peer seed {r['seed']}: {r['wall_s']:.1f} s wall (process; its training loop ended at "
-              f"{r['loop_s']:.1f} s), nanoGPT's 20-batch val estimate {r['estimate']:.4f}, "
+              f"{r['loop_s']:.1f} s), nanoGPT's 20-batch val estimate {r['estimates'][str(ITERS)]:.4f}, "
               f"full validation loss {r['full_val_loss']:.4f}; val estimate by step {{{curve}}}")
     for r in results["mmtx"]:
         curve = ", ".join(f"{step}: {loss:.3f}" for step, loss in r["curve"].items())
