@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
 
 
 class RNGState(L.Callback):
@@ -123,14 +127,44 @@ def _batch_size(batch: Any) -> int:
     return int(tensors[0].shape[0])
 
 
+def val_metrics_finite(trainer: L.Trainer) -> bool:
+    """False when a validation metric of the latest validation is NaN or infinite."""
+    for key, value in trainer.callback_metrics.items():
+        if key.startswith("val/") and not bool(torch.isfinite(torch.as_tensor(value)).all()):
+            return False
+    return True
+
+
+def healthy(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+    """Whether the model is worth keeping: finite weights, its last step not skipped as non-finite, and
+    finite validation metrics."""
+    weights_ok = pl_module.weights_are_finite() if hasattr(pl_module, "weights_are_finite") else True
+    return weights_ok and val_metrics_finite(trainer)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that never keeps a model with non-finite weights or validation metrics
+    as "best" (Lightning would save it, scoring a NaN as the worst value, and a diverged classifier can
+    still show a finite accuracy)."""
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if not healthy(trainer, trainer.lightning_module):
+            log.warning("step %d: not saving a best checkpoint: the model's weights or validation metrics are not "
+                        "finite", trainer.global_step)
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+
 class LastCheckpoint(L.Callback):
-    """Keep `<dirpath>/last.ckpt` current: every `every_n_steps` steps, at each epoch end and when training ends.
+    """Keep `<dirpath>/last.ckpt` current: every `every_n_steps` steps, at each epoch end, when training
+    ends, and when it stops on an exception or Ctrl-C (one process; with several ranks Lightning ends them).
 
     Lightning's ModelCheckpoint(save_last=True) writes only when it saves a
     best checkpoint, so its last.ckpt can lag (a run stopped by max_steps
     leaves one from the previous validation). This callback owns last.ckpt;
     saves go through the atomic checkpoint IO, so a run killed at any moment
-    resumes from here.
+    resumes from here. A model with non-finite weights or validation metrics
+    never replaces it.
     """
 
     def __init__(self, every_n_steps: int = 1000, dirpath: str | None = None) -> None:
@@ -138,8 +172,12 @@ class LastCheckpoint(L.Callback):
         self.dirpath = dirpath
         self._saved_step = -1
 
-    def _save(self, trainer: L.Trainer) -> None:
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == self._saved_step:
+            return
+        if not healthy(trainer, pl_module):
+            log.warning("step %d: last.ckpt not updated: the model's weights or validation metrics are not finite",
+                        trainer.global_step)
             return
         dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
         trainer.save_checkpoint(dirpath / "last.ckpt", weights_only=False)  # the full state: resumable
@@ -147,10 +185,15 @@ class LastCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
-            self._save(trainer)
+            self._save(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer)
+        self._save(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer)
+        self._save(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # With several ranks, saving would wait at a barrier for ranks that may be gone.
+        if trainer.world_size == 1 and trainer.state.fn == "fit":
+            self._save(trainer, pl_module)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mmtx.data.cache import atomic_save
+from mmtx.errors import CheckpointError, MissingError
 
 log = logging.getLogger(__name__)
 
@@ -32,41 +35,85 @@ def check_checkpoint(path: str | Path) -> Path:
     """Fail with one clear message if `path` is missing or not a readable checkpoint."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingError(f"checkpoint {path} does not exist")
     try:
         with zipfile.ZipFile(path) as archive:  # torch.save writes a zip archive
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint ({err})") from err
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint ({err})") from err
     if bad is not None:
-        raise ValueError(f"checkpoint {path} is corrupt (member {bad} fails its CRC check)")
+        raise CheckpointError(f"checkpoint {path} is corrupt (member {bad} fails its CRC check)")
     return path
 
 
+def safe_load(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """`torch.load` restricted to tensors and plain values (`weights_only=True`): a file that needs any
+    other global (a class, a function such as `os.system`) is refused, naming the path and the global,
+    and nothing in it runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL\s+([\w.]+)", str(err))
+        name = found.group(1) if found else "an object that is not a tensor or a plain value"
+        raise CheckpointError(
+            f"refusing to load {what} {path}: it needs the Python global {name}, and mmtx loads only "
+            "tensors and plain values (torch.load weights_only=True), so that no file can run code. "
+            "Checkpoints written by mmtx.train never need one; do not use a file from an untrusted source"
+        ) from None
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint written by mmtx.train, checked and loaded safely onto the CPU, with its run configuration."""
+    path = check_checkpoint(path)
+    checkpoint = safe_load(path, mmap=mmap)
+    if not isinstance(checkpoint, dict) or "mmtx_config" not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} has no mmtx run configuration (was it written by mmtx.train?)")
+    return checkpoint
+
+
 def find_resume(resume: str | None, output_root: str | Path, task_name: str, exclude: Path | None = None) -> str | None:
-    """The checkpoint to resume from: None, an explicit path, or `auto` (the task's newest last.ckpt)."""
+    """The checkpoint to resume from: None, an explicit path, or `auto` (the task's newest last.ckpt).
+
+    The checkpoint is loaded safely first (no code in it runs) and must belong to `task_name`.
+    """
     if resume in (None, "", False):
         return None
-    if resume != "auto":
-        return str(check_checkpoint(resume))
-    root = Path(output_root) / task_name
-    found = [
-        p for p in root.glob("**/checkpoints/last.ckpt")
-        if exclude is None or exclude.resolve() not in p.resolve().parents
-    ]
-    if not found:
-        raise FileNotFoundError(
-            f"resume=auto: no previous run of task {task_name!r} with a checkpoints/last.ckpt under {root}"
+    if resume == "auto":
+        root = Path(output_root) / task_name
+        found = [
+            p for p in root.glob("**/checkpoints/last.ckpt")
+            if exclude is None or exclude.resolve() not in p.resolve().parents
+        ]
+        if not found:
+            raise MissingError(
+                f"resume=auto: no previous run of task {task_name!r} with a checkpoints/last.ckpt under {root}"
+            )
+        resume = str(max(found, key=lambda p: p.stat().st_mtime))
+        log.info("resuming from %s", resume)
+    checkpoint = load_checkpoint(resume, mmap=True)
+    stored = (checkpoint["mmtx_config"] or {}).get("task_name")
+    if stored != task_name:
+        raise CheckpointError(
+            f"resume={resume} is a checkpoint of task {stored!r}, not of {task_name!r}: resume it with "
+            f"task={stored}, or give resume= a checkpoint of {task_name!r}"
         )
-    newest = max(found, key=lambda p: p.stat().st_mtime)
-    log.info("resuming from %s", newest)
-    return str(check_checkpoint(newest))
+    return str(Path(resume).expanduser())
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by mmtx.train onto the CPU, with its run configuration."""
-    path = check_checkpoint(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if "mmtx_config" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"checkpoint {path} has no mmtx run configuration (was it written by mmtx.train?)")
-    return checkpoint
+def check_model_matches(model: torch.nn.Module, ckpt_path: str) -> None:
+    """Fail naming the first parameters whose shapes differ between `model` and the checkpoint (a run
+    resumed with other model sizes), before Lightning would dump its list of mismatched keys."""
+    stored = safe_load(ckpt_path, mmap=True)["state_dict"]
+    own = model.state_dict()
+    missing = sorted(set(own) - set(stored))
+    unexpected = sorted(set(stored) - set(own))
+    shapes = [f"{k}: {tuple(stored[k].shape)} in the checkpoint, {tuple(v.shape)} now"
+              for k, v in own.items() if k in stored and tuple(stored[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        detail = "; ".join(shapes[:3] + [f"missing {missing[:3]}"] * bool(missing)
+                           + [f"unexpected {unexpected[:3]}"] * bool(unexpected))
+        raise CheckpointError(
+            f"resume={ckpt_path} holds a model of another shape ({detail}); resume with the configuration it was "
+            "trained with (its config.yaml), or start a new run without resume="
+        )
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +14,33 @@ OmegaConf.register_new_resolver(
     "mmtx_direction", lambda mode: "maximize" if str(mode) == "max" else "minimize", replace=True)
 OmegaConf.register_new_resolver(
     "launcher_devices", lambda devices: 1 if str(devices) in ("auto", "-1") else int(devices), replace=True)
+
+
+_CLAIMED: dict[str, str] = {}
+
+
+def claim_dir(path: str) -> str:
+    """`path`, or `path_1`, `path_2`, ... if it is taken: created here, atomically (`os.mkdir` fails when
+    the folder exists), so two runs started in the same second never share a run folder.
+
+    Used by `hydra.run.dir` and `hydra.sweep.dir` (`${mmtx_unique_dir:...}`). The same path asked for
+    again in one process (Hydra resolves the folder more than once) gets the same answer.
+    """
+    if path in _CLAIMED:
+        return _CLAIMED[path]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    for n in range(10_000):
+        candidate = path if n == 0 else f"{path}_{n}"
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        _CLAIMED[path] = candidate
+        return candidate
+    raise FileExistsError(f"no free run folder name left for {path}")
+
+
+OmegaConf.register_new_resolver("mmtx_unique_dir", claim_dir, replace=True, use_cache=True)
 
 
 def config_dir() -> str:

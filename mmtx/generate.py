@@ -31,6 +31,7 @@ from mmtx.data.seq2seq import seq2seq_runtime
 from mmtx.data.text import text_runtime
 from mmtx.tokenizers.text import Vocab
 from mmtx.wiring import build_model
+from mmtx.errors import CheckpointError
 
 DEFAULTS: dict[str, Any] = {
     "ckpt": None, "prompt": "\n", "max_new_tokens": 500, "temperature": 0.8, "top_k": 200, "top_p": None,
@@ -63,13 +64,13 @@ def load_model(ckpt: str, device: str = "cpu"):
     cfg = OmegaConf.create(checkpoint["mmtx_config"])
     if str(cfg.module._target_).endswith("Seq2SeqModule"):
         if "mmtx_tgt_vocab" not in checkpoint:
-            raise ValueError(f"checkpoint {ckpt} has no target tokenizer (mmtx_tgt_vocab): it was not written by "
+            raise CheckpointError(f"checkpoint {ckpt} has no target tokenizer (mmtx_tgt_vocab): it was not written by "
                              "an encoder-decoder training run of mmtx")
         src = Vocab.from_json(checkpoint["mmtx_vocab"]) if "mmtx_vocab" in checkpoint else None
         runtime = seq2seq_runtime(Vocab.from_json(checkpoint["mmtx_tgt_vocab"]), src, checkpoint.get("mmtx_sample_rate"))
     else:
         if "mmtx_vocab" not in checkpoint:
-            raise ValueError(f"checkpoint {ckpt} has no tokenizer (it was not written by a text task's training run)")
+            raise CheckpointError(f"checkpoint {ckpt} has no tokenizer (it was not written by a text task's training run)")
         runtime = text_runtime(Vocab.from_json(checkpoint["mmtx_vocab"]))
     model = build_model(cfg, runtime)
     model.load_state_dict(checkpoint["state_dict"])

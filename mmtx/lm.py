@@ -14,6 +14,7 @@ from mmtx.backbone import scale_residual_init
 from mmtx.generation import generate
 from mmtx.loggers import log_text_table
 from mmtx.module import TaskModule
+from mmtx.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,12 @@ class LMModule(TaskModule):
         sample_temperature: float = 0.8,
         sample_top_k: int | None = 200,
         compile: bool = False,
+        max_nonfinite_steps: int = 10,
         run_config: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(tokenizer, backbone, head, optim, compile, run_config)
+        super().__init__(tokenizer, backbone, head, optim, compile, max_nonfinite_steps, run_config)
         if not backbone.causal:
-            raise ValueError("a language model needs backbone.causal=true")
+            raise ConfigError("a language model needs backbone.causal=true")
         if getattr(tokenizer, "pos", None) is None and not backbone.rotary:
             log.warning("this language model has no positions (tokenizer.pos_embed=none, backbone.rotary=false): "
                         "only causal masking tells it where a token is")
@@ -117,6 +119,16 @@ class LMModule(TaskModule):
             return
         self.log("train/loss", self._train_loss / self._train_steps, on_step=True, on_epoch=False, prog_bar=True)
         self._train_loss, self._train_steps = None, 0
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The train/loss window in progress, so that a resumed run logs the means an unbroken one would.
+        window = None if self._train_loss is None else self._train_loss.detach().float().cpu()
+        checkpoint["mmtx_train_loss_window"] = {"sum": window, "steps": self._train_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        window = checkpoint.get("mmtx_train_loss_window") or {}
+        self._train_loss, self._train_steps = window.get("sum"), int(window.get("steps", 0))
 
     def on_validation_epoch_end(self) -> None:
         if self.vocab is None or not self.sample_prompts or self.sample["max_new_tokens"] <= 0:

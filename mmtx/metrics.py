@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Sequence
+from mmtx.errors import ConfigError
 
 
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
@@ -26,7 +27,7 @@ def text_metrics(names: Sequence[str], hypotheses: Sequence[str], references: Se
     """The metrics called `names` (bleu, cer, wer) of a corpus of hypotheses against references."""
     unknown = set(names) - {"bleu", "cer", "wer"}
     if unknown:
-        raise ValueError(f"module.metrics: unknown metric(s) {sorted(unknown)}; known: bleu, cer, wer")
+        raise ConfigError(f"module.metrics: unknown metric(s) {sorted(unknown)}; known: bleu, cer, wer")
     if not hypotheses:
         return {}
     out: dict[str, float] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,66 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from mmtx.errors import NonFiniteError
 from mmtx.loggers import log_confusion_matrix, log_media
-
 from mmtx.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose loss or gradient norm is NaN or infinite, as AMP's GradScaler skips
+    steps whose gradients overflowed, and stops the run after `max_steps` such steps in a row.
+
+    The decision is one device sync a step (and, with several ranks, one all-reduce of a flag, so that
+    every rank skips the same steps).
+    """
+
+    def __init__(self, max_steps: int = 10) -> None:
+        self.max_steps = max_steps
+        self.run = 0  # consecutive skipped steps
+        self.skipped = 0  # all skipped steps of this process
+        self.last_finite: tuple[int, torch.Tensor | None] | None = None  # (step, loss) of the last step taken
+        self._loss: torch.Tensor | None = None  # summed over this step's micro-batches
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self._loss = loss if self._loss is None else self._loss + loss
+
+    def skip_step(self, grad_norm: torch.Tensor | None, trainer: L.Trainer) -> bool:
+        loss, self._loss = self._loss, None
+        checks = [t.float().reshape(1) for t in (loss, grad_norm) if t is not None]
+        if not checks:
+            return False
+        bad = (~torch.isfinite(torch.cat(checks))).any().float()
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce(bad, reduce_op="max")
+        if not bool(bad):
+            self.run = 0
+            self.last_finite = (trainer.global_step + 1, loss)  # read only if the run stops: no sync here
+            return False
+        self.run += 1
+        self.skipped += 1
+        step = trainer.global_step + 1
+        if self.run == 1:
+            log.warning("step %d: the loss or gradient norm is not finite; skipping this optimizer step "
+                        "(module.max_nonfinite_steps=%d in a row stop the run)", step, self.max_steps)
+        if self.run >= self.max_steps:
+            raise NonFiniteError(self.message(step, trainer))
+        return True
+
+    def message(self, step: int, trainer: L.Trainer) -> str:
+        lr = trainer.lightning_module.optim.get("lr")
+        if self.last_finite is None or self.last_finite[1] is None:
+            last = "no step had a finite loss"
+        else:
+            last = f"the last finite loss was {float(self.last_finite[1]):.4g}, at step {self.last_finite[0]}"
+        return (
+            f"training stopped at step {step}: the loss or gradient norm was NaN or infinite for {self.run} "
+            f"optimizer steps in a row (module.max_nonfinite_steps={self.max_steps}), each skipped; {last}. "
+            f"Likely causes: a learning rate too high (optim.lr={lr}: try a tenth of it, or a longer "
+            f"optim.warmup_fraction), or overflow in reduced precision (trainer.precision={trainer.precision}: "
+            "try trainer.precision=32-true or bf16-mixed)"
+        )
 
 
 class TaskModule(L.LightningModule):
@@ -31,6 +89,7 @@ class TaskModule(L.LightningModule):
         head: nn.Module,
         optim: dict[str, Any],
         compile: bool = False,
+        max_nonfinite_steps: int = 10,
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -40,6 +99,7 @@ class TaskModule(L.LightningModule):
         self.optim = dict(optim)
         self.run_config = run_config or {}
         self._forward = torch.compile(self.forward_logits) if compile else self.forward_logits
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
 
     def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = self.head.prepare(self.tokenizer(batch))  # Tokens: (B, T, D), mask (B, T) | None
@@ -54,7 +114,9 @@ class TaskModule(L.LightningModule):
         return getattr(self.tokenizer, "vocab", None)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.shared_step(batch, "train")
+        loss = self.shared_step(batch, "train")
+        self.guard.add_loss(loss.detach())
+        return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.shared_step(batch, "val")
@@ -68,17 +130,28 @@ class TaskModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Log `train/grad_norm`: the global L2 norm of the gradients before clipping (this rank's shard
+        """Skip this optimizer step if its loss or gradient norm is not finite (see `NonFiniteGuard`),
+        and log `train/grad_norm`: the global L2 norm of the gradients before clipping (this rank's shard
         under FSDP), on the steps that are logged."""
-        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps):
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
+        if self.guard.skip_step(norm, self.trainer):
+            for p in self.parameters():
+                p.grad = None  # the optimizer leaves parameters without gradients as they are
+            self.log("train/skipped_steps", float(self.guard.skipped), on_step=True, on_epoch=False)
             return
-        norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True, on_epoch=False)
+        if norm is not None and self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def weights_are_finite(self) -> bool:
+        """True when every parameter is finite and the last optimizer step was not skipped as non-finite."""
+        return self.guard.run == 0 and all(bool(torch.isfinite(p).all()) for p in self.parameters())
 
     def on_fit_start(self) -> None:
         if self.vocab is not None and self.trainer.is_global_zero:
-            self.vocab.save(Path(self.trainer.default_root_dir) / "tokenizer.json")
+            folder = Path(self.trainer.default_root_dir)
+            folder.mkdir(parents=True, exist_ok=True)  # a user's own Trainer may name a folder not made yet
+            self.vocab.save(folder / "tokenizer.json")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmtx_config"] = self.run_config
@@ -116,9 +189,10 @@ class ClassificationModule(TaskModule):
         confusion_matrix: bool = True,
         media_samples: int = 16,
         compile: bool = False,
+        max_nonfinite_steps: int = 10,
         run_config: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(tokenizer, backbone, head, optim, compile, run_config)
+        super().__init__(tokenizer, backbone, head, optim, compile, max_nonfinite_steps, run_config)
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.class_names = list(class_names or range(num_classes))

@@ -52,9 +52,10 @@ class Seq2SeqModule(TaskModule):
         log_examples: int = 8,
         tie_embeddings: bool = True,
         compile: bool = False,
+        max_nonfinite_steps: int = 10,
         run_config: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(tokenizer, backbone, head, optim, compile, run_config)
+        super().__init__(tokenizer, backbone, head, optim, compile, max_nonfinite_steps, run_config)
         text_metrics(metrics, [], [])  # unknown names fail here, not after the first epoch
         self.bos_id, self.eos_id = bos_id, eos_id
         self.label_smoothing = label_smoothing

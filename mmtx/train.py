@@ -6,9 +6,13 @@ compose config -> seed -> data -> model -> trainer (callbacks, logger) -> fit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,12 +23,14 @@ from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from mmtx.cpu import keep_freed_memory
-from mmtx.wiring import build_data, build_model, build_trainer
-from mmtx.checkpoint import find_resume
-from mmtx.data.cache import atomic_write_text
-from mmtx.runinfo import run_info
+from mmtx.checkpoint import check_model_matches, find_resume, safe_load
 from mmtx.config import config_dir
+from mmtx.cpu import keep_freed_memory
+from mmtx.data.cache import atomic_write_text
+from mmtx.errors import NonFiniteError, reported
+from mmtx.runinfo import run_info
+from mmtx.validate import validate
+from mmtx.wiring import build_data, build_model, build_trainer
 
 log = logging.getLogger("mmtx.train")
 
@@ -34,71 +40,150 @@ _DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_POR
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train (and test) one run of `cfg` in `run_dir`; return its summary.
 
-    `run_dir` defaults to Hydra's output directory for this job.
+    `run_dir` defaults to Hydra's output directory for this job. The summary is written (and printed)
+    however fit ends: finished, stopped by Ctrl-C, diverged or crashed; in the last three cases the
+    error is raised again afterwards, so the process exits non-zero.
     """
-    dist_env = {k: os.environ.get(k) for k in _DIST_ENV}
+    validate(cfg)  # values of the main keys, before any data is read
     run_dir = Path(run_dir or _hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = find_resume(cfg.resume, cfg.paths.output_root, cfg.task_name, exclude=run_dir)
-    info = run_info(cfg.seed)
-    if rank_zero_only.rank == 0:  # other ranks (DDP) share the folder and write nothing here
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=1))
-    _ranks_share_this_job_dir(run_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    with _restored_dist_env(), _discarded_if_failing(run_dir) as started:
+        ckpt_path = find_resume(cfg.resume, cfg.paths.output_root, cfg.task_name, exclude=run_dir)
+        info = run_info(cfg.seed)
+        if rank_zero_only.rank == 0:  # other ranks (DDP) share the folder and write nothing here
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=1))
+        _ranks_share_this_job_dir(run_dir)
+        L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = build_data(cfg)
-    model = build_model(cfg, datamodule.runtime_kwargs())
-    model.run_info = info  # stored in every checkpoint
-    trainer = build_trainer(cfg, run_dir, wandb_id=_wandb_id(ckpt_path))
-    if cfg.get("cpu_keep_freed_memory", True) and trainer.strategy.root_device.type == "cpu":
-        keep_freed_memory()
-    for logger in trainer.loggers:
-        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": info})
+        datamodule = build_data(cfg)
+        model = build_model(cfg, datamodule.runtime_kwargs())
+        if ckpt_path:
+            check_model_matches(model, ckpt_path)
+        model.run_info = info  # stored in every checkpoint
+        trainer = build_trainer(cfg, run_dir, wandb_id=_wandb_id(ckpt_path))
+        if cfg.get("cpu_keep_freed_memory", True) and trainer.strategy.root_device.type == "cpu":
+            keep_freed_memory()
+        for logger in trainer.loggers:
+            logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": info})
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        started()
+        failure = _fit(trainer, model, datamodule, ckpt_path)
+        test_metrics = {} if failure else _test(cfg, trainer, model, datamodule)
+        summary = _summary(trainer, run_dir, ckpt_path, test_metrics, failure)
+        if trainer.is_global_zero:
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
+            _print_summary(summary)
+        _finish_wandb(trainer)
+        if failure is not None:
+            raise failure
+    return summary
 
+
+def _fit(trainer: L.Trainer, model: L.LightningModule, datamodule, ckpt_path: str | None) -> BaseException | None:
+    """Run `trainer.fit`; return what stopped it early (Ctrl-C, divergence, a crash), if anything did.
+    (Lightning has already saved last.ckpt through LastCheckpoint.on_exception by then.)"""
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except (Exception, KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into SystemExit(1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C from then on
+        return err
+    return None
+
+
+def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamodule) -> dict[str, float]:
+    """Test the best checkpoint (else the last weights) on the test split, if the data has one."""
+    if not cfg.test_after_fit or trainer.fast_dev_run or trainer.interrupted:
+        return {}
+    if hasattr(datamodule, "has_split") and not datamodule.has_split("test"):
+        log.warning("the data has no test split: skipping the final test (the validation metrics stand; "
+                    "test_after_fit=false silences this)")
+        return {}
     best = trainer.checkpoint_callback
-    best_path = best.best_model_path if best is not None else ""
-    test_metrics = {}
-    if cfg.test_after_fit and not trainer.fast_dev_run and not trainer.interrupted:
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None)
-        test_metrics = results[0] if results else {}
-    summary = {
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=(best.best_model_path if best else "") or None,
+                           weights_only=True)
+    return results[0] if results else {}
+
+
+def _summary(trainer: L.Trainer, run_dir: Path, ckpt_path: str | None, test_metrics: dict[str, float],
+             failure: BaseException | None) -> dict[str, Any]:
+    best = trainer.checkpoint_callback
+    if failure is None:
+        status = "finished"
+    elif isinstance(failure, NonFiniteError):
+        status = "diverged"
+    elif isinstance(failure, (KeyboardInterrupt, SystemExit)):
+        status = "interrupted"
+    else:
+        status = "failed"
+    return {
+        "status": status,
         "run_dir": str(run_dir),
         "monitor": best.monitor if best is not None else None,
-        "best_score": float(best.best_model_score) if best is not None and best.best_model_score is not None else None,
-        "best_checkpoint": best_path or None,
+        "best_score": _finite(best.best_model_score) if best is not None else None,
+        "best_checkpoint": (best.best_model_path if best is not None else "") or None,
         "last_checkpoint": _last_checkpoint(run_dir),
         "global_step": trainer.global_step,
         "resumed_from": ckpt_path,
-        **{k: float(v) for k, v in test_metrics.items()},
+        **{k: _finite(v) for k, v in test_metrics.items()},
     }
-    if trainer.is_global_zero:
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
-        _print_summary(summary)
-    for logger in trainer.loggers:  # end this run's W&B run: the next job of a multirun starts its own
+
+
+def _finite(value: Any) -> float | None:
+    """A figure for summary.json: a float, or None (JSON null) when missing, NaN or infinite."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """End this run's W&B run: the next job of a multirun starts its own."""
+    for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
             logger.experiment.finish()
-    # Close this run's process group and forget the ranks Lightning's launcher set in this process's
-    # environment: the next job of a multirun launches its own (it would otherwise wait for ranks that
-    # were never started). Values set from outside (torchrun, SLURM) are kept.
-    _destroy_dist_connection()
-    for key, value in dist_env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    return summary
+
+
+@contextlib.contextmanager
+def _restored_dist_env():
+    """Close this run's process group and forget the ranks Lightning's launcher set in this process's
+    environment, however the run ends: the next job of a multirun launches its own (it would otherwise
+    wait for ranks that were never started). Values set from outside (torchrun, SLURM) are kept."""
+    dist_env = {k: os.environ.get(k) for k in _DIST_ENV}
+    try:
+        yield
+    finally:
+        _destroy_dist_connection()
+        for key, value in dist_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# What a run folder holds before training starts; a run that fails by then leaves no folder behind.
+_STARTUP_FILES = {".hydra", "config.yaml", "run_info.json", "train.log"}
+
+
+@contextlib.contextmanager
+def _discarded_if_failing(run_dir: Path):
+    """Remove `run_dir` if the run fails before training starts (missing data, a bad checkpoint) and the
+    folder holds only what was written at start; yields the function that marks the start of training."""
+    state = {"started": False}
+    try:
+        yield lambda: state.update(started=True)
+    except BaseException:
+        leftovers = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+        if not state["started"] and leftovers <= _STARTUP_FILES and rank_zero_only.rank == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _wandb_id(ckpt_path: str | None) -> str | None:
     """The W&B run id stored in the checkpoint being resumed, if it was logged to W&B."""
     if not ckpt_path:
         return None
-    import torch
-
-    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("mmtx_wandb_id")
+    return safe_load(ckpt_path, mmap=True).get("mmtx_wandb_id")
 
 
 def _ranks_share_this_job_dir(run_dir: Path) -> None:
@@ -138,11 +223,17 @@ def _last_checkpoint(run_dir: Path) -> str | None:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     lines = [f"run directory:   {summary['run_dir']}"]
+    if summary["status"] in ("interrupted", "failed"):
+        lines.append(f"status:          {summary['status']} at step {summary['global_step']} "
+                     f"(continue with resume={summary['last_checkpoint'] or 'auto'})")
+    elif summary["status"] == "diverged":
+        lines.append(f"status:          diverged at step {summary['global_step']} (see the error below)")
     if summary["best_score"] is not None:
         lines.append(f"best {summary['monitor']}: {summary['best_score']:.4f}")
     for key, value in summary.items():
         if key.startswith("test/"):
-            lines.append(f"{key}:{' ' * max(1, 15 - len(key))}{value:.4f}")
+            shown = "-" if value is None else f"{value:.4f}"
+            lines.append(f"{key}:{' ' * max(1, 15 - len(key))}{shown}")
     lines.append(f"best checkpoint: {summary['best_checkpoint'] or '-'}")
     lines.append(f"last checkpoint: {summary['last_checkpoint'] or '-'}")
     print("\n".join(["", "mmtx run summary", *("  " + line for line in lines)]), flush=True)
@@ -150,7 +241,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    summary = train(cfg)
+    with reported("mmtx.train"):
+        summary = train(cfg)
     # Returned to Hydra so sweepers (Optuna) can optimise the monitored metric.
     return summary["best_score"]
 

@@ -79,7 +79,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool = True) -> 
         if not has_logger and node._target_.endswith("LearningRateMonitor"):
             continue  # it has nowhere to write (and Lightning refuses it without a logger)
         extra: dict[str, Any] = {}
-        if node._target_.endswith(("ModelCheckpoint", "LastCheckpoint")):
+        if node._target_.endswith(("ModelCheckpoint", "BestCheckpoint", "LastCheckpoint")):
             extra["dirpath"] = str(run_dir / "checkpoints")
         callbacks.append(instantiate(node, **extra))
     return callbacks

@@ -104,7 +104,7 @@ def test_missing_root_and_empty_folders(tmp_path):
 def test_different_sizes_without_image_size(tmp_path):
     folder = make_image_folder(tmp_path / "imgs", per_class=(2, 1))
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "train" / "cat" / "big.png")
-    with pytest.raises(ValueError, match="data.image_size"):
+    with pytest.raises(ValueError, match="data.source.image_size"):
         ImageFolder(folder).decode("train")
 
 

@@ -98,7 +98,7 @@ def test_hf_translation_reads_a_translation_column_or_language_columns(tmp_path,
         source = HFTranslation("json", "en", "de", data_files={"train": str(tmp_path / f"{name}.jsonl")},
                                split_names={"train": "train"})
         assert source.read("train") == {"src": ["One.", "Two."], "tgt": ["Eins.", "Zwei."], "names": []}
-    with pytest.raises(KeyError, match="has no language \\['fr'\\]"):
+    with pytest.raises(ValueError, match="has no language \\['fr'\\]"):
         HFTranslation("json", "fr", "de", data_files={"train": str(tmp_path / "wmt.jsonl")},
                       split_names={"train": "train"}).read("train")
 

@@ -23,6 +23,7 @@ import torch
 
 from mmtx.data.cache import digest
 from mmtx.data.sources import resolve_root
+from mmtx.errors import ConfigError, DataError, MissingError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class AudioDecoder:
 
     def __init__(self, sample_rate: int, max_seconds: float | None = None, on_bad_file: str = "skip") -> None:
         if on_bad_file not in ("skip", "error"):
-            raise ValueError(f"data.source.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
+            raise ConfigError(f"data.source.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
         self.sample_rate = sample_rate
         self.max_samples = int(max_seconds * sample_rate) if max_seconds else None
         self.on_bad_file = on_bad_file
@@ -51,10 +52,13 @@ class AudioDecoder:
             data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source,
                                  dtype="float32", always_2d=True)  # (frames, channels)
             if data.shape[0] == 0:
-                raise ValueError("it holds no samples")
+                raise DataError("it holds no samples")
+            declared = wav_declared_frames(source)
+            if declared is not None and data.shape[0] < declared:
+                raise DataError(f"it is truncated: its header declares {declared} frames but it holds {data.shape[0]}")
         except Exception as err:  # soundfile's LibsndfileError, a truncated header, an empty file
             if self.on_bad_file == "error":
-                raise ValueError(f"cannot read audio file {name}: {err} (data.source.on_bad_file=skip skips such files)") from err
+                raise DataError(f"cannot read audio file {name}: {err} (data.source.on_bad_file=skip skips such files)") from err
             self.bad.append(name)
             return None
         if data.shape[1] > 1:
@@ -81,12 +85,35 @@ class AudioDecoder:
             log.warning("%s: skipped %d unreadable or empty file(s), e.g. %s", where, len(self.bad), self.bad[:3])
 
 
+def wav_declared_frames(source: str | Path | bytes) -> int | None:
+    """The number of frames a RIFF/WAVE file's header declares (its data chunk's size over the block
+    size), or None when `source` is not a WAV file or its header does not say (streamed files write 0
+    or 0xFFFFFFFF). A file that holds fewer frames than this was cut short."""
+    if isinstance(source, bytes):
+        head = source[:65536]
+    else:
+        with open(source, "rb") as f:
+            head = f.read(65536)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block = 12, 0
+    while pos + 8 <= len(head):
+        chunk, size = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        if chunk == b"fmt " and pos + 22 <= len(head):
+            block = int.from_bytes(head[pos + 20:pos + 22], "little")  # nBlockAlign: bytes per frame
+        elif chunk == b"data":
+            return size // block if block and size not in (0, 0xFFFFFFFF) else None
+        pos += 8 + size + (size & 1)  # chunks are padded to an even size
+    return None
+
+
 def pack(waves: list[torch.Tensor], labels: list[int], classes: list[str], where: str,
-         names: list[str] | None = None) -> dict[str, Any]:
+         names: list[str] | None = None, skipped: list[str] | None = None) -> dict[str, Any]:
     """Clips of different lengths -> one flat float16 tensor plus offsets and lengths (the cache format);
-    `names` (the clips' files) are kept for tables and messages."""
+    `names` (the clips' files) are kept for tables and messages, `skipped` (unreadable files) for the
+    warning every run on this cache repeats."""
     if not waves:
-        raise FileNotFoundError(f"{where} holds no readable audio")
+        raise MissingError(f"{where} holds no readable audio")
     lengths = torch.tensor([w.numel() for w in waves], dtype=torch.long)
     offsets = torch.cumsum(lengths, 0) - lengths
     return {
@@ -96,6 +123,7 @@ def pack(waves: list[torch.Tensor], labels: list[int], classes: list[str], where
         "labels": torch.tensor(labels, dtype=torch.long),
         "classes": classes,
         "names": list(names or []),
+        "skipped": list(skipped or []),
     }
 
 
@@ -123,7 +151,7 @@ class AudioFolder:
         if not p.is_absolute() and not p.exists():
             p = resolve_root(root) / p
         if not p.is_dir():
-            raise FileNotFoundError(f"audio folder {p} does not exist")
+            raise MissingError(f"audio folder {p} does not exist")
         self.path = p
         self.sample_rate, self.max_seconds, self.on_bad_file = sample_rate, max_seconds, on_bad_file
         self.label_re = re.compile(label_pattern) if label_pattern else None
@@ -146,7 +174,7 @@ class AudioFolder:
                     target = "test" if self.test_re and self.test_re.search(f.name) else "train"
                 listing.setdefault(target, []).append((f, label))
         if not listing.get("train"):
-            raise FileNotFoundError(f"{self.path} holds no audio files ({', '.join(AUDIO_EXTENSIONS)}) for training")
+            raise MissingError(f"{self.path} holds no audio files ({', '.join(AUDIO_EXTENSIONS)}) for training")
         self._listing = listing
         return listing
 
@@ -154,10 +182,10 @@ class AudioFolder:
         if self.label_re is not None:
             m = self.label_re.search(f.name)
             if not m:
-                raise ValueError(f"file name {f} does not match data.source.label_pattern {self.label_re.pattern!r}")
+                raise DataError(f"file name {f} does not match data.source.label_pattern {self.label_re.pattern!r}")
             return m.group("label")
         if f.parent == root:
-            raise ValueError(f"{f} is not in a class sub-folder; set data.source.label_pattern to label by name")
+            raise DataError(f"{f} is not in a class sub-folder; set data.source.label_pattern to label by name")
         return f.relative_to(root).parts[0]
 
     def splits(self) -> list[str]:
@@ -182,7 +210,7 @@ class AudioFolder:
                 labels.append(index[label])
                 names.append(str(f.relative_to(self.path)))
         decoder.report(f"{self.path} [{split}]")
-        return pack(waves, labels, self.classes(), f"{self.path} [{split}]", names)
+        return pack(waves, labels, self.classes(), f"{self.path} [{split}]", names, decoder.bad)
 
 
 def _audio_files(root: Path) -> Iterable[Path]:
@@ -221,7 +249,7 @@ class HFAudio:
         ds = datasets.load_dataset(self.path, self.name, data_dir=self.data_dir, split=self.split_names[split])
         for key in (self.audio_key, self.label_key):
             if key not in ds.features:
-                raise KeyError(f"dataset {self.path} has no column {key!r}; columns: {list(ds.features)}")
+                raise DataError(f"dataset {self.path} has no column {key!r}; columns: {list(ds.features)}")
         return ds.cast_column(self.audio_key, datasets.Audio(decode=False))
 
     def splits(self) -> list[str]:
@@ -250,4 +278,4 @@ class HFAudio:
                 waves.append(wave)
                 labels.append(row[self.label_key] if named else index[str(row[self.label_key])])
         decoder.report(f"{self.path} [{split}]")
-        return pack(waves, labels, classes, f"{self.path} [{split}]")
+        return pack(waves, labels, classes, f"{self.path} [{split}]", skipped=decoder.bad)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from mmtx.data.cache import load_or_build
 from mmtx.data.sources import resolve_root
+from mmtx.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,58 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
         return iter(torch.cat(batches).tolist())
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader of index batches whose place in the epoch is saved in checkpoints and restored on
+    resume, so a run stopped at any step trains on exactly the batches it would have seen.
+
+    Lightning saves `state_dict()` with the fit loop and calls `load_state_dict()` before it starts
+    iterating again; the next iterator then skips the batches already trained (index batches only:
+    cheap). The position is the number of batches the trainer finished in the epoch, not the number
+    this loader yielded (Lightning fetches one ahead). `owner` is the DataModule, whose trainer knows.
+    Every loader draws its iterator seed from its own generator (`generator`), not the global RNG, so
+    that creating a loader's iterator (validation, a resume) does not shift the random numbers of
+    training (dropout, augmentation).
+    """
+
+    def __init__(self, *args: Any, owner: L.LightningDataModule | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owner = owner
+        self._skip: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.owner.trainer if self.owner is not None else None
+        if trainer is None:
+            return {"epoch": 0, "batches": 0}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(trainer.current_epoch), "batches": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
+            epoch, batches = epoch + 1, 0
+        for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):  # the iterator is made before Lightning sets the epoch
+                sampler.set_epoch(epoch)
+        self._skip = batches
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        skip, self._skip = self._skip, 0
+        for _ in range(skip):
+            next(iterator)
+        return iterator
+
+
+def index_loader(split: str, size: int, batch_size: int, sampler=None, train: bool = False,
+                 owner: L.LightningDataModule | None = None, seed: int = 0) -> DataLoader:
+    """The loader of one split's index batches: resumable (training) and with its own generator."""
+    dataset = IndexDataset(split, size)
+    generator = torch.Generator().manual_seed(seed)
+    # Training batches keep a fixed size (Mixup pairs samples; shapes stay static).
+    return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=identity,
+                           generator=generator, owner=owner)
+
+
 def hold_out(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed, seeded split of n sample indices: (kept, held out), each sorted; at least one held out."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -123,15 +176,19 @@ class IndexedSplits(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
         if split not in self.splits:
-            raise KeyError(f"the data source has no {split!r} split (it has {sorted(self.splits)})")
-        dataset = IndexDataset(split, len(self.splits[split][self.size_key]))
+            raise DataError(f"the data source has no {split!r} split (it has {sorted(self.splits)})")
+        size = len(self.splits[split][self.size_key])
         lengths = self.splits[split].get(self.lengths_key)  # variable-length samples: batch similar lengths
         if train:
-            sampler = EpochShuffle(len(dataset), self.seed, lengths, batch_size)
+            sampler = EpochShuffle(size, self.seed, lengths, batch_size)
         else:
             sampler = None if lengths is None else torch.argsort(lengths, descending=True).tolist()
-        # Training batches keep a fixed size (Mixup pairs samples; shapes stay static).
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=identity)
+        return index_loader(split, size, batch_size, sampler, train, owner=self, seed=self.seed)
+
+    def has_split(self, split: str) -> bool:
+        """Whether the data has this split (a source may have no test split)."""
+        self.setup()
+        return split in self.splits
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, train=True)
@@ -180,7 +237,7 @@ class LabelledSplits(IndexedSplits):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, device_resident, seed)
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.source = source
         self.root = resolve_root(root)
         self.cache_dir = Path(cache_dir)

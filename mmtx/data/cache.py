@@ -9,11 +9,14 @@ half-written cache behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import pickle
+import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -41,6 +44,18 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def remove_orphans(path: str | os.PathLike) -> None:
+    """Remove the temporary files and folders (`.<name>.<pid>.tmp`) that writes of `path` killed
+    midway left behind. Call it only while holding `path`'s lock, when no other write of it is under way."""
+    path = Path(path)
+    for orphan in path.parent.glob(f".{path.name}.*.tmp"):
+        log.info("removing %s, left by an interrupted write", orphan)
+        if orphan.is_dir():
+            shutil.rmtree(orphan, ignore_errors=True)
+        else:
+            orphan.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename."""
     path = Path(path)
@@ -50,6 +65,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def building_dir(path: str | os.PathLike) -> Iterator[Path | None]:
+    """Build the folder `path` atomically: yields a temporary folder to fill, renamed to `path` when the
+    block ends without error (removed otherwise), or None when `path` already exists (built meanwhile by
+    another process: a lock beside it makes the others wait). Orphans of killed builds are removed first.
+
+    >>> with building_dir(folder) as tmp:
+    ...     if tmp is not None:
+    ...         (tmp / "meta.json").write_text("{}")
+    """
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            yield None
+            return
+        remove_orphans(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.mkdir()
+        try:
+            yield tmp
+            os.rename(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_or_build(
@@ -65,11 +108,14 @@ def load_or_build(
     path = Path(path)
     cached = _load(path, fingerprint)
     if cached is not None:
+        _report_skipped(path, cached)
         return cached
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
+        remove_orphans(path)
         cached = _load(path, fingerprint)  # built by another process while this one waited
         if cached is not None:
+            _report_skipped(path, cached)
             return cached
         data = dict(build(), fingerprint=fingerprint)
         atomic_save(data, path)
@@ -77,11 +123,24 @@ def load_or_build(
     return data
 
 
+def _report_skipped(path: Path, cached: dict[str, Any]) -> None:
+    """Repeat, for every run that trains on a cache, the warning its build gave about skipped files
+    (the cache records them as `skipped`)."""
+    skipped = cached.get("skipped") or []
+    if skipped:
+        log.warning("%d unreadable file(s) were skipped when cache %s was built, e.g. %s",
+                    len(skipped), path, list(skipped)[:3])
+
+
 def _load(path: Path, fingerprint: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+        cached = torch.load(path, map_location="cpu", weights_only=True)  # nothing in the file can run
+    except pickle.UnpicklingError as err:  # it needs a Python global: not a cache mmtx wrote
+        log.warning("cache %s holds something other than tensors and plain values, which mmtx never loads "
+                    "(%s); rebuilding it", path, str(err).splitlines()[-3:])
+        return None
     except Exception as err:  # a truncated or foreign file: rebuild it
         log.warning("cache %s is unreadable (%s); rebuilding it", path, err)
         return None

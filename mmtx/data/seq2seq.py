@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmtx.data.base import IndexedSplits, gather_padded, hold_out
-from mmtx.data.cache import digest, load_or_build
+from mmtx.data.cache import building_dir, digest, load_or_build
 from mmtx.data.sources import resolve_root
 from mmtx.tokenizers.text import Vocab, build_vocab
+from mmtx.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def special_ids(vocab: Vocab) -> dict[str, int]:
     ids = {name: vocab.token_id(tok) for name, tok in (("pad_id", PAD), ("bos_id", BOS), ("eos_id", EOS))}
     missing = [tok for tok, i in zip((PAD, BOS, EOS), ids.values()) if i is None]
     if missing:
-        raise ValueError(f"the target tokenizer has no special token(s) {missing}; an encoder-decoder needs "
+        raise DataError(f"the target tokenizer has no special token(s) {missing}; an encoder-decoder needs "
                          f"{PAD}, {BOS} and {EOS} (add them to its special tokens)")
     return ids
 
@@ -114,10 +113,10 @@ class Seq2SeqDataModule(IndexedSplits):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, device_resident, seed)
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         for key, value in (("max_src_len", max_src_len), ("max_tgt_len", max_tgt_len)):
             if value < 2:
-                raise ValueError(f"data.{key} must be at least 2, got {value}")
+                raise ConfigError(f"data.{key} must be at least 2, got {value}")
         self.source = source
         self.text_source = source.kind == "text"
         self.root = resolve_root(root)
@@ -158,16 +157,11 @@ class Seq2SeqDataModule(IndexedSplits):
             else:
                 tgt = build_vocab(text=tgt_text, **self.tgt_spec)
             src = build_vocab(text="\n".join(train["src"]), **self.src_spec) if specs["src"] else None
-            tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            tgt.save(tmp / "tgt_tokenizer.json")
-            if src is not None:
-                src.save(tmp / "src_tokenizer.json")
-            try:
-                os.rename(tmp, folder)  # atomic; another process may have won the race
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
+            with building_dir(folder) as tmp:
+                if tmp is not None:  # else: another process built it meanwhile
+                    tgt.save(tmp / "tgt_tokenizer.json")
+                    if src is not None:
+                        src.save(tmp / "src_tokenizer.json")
             log.info("trained the tokenizer(s) of %s into %s", self.source.cache_name, folder)
         tgt = Vocab.from_file(folder / "tgt_tokenizer.json")
         if not self.text_source:
@@ -203,7 +197,7 @@ class Seq2SeqDataModule(IndexedSplits):
             self._hold_out(splits, texts)
         elif "val" not in splits:
             if "test" not in splits:
-                raise ValueError("the data source has no val or test split; set data.val_fraction to hold out "
+                raise DataError("the data source has no val or test split; set data.val_fraction to hold out "
                                  "part of the training split")
             splits["val"], texts["val"] = splits["test"], texts["test"]
         self.splits, self.texts = splits, texts

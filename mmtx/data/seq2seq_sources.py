@@ -32,6 +32,7 @@ from mmtx.data.audio_sources import AudioDecoder, AudioFolder, pack
 from mmtx.data.cache import digest
 from mmtx.data.sources import resolve_root
 from mmtx.data.text_sources import decode_utf8
+from mmtx.errors import ConfigError, DataError, MissingError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def find_file(path: str, root: Path, key: str) -> Path:
         if candidate.is_file():
             return candidate
     where = p if p.is_absolute() else f"{p} or {root / p}"
-    raise FileNotFoundError(f"{key}: no file at {where}")
+    raise MissingError(f"{key}: no file at {where}")
 
 
 def read_lines(path: Path, on_decode_error: str = "error") -> list[str]:
@@ -75,7 +76,7 @@ def keep_pairs(src: list[str], tgt: list[str], where: str) -> tuple[list[str], l
         log.warning("%s: skipped %d pair(s) with an empty side (lines %s%s)", where, len(skipped),
                     ", ".join(map(str, skipped[:5])), ", ..." if len(skipped) > 5 else "")
     if not kept_src:
-        raise ValueError(f"{where} holds no sentence pairs")
+        raise DataError(f"{where} holds no sentence pairs")
     return kept_src, kept_tgt
 
 
@@ -92,9 +93,9 @@ class ParallelText:
 
     def __init__(self, files: Mapping[str, Any], root: str | None = None, on_decode_error: str = "error") -> None:
         if on_decode_error not in ("error", "replace"):
-            raise ValueError(f"data.source.on_decode_error must be 'error' or 'replace', got {on_decode_error!r}")
+            raise ConfigError(f"data.source.on_decode_error must be 'error' or 'replace', got {on_decode_error!r}")
         if "train" not in files:
-            raise ValueError(f"data.source.files needs a train split, got {sorted(files)}")
+            raise DataError(f"data.source.files needs a train split, got {sorted(files)}")
         self.root = resolve_root(root)
         self.on_decode_error = on_decode_error
         self.files: dict[str, dict[str, Path] | Path] = {}
@@ -105,7 +106,7 @@ class ParallelText:
             elif isinstance(spec, Mapping) and set(spec) == {"src", "tgt"}:
                 self.files[split] = {side: find_file(spec[side], self.root, f"{key}.{side}") for side in ("src", "tgt")}
             else:
-                raise ValueError(f"{key} must be a TSV file or {{src: FILE, tgt: FILE}}, got {spec!r}")
+                raise DataError(f"{key} must be a TSV file or {{src: FILE, tgt: FILE}}, got {spec!r}")
         first = self.files["train"]
         name = (first["src"] if isinstance(first, dict) else first).name.split(".")[0]
         self.cache_name = f"parallel-{name}-{digest(*self._all_files())}"
@@ -126,7 +127,7 @@ class ParallelText:
         if isinstance(spec, dict):
             src, tgt = (read_lines(spec[side], self.on_decode_error) for side in ("src", "tgt"))
             if len(src) != len(tgt):
-                raise ValueError(
+                raise DataError(
                     f"{spec['src']} has {len(src)} lines but {spec['tgt']} has {len(tgt)}: line i of the source "
                     "file must translate line i of the target file"
                 )
@@ -138,7 +139,7 @@ class ParallelText:
                     line = "\t"  # a blank line: an empty pair, skipped and counted below
                 fields = line.split("\t")
                 if len(fields) != 2:
-                    raise ValueError(f"{spec}:{i} has {len(fields)} tab-separated fields, expected source<TAB>target")
+                    raise DataError(f"{spec}:{i} has {len(fields)} tab-separated fields, expected source<TAB>target")
                 src.append(fields[0])
                 tgt.append(fields[1])
             where = str(spec)
@@ -186,13 +187,13 @@ class HFTranslation:
             pairs = ds[self.translation_key]
             missing = {self.src_lang, self.tgt_lang} - set(pairs[0] if pairs else {})
             if missing:
-                raise KeyError(f"dataset {self.path}: {self.translation_key!r} has no language {sorted(missing)}; "
+                raise DataError(f"dataset {self.path}: {self.translation_key!r} has no language {sorted(missing)}; "
                                f"it has {sorted(pairs[0])}")
             src, tgt = [p[self.src_lang] or "" for p in pairs], [p[self.tgt_lang] or "" for p in pairs]
         else:
             for lang in (self.src_lang, self.tgt_lang):
                 if lang not in ds.features:
-                    raise KeyError(f"dataset {self.path} has neither a {self.translation_key!r} column nor a "
+                    raise DataError(f"dataset {self.path} has neither a {self.translation_key!r} column nor a "
                                    f"{lang!r} column; columns: {list(ds.features)}")
             src, tgt = [t or "" for t in ds[self.src_lang]], [t or "" for t in ds[self.tgt_lang]]
         src, tgt = keep_pairs(src, tgt, f"{self.path} [{split}]")
@@ -214,9 +215,9 @@ class SpeechManifest:
         on_bad_file: str = "skip",
     ) -> None:
         if "train" not in files:
-            raise ValueError(f"data.source.files needs a train split, got {sorted(files)}")
+            raise DataError(f"data.source.files needs a train split, got {sorted(files)}")
         if on_bad_file not in ("skip", "error"):
-            raise ValueError(f"data.source.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
+            raise ConfigError(f"data.source.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
         self.root = resolve_root(root)
         self.files = {split: find_file(f, self.root, f"data.source.files.{split}") for split, f in files.items()}
         self.sample_rate, self.max_seconds, self.on_bad_file = sample_rate, max_seconds, on_bad_file
@@ -233,7 +234,7 @@ class SpeechManifest:
                 continue
             path, sep, transcript = line.partition("\t")
             if not sep:
-                raise ValueError(f"{manifest}:{i} is not audio_path<TAB>transcript: {line[:80]!r}")
+                raise DataError(f"{manifest}:{i} is not audio_path<TAB>transcript: {line[:80]!r}")
             audio = Path(path.strip()).expanduser()
             entries.append((i, audio if audio.is_absolute() else manifest.parent / audio, transcript.strip()))
         return entries
@@ -255,7 +256,7 @@ class SpeechManifest:
                 continue
             if not path.is_file():
                 if self.on_bad_file == "error":
-                    raise FileNotFoundError(f"{manifest}:{line}: audio file {path} does not exist "
+                    raise MissingError(f"{manifest}:{line}: audio file {path} does not exist "
                                             "(data.source.on_bad_file=skip skips such lines)")
                 missing.append(f"{path} ({manifest.name}:{line})")
                 continue
@@ -271,7 +272,7 @@ class SpeechManifest:
         if empty:
             log.warning("%s: skipped %d line(s) with an empty transcript", where, empty)
         packed = pack(waves, [0] * len(waves), [], where, names)
-        return {"src": packed, "tgt": texts, "names": names}
+        return {"src": packed, "tgt": texts, "names": names, "skipped": decoder.bad + missing}
 
 
 class AudioTranscripts:
@@ -295,4 +296,4 @@ class AudioTranscripts:
     def read(self, split: str) -> dict[str, Any]:
         packed = self.folder.decode(split)
         texts = [self.transcripts.get(packed["classes"][i], packed["classes"][i]) for i in packed["labels"].tolist()]
-        return {"src": packed, "tgt": texts, "names": packed["names"]}
+        return {"src": packed, "tgt": texts, "names": packed["names"], "skipped": packed["skipped"]}

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mmtx.data.cache import digest
+from mmtx.errors import ConfigError, DataError, MissingError
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,17 @@ def pil_to_tensor(image: Image.Image, size: int | None) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
-def stack_images(images: list[torch.Tensor], origin: str) -> torch.Tensor:
-    """Stack decoded images, naming the source when their sizes differ."""
-    sizes = {tuple(t.shape) for t in images}
-    if len(sizes) > 1:
-        raise ValueError(
-            f"images in {origin} have different sizes {sorted(sizes)[:4]}; set data.image_size to resize them"
+def stack_images(images: list[torch.Tensor], origin: str, names: list[str] | None = None) -> torch.Tensor:
+    """Stack decoded images; when their sizes differ, name the files whose size is not the most common one."""
+    sizes = [tuple(t.shape[-2:]) for t in images]
+    if len(set(sizes)) > 1:
+        common = max(set(sizes), key=sizes.count)
+        names = names or [f"#{i}" for i in range(len(images))]
+        odd = [f"{name} ({h}x{w})" for name, (h, w) in zip(names, sizes) if (h, w) != common]
+        more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+        raise DataError(
+            f"images in {origin} have different sizes: most are {common[0]}x{common[1]}, but "
+            f"{', '.join(odd[:5])}{more}; set data.source.image_size to resize them all"
         )
     return torch.stack(images)
 
@@ -66,14 +72,14 @@ class ImageFolder:
 
     def __init__(self, path: str | os.PathLike, image_size: int | None = None, on_bad_file: str = "skip") -> None:
         if on_bad_file not in ("skip", "error"):
-            raise ValueError(f"data.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
+            raise ConfigError(f"data.source.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
         self.path = Path(path).expanduser()
         self.image_size = image_size
         self.on_bad_file = on_bad_file
         if not self.path.is_dir():
-            raise FileNotFoundError(f"image folder {self.path} does not exist")
+            raise MissingError(f"image folder {self.path} does not exist")
         if not self.splits():
-            raise FileNotFoundError(
+            raise MissingError(
                 f"image folder {self.path} has no split folder ({', '.join(self.SPLITS)}); "
                 "expected <path>/train/<class>/<image>"
             )
@@ -88,7 +94,7 @@ class ImageFolder:
         root = self.path / split
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not classes:
-            raise FileNotFoundError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
+            raise MissingError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
         return classes
 
     def _files(self, split: str) -> list[tuple[Path, int, int, int]]:
@@ -98,7 +104,7 @@ class ImageFolder:
         found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         unknown = sorted(set(found) - set(classes))
         if unknown:
-            raise ValueError(f"{root} has classes {unknown} that the training split {self.path / 'train'} lacks")
+            raise DataError(f"{root} has classes {unknown} that the training split {self.path / 'train'} lacks")
         files = []
         for label, name in enumerate(classes):
             for dirpath, dirnames, filenames in os.walk(root / name):
@@ -110,7 +116,7 @@ class ImageFolder:
                     st = p.stat()
                     files.append((p, label, st.st_size, st.st_mtime_ns))
         if not files:
-            raise FileNotFoundError(f"{root} holds no images (expected {root}/<class>/<image>)")
+            raise MissingError(f"{root} holds no images (expected {root}/<class>/<image>)")
         return files
 
     def fingerprint(self, split: str) -> str:
@@ -118,23 +124,24 @@ class ImageFolder:
         return digest(self.image_size, self.on_bad_file, *((str(p), s, m) for p, _, s, m in files))
 
     def decode(self, split: str) -> dict[str, Any]:
-        images, labels, bad = [], [], []
+        images, labels, bad, names = [], [], [], []
         for path, label, _, _ in self._files(split):
             try:
                 with Image.open(path) as image:
                     images.append(pil_to_tensor(image, self.image_size))
+                    names.append(str(path))
             except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not an image"
                 if self.on_bad_file == "error":
-                    raise ValueError(f"cannot read image {path}: {err} (set data.on_bad_file=skip to skip such files)") from err
+                    raise DataError(f"cannot read image {path}: {err} (set data.source.on_bad_file=skip to skip such files)") from err
                 bad.append(str(path))
                 continue
             labels.append(label)
         if bad:
             log.warning("skipped %d unreadable file(s) in %s, e.g. %s", len(bad), self.path / split, bad[:3])
         if not images:
-            raise FileNotFoundError(f"{self.path / split} holds no readable images")
+            raise MissingError(f"{self.path / split} holds no readable images")
         return {
-            "images": stack_images(images, str(self.path / split)),
+            "images": stack_images(images, str(self.path / split), names),
             "labels": torch.tensor(labels, dtype=torch.long),
             "classes": self.classes(),
             "skipped": bad,
@@ -183,7 +190,7 @@ def cifar10(root: str | None = None, download: bool = True, image_size: int | No
     if (base / "cifar10" / "train").is_dir():
         return ImageFolder(base / "cifar10", image_size=image_size, on_bad_file=on_bad_file)
     if not download:
-        raise FileNotFoundError(
+        raise MissingError(
             f"CIFAR-10 not found under data root {base}: looked for {base / 'cifar-10-batches-py'} "
             f"and {base / 'cifar10'}/train (set data.root or $MMTX_DATA_DIR, or data.source.download=true)"
         )
@@ -230,7 +237,7 @@ class HFImages:
         import datasets  # optional integration: loaded only for this source
 
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
-            raise FileNotFoundError(f"data.source.data_dir {self.data_dir} does not exist")
+            raise MissingError(f"data.source.data_dir {self.data_dir} does not exist")
         return datasets.load_dataset(self.path, self.name, data_dir=self.data_dir, split=self.split_names[split])
 
     def fingerprint(self, split: str) -> str:
@@ -240,7 +247,7 @@ class HFImages:
         ds = self._dataset(split)
         for key in (self.image_key, self.label_key):
             if key not in ds.features:
-                raise KeyError(f"dataset {self.path} has no column {key!r}; columns: {list(ds.features)}")
+                raise DataError(f"dataset {self.path} has no column {key!r}; columns: {list(ds.features)}")
         feature = ds.features[self.label_key]
         classes = list(feature.names) if hasattr(feature, "names") else sorted(set(ds[self.label_key]))
         to_index = (lambda v: v) if hasattr(feature, "names") else {c: i for i, c in enumerate(classes)}.__getitem__

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mmtx.data.cache import digest
-from mmtx.data.base import EpochShuffle, IndexDataset, identity
+from mmtx.data.cache import building_dir, digest
+from mmtx.data.base import EpochShuffle, index_loader
 from mmtx.data.sources import resolve_root
 from mmtx.data.text_sources import TextSource
 from mmtx.tokenizers.text import Vocab, build_vocab
+from mmtx.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class TextDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.source = source
         self.root = resolve_root(root)
         self.cache_dir = Path(cache_dir)
@@ -97,21 +96,17 @@ class TextDataModule(L.LightningDataModule):
         # set of characters of all splits (as nanoGPT's), so validation text is never unknown.
         vocab_text = "".join(texts.values()) if self.vocab_spec.get("kind") == "char" else texts["train"]
         vocab = self.fixed_vocab or build_vocab(text=vocab_text, **self.vocab_spec)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max + 1 else np.int32
         meta: dict[str, Any] = {"dtype": np.dtype(dtype).name, "vocab_size": len(vocab), "splits": {}}
-        for split, text in texts.items():
-            ids = np.asarray(vocab.encode(text), dtype=dtype)
-            ids.tofile(tmp / f"{split}.bin")
-            meta["splits"][split] = {"tokens": int(ids.size), "chars": len(text)}
-        vocab.save(tmp / "tokenizer.json")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.rename(tmp, path)  # atomic; another process may have won the race
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with building_dir(path) as tmp:
+            if tmp is None:  # another process built it meanwhile
+                return
+            for split, text in texts.items():
+                ids = np.asarray(vocab.encode(text), dtype=dtype)
+                ids.tofile(tmp / f"{split}.bin")
+                meta["splits"][split] = {"tokens": int(ids.size), "chars": len(text)}
+            vocab.save(tmp / "tokenizer.json")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         log.info("tokenized %s into %s: %s", self.source.cache_name, path, meta["splits"])
 
     def setup(self, stage: str | None = None) -> None:
@@ -124,7 +119,7 @@ class TextDataModule(L.LightningDataModule):
         for split in ("train", "val"):
             ids = np.memmap(path / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
             if ids.size < self.block_size + 2:
-                raise ValueError(
+                raise DataError(
                     f"data.block_size={self.block_size} is longer than the {split} split "
                     f"({ids.size} tokens); use a smaller block_size or more text"
                 )
@@ -150,12 +145,14 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         n = self._num_windows("train")
-        return DataLoader(IndexDataset("train", n), batch_size=self.batch_size, sampler=EpochShuffle(n, self.seed),
-                          drop_last=True, collate_fn=identity)
+        return index_loader("train", n, self.batch_size, EpochShuffle(n, self.seed), train=True, owner=self,
+                            seed=self.seed)
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(IndexDataset(split, self._num_windows(split)), batch_size=self.eval_batch_size,
-                          collate_fn=identity)
+        return index_loader(split, self._num_windows(split), self.eval_batch_size, owner=self, seed=self.seed)
+
+    def has_split(self, split: str) -> bool:
+        return split in ("train", "val", "test")  # the test split is the validation split
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from mmtx.data.cache import digest
 from mmtx.data.sources import resolve_root
+from mmtx.errors import ConfigError, DataError, MissingError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class TextFiles:
 
     def __init__(self, files: str | list[str], root: str | None = None, on_decode_error: str = "error") -> None:
         if on_decode_error not in ("error", "replace"):
-            raise ValueError(f"data.on_decode_error must be 'error' or 'replace', got {on_decode_error!r}")
+            raise ConfigError(f"data.source.on_decode_error must be 'error' or 'replace', got {on_decode_error!r}")
         self.patterns = [files] if isinstance(files, str) else list(files)
         self.root = resolve_root(root)
         self.on_decode_error = on_decode_error
@@ -51,7 +52,7 @@ class TextFiles:
                     break
             if not found:
                 where = " or ".join(str(c) for c in candidates)
-                raise FileNotFoundError(f"no text file matches {where} (data.files; data root {self.root})")
+                raise MissingError(f"no text file matches {where} (data.source.files; data root {self.root})")
             files += found
         return files
 
@@ -63,7 +64,7 @@ class TextFiles:
         texts = [self._read(f) for f in self.files]
         text = "\n".join(texts)
         if not text.strip():
-            raise ValueError(f"the text files {[str(f) for f in self.files]} are empty")
+            raise DataError(f"the text files {[str(f) for f in self.files]} are empty")
         return {"all": text}
 
     def _read(self, path: Path) -> str:
@@ -77,9 +78,9 @@ def decode_utf8(data: bytes, path: Path | str, on_decode_error: str = "error") -
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         if on_decode_error == "error":
-            raise ValueError(
+            raise DataError(
                 f"{path} is not UTF-8: invalid byte {data[err.start]:#04x} at byte offset {err.start} "
-                "(set data.on_decode_error=replace to replace such bytes with U+FFFD)"
+                "(set data.source.on_decode_error=replace to replace such bytes with U+FFFD)"
             ) from None
         text = data.decode("utf-8", errors="replace")
         log.warning("%s: replaced %d invalid UTF-8 byte sequence(s) with U+FFFD, the first at byte offset %d",
@@ -113,11 +114,11 @@ class HFText:
         import datasets  # optional integration: loaded only for this source
 
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
-            raise FileNotFoundError(f"data.source.data_dir {self.data_dir} does not exist")
+            raise MissingError(f"data.source.data_dir {self.data_dir} does not exist")
         ds = datasets.load_dataset(self.path, self.name, data_dir=self.data_dir, data_files=self.data_files,
                                    split=self.split_names[split])
         if self.text_key not in ds.features:
-            raise KeyError(f"dataset {self.path} has no column {self.text_key!r}; columns: {list(ds.features)}")
+            raise DataError(f"dataset {self.path} has no column {self.text_key!r}; columns: {list(ds.features)}")
         return ds
 
     def fingerprint(self) -> str:
@@ -126,5 +127,5 @@ class HFText:
     def read(self) -> dict[str, str]:
         texts = {s: self.separator.join(t for t in self._load(s)[self.text_key] if t) for s in self.split_names}
         if not texts.get("train", "").strip():
-            raise ValueError(f"dataset {self.path} has no text in its train split")
+            raise DataError(f"dataset {self.path} has no text in its train split")
         return texts if "val" in texts else {"all": texts["train"]}

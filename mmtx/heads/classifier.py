@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
 
 from mmtx.batch import Tokens
+from mmtx.errors import ConfigError
 
 
 class ClassifierHead(nn.Module):
@@ -21,7 +22,7 @@ class ClassifierHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, pool: str = "cls", dropout: float = 0.0) -> None:
         super().__init__()
         if pool not in ("cls", "mean"):
-            raise ValueError(f"head.pool must be 'cls' or 'mean', got {pool!r}")
+            raise ConfigError(f"head.pool must be 'cls' or 'mean', got {pool!r}")
         self.pool = pool
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         if self.cls_token is not None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtx.nn.pos_embed import apply_rotary, rotary_tables
+from mmtx.errors import ConfigError
 
 
 def attention_mask(
@@ -79,7 +80,7 @@ class _MultiHead(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_dropout: float, dropout: float, bias: bool) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+            raise ConfigError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_dropout = attn_dropout

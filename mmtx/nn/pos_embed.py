@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from mmtx.errors import ConfigError
 
 
 def sincos_1d(positions: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -12,7 +13,7 @@ def sincos_1d(positions: torch.Tensor, dim: int, temperature: float = 10000.0) -
     half cosines, over geometrically spaced frequencies.
     """
     if dim % 2:
-        raise ValueError(f"sin-cos encoding needs an even dim, got {dim}")
+        raise ConfigError(f"sin-cos encoding needs an even dim, got {dim}")
     omega = torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim // 2)
     omega = 1.0 / temperature**omega  # (dim/2,)
     angles = positions.to(torch.float64)[:, None] * omega[None, :]  # (N, dim/2)
@@ -27,7 +28,7 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int, device=None) -> torch.Tensor:
     [dim/2, dim) on y (row) only.
     """
     if dim % 4:
-        raise ValueError(f"2D sin-cos encoding needs dim divisible by 4, got {dim}")
+        raise ConfigError(f"2D sin-cos encoding needs dim divisible by 4, got {dim}")
     ys = torch.arange(grid_h, dtype=torch.float32, device=device)
     xs = torch.arange(grid_w, dtype=torch.float32, device=device)
     enc_x = sincos_1d(xs, dim // 2)  # (W, dim/2)
@@ -52,7 +53,7 @@ def rotary_tables(length: int, head_dim: int, base: float = 10000.0, device=None
     Pair i of a head rotates at frequency base^(-2i/head_dim) (RoFormer, Su et al., 2021).
     """
     if head_dim % 2:
-        raise ValueError(f"rotary positions need an even head dim, got {head_dim}")
+        raise ConfigError(f"rotary positions need an even head dim, got {head_dim}")
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq[None]  # (L, Dh/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)  # (L, Dh/2, 2)

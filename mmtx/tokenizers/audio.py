@@ -15,6 +15,7 @@ from torch import nn
 
 from mmtx.batch import Tokens
 from mmtx.nn.pos_embed import sincos_1d
+from mmtx.errors import ConfigError
 
 
 def log_mel_normalise(mel: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ class MelTokenizer(nn.Module):
         import torchaudio.transforms as T
 
         if stem not in ("stack", "conv"):
-            raise ValueError(f"tokenizer.stem must be 'stack' or 'conv', got {stem!r}")
+            raise ConfigError(f"tokenizer.stem must be 'stack' or 'conv', got {stem!r}")
         self.input_key = input_key
         self.sample_rate = sample_rate
         self.n_fft = round(sample_rate * win_ms / 1000)

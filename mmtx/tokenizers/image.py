@@ -8,6 +8,7 @@ from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this fun
 
 from mmtx.batch import Tokens
 from mmtx.nn.pos_embed import resample_1d, sincos_2d
+from mmtx.errors import ConfigError
 
 
 class PatchTokenizer(nn.Module):
@@ -34,7 +35,7 @@ class PatchTokenizer(nn.Module):
         super().__init__()
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         if height % patch_size or width % patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"image size {height}x{width} is not divisible by tokenizer.patch_size={patch_size} "
                 "(change data.source.image_size or tokenizer.patch_size)"
             )
@@ -42,7 +43,7 @@ class PatchTokenizer(nn.Module):
         self.input_key = input_key
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         if pos_embed not in _POS_EMBEDS:
-            raise ValueError(f"tokenizer.pos_embed must be one of {sorted(_POS_EMBEDS)}, got {pos_embed!r}")
+            raise ConfigError(f"tokenizer.pos_embed must be one of {sorted(_POS_EMBEDS)}, got {pos_embed!r}")
         self.pos = _POS_EMBEDS[pos_embed](dim, height // patch_size, width // patch_size)
         # Patch projection as a linear layer (timm/MAE): xavier on the flattened kernel.
         nn.init.xavier_uniform_(self.proj.weight.view(dim, -1))
@@ -53,7 +54,7 @@ class PatchTokenizer(nn.Module):
         H, W = images.shape[-2:]
         p = self.patch_size
         if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} is not divisible by tokenizer.patch_size={p}")
+            raise ConfigError(f"image size {H}x{W} is not divisible by tokenizer.patch_size={p}")
         x = self.proj(images)  # (B, C, H, W) -> (B, D, H/p, W/p)
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, gh*gw, D)
@@ -84,7 +85,7 @@ class Learned2d(nn.Module):
     def __init__(self, dim: int, grid_h: int, grid_w: int) -> None:
         super().__init__()
         if dim % 2:
-            raise ValueError(f"learned 2D positions need an even dim, got {dim}")
+            raise ConfigError(f"learned 2D positions need an even dim, got {dim}")
         self.x = nn.Parameter(torch.zeros(grid_w, dim // 2))
         self.y = nn.Parameter(torch.zeros(grid_h, dim // 2))
         trunc_normal_(self.x, std=0.02)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
 
 from mmtx.batch import Tokens
+from mmtx.errors import ConfigError, MissingError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Vocab:
         unk = self.tokenizer.token_to_id(UNK)
         if self.kind == "char" and unk is not None and unk in ids:
             unseen = sorted({ch for ch in text if self.tokenizer.token_to_id(ch) is None})
-            raise ValueError(
+            raise ConfigError(
                 f"text has characters the char tokenizer never saw in training: {unseen[:20]} "
                 "(use tokenizer=bpe, which covers every byte)"
             )
@@ -69,11 +70,11 @@ class Vocab:
     def from_file(cls, path: str | Path) -> "Vocab":
         path = Path(path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+            raise MissingError(f"tokenizer file {path} does not exist")
         try:
             return cls.from_json(path.read_text())
         except Exception as err:
-            raise ValueError(f"{path} is not a tokenizers JSON file: {err}") from err
+            raise ConfigError(f"{path} is not a tokenizers JSON file: {err}") from err
 
 
 def _kind_of(tokenizer) -> str:
@@ -129,9 +130,9 @@ def build_vocab(
         return train_char(text, special_tokens)
     if kind == "file":
         if not path:
-            raise ValueError("tokenizer.vocab.kind=file needs tokenizer.vocab.path=/path/to/tokenizer.json")
+            raise ConfigError("tokenizer.vocab.kind=file needs tokenizer.vocab.path=/path/to/tokenizer.json")
         return Vocab.from_file(path)
-    raise ValueError(f"tokenizer.vocab.kind must be bpe, char or file, got {kind!r}")
+    raise ConfigError(f"tokenizer.vocab.kind must be bpe, char or file, got {kind!r}")
 
 
 class TokenEmbedding(nn.Module):
@@ -153,7 +154,7 @@ class TokenEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         if pos_embed not in ("learned", "none"):
-            raise ValueError(f"tokenizer.pos_embed must be 'learned' or 'none', got {pos_embed!r}")
+            raise ConfigError(f"tokenizer.pos_embed must be 'learned' or 'none', got {pos_embed!r}")
         self.vocab = vocab if isinstance(vocab, Vocab) else None  # kept for decoding; not a parameter
         vocab_size = len(vocab) if isinstance(vocab, Vocab) else vocab
         self.input_key = input_key
@@ -169,7 +170,7 @@ class TokenEmbedding(nn.Module):
         ids = batch[self.input_key]  # (B, T) int
         T = ids.shape[1]
         if start + T > self.max_len and self.pos is not None:
-            raise ValueError(f"sequence of {start + T} tokens is longer than tokenizer.max_len={self.max_len}")
+            raise ConfigError(f"sequence of {start + T} tokens is longer than tokenizer.max_len={self.max_len}")
         x = self.embed(ids)  # (B, T) -> (B, T, D)
         if self.pos is not None:
             x = x + self.pos[start:start + T]

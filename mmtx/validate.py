@@ -1,0 +1,126 @@
+"""Check the types and ranges of a composed run configuration before any data is read or model built.
+
+Hydra checks that keys exist; this checks their values (`optim.lr=abc`, `data.batch_size=0`) and
+fails with one message naming the key, the value and what is allowed, instead of an error raised
+deep inside PyTorch minutes later.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from mmtx.errors import ConfigError
+
+# A rule: (what is allowed, in words; a test of the value). Keys absent from a task's config are skipped.
+Rule = tuple[str, Callable[[Any], bool]]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
+           optional: bool = False) -> Rule:
+    lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+    hi = "" if high is None else (f"< {high}" if high_open else f"<= {high}")
+    words = "a number" + (" " + " and ".join(w for w in (lo, hi) if w) if lo or hi else "")
+    words += " or null" if optional else ""
+
+    def test(value: Any) -> bool:
+        if value is None:
+            return optional
+        if not _number(value):
+            return False
+        if low is not None and (value <= low if low_open else value < low):
+            return False
+        return high is None or (value < high if high_open else value <= high)
+
+    return words, test
+
+
+def integer(low: int, optional: bool = False, also: tuple[Any, ...] = ()) -> Rule:
+    words = f"a whole number >= {low}" + "".join(f" or {a}" for a in also) + (" or null" if optional else "")
+    return words, lambda v: (v is None and optional) or v in also or (_integer(v) and v >= low)
+
+
+def limit(optional: bool = True) -> Rule:
+    """Lightning's limit_*_batches / val_check_interval: a fraction in [0, 1] or a whole number of batches."""
+    return ("a fraction in [0, 1] or a whole number of batches >= 0" + (" or null" if optional else ""),
+            lambda v: (v is None and optional) or (_integer(v) and v >= 0) or (_number(v) and 0 <= v <= 1))
+
+
+def boolean() -> Rule:
+    return "true or false", lambda v: isinstance(v, bool)
+
+
+RULES: dict[str, Rule] = {
+    "seed": integer(0),
+    "optim.lr": number(0, low_open=True),
+    "optim.weight_decay": number(0),
+    "optim.eps": number(0, low_open=True),
+    "optim.warmup_steps": integer(0, optional=True),
+    "optim.warmup_fraction": number(0, 1, high_open=True),
+    "optim.min_lr_ratio": number(0, 1),
+    "data.batch_size": integer(1),
+    "data.eval_batch_size": integer(1, optional=True),
+    "data.val_fraction": number(0, 1, high_open=True),
+    "data.block_size": integer(1),
+    "data.max_src_len": integer(2),
+    "data.max_tgt_len": integer(2),
+    "data.mixup": number(0),
+    "data.cutmix": number(0),
+    "data.device_resident": boolean(),
+    "trainer.max_epochs": integer(0, also=(-1,), optional=True),
+    "trainer.max_steps": integer(0, also=(-1,)),
+    "trainer.gradient_clip_val": number(0, optional=True),
+    "trainer.accumulate_grad_batches": integer(1),
+    "trainer.log_every_n_steps": integer(1),
+    "trainer.check_val_every_n_epoch": integer(1, optional=True),
+    "trainer.num_sanity_val_steps": integer(0, also=(-1,)),
+    "trainer.limit_train_batches": limit(),
+    "trainer.limit_val_batches": limit(),
+    "trainer.limit_test_batches": limit(),
+    "trainer.val_check_interval": limit(),
+    "trainer.num_nodes": integer(1),
+    "backbone.dim": integer(1),
+    "backbone.depth": integer(1),
+    "backbone.num_heads": integer(1),
+    "backbone.mlp_ratio": number(0, low_open=True),
+    "backbone.dropout": number(0, 1, high_open=True),
+    "backbone.attn_dropout": number(0, 1, high_open=True),
+    "backbone.drop_path": number(0, 1, high_open=True),
+    "head.depth": integer(1),
+    "module.label_smoothing": number(0, 1, high_open=True),
+    "module.max_nonfinite_steps": integer(1),
+    "module.beam_size": integer(1),
+    "module.media_samples": integer(0),
+    "callbacks.last_checkpoint.every_n_steps": integer(0),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise a ConfigError naming the first key of `cfg` whose value breaks its rule."""
+    for key, (allowed, test) in RULES.items():
+        node = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        if node is _ABSENT:
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"{key} has no value (???): set it, e.g. {key}=...")
+        if not test(node):
+            raise ConfigError(f"{key}={node!r} is not valid: {key} must be {allowed}")
+    betas = OmegaConf.select(cfg, "optim.betas", default=None)
+    if betas is not None and not (len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"optim.betas={list(betas)!r} is not valid: it must be two numbers in [0, 1)")
+    dim, heads = OmegaConf.select(cfg, "backbone.dim"), OmegaConf.select(cfg, "backbone.num_heads")
+    if _integer(dim) and _integer(heads) and dim % heads:
+        raise ConfigError(f"backbone.dim={dim} is not divisible by backbone.num_heads={heads}")
+
+
+_ABSENT = object()
