@@ -18,8 +18,10 @@ import lightning as L
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
+from mmtx.validate import validate
 from mmtx.wiring import build_data, build_model, resolve_precision
 from mmtx.checkpoint import load_checkpoint
+from mmtx.errors import DataError, reported
 from mmtx.tokenizers.text import Vocab
 
 USAGE = "usage: python -m mmtx.eval ckpt=PATH [key=value ...]"
@@ -56,6 +58,7 @@ def evaluate(ckpt: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except ConfigKeyError as err:
         raise SystemExit(f"unknown configuration key in overrides {list(overrides)}: {err.msg}") from None
+    validate(cfg)
     extra = {}
     if "mmtx_vocab" in checkpoint:  # evaluate with exactly the vocabulary the model was trained with
         extra["fixed_vocab"] = Vocab.from_json(checkpoint["mmtx_vocab"])
@@ -71,15 +74,24 @@ def evaluate(ckpt: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
         precision=resolve_precision(cfg.trainer),
         logger=False,
         enable_checkpointing=False,
-        limit_test_batches=cfg.trainer.get("limit_test_batches"),
+        # The whole test split, unless asked otherwise here: not the training run's limit (or fast_dev_run).
+        limit_test_batches=cfg.trainer.limit_test_batches if _overrides_key(overrides, "trainer.limit_test_batches") else None,
     )
+    if hasattr(datamodule, "has_split") and not datamodule.has_split("test"):
+        raise DataError(f"the data of checkpoint {ckpt} has no test split to evaluate on "
+                        "(a data source with only train and val)")
     results = trainer.test(model, datamodule=datamodule, verbose=False)
     return results[0] if results else {}
 
 
+def _overrides_key(overrides: Sequence[str], key: str) -> bool:
+    return any(o.split("=", 1)[0].lstrip("+") == key for o in overrides)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ckpt, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    metrics = evaluate(ckpt, overrides)
+    with reported("mmtx.eval"):
+        metrics = evaluate(ckpt, overrides)
     for key, value in sorted(metrics.items()):
         print(f"{key}: {value:.4f}")
     return metrics

@@ -31,7 +31,7 @@ from mmtx.data.seq2seq import seq2seq_runtime
 from mmtx.data.text import text_runtime
 from mmtx.tokenizers.text import Vocab
 from mmtx.wiring import build_model
-from mmtx.errors import CheckpointError
+from mmtx.errors import CheckpointError, reported
 
 DEFAULTS: dict[str, Any] = {
     "ckpt": None, "prompt": "\n", "max_new_tokens": 500, "temperature": 0.8, "top_k": 200, "top_p": None,
@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "text": None, "text_file": None, "audio": None, "beam_size": None, "length_penalty": None, "max_len": None,
     "batch_size": 32,
 }
-TEXT_ARGS = ("prompt", "text")
+TEXT_ARGS = ("prompt", "text", "ckpt", "text_file", "audio", "device")  # taken as given, never parsed as YAML
 USAGE = "usage: python -m mmtx.generate ckpt=PATH [prompt=TEXT max_new_tokens=N temperature=T top_k=K top_p=P ...]"
 
 
@@ -136,6 +136,11 @@ def run_seq2seq(model, args: dict[str, Any], cfg) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    with reported("mmtx.generate"):
+        return _generate(args)
+
+
+def _generate(args: dict[str, Any]) -> list[str]:
     device = args["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -176,6 +176,8 @@ def _discarded_if_failing(run_dir: Path):
         leftovers = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
         if not state["started"] and leftovers <= _STARTUP_FILES and rank_zero_only.rank == 0:
             shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the task's folder too, if this run was its only one
+                run_dir.parent.rmdir()
         raise
 
 

@@ -12,10 +12,24 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mmtx.checkpoint import AtomicCheckpointIO
+from mmtx.errors import user_error
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """Hydra's instantiate, but an mmtx error raised while building (missing data, a bad value) comes out as
+    itself, not wrapped in Hydra's InstantiationException."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        found = user_error(err)
+        if found is None:
+            raise
+        raise found from None
 
 
 def build_data(cfg: DictConfig, **kwargs: Any) -> L.LightningDataModule:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import torch
 import numpy as np
 import pytest
 from PIL import Image
@@ -134,3 +135,58 @@ class RecordSamplerIndices(L.Callback):
             sampler = trainer.train_dataloader.sampler
             path = Path(trainer.default_root_dir) / f"indices_rank{trainer.global_rank}.json"
             path.write_text(json.dumps([int(i) for i in sampler]))
+
+
+class PauseAtStep(L.Callback):
+    """Writes `<run>/paused` and sleeps once training reaches `step`, so a test can kill or interrupt the
+    process at a known point (used through Hydra as `conftest.PauseAtStep`)."""
+
+    def __init__(self, step: int, seconds: float = 120.0) -> None:
+        self.step, self.seconds = step, seconds
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            import time
+
+            (Path(trainer.default_root_dir) / "paused").write_text(str(self.step))
+            time.sleep(self.seconds)
+
+
+class FailAtStep(L.Callback):
+    """Raises RuntimeError once training reaches `step`: a crash in the middle of a run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"a crash at step {self.step}")
+
+
+class PoisonStep(L.Callback):
+    """Fills the batch of training step `step` (1-based) with NaN, and records the weights around it in
+    `PoisonStep.seen` (used through Hydra as `conftest.PoisonStep`)."""
+
+    seen: dict = {}
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 == self.step:
+            PoisonStep.seen["before"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            for value in batch.values():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    value.fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:
+            PoisonStep.seen["after"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            PoisonStep.seen["skipped"] = pl_module.guard.skipped
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The rows of a run's metrics.csv (CSV logger)."""
+    import csv
+
+    return list(csv.DictReader(open(run / "metrics" / "version_0" / "metrics.csv")))

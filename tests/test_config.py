@@ -86,5 +86,5 @@ def test_image_size_not_divisible_by_patch_size(data_root, tmp_path):
 
 def test_missing_data_root(tmp_path):
     cfg = compose("vit_cifar", [*small_run(tmp_path, tmp_path / "absent"), "data.source.download=false"])
-    with pytest.raises(Exception, match="CIFAR-10 not found under data root"):
+    with pytest.raises(Exception, match=r"CIFAR-10 not found: looked for .*absent/cifar-10-batches-py"):
         build(cfg)

@@ -129,18 +129,18 @@ def test_cifar10_source_missing_without_download_names_the_paths(tmp_path):
 
 
 def test_cifar10_source_downloads_only_when_nothing_is_local(tmp_path, monkeypatch):
-    made = []
+    downloads = []
 
-    class FakeCIFAR:
-        def __init__(self, root, download):
-            made.append(download)
+    def fake_download(base):
+        downloads.append(base)
+        (base / "cifar-10-batches-py").mkdir(parents=True)
 
-    monkeypatch.setattr(sources, "TorchvisionCIFAR10", FakeCIFAR)
-    cifar10(root=str(tmp_path), download=True)
-    assert made == [True]
-    (tmp_path / "cifar-10-batches-py").mkdir()
-    cifar10(root=str(tmp_path), download=True)
-    assert made == [True, False]  # torchvision's files found: no download
+    monkeypatch.setattr(sources, "_download_cifar10", fake_download)
+    root = tmp_path / "root"
+    assert isinstance(cifar10(root=str(root), download=True), sources.TorchvisionCIFAR10)
+    assert downloads == [root]
+    cifar10(root=str(root), download=True)
+    assert downloads == [root]  # torchvision's files found: no second download
 
 
 def test_hf_imagefolder_source_offline(image_folder, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mmtx.data.cache import digest
-from mmtx.data.sources import resolve_root
+from mmtx.data.sources import describe_root, resolve_root
 from mmtx.errors import ConfigError, DataError, MissingError
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,8 @@ class AudioFolder:
         if not p.is_absolute() and not p.exists():
             p = resolve_root(root) / p
         if not p.is_dir():
-            raise MissingError(f"audio folder {p} does not exist")
+            raise MissingError(f"audio folder {p.resolve()} does not exist (data.source.path={path}; relative paths are "
+                               f"looked up under the data root {describe_root(root)})")
         self.path = p
         self.sample_rate, self.max_seconds, self.on_bad_file = sample_rate, max_seconds, on_bad_file
         self.label_re = re.compile(label_pattern) if label_pattern else None

@@ -50,6 +50,17 @@ def find_file(path: str, root: Path, key: str) -> Path:
     raise MissingError(f"{key}: no file at {where}")
 
 
+def given_splits(files: Mapping[str, Any]) -> dict[str, Any]:
+    """The splits of `data.source.files` that name a file: the config lists train, val and test empty
+    (null, or {src: null, tgt: null}) so that `data.source.files.train=...` and
+    `data.source.files.train.src=...` can be set one by one. A train split is required."""
+    given = {split: spec for split, spec in files.items()
+             if spec is not None and not (isinstance(spec, Mapping) and all(v is None for v in spec.values()))}
+    if "train" not in given:
+        raise ConfigError(f"data.source.files needs a train split (data.source.files.train=FILE), got {sorted(given)}")
+    return given
+
+
 def read_lines(path: Path, on_decode_error: str = "error") -> list[str]:
     """The lines of a UTF-8 text file (gzip-compressed if its name ends in .gz), without line ends."""
     data = path.read_bytes()
@@ -94,8 +105,7 @@ class ParallelText:
     def __init__(self, files: Mapping[str, Any], root: str | None = None, on_decode_error: str = "error") -> None:
         if on_decode_error not in ("error", "replace"):
             raise ConfigError(f"data.source.on_decode_error must be 'error' or 'replace', got {on_decode_error!r}")
-        if "train" not in files:
-            raise DataError(f"data.source.files needs a train split, got {sorted(files)}")
+        files = given_splits(files)
         self.root = resolve_root(root)
         self.on_decode_error = on_decode_error
         self.files: dict[str, dict[str, Path] | Path] = {}
@@ -104,6 +114,10 @@ class ParallelText:
             if isinstance(spec, str):
                 self.files[split] = find_file(spec, self.root, key)
             elif isinstance(spec, Mapping) and set(spec) == {"src", "tgt"}:
+                for side in ("src", "tgt"):
+                    if spec[side] is None:
+                        raise ConfigError(f"{key}.{side} is not set: a split given as two files needs both "
+                                          f"({key}.src=FILE {key}.tgt=FILE)")
                 self.files[split] = {side: find_file(spec[side], self.root, f"{key}.{side}") for side in ("src", "tgt")}
             else:
                 raise DataError(f"{key} must be a TSV file or {{src: FILE, tgt: FILE}}, got {spec!r}")
@@ -214,8 +228,7 @@ class SpeechManifest:
         max_seconds: float | None = 30.0,
         on_bad_file: str = "skip",
     ) -> None:
-        if "train" not in files:
-            raise DataError(f"data.source.files needs a train split, got {sorted(files)}")
+        files = given_splits(files)
         if on_bad_file not in ("skip", "error"):
             raise ConfigError(f"data.source.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
         self.root = resolve_root(root)

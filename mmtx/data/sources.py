@@ -36,6 +36,16 @@ def resolve_root(root: str | None) -> Path:
     return Path(root or os.environ.get("MMTX_DATA_DIR") or "data").expanduser()
 
 
+def describe_root(root: str | None) -> str:
+    """The data root as an absolute path, and where that choice came from, for messages."""
+    where = resolve_root(root).resolve()
+    if root:
+        return f"{where} (from data.root)"
+    if os.environ.get("MMTX_DATA_DIR"):
+        return f"{where} (from $MMTX_DATA_DIR={os.environ['MMTX_DATA_DIR']})"
+    return f"{where} (the default ./data: neither data.root nor $MMTX_DATA_DIR is set)"
+
+
 def pil_to_tensor(image: Image.Image, size: int | None) -> torch.Tensor:
     """RGB PIL image -> uint8 (3, size, size): shorter side resized to `size`, centre-cropped."""
     image = image.convert("RGB")
@@ -77,7 +87,7 @@ class ImageFolder:
         self.image_size = image_size
         self.on_bad_file = on_bad_file
         if not self.path.is_dir():
-            raise MissingError(f"image folder {self.path} does not exist")
+            raise MissingError(f"image folder {self.path.resolve()} does not exist (data.source.path)")
         if not self.splits():
             raise MissingError(
                 f"image folder {self.path} has no split folder ({', '.join(self.SPLITS)}); "
@@ -182,20 +192,45 @@ def cifar10(root: str | None = None, download: bool = True, image_size: int | No
 
     Looks for torchvision's files (`<root>/cifar-10-batches-py`), then a
     `<root>/cifar10/` folder in ImageFolder layout; downloads with torchvision
-    only when neither is there (and `download` is true).
+    only when neither is there (and `download` is true). The download goes to a
+    temporary folder first: a failed one leaves nothing behind, not even the root.
     """
     base = resolve_root(root)
     if (base / "cifar-10-batches-py").is_dir():
         return TorchvisionCIFAR10(base, download=False)
     if (base / "cifar10" / "train").is_dir():
         return ImageFolder(base / "cifar10", image_size=image_size, on_bad_file=on_bad_file)
+    searched = (f"looked for {base.resolve() / 'cifar-10-batches-py'} (torchvision's files) and "
+                f"{base.resolve() / 'cifar10' / 'train'} (an ImageFolder) under the data root {describe_root(root)}")
+    fixes = ("put CIFAR-10 in one of those places, or point data.root (or $MMTX_DATA_DIR) at the folder that "
+             "holds it")
     if not download:
-        raise MissingError(
-            f"CIFAR-10 not found under data root {base}: looked for {base / 'cifar-10-batches-py'} "
-            f"and {base / 'cifar10'}/train (set data.root or $MMTX_DATA_DIR, or data.source.download=true)"
-        )
+        raise MissingError(f"CIFAR-10 not found: {searched}. To fix: {fixes}, or set data.source.download=true")
     log.info("CIFAR-10 not found under %s; downloading it there", base)
-    return TorchvisionCIFAR10(base, download=True)
+    try:
+        _download_cifar10(base)
+    except Exception as err:  # urllib's URLError, a refused connection, a bad archive  # noqa: BLE001
+        raise MissingError(
+            f"CIFAR-10 not found: {searched}, and downloading it failed ({err}). To fix: {fixes}, or run once "
+            "where the internet is reachable so torchvision can download it"
+        ) from None
+    return TorchvisionCIFAR10(base, download=False)
+
+
+def _download_cifar10(base: Path) -> None:
+    """torchvision's download into a temporary folder, moved to `base` once it succeeded."""
+    import shutil
+    import tempfile
+
+    from torchvision.datasets import CIFAR10
+
+    tmp = Path(tempfile.mkdtemp(prefix="mmtx-cifar10-"))
+    try:
+        CIFAR10(str(tmp), train=True, download=True)
+        base.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp / "cifar-10-batches-py"), str(base / "cifar-10-batches-py"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def image_folder(path: str, root: str | None = None, image_size: int | None = None, on_bad_file: str = "skip"):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mmtx.data.cache import digest
-from mmtx.data.sources import resolve_root
+from mmtx.data.sources import describe_root, resolve_root
 from mmtx.errors import ConfigError, DataError, MissingError
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class TextFiles:
             raise ConfigError(f"data.source.on_decode_error must be 'error' or 'replace', got {on_decode_error!r}")
         self.patterns = [files] if isinstance(files, str) else list(files)
         self.root = resolve_root(root)
+        self.root_arg = root
         self.on_decode_error = on_decode_error
         self.files = self._expand()
         self.cache_name = f"text-{self.files[0].stem}-{digest(*self.files)}"
@@ -51,8 +52,9 @@ class TextFiles:
                 if found:
                     break
             if not found:
-                where = " or ".join(str(c) for c in candidates)
-                raise MissingError(f"no text file matches {where} (data.source.files; data root {self.root})")
+                where = " or ".join(str(c.resolve()) for c in candidates)
+                raise MissingError(f"no text file matches {where} (data.source.files={pattern}; data root "
+                                   f"{describe_root(self.root_arg)})")
             files += found
         return files
 

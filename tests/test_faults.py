@@ -1,0 +1,533 @@
+"""Reliability and security: bad files, bad checkpoints, kills, interrupts, divergence and mistakes.
+
+One test (or parametrized group) per promise in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import REPO, TINY_TEXT, PoisonStep, folder_run, make_image_folder, make_parallel, read_metrics, small_run
+from mmtx import compose
+from mmtx.checkpoint import load_checkpoint
+from mmtx.config import claim_dir
+from mmtx.errors import CheckpointError, ConfigError, DataError, MissingError, NonFiniteError
+from mmtx.eval import evaluate
+from mmtx.train import train
+
+
+# Subprocesses find the test callbacks (conftest.PauseAtStep, ...) on their path.
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+
+
+def cli(module: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**ENV, **(env or {})})
+
+
+def start(module: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def wait_for(pattern: str, folder: Path, proc: subprocess.Popen, seconds: float = 180) -> Path:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        found = list(folder.glob(pattern))
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before {pattern} appeared:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"{pattern} did not appear under {folder}")
+
+
+def strict_json(path: Path):
+    """Parse JSON refusing NaN and Infinity, which are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which is not valid JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+# -- 1. no code runs from a file a user hands mmtx ---------------------------------------------------
+
+class Payload:
+    marker = ""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def crafted_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "pwned"
+    Payload.marker = str(marker)
+    path = tmp_path / "outputs" / "vit_cifar" / "old" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "mmtx_config": {"task_name": "vit_cifar"}, "payload": Payload()}, path)
+    return path, marker
+
+
+def test_a_crafted_checkpoint_is_refused_by_eval_generate_and_resume(image_folder, tmp_path):
+    ckpt, marker = crafted_checkpoint(tmp_path)
+    from mmtx.generate import load_model
+
+    for attempt in (lambda: evaluate(str(ckpt)), lambda: load_model(str(ckpt))):
+        with pytest.raises(CheckpointError, match=rf"refusing to load checkpoint {re.escape(str(ckpt))}.*posix\.system"):
+            attempt()
+    for resume in (str(ckpt), "auto"):
+        cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), f"resume={resume}"])
+        with pytest.raises(CheckpointError, match="posix.system"):
+            train(cfg, run_dir=tmp_path / "run")
+    proc = cli("mmtx.eval", f"ckpt={ckpt}")
+    assert proc.returncode == 1 and "posix.system" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_a_crafted_data_cache_is_rebuilt_not_loaded(tmp_path, caplog):
+    from mmtx.data.cache import load_or_build
+
+    marker = tmp_path / "pwned"
+    Payload.marker = str(marker)
+    path = tmp_path / "cache.pt"
+    torch.save({"fingerprint": "f", "payload": Payload()}, path)
+    assert load_or_build(path, "f", lambda: {"x": torch.ones(2)})["x"].sum() == 2
+    assert not marker.exists() and "posix.system" in caplog.text
+
+
+# -- 2. non-finite training stops clearly and never becomes "best" ------------------------------------
+
+def test_a_nonfinite_step_is_skipped_and_counted(image_folder, tmp_path):
+    PoisonStep.seen.clear()
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=4", "test_after_fit=false",
+                                "+callbacks.poison._target_=conftest.PoisonStep", "+callbacks.poison.step=3"])
+    summary = train(cfg, run_dir=tmp_path / "run")
+    assert summary["status"] == "finished" and summary["global_step"] == 4
+    seen = PoisonStep.seen
+    assert seen["skipped"] == 1
+    for key, before in seen["before"].items():  # the NaN step changed no weight
+        assert torch.equal(before, seen["after"][key]), key
+    weights = load_checkpoint(summary["last_checkpoint"])["state_dict"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_nothing_nonfinite(image_folder, tmp_path):
+    args = [*folder_run(tmp_path, image_folder), "optim.lr=1e6", "optim.warmup_steps=0", "trainer.max_epochs=20",
+            "module.max_nonfinite_steps=3", "callbacks.last_checkpoint.every_n_steps=1"]
+    proc = cli("mmtx.train", "task=vit_cifar", *args)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    assert any(re.search(r"training stopped at step \d+: .* 3 optimizer steps in a row .*optim\.lr=1000000", line)
+               for line in message), proc.stderr[-2000:]
+    run = next((tmp_path / "outputs" / "vit_cifar").iterdir())
+    summary = strict_json(run / "summary.json")
+    assert summary["status"] == "diverged"
+    assert not list((run / "checkpoints").glob("best-*.ckpt"))  # a diverged model is never "best"
+    if summary["last_checkpoint"]:  # written only while the model was finite
+        weights = load_checkpoint(summary["last_checkpoint"])["state_dict"]
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_summary_json_writes_null_for_a_nonfinite_figure():
+    from mmtx.train import _finite
+
+    assert [_finite(v) for v in (float("nan"), float("inf"), torch.tensor(0.5), None)] == [None, None, 0.5, None]
+
+
+# -- 3. every run has its own folder ------------------------------------------------------------------
+
+def test_claim_dir_gives_each_claim_its_own_folder(tmp_path):
+    import mmtx.config
+
+    first = claim_dir(str(tmp_path / "run"))
+    assert claim_dir(str(tmp_path / "run")) == first  # the same claim in one process: the same folder
+    mmtx.config._CLAIMED.clear()  # as another process would
+    second = claim_dir(str(tmp_path / "run"))
+    assert (first, second) == (str(tmp_path / "run"), str(tmp_path / "run_1"))
+    assert Path(second).is_dir()
+
+
+def test_two_runs_started_together_get_their_own_folders(image_folder, tmp_path):
+    same = f"hydra.run.dir=${{mmtx_unique_dir:{tmp_path}/outputs/vit_cifar/same-second}}"
+    common = [*folder_run(tmp_path, image_folder), "trainer.max_steps=1", "test_after_fit=false",
+              "trainer.limit_val_batches=1", same]
+    procs = {dim: start("mmtx.train", "task=vit_cifar", *common, f"backbone.dim={dim}") for dim in (32, 48)}
+    for proc in procs.values():
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    runs = sorted((tmp_path / "outputs" / "vit_cifar").iterdir())
+    assert [r.name for r in runs] == ["same-second", "same-second_1"]
+    dims = set()
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        ckpt = load_checkpoint(summary["last_checkpoint"])
+        assert Path(summary["last_checkpoint"]).parent.parent == run
+        dims.add(ckpt["mmtx_config"]["backbone"]["dim"])
+        assert f"dim: {ckpt['mmtx_config']['backbone']['dim']}" in (run / "config.yaml").read_text()
+    assert dims == {32, 48}
+
+
+# -- 4. resume is exact, also mid-epoch -----------------------------------------------------------------
+
+def lm_args(tmp_path: Path) -> list[str]:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT)
+    return [*small_run(tmp_path, modality="text"), "data=text_files", f"data.source.files={corpus}",
+            "backbone.dropout=0.1", "trainer.max_steps=12", "test_after_fit=false", "trainer.limit_val_batches=1",
+            "trainer.val_check_interval=4", "callbacks.last_checkpoint.every_n_steps=5"]
+
+
+def losses(run: Path) -> dict[int, str]:
+    rows = [r for r in read_metrics(run) if r.get("train/loss")]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), f"steps logged twice in {run}: {steps}"
+    return {int(r["step"]): r["train/loss"] for r in rows}
+
+
+def test_a_run_killed_mid_epoch_resumes_on_exactly_the_same_samples(tmp_path):
+    args = lm_args(tmp_path)
+    straight = train(compose("gpt_shakespeare_cpu", args), run_dir=tmp_path / "straight")
+    task_dir = tmp_path / "outputs" / "gpt_shakespeare_cpu"
+    proc = start("mmtx.train", "task=gpt_shakespeare_cpu", *args, "+callbacks.pause._target_=conftest.PauseAtStep",
+                 "+callbacks.pause.step=7")
+    wait_for("*/paused", task_dir, proc)  # 7 steps trained, last.ckpt at step 5: mid-epoch (28 batches an epoch)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = next(task_dir.glob("*/checkpoints/last.ckpt"))
+    assert load_checkpoint(killed)["global_step"] == 5
+
+    resumed = train(compose("gpt_shakespeare_cpu", [*args, "resume=auto"]), run_dir=task_dir / "resumed")
+    assert resumed["resumed_from"] == str(killed) and resumed["global_step"] == 12
+    expected, got = losses(Path(straight["run_dir"])), losses(task_dir / "resumed")
+    assert sorted(got) == list(range(5, 12))  # steps 6..12 (logged 0-based), none before the checkpoint
+    assert {s: expected[s] for s in got} == got  # bit-identical losses
+
+
+def test_resume_at_an_epoch_end_starts_the_next_epoch(image_folder, tmp_path):
+    # 29 training images, batch 8: 3 batches an epoch; checkpoints every 3 steps fall on epoch ends.
+    base = [*folder_run(tmp_path, image_folder), "test_after_fit=false", "trainer.limit_val_batches=0",
+            "callbacks.last_checkpoint.every_n_steps=3", "trainer.max_steps=9"]
+    straight = train(compose("vit_cifar", base), run_dir=tmp_path / "straight")
+    stop = ["+callbacks.stop._target_=conftest.StopAtStep", "+callbacks.stop.step=6"]
+    cut = train(compose("vit_cifar", [*base, *stop]), run_dir=tmp_path / "cut")
+    resumed = train(compose("vit_cifar", [*base, f"resume={cut['last_checkpoint']}"]), run_dir=tmp_path / "resumed")
+    a, b = (load_checkpoint(s["last_checkpoint"])["state_dict"] for s in (straight, resumed))
+    for key in a:  # with augmentation on: same batches, same random crops and flips
+        assert torch.equal(a[key], b[key]), key
+
+
+# -- 5. Ctrl-C and crashes keep the work ------------------------------------------------------------------
+
+def test_ctrl_c_saves_last_ckpt_prints_the_summary_and_exits_non_zero(image_folder, tmp_path):
+    args = [*folder_run(tmp_path, image_folder), "trainer.max_steps=50", "trainer.limit_val_batches=1",
+            "callbacks.last_checkpoint.every_n_steps=100"]
+    task_dir = tmp_path / "outputs" / "vit_cifar"
+    proc = start("mmtx.train", "task=vit_cifar", *args, "+callbacks.pause._target_=conftest.PauseAtStep",
+                 "+callbacks.pause.step=4")
+    wait_for("*/paused", task_dir, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "mmtx run summary" in out and "interrupted at step 4" in out, out[-2000:] + err[-2000:]
+    run = next(p for p in task_dir.iterdir() if (p / "summary.json").exists())
+    summary = strict_json(run / "summary.json")
+    assert summary["status"] == "interrupted" and load_checkpoint(summary["last_checkpoint"])["global_step"] == 4
+    resumed = train(compose("vit_cifar", [*args, "trainer.max_steps=6", "resume=auto"]), run_dir=task_dir / "resumed")
+    assert resumed["resumed_from"] == summary["last_checkpoint"] and resumed["global_step"] == 6
+
+
+def test_a_crash_saves_last_ckpt_and_the_summary(image_folder, tmp_path):
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=50",
+                                "+callbacks.crash._target_=conftest.FailAtStep", "+callbacks.crash.step=2"])
+    with pytest.raises(RuntimeError, match="a crash at step 2"):
+        train(cfg, run_dir=tmp_path / "run")
+    summary = strict_json(tmp_path / "run" / "summary.json")
+    assert summary["status"] == "failed" and load_checkpoint(summary["last_checkpoint"])["global_step"] == 2
+
+
+# -- 6. data without a test split --------------------------------------------------------------------
+
+def test_an_image_folder_without_a_test_split_trains_and_skips_the_test(tmp_path, caplog):
+    folder = make_image_folder(tmp_path / "imgs")
+    (folder / "test").rename(folder / "val")
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, folder), "data.val_fraction=0", "trainer.max_steps=2"])
+    summary = train(cfg, run_dir=tmp_path / "run")
+    assert summary["status"] == "finished" and not any(k.startswith("test/") for k in summary)
+    assert (tmp_path / "run" / "summary.json").is_file() and "no test split" in caplog.text
+
+
+def test_parallel_text_with_train_and_val_only_trains_to_the_end(tmp_path):
+    data = make_parallel(tmp_path / "par", sizes=(("train", 60), ("val", 10)))
+    cfg = compose("translate_multi30k", [*small_run(tmp_path, modality="text2text"), "data=parallel_text",
+                                         f"data.source.files.train.src={data}/train.en.gz",
+                                         f"data.source.files.train.tgt={data}/train.de.gz",
+                                         f"data.source.files.val.src={data}/val.en.gz",
+                                         f"data.source.files.val.tgt={data}/val.de.gz", "trainer.max_steps=2",
+                                         "module.val_decode_batches=1"])
+    summary = train(cfg, run_dir=tmp_path / "run")
+    assert summary["status"] == "finished" and (tmp_path / "run" / "summary.json").is_file()
+
+
+# -- 7. bad values fail at composition, naming the key ------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=abc", "optim.lr='abc' is not valid: optim.lr must be a number > 0"),
+    ("data.batch_size=0", "data.batch_size=0 is not valid: data.batch_size must be a whole number >= 1"),
+    ("trainer.max_steps=-5", "trainer.max_steps=-5 is not valid"),
+    ("backbone.num_heads=5", "backbone.dim=384 is not divisible by backbone.num_heads=5"),
+    ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5] is not valid"),
+])
+def test_bad_values_fail_before_any_data_is_read(override, message, tmp_path):
+    cfg = compose("vit_cifar", [f"data.root={tmp_path / 'no-data-here'}", f"paths.output_root={tmp_path}", override])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(cfg, run_dir=tmp_path / "run")
+
+
+# -- 8. hints name keys that exist ---------------------------------------------------------------------------
+
+GROUPS = ("data", "optim", "trainer", "backbone", "tokenizer", "head", "module", "callbacks", "paths", "logger")
+KEY = re.compile(rf"\b((?:{'|'.join(GROUPS)})\.[A-Za-z_][\w.]*\w)")
+# The configurations that can raise a message: every task, and each with the data sources it takes.
+CONFIGS = [
+    ("vit_cifar", []), ("vit_cifar", ["data=imagefolder"]), ("vit_cifar", ["data=hf_images"]),
+    ("gpt_shakespeare_cpu", []), ("gpt_shakespeare_cpu", ["data=text_files"]), ("gpt_shakespeare_cpu", ["data=hf_text"]),
+    ("gpt_shakespeare_cpu", ["tokenizer=pretrained"]), ("gpt_shakespeare_cpu", ["tokenizer=bpe"]),
+    ("audio_fsdd", []), ("audio_fsdd", ["data=audio_folder"]), ("audio_fsdd", ["data=hf_audio"]),
+    ("asr_fsdd", []), ("asr_fsdd", ["data=speech_manifest"]), ("translate_multi30k_cpu", []),
+    ("translate_multi30k_cpu", ["data=parallel_text"]), ("translate_multi30k_cpu", ["data=hf_translation"]),
+]
+
+
+def _is_message(call: ast.Call) -> bool:
+    """A call that raises or logs: SomethingError(...), SystemExit(...), log.warning(...) and the like."""
+    name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+    return name.endswith(("Error", "Exception", "Exit")) or name in ("warning", "warn", "error", "info", "exception")
+
+
+def message_keys() -> dict[str, str]:
+    """Every config key written in an error or log message of mmtx's code (hints included): {key: file}."""
+    keys = {}
+    for path in (REPO / "mmtx").rglob("*.py"):
+        for call in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(call, ast.Call) and _is_message(call)):
+                continue
+            for node in ast.walk(call):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    for key in KEY.findall(node.value):
+                        if not key.endswith((".json", ".yaml", ".tsv", ".ckpt")):  # file names, not keys
+                            keys.setdefault(key, str(path.relative_to(REPO)))
+    return keys
+
+
+def has_key(cfg, key: str) -> bool:
+    from omegaconf import DictConfig, OmegaConf
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None, throw_on_missing=False)
+    return isinstance(node, DictConfig) and leaf in node.keys()  # (`in node` is False for a ??? value)
+
+
+def test_every_config_key_named_in_a_message_exists():
+    configs = [compose(task, overrides) for task, overrides in CONFIGS]
+    keys = message_keys()
+    assert {"data.source.image_size", "data.source.on_bad_file", "data.source.on_decode_error"} <= set(keys)
+    missing = {key: where for key, where in keys.items() if not any(has_key(cfg, key) for cfg in configs)}
+    assert not missing, f"messages name keys that no configuration has: {missing}"
+
+
+# -- 9. the README's commands compose ---------------------------------------------------------------------
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(module, arguments) of every `python -m mmtx...` command in README.md's code blocks."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].split("&&")[-1]
+            match = re.search(r"-m (mmtx\.\w+)(.*)", line)
+            if match:
+                args = shlex.split(match.group(2))
+                commands.append((match.group(1), args[:args.index(">")] if ">" in args else args))
+    return commands
+
+
+def test_every_readme_command_composes():
+    """Each `python -m mmtx.train ...` of the README composes as `--cfg job` would; `mmtx.eval` and
+    `mmtx.generate` commands parse, and the keys they override exist."""
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from mmtx.eval import parse_args as eval_args
+    from mmtx.generate import parse_args as generate_args
+
+    commands = readme_commands()
+    assert len([c for c in commands if c[0] == "mmtx.train"]) >= 20
+    for module, args in commands:
+        if module == "mmtx.train":
+            args = [a for a in args if a not in ("-m", "--cfg", "job")]
+            # a sweep (-m) composes once per job: check its first
+            args = [a if "=" not in a or a.split("=", 1)[1].startswith(("{", "[", "'", "tag(")) else
+                    a.split("=", 1)[0] + "=" + a.split("=", 1)[1].split(",")[0] for a in args]
+            task = next(a.split("=", 1)[1] for a in args if a.startswith("task="))
+            rest = [a for a in args if not a.startswith("task=") and not a.startswith("hydra.sweeper.params")]
+            try:
+                compose(task, rest)
+            except Exception as err:
+                raise AssertionError(f"README command `python -m mmtx.train {' '.join(args)}` does not compose: {err}")
+            finally:
+                GlobalHydra.instance().clear()
+        elif module == "mmtx.eval":
+            _, overrides = eval_args(args)
+            cfg = compose("vit_cifar")
+            for override in overrides:
+                key = override.split("=", 1)[0]
+                assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", f"mmtx.eval {args}: {key}"
+        else:
+            generate_args(args)
+
+
+# -- 10. a truncated audio file is not a short clip ------------------------------------------------------
+
+def test_a_truncated_wav_is_skipped_and_counted_not_decoded_short(tmp_path):
+    from mmtx.data.audio_sources import AudioDecoder, wav_declared_frames
+
+    path = tmp_path / "clip.wav"
+    sf.write(path, np.random.default_rng(0).uniform(-0.5, 0.5, 5332).astype(np.float32), 8000, subtype="PCM_16")
+    whole = path.read_bytes()
+    assert wav_declared_frames(path) == 5332
+    assert AudioDecoder(8000, on_bad_file="error").decode(path, str(path)).numel() == 5332
+    path.write_bytes(whole[:44 + 2655 * 2])  # the header still claims 5,332 frames
+    decoder = AudioDecoder(8000, on_bad_file="skip")
+    assert decoder.decode(path, str(path)) is None and decoder.bad == [str(path)]
+    with pytest.raises(DataError, match=r"clip\.wav: it is truncated: its header declares 5332 frames but it holds 2655"):
+        AudioDecoder(8000, on_bad_file="error").decode(path, str(path))
+
+
+# -- 11. errors name the culprit ------------------------------------------------------------------------------
+
+def test_images_of_another_size_are_named(tmp_path):
+    from PIL import Image
+
+    from mmtx.data.sources import ImageFolder
+
+    folder = make_image_folder(tmp_path / "imgs")
+    Image.new("RGB", (20, 18)).save(folder / "train" / "cat" / "odd.png")
+    with pytest.raises(DataError, match=r"most are 16x16, but .*odd\.png \(18x20\); set data\.source\.image_size"):
+        ImageFolder(folder).decode("train")
+
+
+def test_resuming_another_tasks_checkpoint_names_its_task(image_folder, tmp_path):
+    first = train(compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=1",
+                                        "test_after_fit=false"]), run_dir=tmp_path / "vit")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT)
+    cfg = compose("gpt_shakespeare_cpu", [*small_run(tmp_path, modality="text"), "data=text_files",
+                                          f"data.source.files={corpus}", f"resume={first['last_checkpoint']}"])
+    with pytest.raises(CheckpointError, match="is a checkpoint of task 'vit_cifar', not of 'gpt_shakespeare_cpu'"):
+        train(cfg, run_dir=tmp_path / "gpt")
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), "backbone.dim=48",
+                                f"resume={first['last_checkpoint']}"])
+    with pytest.raises(CheckpointError, match=r"another shape \(.*\(32,\) in the checkpoint, \(48,\) now"):
+        train(cfg, run_dir=tmp_path / "wider")
+
+
+# -- 12. one message, not a traceback -----------------------------------------------------------------------
+
+def test_user_errors_are_one_message_on_every_entry_point(tmp_path):
+    missing = tmp_path / "none.ckpt"
+    runs = {
+        "mmtx.train": ["task=vit_cifar", "optim.lr=abc", f"paths.output_root={tmp_path}"],
+        "mmtx.eval": [f"ckpt={missing}"],
+        "mmtx.generate": [f"ckpt={missing}"],
+    }
+    for module, args in runs.items():
+        proc = cli(module, *args)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        error = [line for line in proc.stderr.splitlines() if line.startswith(f"{module}: error: ")]
+        assert len(error) == 1 and ("optim.lr" in error[0] or str(missing) in error[0]), proc.stderr
+    proc = cli("mmtx.eval", f"ckpt={missing}", env={"MMTX_DEBUG": "1"})
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+# -- 13. missing data offline ---------------------------------------------------------------------------------
+
+def test_missing_cifar_offline_names_the_paths_and_leaves_no_folder(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    import torchvision.datasets.cifar
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    monkeypatch.setenv("MMTX_DATA_DIR", str(tmp_path / "mistyped"))
+    run_dir = tmp_path / "outputs" / "vit_cifar" / "run"
+    with pytest.raises(MissingError) as err:
+        train(compose("vit_cifar", [f"paths.output_root={tmp_path / 'outputs'}"]), run_dir=run_dir)
+    message = str(err.value)
+    assert f"{tmp_path / 'mistyped' / 'cifar-10-batches-py'}" in message and "$MMTX_DATA_DIR" in message
+    assert "no network" in message and "data.root" in message
+    assert not (tmp_path / "mistyped").exists() and not run_dir.exists()
+
+
+# -- 14. small things -------------------------------------------------------------------------------------------
+
+def test_orphans_of_killed_writes_are_removed_by_the_next_build(tmp_path):
+    from mmtx.data.cache import building_dir, load_or_build
+
+    (tmp_path / ".cache.pt.4242.tmp").write_bytes(b"half a cache")
+    (tmp_path / ".tokens.4242.tmp").mkdir()
+    load_or_build(tmp_path / "cache.pt", "f", lambda: {"x": torch.ones(1)})
+    with building_dir(tmp_path / "tokens") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.pt", "cache.pt.lock", "tokens", "tokens.lock"]
+
+
+def test_skipped_files_are_reported_by_every_run_on_the_cache(tmp_path, caplog):
+    from mmtx.wiring import build_data
+
+    folder = make_image_folder(tmp_path / "imgs")
+    (folder / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    cfg = compose("vit_cifar", folder_run(tmp_path, folder))
+    for _ in range(2):  # built, then read from the cache
+        caplog.clear()
+        build_data(cfg)
+        assert "broken.png" in caplog.text
+
+
+def test_eval_scores_the_whole_test_split(image_folder, tmp_path):
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=1", "test_after_fit=false",
+                                "data.eval_batch_size=4", "trainer.limit_test_batches=1"])
+    summary = train(cfg, run_dir=tmp_path / "run")
+    evaluate(summary["last_checkpoint"])
+    rows = (tmp_path / "run" / "eval" / "test_confusion.tsv").read_text().splitlines()[1:]
+    assert sum(int(n) for row in rows for n in row.split("\t")[1:]) == 12  # all 12 test images, not 4
+
+
+def test_a_plain_trainer_with_a_new_folder_gets_the_tokenizer_written(tmp_path):
+    import lightning as L
+
+    from mmtx.wiring import build
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT)
+    model, data = build("gpt_shakespeare_cpu", [*small_run(tmp_path, modality="text"), "data=text_files",
+                                                f"data.source.files={corpus}"])
+    folder = tmp_path / "new" / "deeper"
+    L.Trainer(default_root_dir=str(folder), max_steps=1, logger=False, enable_checkpointing=False,
+              limit_val_batches=0, enable_progress_bar=False).fit(model, datamodule=data)
+    assert (folder / "tokenizer.json").is_file()
