@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -129,23 +130,36 @@ class TaskModule(L.LightningModule):
         optimizer, schedule = build_optimizer(self, total_steps=total, **self.optim)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Skip this optimizer step if its loss or gradient norm is not finite (see `NonFiniteGuard`),
-        and log `train/grad_norm`: the global L2 norm of the gradients before clipping (this rank's shard
-        under FSDP), on the steps that are logged."""
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Once per optimizer step, after backward (gradients unscaled under AMP) and before the step.
+
+        The global L2 norm of the gradients, computed once, decides whether the step is taken
+        (`NonFiniteGuard`; a GradScaler's overflowing steps are its own business), is logged as
+        `train/grad_norm` (before clipping; this rank's shard under FSDP) on logged steps, and clips
+        by norm (`trainer.gradient_clip_val`) without being computed a second time.
+        """
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
-        if self.guard.skip_step(norm, self.trainer):
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if self.guard.skip_step(norm if scaler is None else None, self.trainer):
             for p in self.parameters():
                 p.grad = None  # the optimizer leaves parameters without gradients as they are
             self.log("train/skipped_steps", float(self.guard.skipped), on_step=True, on_epoch=False)
             return
         if norm is not None and self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        by_norm = (gradient_clip_algorithm or "norm") == "norm"
+        if gradient_clip_val and by_norm and norm is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
+            torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, norm)
+        else:  # clipping by value, or FSDP's own sharded clipping
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def weights_are_finite(self) -> bool:
         """True when every parameter is finite and the last optimizer step was not skipped as non-finite."""
-        return self.guard.run == 0 and all(bool(torch.isfinite(p).all()) for p in self.parameters())
+        if self.guard.run:
+            return False
+        checks = [torch.isfinite(p).all() for p in self.parameters()]
+        return bool(torch.stack(checks).all()) if checks else True  # one device sync
 
     def on_fit_start(self) -> None:
         if self.vocab is not None and self.trainer.is_global_zero:

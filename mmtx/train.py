@@ -69,7 +69,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
         started()
         failure = _fit(trainer, model, datamodule, ckpt_path)
-        test_metrics = {} if failure else _test(cfg, trainer, model, datamodule)
+        test_metrics = {}
+        if failure is None:
+            try:
+                test_metrics = _test(cfg, trainer, model, datamodule)
+            except Exception as err:  # the summary is written all the same
+                failure = err
         summary = _summary(trainer, run_dir, ckpt_path, test_metrics, failure)
         if trainer.is_global_zero:
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
