@@ -1,6 +1,10 @@
 """The contracts between pipeline stages.
 
-raw sample --data--> batch (dict of tensors) --tokenizer--> Tokens --backbone--> (B, T, D) --head--> logits
+raw sample --data--> batch --tokenizer--> Tokens --backbone--> (B, T, D) --head--> logits
+
+A batch is a small typed object, one per kind of input, built on the training device by the data
+module (`on_after_batch_transfer`) and read by attribute: an `ImageBatch`, an `AudioBatch`, a
+`TokenBatch`, or a `PairBatch` (a source batch and target token ids, for encoder-decoders).
 """
 
 from __future__ import annotations
@@ -8,6 +12,62 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+IGNORE_INDEX = -100  # a target position that carries no loss (cross_entropy's ignore_index)
+
+
+@dataclass
+class ImageBatch:
+    """image: (B, C, H, W) float, normalised; label: (B,) class ids; soft_label: (B, K) class
+    probabilities when Mixup/CutMix mixed the images (the loss uses it instead of `label`)."""
+
+    image: torch.Tensor
+    label: torch.Tensor | None = None
+    soft_label: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+
+@dataclass
+class AudioBatch:
+    """audio: (B, L) float waveforms, zero-padded to the longest; lengths: (B,) samples of each clip;
+    label: (B,) class ids, for classification."""
+
+    audio: torch.Tensor
+    lengths: torch.Tensor
+    label: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.audio.shape[0]
+
+
+@dataclass
+class TokenBatch:
+    """tokens: (B, T) ids; mask: (B, T) bool, True at real tokens (None: no padding); targets: (B, T)
+    the ids to predict (next tokens for a language model; IGNORE_INDEX where there is no loss)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclass
+class PairBatch:
+    """A sequence-to-sequence batch: `source` (text or audio) for the encoder; `target.tokens` (B, T) the
+    decoder input (BOS + target, padded) and `target.targets` (B, T) what it must predict (target + EOS,
+    IGNORE_INDEX at padding); `refs` and `sources`, the original strings (validation and test)."""
+
+    source: TokenBatch | AudioBatch
+    target: TokenBatch
+    refs: list[str] | None = None
+    sources: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.target)
 
 
 @dataclass

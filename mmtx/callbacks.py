@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from mmtx.batch import IGNORE_INDEX, PairBatch, TokenBatch
+
 log = logging.getLogger(__name__)
 
 
@@ -99,12 +101,12 @@ class Throughput(L.Callback):
         if self._t0 is None:  # the first batch includes start-up costs: start timing after it
             self._t0 = now
             return
-        self._samples += _batch_size(batch)
-        if isinstance(batch, dict) and "tokens" in batch:
-            self._tokens += batch["tokens"].numel()
-            self._seq_len = batch["tokens"].shape[1]
-        elif isinstance(batch, dict) and "tgt_out" in batch:
-            self._tgt_tokens = self._tgt_tokens + (batch["tgt_out"] != -100).sum()
+        self._samples += len(batch)
+        if isinstance(batch, TokenBatch):
+            self._tokens += batch.tokens.numel()
+            self._seq_len = batch.tokens.shape[1]
+        elif isinstance(batch, PairBatch):
+            self._tgt_tokens = self._tgt_tokens + (batch.target.targets != IGNORE_INDEX).sum()
         self._steps += 1
         if self._steps < self.window:
             return
@@ -120,11 +122,6 @@ class Throughput(L.Callback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         self._reset()
         self._t0 = now
-
-
-def _batch_size(batch: Any) -> int:
-    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)] if isinstance(batch, dict) else [batch]
-    return int(tensors[0].shape[0])
 
 
 def val_metrics_finite(trainer: L.Trainer) -> bool:

@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.utils.rnn import pad_sequence
 
+from mmtx.batch import AudioBatch, TokenBatch
 from mmtx.checkpoint import load_checkpoint
 from mmtx.data.audio_sources import AudioDecoder
 from mmtx.data.seq2seq import seq2seq_runtime
@@ -103,8 +104,8 @@ def seq2seq_inputs(model, args: dict[str, Any]) -> list[str]:
     return files
 
 
-def seq2seq_batch(model, items: list[str], cfg) -> dict[str, torch.Tensor]:
-    """A batch of sources in the layout the data module makes: `src` + `src_mask`, or `audio` + `audio_lengths`."""
+def seq2seq_batch(model, items: list[str], cfg) -> TokenBatch | AudioBatch:
+    """A batch of sources as the data module makes them: token ids and their mask, or padded audio and lengths."""
     if model.sample_rate is None:
         limit = int(cfg.data.max_src_len)
         seqs = [torch.tensor(model.vocab.encode(text.strip())[:limit] or [0]) for text in items]
@@ -114,8 +115,8 @@ def seq2seq_batch(model, items: list[str], cfg) -> dict[str, torch.Tensor]:
     padded = pad_sequence(seqs, batch_first=True).to(model.device)  # zero-padded (B, S) ids or (B, L) audio
     lengths = torch.tensor([len(seq) for seq in seqs], device=model.device)
     if model.sample_rate is None:
-        return {"src": padded, "src_mask": torch.arange(padded.shape[1], device=model.device) < lengths[:, None]}
-    return {"audio": padded, "audio_lengths": lengths}
+        return TokenBatch(padded, mask=torch.arange(padded.shape[1], device=model.device) < lengths[:, None])
+    return AudioBatch(padded, lengths)
 
 
 def run_seq2seq(model, args: dict[str, Any], cfg) -> list[str]:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtx.backbone import scale_residual_init
+from mmtx.batch import IGNORE_INDEX, TokenBatch
 from mmtx.generation import generate
 from mmtx.loggers import log_text_table
 from mmtx.module import TaskModule
@@ -71,7 +72,7 @@ class LMModule(TaskModule):
 
     def decode(self, ids: torch.Tensor, caches=None, start: int = 0) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T) at positions start..start+T-1."""
-        tokens = self.tokenizer({"tokens": ids}, start=start)
+        tokens = self.tokenizer(TokenBatch(ids), start=start)
         return self.head(self.backbone(tokens, caches=caches))
 
     def new_caches(self, batch: int, max_len: int):
@@ -91,10 +92,10 @@ class LMModule(TaskModule):
 
     # -- training ----------------------------------------------------------------------
 
-    def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def shared_step(self, batch: TokenBatch, stage: str) -> torch.Tensor:
         logits = self(batch)  # (B, T, V)
-        targets = batch["targets"]  # (B, T)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        targets = batch.targets  # (B, T)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         if stage == "train":
             self._log_train_loss(loss.detach())
             return loss

@@ -13,6 +13,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from mmtx.batch import AudioBatch, ImageBatch
 from mmtx.errors import NonFiniteError
 from mmtx.loggers import log_confusion_matrix, log_media
 from mmtx.optim import build_optimizer
@@ -219,24 +220,24 @@ class ClassificationModule(TaskModule):
             {f"{s}_": MulticlassConfusionMatrix(num_classes) for s in ("val", "test")} if confusion_matrix else {}
         )
 
-    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        target = batch.get("target")
+    def loss(self, logits: torch.Tensor, batch: ImageBatch | AudioBatch) -> torch.Tensor:
+        target = getattr(batch, "soft_label", None)  # Mixup/CutMix: (B, K) probabilities
         if target is None:
-            return F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+            return F.cross_entropy(logits.float(), batch.label, label_smoothing=self.label_smoothing)
         target = target * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes
         return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
-    def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def shared_step(self, batch: ImageBatch | AudioBatch, stage: str) -> torch.Tensor:
         logits = self(batch)
         loss = self.loss(logits, batch)
         if stage == "val" and self.media_samples and not self._media:
             self._keep_media(batch, logits.detach().argmax(-1))
         metric = getattr(self, f"{stage}_acc")
-        metric(logits.detach(), batch["label"])
+        metric(logits.detach(), batch.label)
         if f"{stage}_" in self.confusion:
-            self.confusion[f"{stage}_"].update(logits.detach().argmax(-1), batch["label"])
+            self.confusion[f"{stage}_"].update(logits.detach().argmax(-1), batch.label)
         on_step = stage == "train"
-        batch_size = batch["label"].shape[0]
+        batch_size = len(batch)
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return loss
@@ -255,20 +256,20 @@ class ClassificationModule(TaskModule):
         if media and not self.trainer.sanity_checking:
             log_media(self.trainer, "val_samples", **media)
 
-    def _keep_media(self, batch: dict[str, torch.Tensor], predicted: torch.Tensor) -> None:
+    def _keep_media(self, batch: ImageBatch | AudioBatch, predicted: torch.Tensor) -> None:
         """The first `media_samples` inputs of the epoch's first validation batch, with their labels."""
         n = self.media_samples
         names = [str(c) for c in self.class_names]
-        captions = [f"true {names[t]} / predicted {names[p]}" for t, p in zip(batch["label"][:n].tolist(), predicted[:n].tolist())]
-        if "image" in batch:
+        captions = [f"true {names[t]} / predicted {names[p]}" for t, p in zip(batch.label[:n].tolist(), predicted[:n].tolist())]
+        if isinstance(batch, ImageBatch):
             dm = self.trainer.datamodule
-            images = batch["image"][:n].float()
+            images = batch.image[:n].float()
             if getattr(dm, "mean", None) is not None:  # undo the normalisation: back to [0, 1]
                 images = (images * dm.std.to(images.device) + dm.mean.to(images.device)) / 255.0
             self._media = {"images": images.clamp(0, 1).cpu(), "captions": captions}
-        elif "audio" in batch:
-            lengths = batch["audio_lengths"][:n].tolist()
-            clips = [clip[:length].float().cpu() for clip, length in zip(batch["audio"][:n], lengths)]
+        else:
+            lengths = batch.lengths[:n].tolist()
+            clips = [clip[:length].float().cpu() for clip, length in zip(batch.audio[:n], lengths)]
             self._media = {"audio": clips, "sample_rate": getattr(self.tokenizer, "sample_rate", 16000), "captions": captions}
 
     def on_test_epoch_end(self) -> None:

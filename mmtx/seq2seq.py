@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtx.data.seq2seq import IGNORE
+from mmtx.batch import IGNORE_INDEX, AudioBatch, PairBatch, TokenBatch
 from mmtx.generation import beam_search
 from mmtx.loggers import log_text_table
 from mmtx.metrics import text_metrics
@@ -19,10 +19,10 @@ from mmtx.module import TaskModule
 class Seq2SeqModule(TaskModule):
     """Teacher-forced sequence-to-sequence training with label smoothing, and beam-search decoding.
 
-    Batches carry the source for the tokenizer (token ids `src` + `src_mask`,
-    or `audio` + `audio_lengths`), `tgt_in` (BOS + target, padded) and
-    `tgt_out` (target + EOS, padding = -100): the loss is token-level and
-    ignores padding. With `tie_embeddings` and one vocabulary for both sides,
+    Batches are `PairBatch`es: the source for the tokenizer (a `TokenBatch` of
+    ids and mask, or an `AudioBatch`), and the target as a `TokenBatch` whose
+    `tokens` are BOS + target (padded) and `targets` target + EOS (padding =
+    IGNORE_INDEX): the loss is token-level and ignores padding. With `tie_embeddings` and one vocabulary for both sides,
     the source embedding is the target embedding too (which is tied to the
     output layer), as in Vaswani et al. (2017).
 
@@ -80,28 +80,28 @@ class Seq2SeqModule(TaskModule):
     def sample_rate(self) -> int | None:
         return getattr(self.tokenizer, "sample_rate", None)
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tokens = self.tokenizer(batch)  # Tokens: (B, S, D), mask (B, S) | None
+    def encode(self, source: TokenBatch | AudioBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = self.tokenizer(source)  # Tokens: (B, S, D), mask (B, S) | None
         return self.backbone(tokens), tokens.mask
 
-    def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        memory, memory_mask = self.encode(batch)
-        return self.head(memory, memory_mask, batch["tgt_in"])  # (B, T, V)
+    def forward_logits(self, batch: PairBatch) -> torch.Tensor:
+        memory, memory_mask = self.encode(batch.source)
+        return self.head(memory, memory_mask, batch.target.tokens)  # (B, T, V)
 
-    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(),
-                               ignore_index=IGNORE, label_smoothing=self.label_smoothing)
+    def loss(self, logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch.target.targets.flatten(),
+                               ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
 
-    def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def shared_step(self, batch: PairBatch, stage: str) -> torch.Tensor:
         loss = self.loss(self(batch), batch)
-        n = int((batch["tgt_out"] != IGNORE).sum())
+        n = int((batch.target.targets != IGNORE_INDEX).sum())
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=not on_step)
         return loss
 
     # -- decoding during validation and test ---------------------------------------------
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
         self.shared_step(batch, "val")
         if self._decode_at_validation(batch_idx):
             self._collect(batch, self.val_beam_size)
@@ -119,16 +119,16 @@ class Seq2SeqModule(TaskModule):
             return batch_idx < k
         return batch_idx in {i * total // k for i in range(k)}
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: PairBatch, batch_idx: int) -> None:
         self.shared_step(batch, "test")
         self._collect(batch, None)
 
-    def _collect(self, batch: dict[str, Any], beam_size: int | None) -> None:
-        if "refs" not in batch:
+    def _collect(self, batch: PairBatch, beam_size: int | None) -> None:
+        if batch.refs is None:
             return
-        self._decoded["hyps"] += self.translate(batch, beam_size=beam_size)
-        self._decoded["refs"] += list(batch["refs"])
-        self._decoded["sources"] += [str(s) for s in batch["sources"]]
+        self._decoded["hyps"] += self.translate(batch.source, beam_size=beam_size)
+        self._decoded["refs"] += list(batch.refs)
+        self._decoded["sources"] += [str(s) for s in batch.sources or [""] * len(batch.refs)]
 
     def _report(self, stage: str) -> None:
         decoded, self._decoded = self._decoded, {"sources": [], "refs": [], "hyps": []}
@@ -167,25 +167,25 @@ class Seq2SeqModule(TaskModule):
         if self.sample_rate is not None:
             checkpoint["mmtx_sample_rate"] = self.sample_rate
 
-    def translate(self, batch: dict[str, Any], **search: Any) -> list[str]:
-        """The decoded text of every source in `batch` (search: beam_size, max_len, length_penalty)."""
+    def translate(self, source: TokenBatch | AudioBatch, **search: Any) -> list[str]:
+        """The decoded text of every source in `source` (search: beam_size, max_len, length_penalty)."""
         was_training = self.training
         self.eval()
-        ids = self.decode(batch, **search)
+        ids = self.decode(source, **search)
         self.train(was_training)
         return [self.tgt_vocab.decode(row) for row in ids]
 
     @torch.no_grad()
-    def decode(self, batch: dict[str, torch.Tensor], beam_size: int | None = None, max_len: int | None = None,
+    def decode(self, source: TokenBatch | AudioBatch, beam_size: int | None = None, max_len: int | None = None,
                length_penalty: float | None = None, use_cache: bool = True) -> list[list[int]]:
-        """Beam-search the target ids (no BOS/EOS) of every source in `batch`; beam_size=1 is greedy.
+        """Beam-search the target ids (no BOS/EOS) of every source in `source`; beam_size=1 is greedy.
 
         With the cache each step runs one new position (self-attention keys and values grow in the
         cache; the encoder's cross-attention keys and values are computed once); without it each step
         reruns the decoder on the whole prefix (for comparison).
         """
         K = beam_size or self.search["beam_size"]
-        memory, memory_mask = self.encode(batch)
+        memory, memory_mask = self.encode(source)
         memory = memory.repeat_interleave(K, 0)  # (B*K, S, D): one copy per hypothesis
         memory_mask = memory_mask.repeat_interleave(K, 0) if memory_mask is not None else None
         limit = min(max_len or self.search["max_len"], self.head.max_len)

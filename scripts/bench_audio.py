@@ -33,7 +33,7 @@ def frontend_share(cfg, steps: int) -> None:
     front, step = [], []
     for batch in batches:
         t0 = time.perf_counter()
-        tok.frames(batch["audio"], batch["audio_lengths"])
+        tok.frames(batch.audio, batch.lengths)
         front.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         loss = model.loss(model(batch), batch)
@@ -42,8 +42,8 @@ def frontend_share(cfg, steps: int) -> None:
         optimizer.zero_grad(set_to_none=True)
         step.append(time.perf_counter() - t0)
     f, s = statistics.median(front), statistics.median(step)
-    padded = statistics.median(b["audio"].shape[1] for b in batches)
-    print(f"batches of {batches[0]['audio'].shape[0]} clips padded to a median {padded:.0f} samples; "
+    padded = statistics.median(b.audio.shape[1] for b in batches)
+    print(f"batches of {len(batches[0])} clips padded to a median {padded:.0f} samples; "
           f"mel frontend {f * 1000:.2f} ms, whole training step {s * 1000:.1f} ms: frontend share {f / s:.1%}")
 
 

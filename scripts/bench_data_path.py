@@ -34,7 +34,7 @@ def mmtx_epoch(dm: ImageDataModule) -> tuple[float, int]:
     n = 0
     for batch in dm.train_dataloader():
         batch = dm.on_after_batch_transfer(batch, 0)
-        n += batch["image"].shape[0]
+        n += len(batch)
     return time.perf_counter() - t0, n
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from mmtx.backbone import Backbone
+from mmtx.batch import ImageBatch
 from mmtx.heads import ClassifierHead
 from mmtx.tokenizers import PatchTokenizer
 
@@ -34,7 +35,7 @@ class MmtxViT(torch.nn.Module):
         self.head = ClassifierHead(DIM, CLASSES, pool="cls")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.head.prepare(self.tokenizer({"image": images}))
+        tokens = self.head.prepare(self.tokenizer(ImageBatch(images)))
         return self.head(self.backbone(tokens), tokens.mask)
 
 

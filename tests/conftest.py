@@ -175,7 +175,7 @@ class PoisonStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step + 1 == self.step:
             PoisonStep.seen["before"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
-            for value in batch.values():
+            for value in vars(batch).values():  # a typed batch (mmtx.batch): poison its float tensors
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
                     value.fill_(float("nan"))
 

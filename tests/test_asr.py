@@ -9,7 +9,8 @@ import torch
 
 from conftest import fsdd_slice, small_run
 from mmtx import compose
-from mmtx.data.seq2seq import IGNORE, Seq2SeqDataModule
+from mmtx.batch import IGNORE_INDEX
+from mmtx.data.seq2seq import Seq2SeqDataModule
 from mmtx.data.seq2seq_sources import DIGIT_WORDS, AudioTranscripts, SpeechManifest
 from mmtx.generate import main as generate
 from mmtx.train import train
@@ -66,11 +67,12 @@ def test_fsdd_labels_become_words_and_batches_carry_audio(tmp_path):
     assert dm.src_vocab is None and set(dm.tgt_vocab.encode("onezero")) <= set(range(len(dm.tgt_vocab)))
     assert {k: len(v["tgt_lengths"]) for k, v in dm.splits.items()} == {"train": 9, "val": 3, "test": 4}
     batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())))
-    assert batch["audio"].shape[0] == 3 and batch["audio_lengths"].tolist() == sorted(batch["audio_lengths"].tolist(), reverse=True)
-    for i, ref in enumerate(batch["refs"]):
-        n = int((batch["tgt_out"][i] != IGNORE).sum())
-        assert dm.tgt_vocab.decode(batch["tgt_out"][i, :n - 1].tolist()) == ref
-        assert batch["sources"][i].endswith(".wav")
+    lengths, targets = batch.source.lengths, batch.target.targets
+    assert batch.source.audio.shape[0] == 3 and lengths.tolist() == sorted(lengths.tolist(), reverse=True)
+    for i, ref in enumerate(batch.refs):
+        n = int((targets[i] != IGNORE_INDEX).sum())
+        assert dm.tgt_vocab.decode(targets[i, :n - 1].tolist()) == ref
+        assert batch.sources[i].endswith(".wav")
     assert dm.runtime_kwargs()["tokenizer"] == {"sample_rate": RATE}
 
 

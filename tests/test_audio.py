@@ -17,6 +17,7 @@ from mmtx.data.audio_sources import AudioDecoder, AudioFolder
 from mmtx.heads import ClassifierHead
 from mmtx.tokenizers.audio import MelTokenizer, log_mel_normalise
 from mmtx.train import train
+from mmtx.batch import AudioBatch
 
 RATE = 8000
 
@@ -70,7 +71,7 @@ def test_padding_invariance(stem, stack):
     torch.nn.ModuleList([tok, backbone, head]).eval()
 
     def logits(audio, lengths):
-        tokens = tok({"audio": audio, "audio_lengths": lengths})
+        tokens = tok(AudioBatch(audio, lengths))
         return head(backbone(tokens), tokens.mask)
 
     short, long = torch.randn(1, 2345), torch.randn(1, 5000)
@@ -144,11 +145,11 @@ def test_class_subfolders_and_batches(tmp_path):
     dm.setup()
     assert dm.classes == ["high", "low"] and len(dm.splits["test"]["labels"]) == 4
     batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
-    lengths = batch["audio_lengths"]
-    assert batch["audio"].shape == (4, int(lengths.max()))
+    lengths = batch.lengths
+    assert batch.audio.shape == (4, int(lengths.max()))
     for i, n in enumerate(lengths.tolist()):
-        assert batch["audio"][i, n:].abs().sum() == 0  # zero padding past each clip
-        assert batch["audio"][i, :n].abs().sum() > 0
+        assert batch.audio[i, n:].abs().sum() == 0  # zero padding past each clip
+        assert batch.audio[i, :n].abs().sum() > 0
 
 
 def test_audio_task_learns_synthetic_tones(tmp_path):

@@ -183,19 +183,19 @@ def test_batches_are_gathered_and_augmented_on_transfer(image_folder, tmp_path):
     index_batch = next(iter(dm.train_dataloader()))
     assert set(index_batch) == {"index", "split"}  # the loader moves indices only
     batch = dm.on_after_batch_transfer(index_batch, 0)
-    assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
-    torch.testing.assert_close(batch["label"], dm.splits["train"]["labels"][index_batch["index"]])
+    assert batch.image.shape == (4, 3, 16, 16) and batch.image.dtype == torch.float32
+    torch.testing.assert_close(batch.label, dm.splits["train"]["labels"][index_batch["index"]])
     val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
     raw = dm.splits["val"]["images"][:4].float() / 255
     mean, std = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
-    torch.testing.assert_close(val["image"], (raw - mean) / std)  # no augmentation at eval
+    torch.testing.assert_close(val.image, (raw - mean) / std)  # no augmentation at eval
 
 
 def test_mixup_gives_soft_targets(image_folder, tmp_path):
     dm = datamodule(ImageFolder(image_folder), tmp_path, mixup=0.8, cutmix=1.0)
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
-    assert batch["target"].shape == (4, 3)
-    torch.testing.assert_close(batch["target"].sum(1), torch.ones(4))
+    assert batch.soft_label.shape == (4, 3)
+    torch.testing.assert_close(batch.soft_label.sum(1), torch.ones(4))
 
 
 def test_shared_cifar10_slice(tmp_path):

@@ -426,7 +426,7 @@ def test_images_of_another_size_are_named(tmp_path):
 
     folder = make_image_folder(tmp_path / "imgs")
     Image.new("RGB", (20, 18)).save(folder / "train" / "cat" / "odd.png")
-    with pytest.raises(DataError, match=r"most are 16x16, but .*odd\.png \(18x20\); set data\.source\.image_size"):
+    with pytest.raises(DataError, match=r"most are 16x16 pixels, but .*odd\.png \(20x18\); set data\.source\.image_size"):
         ImageFolder(folder).decode("train")
 
 

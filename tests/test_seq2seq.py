@@ -92,13 +92,14 @@ def test_wider_beams_find_likelier_sequences():
 def test_seq2seq_module_learns_to_reverse_and_decodes_with_beams():
     """A tiny encoder-decoder learns to reverse digit strings; greedy and beam decoding recover them."""
     from mmtx.backbone import Backbone
-    from mmtx.seq2seq import IGNORE, Seq2SeqModule
+    from mmtx.batch import IGNORE_INDEX, PairBatch, TokenBatch
+    from mmtx.seq2seq import Seq2SeqModule
     from mmtx.tokenizers.text import TokenEmbedding
 
     torch.manual_seed(0)
     vocab, dim = 13, 32  # 0 pad, 1 BOS, 2 EOS, 3..12 digits
     model = Seq2SeqModule(
-        TokenEmbedding(dim, vocab, max_len=16, input_key="src"),
+        TokenEmbedding(dim, vocab, max_len=16),
         Backbone(dim, 2, 4),
         Seq2SeqHead(dim, vocab, depth=2, num_heads=4, max_len=16),
         optim={}, bos_id=BOS, eos_id=EOS, label_smoothing=0.0, beam_size=3, max_decode_len=12,
@@ -108,13 +109,13 @@ def test_seq2seq_module_learns_to_reverse_and_decodes_with_beams():
         lengths = torch.randint(3, 7, (n,))
         src = torch.zeros(n, 6, dtype=torch.long)
         tgt_in = torch.zeros(n, 7, dtype=torch.long)
-        tgt_out = torch.full((n, 7), IGNORE)
+        tgt_out = torch.full((n, 7), IGNORE_INDEX)
         for i, L in enumerate(lengths.tolist()):
             seq = torch.randint(3, 13, (L,))
             src[i, :L] = seq
             tgt_in[i, 0], tgt_in[i, 1:L + 1] = BOS, seq.flip(0)
             tgt_out[i, :L], tgt_out[i, L] = seq.flip(0), EOS
-        return {"src": src, "src_mask": src != 0, "tgt_in": tgt_in, "tgt_out": tgt_out}
+        return PairBatch(TokenBatch(src, src != 0), TokenBatch(tgt_in, targets=tgt_out))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -126,9 +127,9 @@ def test_seq2seq_module_learns_to_reverse_and_decodes_with_beams():
         optimizer.zero_grad()
     model.eval()
     test = batch(16)
-    expected = [[t for t in row.tolist() if t != IGNORE][:-1] for row in test["tgt_out"]]
-    greedy = model.decode(test, beam_size=1)
-    beams = model.decode(test, beam_size=3)
+    expected = [[t for t in row.tolist() if t != IGNORE_INDEX][:-1] for row in test.target.targets]
+    greedy = model.decode(test.source, beam_size=1)
+    beams = model.decode(test.source, beam_size=3)
     assert sum(g == e for g, e in zip(greedy, expected)) >= 12
-    assert model.decode(test, beam_size=3, use_cache=False) == beams  # the cache changes nothing
+    assert model.decode(test.source, beam_size=3, use_cache=False) == beams  # the cache changes nothing
     assert sum(b == e for b, e in zip(beams, expected)) >= sum(g == e for g, e in zip(greedy, expected)) - 1

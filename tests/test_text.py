@@ -82,10 +82,10 @@ def test_split_windows_and_targets(tmp_path, corpus):
     assert dm.vocab.decode(dm.splits["train"].tolist()) == text[:cut]
     assert dm.vocab.decode(dm.splits["val"].tolist()) == text[cut:]
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
-    assert batch["tokens"].shape == batch["targets"].shape == (4, 8)
-    torch.testing.assert_close(batch["tokens"][:, 1:], batch["targets"][:, :-1])
+    assert batch.tokens.shape == batch.targets.shape == (4, 8)
+    torch.testing.assert_close(batch.tokens[:, 1:], batch.targets[:, :-1])
     val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
-    torch.testing.assert_close(val["tokens"][0], dm.splits["val"][:8])  # validation: in order, unshifted
+    torch.testing.assert_close(val.tokens[0], dm.splits["val"][:8])  # validation: in order, unshifted
     assert dm.chars_per_token == 1.0
 
 
@@ -93,9 +93,9 @@ def test_memory_mapped_path_gives_the_same_windows(tmp_path, corpus):
     resident = datamodule(tmp_path, corpus)
     mapped = datamodule(tmp_path, corpus, device_resident=False)
     index = next(iter(resident.val_dataloader()))
-    torch.testing.assert_close(resident.on_after_batch_transfer(index, 0)["tokens"],
-                               mapped.on_after_batch_transfer(index, 0)["tokens"])
-    cache = next((tmp_path / "cache").iterdir())
+    torch.testing.assert_close(resident.on_after_batch_transfer(index, 0).tokens,
+                               mapped.on_after_batch_transfer(index, 0).tokens)
+    cache = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
     assert (cache / "train.bin").stat().st_size == 2 * len(resident.splits["train"])  # uint16 on disk
 
 

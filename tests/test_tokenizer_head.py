@@ -7,13 +7,14 @@ from mmtx.batch import Tokens
 from mmtx.heads import ClassifierHead
 from mmtx.nn.pos_embed import sincos_2d
 from mmtx.tokenizers import PatchTokenizer
+from mmtx.batch import ImageBatch
 
 
 @pytest.mark.parametrize("pos_embed", ["sincos", "learned"])
 def test_patch_tokenizer_shapes_and_backward(pos_embed):
     tok = PatchTokenizer(dim=32, patch_size=4, image_size=16, pos_embed=pos_embed)
     images = torch.randn(2, 3, 16, 16, requires_grad=True)
-    tokens = tok({"image": images})
+    tokens = tok(ImageBatch(images))
     assert tokens.x.shape == (2, 16, 32) and tokens.mask is None
     tokens.x.sum().backward()
     assert images.grad is not None and tok.proj.weight.grad is not None
@@ -35,11 +36,11 @@ def test_sincos_2d_halves_encode_x_and_y():
 @pytest.mark.parametrize("pos_embed", ["sincos", "learned"])
 def test_resolution_change(pos_embed):
     tok = PatchTokenizer(dim=32, patch_size=4, image_size=16, pos_embed=pos_embed)
-    assert tok({"image": torch.randn(1, 3, 32, 24)}).x.shape == (1, 8 * 6, 32)
+    assert tok(ImageBatch(torch.randn(1, 3, 32, 24))).x.shape == (1, 8 * 6, 32)
     # back to the training grid: the original encodings again
-    a = tok({"image": torch.zeros(1, 3, 16, 16)}).x
-    tok({"image": torch.zeros(1, 3, 32, 32)})
-    torch.testing.assert_close(a, tok({"image": torch.zeros(1, 3, 16, 16)}).x)
+    a = tok(ImageBatch(torch.zeros(1, 3, 16, 16))).x
+    tok(ImageBatch(torch.zeros(1, 3, 32, 32)))
+    torch.testing.assert_close(a, tok(ImageBatch(torch.zeros(1, 3, 16, 16))).x)
 
 
 def test_learned_positions_resample_to_new_grid():
@@ -55,7 +56,7 @@ def test_image_size_not_divisible_by_patch_size():
         PatchTokenizer(dim=32, patch_size=4, image_size=30)
     tok = PatchTokenizer(dim=32, patch_size=4, image_size=16)
     with pytest.raises(ValueError, match="18x16 is not divisible"):
-        tok({"image": torch.zeros(1, 3, 18, 16)})
+        tok(ImageBatch(torch.zeros(1, 3, 18, 16)))
 
 
 def test_unknown_pos_embed():

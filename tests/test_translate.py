@@ -1,5 +1,6 @@
 """Translation: parallel text sources and their bad inputs, the seq2seq data module, metrics, the task end to end."""
 
+import dataclasses
 import gzip
 import logging
 import os
@@ -11,7 +12,8 @@ import torch
 
 from conftest import REPO, SHARED_DATA, make_parallel, small_run
 from mmtx import compose
-from mmtx.data.seq2seq import IGNORE, Seq2SeqDataModule
+from mmtx.batch import IGNORE_INDEX, TokenBatch
+from mmtx.data.seq2seq import Seq2SeqDataModule
 from mmtx.data.seq2seq_sources import ParallelText
 from mmtx.eval import evaluate
 from mmtx.generate import main as generate
@@ -120,11 +122,11 @@ def test_batches_carry_padded_sources_and_shifted_targets(corpus, tmp_path):
     dm = datamodule(tmp_path, corpus_source(corpus))
     batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())))
     ids = dm.special
-    src, mask, tgt_in, tgt_out = batch["src"], batch["src_mask"], batch["tgt_in"], batch["tgt_out"]
+    src, mask, tgt_in, tgt_out = batch.source.tokens, batch.source.mask, batch.target.tokens, batch.target.targets
     assert src.shape == mask.shape and tgt_in.shape == tgt_out.shape
-    for i, (source, reference) in enumerate(zip(batch["sources"], batch["refs"])):
+    for i, (source, reference) in enumerate(zip(batch.sources, batch.refs)):
         assert dm.src_vocab.decode(src[i][mask[i]].tolist()) == source  # the mask covers exactly the source
-        n = int((tgt_out[i] != IGNORE).sum())  # target + EOS
+        n = int((tgt_out[i] != IGNORE_INDEX).sum())  # target + EOS
         assert tgt_in[i, 0] == ids["bos_id"] and tgt_out[i, n - 1] == ids["eos_id"]
         assert torch.equal(tgt_in[i, 1:n], tgt_out[i, :n - 1])  # teacher forcing: shifted by one
         assert (tgt_in[i, n:] == ids["pad_id"]).all()
@@ -138,7 +140,7 @@ def test_long_pairs_are_cut_and_counted(corpus, tmp_path, caplog):
     assert "cut" in caplog.text and "data.max_src_len=4" in caplog.text
     assert int(dm.splits["train"]["src_lengths"].max()) == 4 and int(dm.splits["train"]["tgt_lengths"].max()) == 4
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())))
-    assert batch["tgt_in"].shape[1] <= 5
+    assert batch.target.tokens.shape[1] <= 5
 
 
 def test_separate_vocabularies_and_cached_tokenizers(corpus, tmp_path):
@@ -161,11 +163,12 @@ def test_source_padding_changes_nothing_in_the_model(corpus, tmp_path):
     dm = datamodule(tmp_path, corpus_source(corpus))
     model = build_model(cfg, dm.runtime_kwargs()).eval()
     batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())))
-    assert not batch["src_mask"].all()
-    changed = dict(batch, src=batch["src"].masked_fill(~batch["src_mask"], 7))
+    source = batch.source
+    assert not source.mask.all()
+    changed = dataclasses.replace(batch, source=TokenBatch(source.tokens.masked_fill(~source.mask, 7), source.mask))
     with torch.no_grad():
         torch.testing.assert_close(model(batch), model(changed))
-    assert model.decode(batch, beam_size=2) == model.decode(changed, beam_size=2)
+    assert model.decode(batch.source, beam_size=2) == model.decode(changed.source, beam_size=2)
 
 
 # -- metrics -------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmtx.batch import AudioBatch
 from mmtx.data.base import LabelledSplits, gather_padded
 
 
@@ -12,9 +13,9 @@ class AudioDataModule(LabelledSplits):
 
     A split's cache is one flat float16 waveform with per-clip offsets and
     lengths; each batch is cut out of the copy on the training device and
-    zero-padded to its longest clip. Batches carry `audio` (B, L) float32,
-    `audio_lengths` (B,) and `label` (B,); the mel tokenizer turns the lengths
-    into the key-padding mask.
+    zero-padded to its longest clip. Batches are `AudioBatch`es: `audio` (B, L)
+    float32, `lengths` (B,) and `label` (B,); the mel tokenizer turns the
+    lengths into the key-padding mask.
     """
 
     sample_keys = ("offsets", "lengths", "labels")
@@ -31,16 +32,16 @@ class AudioDataModule(LabelledSplits):
             "module": {"num_classes": self.num_classes, "class_names": self.classes},
         }
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> dict[str, Any]:
-        if "index" not in batch:
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> AudioBatch:
+        if not isinstance(batch, dict):  # already a batch (a user's own loader)
             return batch
         device = batch["index"].device
         store = self._store(batch["split"], device)
         index = batch["index"].to(store["labels"].device)
         lengths = store["lengths"][index]  # (B,)
         audio, _ = gather_padded(store["audio"], store["offsets"][index], lengths)  # zero-padded (B, L)
-        return {
-            "audio": audio.float().to(device, non_blocking=True),
-            "audio_lengths": lengths.to(device, non_blocking=True),
-            "label": store["labels"][index].to(device, non_blocking=True),
-        }
+        return AudioBatch(
+            audio=audio.float().to(device, non_blocking=True),
+            lengths=lengths.to(device, non_blocking=True),
+            label=store["labels"][index].to(device, non_blocking=True),
+        )

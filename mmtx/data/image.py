@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from mmtx.batch import ImageBatch
 from mmtx.data.augment import BatchAugment
 from mmtx.data.base import LabelledSplits
 from mmtx.data.sources import ImageSource
@@ -81,8 +82,8 @@ class ImageDataModule(LabelledSplits):
             "module": {"num_classes": self.num_classes, "class_names": self.classes},
         }
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> dict[str, Any]:
-        if "index" not in batch:  # already a batch of tensors (a user's own loader)
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> ImageBatch:
+        if not isinstance(batch, dict):  # already a batch (a user's own loader)
             return batch
         device = batch["index"].device
         store = self._store(batch["split"], device)
@@ -94,7 +95,7 @@ class ImageDataModule(LabelledSplits):
             images = self.augment(images)
         mean, std = self._normaliser(device)
         images = images.float().sub_(mean).div_(std)  # mean, std in 0..255 units
-        out = {"image": images, "label": labels}
         if train and self.mixup is not None:
-            out["image"], out["target"] = self.mixup(images, labels)  # target: (B, num_classes)
-        return out
+            images, soft = self.mixup(images, labels)  # soft: (B, num_classes)
+            return ImageBatch(images, labels, soft_label=soft)
+        return ImageBatch(images, labels)

@@ -10,11 +10,12 @@ Token ids are made in `setup` (a few seconds for Multi30k).
 
 As for images and audio, the DataLoader yields only index batches, grouped
 by source length; `on_after_batch_transfer` cuts the samples out of the flat
-copies on the training device. Batches carry the source (`src` (B, S) ids +
-`src_mask`, or `audio` (B, L) + `audio_lengths`), `tgt_in` (BOS + target,
-padded with the pad id), `tgt_out` (target + EOS, padding -100) and, for
-validation and test, `refs` and `sources`: the original strings, so metrics
-are computed against the untokenized references.
+copies on the training device. Batches are `PairBatch`es (`mmtx.batch`): the
+source (a `TokenBatch` of (B, S) ids and their mask, or an `AudioBatch` of
+(B, L) waveforms and lengths), the target (a `TokenBatch`: `tokens` = BOS +
+target, padded with the pad id; `targets` = target + EOS, IGNORE_INDEX at
+padding) and, for validation and test, `refs` and `sources`: the original
+strings, so metrics are computed against the untokenized references.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from mmtx.batch import IGNORE_INDEX, AudioBatch, PairBatch, TokenBatch
 from mmtx.data.base import IndexedSplits, gather_padded, hold_out
 from mmtx.data.cache import building_dir, digest, load_or_build
 from mmtx.data.sources import resolve_root
@@ -35,7 +37,6 @@ from mmtx.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-IGNORE = -100  # target positions that carry no loss
 
 
 def with_specials(spec: dict[str, Any]) -> dict[str, Any]:
@@ -218,32 +219,31 @@ class Seq2SeqDataModule(IndexedSplits):
 
     # -- the device-side data path (loaders: IndexedSplits) ------------------------------
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> dict[str, Any]:
-        if "index" not in batch:
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> PairBatch:
+        if not isinstance(batch, dict):  # already a batch (a user's own loader)
             return batch
         device, split = batch["index"].device, batch["split"]
         store = self._store(split, device)
         index = batch["index"].to(store["tgt_lengths"].device)
         ids = self.special
-        out: dict[str, Any] = {}
         offsets, lengths = store["src_offsets"][index], store["src_lengths"][index]
         if self.text_source:
             src, mask = gather_padded(store["src_ids"], offsets, lengths, self.src_vocab.token_id(PAD) or 0)
-            out["src"], out["src_mask"] = src.long(), mask
+            source = TokenBatch(src.long().to(device, non_blocking=True), mask.to(device, non_blocking=True))
         else:
             audio, _ = gather_padded(store["audio"], offsets, lengths)
-            out["audio"], out["audio_lengths"] = audio.float(), lengths
+            source = AudioBatch(audio.float().to(device, non_blocking=True), lengths.to(device, non_blocking=True))
         tgt_len = store["tgt_lengths"][index]
         tgt, inside = gather_padded(store["tgt_ids"], store["tgt_offsets"][index], tgt_len)
         tgt = tgt.long()
         B = tgt.shape[0]
         bos = torch.full((B, 1), ids["bos_id"], dtype=torch.long, device=tgt.device)
-        out["tgt_in"] = torch.cat([bos, tgt.masked_fill(~inside, ids["pad_id"])], 1)  # (B, T+1)
-        tgt_out = torch.cat([tgt.masked_fill(~inside, IGNORE), torch.full_like(bos, IGNORE)], 1)
-        out["tgt_out"] = tgt_out.scatter(1, tgt_len[:, None], ids["eos_id"])  # EOS right after each target
-        out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
-        if split != "train":
-            rows = batch["index"].tolist()
-            out["refs"] = [self.texts[split]["tgt"][i] for i in rows]
-            out["sources"] = [self.texts[split]["src"][i] for i in rows]
-        return out
+        tgt_in = torch.cat([bos, tgt.masked_fill(~inside, ids["pad_id"])], 1)  # (B, T+1)
+        tgt_out = torch.cat([tgt.masked_fill(~inside, IGNORE_INDEX), torch.full_like(bos, IGNORE_INDEX)], 1)
+        tgt_out = tgt_out.scatter(1, tgt_len[:, None], ids["eos_id"])  # EOS right after each target
+        target = TokenBatch(tgt_in.to(device, non_blocking=True), targets=tgt_out.to(device, non_blocking=True))
+        if split == "train":
+            return PairBatch(source, target)
+        rows = batch["index"].tolist()
+        return PairBatch(source, target, refs=[self.texts[split]["tgt"][i] for i in rows],
+                         sources=[self.texts[split]["src"][i] for i in rows])

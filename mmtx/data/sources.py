@@ -61,10 +61,10 @@ def stack_images(images: list[torch.Tensor], origin: str, names: list[str] | Non
     if len(set(sizes)) > 1:
         common = max(set(sizes), key=sizes.count)
         names = names or [f"#{i}" for i in range(len(images))]
-        odd = [f"{name} ({h}x{w})" for name, (h, w) in zip(names, sizes) if (h, w) != common]
+        odd = [f"{name} ({w}x{h})" for name, (h, w) in zip(names, sizes) if (h, w) != common]  # width x height
         more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
         raise DataError(
-            f"images in {origin} have different sizes: most are {common[0]}x{common[1]}, but "
+            f"images in {origin} have different sizes: most are {common[1]}x{common[0]} pixels, but "
             f"{', '.join(odd[:5])}{more}; set data.source.image_size to resize them all"
         )
     return torch.stack(images)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mmtx.batch import TokenBatch
 from mmtx.data.cache import building_dir, digest
 from mmtx.data.base import EpochShuffle, index_loader
 from mmtx.data.sources import resolve_root
@@ -166,8 +167,8 @@ class TextDataModule(L.LightningDataModule):
             self._on_device[key] = self.splits[split].to(device)
         return self._on_device[key]
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> dict[str, Any]:
-        if "index" not in batch:
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> TokenBatch:
+        if not isinstance(batch, dict):  # already a batch (a user's own loader)
             return batch
         device = batch["index"].device
         split, T = batch["split"], self.block_size
@@ -180,7 +181,7 @@ class TextDataModule(L.LightningDataModule):
             window = self._store(split, device)[offsets]
         else:  # gather from the memory map on the CPU, then move
             window = torch.from_numpy(self.splits[split][offsets.cpu().numpy()].astype(np.int64)).to(device)
-        return {"tokens": window[:, :-1], "targets": window[:, 1:]}  # (B, T) each
+        return TokenBatch(tokens=window[:, :-1], targets=window[:, 1:])  # (B, T) each
 
 
 def text_runtime(vocab: Vocab, chars_per_token: float | None = None) -> dict[str, dict[str, Any]]:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mmtx.backbone import Backbone, scale_residual_init
+from mmtx.batch import TokenBatch
 from mmtx.tokenizers.text import TokenEmbedding, Vocab
 
 
@@ -32,7 +33,7 @@ class Seq2SeqHead(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        self.embed = TokenEmbedding(dim, vocab, max_len, pos_embed, dropout, input_key="tgt_in")
+        self.embed = TokenEmbedding(dim, vocab, max_len, pos_embed, dropout)
         self.decoder = Backbone(dim, depth, num_heads, mlp_ratio, dropout, causal=True, cross_attention=True,
                                 rotary=pos_embed == "none", bias=bias)
         scale_residual_init(self.decoder)
@@ -49,7 +50,7 @@ class Seq2SeqHead(nn.Module):
 
     def decode(self, ids: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None,
                caches=None, start: int = 0) -> torch.Tensor:
-        tokens = self.embed({"tgt_in": ids}, start=start)
+        tokens = self.embed(TokenBatch(ids), start=start)
         x = self.decoder(tokens, context=memory, context_mask=memory_mask, caches=caches)
         return self.proj(x)  # (B, T, D) -> (B, T, V)
 

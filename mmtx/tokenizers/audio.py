@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtx.batch import Tokens
+from mmtx.batch import AudioBatch, Tokens
 from mmtx.nn.pos_embed import sincos_1d
 from mmtx.errors import ConfigError
 
@@ -50,14 +50,12 @@ class MelTokenizer(nn.Module):
         stem: str = "stack",
         stack: int = 1,
         spec_augment: dict | None = None,
-        input_key: str = "audio",
     ) -> None:
         super().__init__()
         import torchaudio.transforms as T
 
         if stem not in ("stack", "conv"):
             raise ConfigError(f"tokenizer.stem must be 'stack' or 'conv', got {stem!r}")
-        self.input_key = input_key
         self.sample_rate = sample_rate
         self.n_fft = round(sample_rate * win_ms / 1000)
         self.hop = round(sample_rate * hop_ms / 1000)
@@ -99,8 +97,8 @@ class MelTokenizer(nn.Module):
         mask = torch.arange(n, device=x.device)[None, :] < valid[:, None]  # (B, F)
         return x * mask[..., None], mask
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> Tokens:
-        x, mask = self.frames(batch[self.input_key], batch.get(f"{self.input_key}_lengths"))
+    def forward(self, batch: AudioBatch) -> Tokens:
+        x, mask = self.frames(batch.audio, batch.lengths)
         B, n, _ = x.shape
         if self.stem_kind == "stack":
             pad = (-n) % self.stack

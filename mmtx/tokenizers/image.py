@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
 
-from mmtx.batch import Tokens
+from mmtx.batch import ImageBatch, Tokens
 from mmtx.nn.pos_embed import resample_1d, sincos_2d
 from mmtx.errors import ConfigError
 
@@ -30,7 +30,6 @@ class PatchTokenizer(nn.Module):
         in_channels: int = 3,
         image_size: int | tuple[int, int] = 224,
         pos_embed: str = "sincos",
-        input_key: str = "image",
     ) -> None:
         super().__init__()
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -40,7 +39,6 @@ class PatchTokenizer(nn.Module):
                 "(change data.source.image_size or tokenizer.patch_size)"
             )
         self.patch_size = patch_size
-        self.input_key = input_key
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         if pos_embed not in _POS_EMBEDS:
             raise ConfigError(f"tokenizer.pos_embed must be one of {sorted(_POS_EMBEDS)}, got {pos_embed!r}")
@@ -49,8 +47,8 @@ class PatchTokenizer(nn.Module):
         nn.init.xavier_uniform_(self.proj.weight.view(dim, -1))
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> Tokens:
-        images = batch[self.input_key]  # (B, C, H, W), float, normalised
+    def forward(self, batch: ImageBatch) -> Tokens:
+        images = batch.image  # (B, C, H, W), float, normalised
         H, W = images.shape[-2:]
         p = self.patch_size
         if H % p or W % p:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
 
-from mmtx.batch import Tokens
+from mmtx.batch import TokenBatch, Tokens
 from mmtx.errors import ConfigError, MissingError
 
 log = logging.getLogger(__name__)
@@ -150,14 +150,12 @@ class TokenEmbedding(nn.Module):
         max_len: int = 1024,
         pos_embed: str = "learned",
         dropout: float = 0.0,
-        input_key: str = "tokens",
     ) -> None:
         super().__init__()
         if pos_embed not in ("learned", "none"):
             raise ConfigError(f"tokenizer.pos_embed must be 'learned' or 'none', got {pos_embed!r}")
         self.vocab = vocab if isinstance(vocab, Vocab) else None  # kept for decoding; not a parameter
         vocab_size = len(vocab) if isinstance(vocab, Vocab) else vocab
-        self.input_key = input_key
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(max_len, dim)) if pos_embed == "learned" else None
@@ -166,12 +164,12 @@ class TokenEmbedding(nn.Module):
         if self.pos is not None:
             trunc_normal_(self.pos, std=0.02)
 
-    def forward(self, batch: dict[str, torch.Tensor], start: int = 0) -> Tokens:
-        ids = batch[self.input_key]  # (B, T) int
+    def forward(self, batch: TokenBatch, start: int = 0) -> Tokens:
+        ids = batch.tokens  # (B, T) int
         T = ids.shape[1]
         if start + T > self.max_len and self.pos is not None:
             raise ConfigError(f"sequence of {start + T} tokens is longer than tokenizer.max_len={self.max_len}")
         x = self.embed(ids)  # (B, T) -> (B, T, D)
         if self.pos is not None:
             x = x + self.pos[start:start + T]
-        return Tokens(self.drop(x), batch.get(f"{self.input_key}_mask"))
+        return Tokens(self.drop(x), batch.mask)
