@@ -28,6 +28,7 @@ class Backbone(nn.Module):
         dim: int,
         depth: int,
         num_heads: int,
+        *,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
@@ -47,7 +48,8 @@ class Backbone(nn.Module):
         # Stochastic depth rises linearly with depth (Huang et al., 2016; DeiT).
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, dropout, attn_dropout, rate, qkv_bias, cross_attention, rotary, bias)
+            Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, attn_dropout=attn_dropout,
+                  drop_path=rate, qkv_bias=qkv_bias, cross_attention=cross_attention, rotary=rotary, bias=bias)
             for rate in rates
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6, bias=bias)
@@ -62,7 +64,8 @@ class Backbone(nn.Module):
     ) -> torch.Tensor:
         x = tokens.x
         for i, block in enumerate(self.blocks):
-            x = block(x, tokens.mask, self.causal, context, context_mask, caches[i] if caches else None)
+            x = block(x, mask=tokens.mask, causal=self.causal, context=context, context_mask=context_mask,
+                      cache=caches[i] if caches else None)
         return self.norm(x)
 
     def new_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:

@@ -76,6 +76,7 @@ def test_fsdd_labels_become_words_and_batches_carry_audio(tmp_path):
     assert dm.runtime_kwargs()["tokenizer"] == {"sample_rate": RATE}
 
 
+@pytest.mark.slow  # learns to a threshold
 def test_asr_task_learns_tones_and_transcribes_files(tmp_path):
     folder = make_tones(tmp_path / "fsdd" / "recordings", per_class=(10, 3))
     cfg = compose("asr_fsdd", [*small_run(tmp_path, tmp_path, "audio2text"), "trainer.max_epochs=12",

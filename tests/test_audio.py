@@ -152,6 +152,7 @@ def test_class_subfolders_and_batches(tmp_path):
         assert batch.audio[i, :n].abs().sum() > 0
 
 
+@pytest.mark.slow  # learns to a threshold
 def test_audio_task_learns_synthetic_tones(tmp_path):
     make_tones(tmp_path / "fsdd" / "recordings", per_class=(10, 3))
     cfg = compose("audio_fsdd", [*small_run(tmp_path, tmp_path, "audio"), "trainer.max_epochs=8",

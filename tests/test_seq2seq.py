@@ -1,5 +1,6 @@
 """The encoder-decoder head and batched beam search (groundwork of the encoder-decoder tasks)."""
 
+import pytest
 import torch
 
 from mmtx.generation import beam_search
@@ -89,6 +90,7 @@ def test_wider_beams_find_likelier_sequences():
     assert min(gains) >= -1e-4 and max(gains) > 0  # never worse, better somewhere
 
 
+@pytest.mark.slow  # learns to a threshold
 def test_seq2seq_module_learns_to_reverse_and_decodes_with_beams():
     """A tiny encoder-decoder learns to reverse digit strings; greedy and beam decoding recover them."""
     from mmtx.backbone import Backbone

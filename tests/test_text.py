@@ -187,6 +187,7 @@ def test_top_k_and_top_p_filters():
     assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
 
 
+@pytest.mark.slow  # learns to a threshold
 def test_causal_lm_loss_decreases_and_the_run_keeps_its_tokenizer(tmp_path, corpus):
     cfg = compose("gpt_shakespeare", text_run(tmp_path, corpus, "trainer.max_steps=60", "optim.lr=3e-3",
                                                "optim.warmup_steps=5", "trainer.limit_val_batches=4"))

@@ -27,6 +27,7 @@ def cli(module: str, *args: str, timeout: float = 300, check: bool = True) -> su
     return proc
 
 
+@pytest.mark.slow  # learns to a threshold
 def test_cli_train_then_eval(image_folder, tmp_path):
     proc = cli("mmtx.train", "task=vit_cifar", *folder_run(tmp_path, image_folder), "trainer.max_epochs=4",
                "optim.lr=3e-3")
@@ -50,7 +51,7 @@ def test_cli_train_then_eval(image_folder, tmp_path):
     assert acc > 0.6
     # a checkpoint carries its config: evaluate at another resolution (positions recomputed)
     metrics = evaluate(str(best[0]), ["data.source.image_size=24", "trainer.accelerator=cpu"])
-    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert metrics["test/acc"] > 0.6  # the classes differ by colour, which the resolution does not change
 
 
 def test_multirun_sweep_gives_each_job_its_own_directory(image_folder, tmp_path):

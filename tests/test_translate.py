@@ -217,6 +217,7 @@ def test_translate_task_trains_evaluates_and_translates(corpus, tmp_path):
         generate([f"ckpt={ckpt}", f"audio={lines}"])
 
 
+@pytest.mark.slow  # learns to a threshold
 def test_tiny_translation_is_learned(tmp_path):
     """Word-for-word number translation: a small model gets most of the test set right (BLEU well above 0)."""
     corpus = make_parallel(tmp_path / "data" / "multi30k", (("train", 400), ("val", 20), ("test_2016_flickr", 20)))

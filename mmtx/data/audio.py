@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from mmtx.batch import AudioBatch
 from mmtx.data.base import LabelledSplits, gather_padded
 
@@ -32,12 +34,7 @@ class AudioDataModule(LabelledSplits):
             "module": {"num_classes": self.num_classes, "class_names": self.classes},
         }
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> AudioBatch:
-        if not isinstance(batch, dict):  # already a batch (a user's own loader)
-            return batch
-        device = batch["index"].device
-        store = self._store(batch["split"], device)
-        index = batch["index"].to(store["labels"].device)
+    def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> AudioBatch:
         lengths = store["lengths"][index]  # (B,)
         audio, _ = gather_padded(store["audio"], store["offsets"][index], lengths)  # zero-padded (B, L)
         return AudioBatch(

@@ -2,9 +2,10 @@
 labelled splits decoded once into tensors that are copied to the training device.
 
 The DataLoader only yields index batches (cheap, and shuffled and sharded by
-Lightning's samplers, DDP included); a subclass's `on_after_batch_transfer`
-gathers the samples from the copy of the split on the training device and
-augments the whole batch there. A CPU DataLoader never starves the GPU.
+Lightning's samplers, DDP included); `on_after_batch_transfer` hands each one
+to the subclass's `gather`, which cuts the samples out of the copy of the split
+on the training device, augments the whole batch there and returns a typed
+batch (`mmtx.batch`). A CPU DataLoader never starves the GPU.
 """
 
 from __future__ import annotations
@@ -198,6 +199,19 @@ class IndexedSplits(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, train=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        """An index batch `{"index": (B,), "split": name}` -> the typed batch of those samples, gathered
+        (and, for training, augmented) on the device the indices were moved to."""
+        if not isinstance(batch, dict):  # already a batch (a user's own loader)
+            return batch
+        device, split = batch["index"].device, batch["split"]
+        store = self._store(split, device)
+        return self.gather(split, store, batch["index"].to(store[self.size_key].device), device)
+
+    def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> Any:
+        """The typed batch (`mmtx.batch`) of samples `index` of `split`, whose tensors are `store`."""
+        raise NotImplementedError
 
     def _store(self, split: str, device: torch.device) -> dict[str, torch.Tensor]:
         """The split's tensors on `device` (copied there once), or on the CPU when not device-resident."""

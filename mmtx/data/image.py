@@ -82,15 +82,10 @@ class ImageDataModule(LabelledSplits):
             "module": {"num_classes": self.num_classes, "class_names": self.classes},
         }
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> ImageBatch:
-        if not isinstance(batch, dict):  # already a batch (a user's own loader)
-            return batch
-        device = batch["index"].device
-        store = self._store(batch["split"], device)
-        index = batch["index"].to(store["labels"].device)
+    def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> ImageBatch:
         images = store["images"][index].to(device, non_blocking=True)  # (B, C, H, W) uint8
         labels = store["labels"][index].to(device, non_blocking=True)  # (B,)
-        train = batch["split"] == "train"
+        train = split == "train"
         if train:
             images = self.augment(images)
         mean, std = self._normaliser(device)

@@ -219,12 +219,7 @@ class Seq2SeqDataModule(IndexedSplits):
 
     # -- the device-side data path (loaders: IndexedSplits) ------------------------------
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> PairBatch:
-        if not isinstance(batch, dict):  # already a batch (a user's own loader)
-            return batch
-        device, split = batch["index"].device, batch["split"]
-        store = self._store(split, device)
-        index = batch["index"].to(store["tgt_lengths"].device)
+    def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> PairBatch:
         ids = self.special
         offsets, lengths = store["src_offsets"][index], store["src_lengths"][index]
         if self.text_source:
@@ -244,6 +239,6 @@ class Seq2SeqDataModule(IndexedSplits):
         target = TokenBatch(tgt_in.to(device, non_blocking=True), targets=tgt_out.to(device, non_blocking=True))
         if split == "train":
             return PairBatch(source, target)
-        rows = batch["index"].tolist()
+        rows = index.tolist()
         return PairBatch(source, target, refs=[self.texts[split]["tgt"][i] for i in rows],
                          sources=[self.texts[split]["src"][i] for i in rows])

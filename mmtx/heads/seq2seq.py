@@ -33,9 +33,9 @@ class Seq2SeqHead(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        self.embed = TokenEmbedding(dim, vocab, max_len, pos_embed, dropout)
-        self.decoder = Backbone(dim, depth, num_heads, mlp_ratio, dropout, causal=True, cross_attention=True,
-                                rotary=pos_embed == "none", bias=bias)
+        self.embed = TokenEmbedding(dim, vocab, max_len=max_len, pos_embed=pos_embed, dropout=dropout)
+        self.decoder = Backbone(dim, depth, num_heads, mlp_ratio=mlp_ratio, dropout=dropout, causal=True,
+                                cross_attention=True, rotary=pos_embed == "none", bias=bias)
         scale_residual_init(self.decoder)
         self.proj = nn.Linear(dim, self.embed.embed.num_embeddings, bias=False)
         self.proj.weight = self.embed.embed.weight  # tied input and output embeddings

@@ -77,7 +77,7 @@ class KVCache:
 class _MultiHead(nn.Module):
     """What self- and cross-attention share: the head split, SDPA and the output projection."""
 
-    def __init__(self, dim: int, num_heads: int, attn_dropout: float, dropout: float, bias: bool) -> None:
+    def __init__(self, dim: int, num_heads: int, *, dropout: float, attn_dropout: float, bias: bool) -> None:
         super().__init__()
         if dim % num_heads:
             raise ConfigError(f"dim={dim} is not divisible by num_heads={num_heads}")
@@ -107,13 +107,14 @@ class Attention(_MultiHead):
         self,
         dim: int,
         num_heads: int,
+        *,
         qkv_bias: bool = True,
-        attn_dropout: float = 0.0,
         dropout: float = 0.0,
+        attn_dropout: float = 0.0,
         rotary: bool = False,
         bias: bool = True,
     ) -> None:
-        super().__init__(dim, num_heads, attn_dropout, dropout, bias)
+        super().__init__(dim=dim, num_heads=num_heads, dropout=dropout, attn_dropout=attn_dropout, bias=bias)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.rotary = rotary
         if rotary:
@@ -152,12 +153,13 @@ class CrossAttention(_MultiHead):
         self,
         dim: int,
         num_heads: int,
+        *,
         qkv_bias: bool = True,
-        attn_dropout: float = 0.0,
         dropout: float = 0.0,
+        attn_dropout: float = 0.0,
         bias: bool = True,
     ) -> None:
-        super().__init__(dim, num_heads, attn_dropout, dropout, bias)
+        super().__init__(dim=dim, num_heads=num_heads, dropout=dropout, attn_dropout=attn_dropout, bias=bias)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
 

@@ -22,6 +22,7 @@ class Block(nn.Module):
         self,
         dim: int,
         num_heads: int,
+        *,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
@@ -34,14 +35,16 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_dropout, dropout, rotary, bias)
+        self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, dropout=dropout,
+                              attn_dropout=attn_dropout, rotary=rotary, bias=bias)
         if cross_attention:
             self.norm_cross = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
-            self.cross_attn = CrossAttention(dim, num_heads, qkv_bias, attn_dropout, dropout, bias)
+            self.cross_attn = CrossAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, dropout=dropout,
+                                             attn_dropout=attn_dropout, bias=bias)
         else:
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout, bias)
+        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), dropout=dropout, bias=bias)
         self.drop_path = _drop_path(drop_path)
 
     def forward(
@@ -53,11 +56,11 @@ class Block(nn.Module):
         context_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), mask, causal, cache))
+        x = x + self.drop_path(self.attn(self.norm1(x), mask=mask, causal=causal, cache=cache))
         if self.cross_attn is not None:
             if context is None:
                 raise ValueError("this block has cross-attention and needs a `context`")
-            x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context, context_mask, cache))
+            x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context, context_mask=context_mask, cache=cache))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -9,7 +9,7 @@ from torch import nn
 class Mlp(nn.Module):
     """Linear -> GELU -> dropout -> Linear -> dropout (Vaswani et al., 2017; GELU as in ViT)."""
 
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, bias: bool = True) -> None:
+    def __init__(self, dim: int, hidden_dim: int, *, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.act = nn.GELU()
