@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mmtx.data.cache import atomic_save
+from mmtx.files import atomic_save
 from mmtx.errors import CheckpointError, MissingError
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mmtx.data.cache import atomic_write_text
+from mmtx.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmtx.checkpoint import check_model_matches, find_resume, safe_load
 from mmtx.config import config_dir
 from mmtx.cpu import keep_freed_memory
-from mmtx.data.cache import atomic_write_text
+from mmtx.files import atomic_write_text
 from mmtx.errors import NonFiniteError, reported
 from mmtx.runinfo import run_info
 from mmtx.validate import validate

@@ -487,7 +487,8 @@ def test_missing_cifar_offline_names_the_paths_and_leaves_no_folder(tmp_path, mo
 # -- 14. small things -------------------------------------------------------------------------------------------
 
 def test_orphans_of_killed_writes_are_removed_by_the_next_build(tmp_path):
-    from mmtx.data.cache import building_dir, load_or_build
+    from mmtx.data.cache import load_or_build
+    from mmtx.files import building_dir
 
     (tmp_path / ".cache.pt.4242.tmp").write_bytes(b"half a cache")
     (tmp_path / ".tokens.4242.tmp").mkdir()

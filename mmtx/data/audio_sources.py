@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mmtx.data.cache import digest
-from mmtx.data.sources import describe_root, resolve_root
+from mmtx.files import describe_root, resolve_root
 from mmtx.errors import ConfigError, DataError, MissingError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtx.data.cache import load_or_build
-from mmtx.data.sources import resolve_root
+from mmtx.files import resolve_root
 from mmtx.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

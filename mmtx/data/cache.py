@@ -9,16 +9,16 @@ half-written cache behind.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import pickle
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
+
+from mmtx.files import atomic_save, remove_orphans
 
 log = logging.getLogger(__name__)
 
@@ -30,69 +30,6 @@ def digest(*parts: Any) -> str:
         h.update(str(part).encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to `path` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_orphans(path: str | os.PathLike) -> None:
-    """Remove the temporary files and folders (`.<name>.<pid>.tmp`) that writes of `path` killed
-    midway left behind. Call it only while holding `path`'s lock, when no other write of it is under way."""
-    path = Path(path)
-    for orphan in path.parent.glob(f".{path.name}.*.tmp"):
-        log.info("removing %s, left by an interrupted write", orphan)
-        if orphan.is_dir():
-            shutil.rmtree(orphan, ignore_errors=True)
-        else:
-            orphan.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def building_dir(path: str | os.PathLike) -> Iterator[Path | None]:
-    """Build the folder `path` atomically: yields a temporary folder to fill, renamed to `path` when the
-    block ends without error (removed otherwise), or None when `path` already exists (built meanwhile by
-    another process: a lock beside it makes the others wait). Orphans of killed builds are removed first.
-
-    >>> with building_dir(folder) as tmp:
-    ...     if tmp is not None:
-    ...         (tmp / "meta.json").write_text("{}")
-    """
-    from filelock import FileLock
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if path.exists():
-            yield None
-            return
-        remove_orphans(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.mkdir()
-        try:
-            yield tmp
-            os.rename(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_or_build(

@@ -29,8 +29,9 @@ import torch
 
 from mmtx.batch import IGNORE_INDEX, AudioBatch, PairBatch, TokenBatch
 from mmtx.data.base import IndexedSplits, gather_padded, hold_out
-from mmtx.data.cache import building_dir, digest, load_or_build
-from mmtx.data.sources import resolve_root
+from mmtx.data.cache import digest, load_or_build
+from mmtx.files import building_dir
+from mmtx.files import resolve_root
 from mmtx.tokenizers.text import Vocab, build_vocab
 from mmtx.errors import ConfigError, DataError
 

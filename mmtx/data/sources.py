@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mmtx.data.cache import digest
+from mmtx.files import describe_root, resolve_root  # noqa: F401 (resolve_root: also imported from here)
 from mmtx.errors import ConfigError, DataError, MissingError
 
 log = logging.getLogger(__name__)
@@ -29,21 +30,6 @@ class ImageSource(Protocol):
     def splits(self) -> list[str]: ...
     def fingerprint(self, split: str) -> str: ...
     def decode(self, split: str) -> dict[str, Any]: ...  # images (N,C,H,W) uint8, labels (N,), classes
-
-
-def resolve_root(root: str | None) -> Path:
-    """`data.root` if set, else $MMTX_DATA_DIR, else ./data."""
-    return Path(root or os.environ.get("MMTX_DATA_DIR") or "data").expanduser()
-
-
-def describe_root(root: str | None) -> str:
-    """The data root as an absolute path, and where that choice came from, for messages."""
-    where = resolve_root(root).resolve()
-    if root:
-        return f"{where} (from data.root)"
-    if os.environ.get("MMTX_DATA_DIR"):
-        return f"{where} (from $MMTX_DATA_DIR={os.environ['MMTX_DATA_DIR']})"
-    return f"{where} (the default ./data: neither data.root nor $MMTX_DATA_DIR is set)"
 
 
 def pil_to_tensor(image: Image.Image, size: int | None) -> torch.Tensor:

@@ -21,9 +21,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtx.batch import TokenBatch
-from mmtx.data.cache import building_dir, digest
+from mmtx.data.cache import digest
+from mmtx.files import building_dir
 from mmtx.data.base import EpochShuffle, index_loader
-from mmtx.data.sources import resolve_root
+from mmtx.files import resolve_root
 from mmtx.data.text_sources import TextSource
 from mmtx.tokenizers.text import Vocab, build_vocab
 from mmtx.errors import ConfigError, DataError

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mmtx.data.cache import digest
-from mmtx.data.sources import describe_root, resolve_root
+from mmtx.files import describe_root, resolve_root
 from mmtx.errors import ConfigError, DataError, MissingError
 
 log = logging.getLogger(__name__)
