@@ -199,7 +199,7 @@ class ClassificationModule(TaskModule):
         head: nn.Module,
         num_classes: int,
         optim: dict[str, Any],
-        label_smoothing: float = 0.0,
+        label_smoothing: float = 0.1,
         class_names: list[str] | None = None,
         confusion_matrix: bool = True,
         media_samples: int = 16,

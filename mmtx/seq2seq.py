@@ -44,7 +44,7 @@ class Seq2SeqModule(TaskModule):
         eos_id: int,
         label_smoothing: float = 0.1,
         beam_size: int = 4,
-        length_penalty: float = 1.0,
+        length_penalty: float = 0.6,
         max_decode_len: int = 64,
         metrics: Sequence[str] = ("bleu",),
         val_decode_batches: int | None = 4,
