@@ -90,3 +90,6 @@ class Tokens:
             ones = mask.new_ones(mask.shape[0], prefix.shape[1])
             mask = torch.cat([ones, mask], dim=1)  # (B, P + T)
         return Tokens(x, mask)
+
+
+Batch = ImageBatch | AudioBatch | TokenBatch | PairBatch  # what a task's steps receive

@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mmtx.batch import AudioBatch, ImageBatch
+from mmtx.batch import AudioBatch, Batch, ImageBatch
 from mmtx.errors import NonFiniteError
 from mmtx.loggers import log_confusion_matrix, log_media
 from mmtx.optim import build_optimizer
@@ -103,27 +103,27 @@ class TaskModule(L.LightningModule):
         self._forward = torch.compile(self.forward_logits) if compile else self.forward_logits
         self.guard = NonFiniteGuard(max_nonfinite_steps)
 
-    def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_logits(self, batch: Batch) -> torch.Tensor:
         tokens = self.head.prepare(self.tokenizer(batch))  # Tokens: (B, T, D), mask (B, T) | None
         x = self.backbone(tokens)  # (B, T, D)
         return self.head(x, tokens.mask)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: Batch) -> torch.Tensor:
         return self._forward(batch)
 
     @property
     def vocab(self):
         return getattr(self.tokenizer, "vocab", None)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.shared_step(batch, "train")
         self.guard.add_loss(loss.detach())
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.shared_step(batch, "val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self.shared_step(batch, "test")
 
     def configure_optimizers(self):
