@@ -25,7 +25,7 @@ from conftest import REPO, TINY_TEXT, PoisonStep, folder_run, make_image_folder,
 from mmtx import compose
 from mmtx.checkpoint import load_checkpoint
 from mmtx.config import claim_dir
-from mmtx.errors import CheckpointError, ConfigError, DataError, MissingError, NonFiniteError
+from mmtx.errors import CheckpointError, ConfigError, DataError, MissingError
 from mmtx.eval import evaluate
 from mmtx.train import train
 
