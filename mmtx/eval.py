@@ -5,7 +5,9 @@ The run configuration stored in the checkpoint rebuilds the data and model;
 `data.source.image_size=64` to evaluate at another resolution, or
 `trainer.accelerator=cpu`). Files the test writes (the examples table of an
 encoder-decoder: source, reference, hypothesis) go to `<run dir>/eval/`,
-beside the checkpoint's `checkpoints/` folder.
+beside the checkpoint's `checkpoints/` folder. The whole test split is scored unless
+`trainer.limit_test_batches=...` is given here. A mistake (a missing checkpoint, an unknown key)
+ends with one line; MMTX_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ USAGE = "usage: python -m mmtx.eval ckpt=PATH [key=value ...]"
 
 
 def parse_args(argv: Sequence[str]) -> tuple[str, list[str]]:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        raise SystemExit(0)
     ckpt, overrides = None, []
     for arg in argv:
         if "=" not in arg:

@@ -45,6 +45,9 @@ USAGE = "usage: python -m mmtx.generate ckpt=PATH [prompt=TEXT max_new_tokens=N 
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        raise SystemExit(0)
     args = OmegaConf.create(DEFAULTS)
     OmegaConf.set_struct(args, True)
     for arg in argv:

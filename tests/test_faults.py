@@ -532,3 +532,9 @@ def test_a_plain_trainer_with_a_new_folder_gets_the_tokenizer_written(tmp_path):
     L.Trainer(default_root_dir=str(folder), max_steps=1, logger=False, enable_checkpointing=False,
               limit_val_batches=0, enable_progress_bar=False).fit(model, datamodule=data)
     assert (folder / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("module, words", [("mmtx.eval", "ckpt=PATH"), ("mmtx.generate", "max_new_tokens")])
+def test_eval_and_generate_answer_help(module, words):
+    proc = cli(module, "--help")
+    assert proc.returncode == 0 and words in proc.stdout and "Traceback" not in proc.stderr
