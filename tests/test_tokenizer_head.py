@@ -72,9 +72,9 @@ def test_classifier_head_cls_and_mean():
     logits = cls(tokens.x)
     assert logits.shape == (2, 7)
     # without a backbone in between, the CLS output is the CLS token itself
-    torch.testing.assert_close(logits, cls.proj(cls.cls_token[0].expand(2, -1)))
+    torch.testing.assert_close(logits, cls.proj(cls.pool.token[0].expand(2, -1)))
     logits.sum().backward()
-    assert cls.cls_token.grad is not None
+    assert cls.pool.token.grad is not None
 
     mean = ClassifierHead(16, 7, pool="mean")
     assert mean.prepare(Tokens(x)).x is x

@@ -54,8 +54,8 @@ class MelTokenizer(nn.Module):
         super().__init__()
         import torchaudio.transforms as T
 
-        if stem not in ("stack", "conv"):
-            raise ConfigError(f"tokenizer.stem must be 'stack' or 'conv', got {stem!r}")
+        if stem not in _STEMS:
+            raise ConfigError(f"tokenizer.stem must be one of {sorted(_STEMS)}, got {stem!r}")
         self.sample_rate = sample_rate
         self.n_fft = round(sample_rate * win_ms / 1000)
         self.hop = round(sample_rate * hop_ms / 1000)
@@ -63,12 +63,7 @@ class MelTokenizer(nn.Module):
         self.mel = T.MelSpectrogram(
             sample_rate, n_fft=self.n_fft, hop_length=self.hop, n_mels=self.n_mels, center=False, power=2.0
         )
-        self.stem_kind, self.stack = stem, stack
-        if stem == "stack":
-            self.proj = nn.Linear(stack * self.n_mels, dim)
-        else:
-            self.conv1 = nn.Conv1d(self.n_mels, dim, kernel_size=3, padding=1)
-            self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
+        self.stem = _STEMS[stem](self.n_mels, dim, stack)  # (B, F, n_mels) frames -> (B, T, D) tokens
         augment = spec_augment or {}
         self.freq_masks = nn.ModuleList(
             T.FrequencyMasking(augment["freq_mask"], iid_masks=True) for _ in range(augment.get("num_masks", 0))
@@ -98,19 +93,44 @@ class MelTokenizer(nn.Module):
         return x * mask[..., None], mask
 
     def forward(self, batch: AudioBatch) -> Tokens:
-        x, mask = self.frames(batch.audio, batch.lengths)
-        B, n, _ = x.shape
-        if self.stem_kind == "stack":
-            pad = (-n) % self.stack
-            x = F.pad(x, (0, 0, 0, pad))  # (B, F', n_mels), F' a multiple of stack
-            x = self.proj(x.reshape(B, -1, self.stack * self.n_mels))  # (B, F'/k, k*n_mels) -> (B, T, D)
-            # A token is real if any of its frames is; its padding frames are zeros, as for the clip alone.
-            mask = F.pad(mask, (0, pad)).reshape(B, -1, self.stack).any(-1)
-        else:
-            m = mask[:, None, :].to(x.dtype)  # (B, 1, F)
-            h = F.gelu(self.conv1(x.transpose(1, 2))) * m  # (B, D, F); padding frames stay zero
-            x = F.gelu(self.conv2(h)).transpose(1, 2)  # (B, D, ceil(F/2)) -> (B, T, D)
-            mask = mask[:, ::2]  # token j is real if its centre frame 2j is
+        x, mask = self.frames(batch.audio, batch.lengths)  # (B, F, n_mels), (B, F)
+        x, mask = self.stem(x, mask)  # (B, T, D), (B, T)
         T = x.shape[1]
         pos = sincos_1d(torch.arange(T, device=x.device, dtype=torch.float32), self.dim)  # (T, D)
         return Tokens(x + pos.to(x.dtype), mask)
+
+
+class StackStem(nn.Module):
+    """`stack` consecutive frames concatenated and projected linearly: (B, F, n_mels) -> (B, ceil(F/k), D).
+    A token is real if any of its frames is; its padding frames are zeros, as for the clip alone."""
+
+    def __init__(self, n_mels: int, dim: int, stack: int = 1) -> None:
+        super().__init__()
+        self.n_mels, self.stack = n_mels, stack
+        self.proj = nn.Linear(stack * n_mels, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, n, _ = x.shape
+        pad = (-n) % self.stack
+        x = F.pad(x, (0, 0, 0, pad))  # (B, F', n_mels), F' a multiple of stack
+        x = self.proj(x.reshape(B, -1, self.stack * self.n_mels))  # (B, F'/k, k*n_mels) -> (B, T, D)
+        return x, F.pad(mask, (0, pad)).reshape(B, -1, self.stack).any(-1)
+
+
+class ConvStem(nn.Module):
+    """Whisper's stem: two 1D convolutions with GELU, the second with stride 2: (B, F, n_mels) -> (B, ceil(F/2), D).
+    Padding frames stay zero between the convolutions; token j is real if its centre frame 2j is."""
+
+    def __init__(self, n_mels: int, dim: int, stack: int = 1) -> None:  # `stack` is the other stem's
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, dim, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = mask[:, None, :].to(x.dtype)  # (B, 1, F)
+        h = F.gelu(self.conv1(x.transpose(1, 2))) * m  # (B, D, F); padding frames stay zero
+        x = F.gelu(self.conv2(h)).transpose(1, 2)  # (B, D, ceil(F/2)) -> (B, T, D)
+        return x, mask[:, ::2]
+
+
+_STEMS = {"stack": StackStem, "conv": ConvStem}  # tokenizer.stem: frames -> tokens
