@@ -16,8 +16,10 @@ from mmtx.nn.attention import KVCache
 class Backbone(nn.Module):
     """A stack of pre-norm blocks and a final LayerNorm.
 
-    `causal=True` makes every block attend only to earlier positions (decoder
-    use); `cross_attention=True` gives every block a cross-attention to a
+    `causal=True` makes every block attend only to earlier positions (a
+    decoder's own stack); a task that uses a shared backbone causally (the
+    language model) asks for it per call, `forward(..., causal=True)`, so the
+    same weights serve causal and bidirectional tasks. `cross_attention=True` gives every block a cross-attention to a
     `context` sequence (the decoder of an encoder-decoder); `rotary=True`
     gives self-attention rotary positions. `caches` (one `KVCache` a block,
     from `new_caches`) lets a decoder process one new position at a time.
@@ -61,10 +63,12 @@ class Backbone(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
+        causal: bool | None = None,
     ) -> torch.Tensor:
+        causal = self.causal if causal is None else causal
         x = tokens.x
         for i, block in enumerate(self.blocks):
-            x = block(x, mask=tokens.mask, causal=self.causal, context=context, context_mask=context_mask,
+            x = block(x, mask=tokens.mask, causal=causal, context=context, context_mask=context_mask,
                       cache=caches[i] if caches else None)
         return self.norm(x)
 

@@ -15,7 +15,6 @@ from mmtx.batch import IGNORE_INDEX, TokenBatch
 from mmtx.generation import generate
 from mmtx.loggers import log_text_table
 from mmtx.module import TaskModule
-from mmtx.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,6 @@ class LMModule(TaskModule):
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(tokenizer, backbone, head, optim, compile, max_nonfinite_steps, run_config)
-        if not backbone.causal:
-            raise ConfigError("a language model needs backbone.causal=true")
         if getattr(tokenizer, "pos", None) is None and not backbone.rotary:
             log.warning("this language model has no positions (tokenizer.pos_embed=none, backbone.rotary=false): "
                         "only causal masking tells it where a token is")
@@ -64,6 +61,12 @@ class LMModule(TaskModule):
         self._train_loss: torch.Tensor | None = None  # summed since train/loss was last logged
         self._train_steps = 0
 
+    def forward_logits(self, batch: TokenBatch) -> torch.Tensor:
+        """Next-token logits (B, T, V): the language model owns causality, so the shared backbone runs
+        causally here whatever its configuration (a classifier may use the same weights bidirectionally)."""
+        tokens = self.head.prepare(self.tokenizer(batch))  # Tokens: (B, T, D)
+        return self.head(self.backbone(tokens, causal=True), tokens.mask)
+
     # -- the model as a decoder ----------------------------------------------------
 
     @property
@@ -73,7 +76,7 @@ class LMModule(TaskModule):
     def decode(self, ids: torch.Tensor, caches=None, start: int = 0) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T) at positions start..start+T-1."""
         tokens = self.tokenizer(TokenBatch(ids), start=start)
-        return self.head(self.backbone(tokens, caches=caches))
+        return self.head(self.backbone(tokens, caches=caches, causal=True))
 
     def new_caches(self, batch: int, max_len: int):
         p = self.tokenizer.embed.weight

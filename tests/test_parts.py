@@ -116,3 +116,18 @@ def test_soft_targets_get_the_same_label_smoothing_as_hard_labels():
     target = mixed * 0.9 + 0.1 / 4
     expected = -(target * F.log_softmax(logits, -1)).sum(-1).mean()
     torch.testing.assert_close(model.loss(logits, ImageBatch(images, labels, soft_label=mixed)), expected)
+
+
+def test_the_language_model_runs_a_bidirectional_backbone_causally():
+    """Causality belongs to the LM, not to the backbone's configuration: the same weights can serve a classifier."""
+    from mmtx.lm import LMModule
+
+    torch.manual_seed(0)
+    model = LMModule(TokenEmbedding(DIM, 40, max_len=8), Backbone(DIM, 2, 4), LMHead(DIM, 40), optim={}).eval()
+    ids = torch.randint(0, 40, (1, 8))
+    changed = ids.clone()
+    changed[0, 5:] = (ids[0, 5:] + 1) % 40  # change only the future of position 4
+    with torch.no_grad():
+        a, b = model(TokenBatch(ids)), model(TokenBatch(changed))
+    torch.testing.assert_close(a[:, :5], b[:, :5])  # positions 0..4 do not see tokens 5..7
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
