@@ -71,13 +71,13 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return checkpoint
 
 
-def find_resume(resume: str | None, output_root: str | Path, task_name: str, exclude: Path | None = None) -> str | None:
-    """The checkpoint to resume from: None, an explicit path, or `auto` (the task's newest last.ckpt).
-
-    The checkpoint is loaded safely first (no code in it runs) and must belong to `task_name`.
+def find_resume(resume: str | None, output_root: str | Path, task_name: str,
+                exclude: Path | None = None) -> tuple[str | None, dict[str, Any] | None]:
+    """The checkpoint to resume from and its contents (loaded once, safely, memory-mapped): (None, None), an
+    explicit path, or `auto` (the task's newest last.ckpt). It must belong to `task_name`.
     """
     if resume in (None, "", False):
-        return None
+        return None, None
     if resume == "auto":
         root = Path(output_root) / task_name
         found = [
@@ -97,13 +97,13 @@ def find_resume(resume: str | None, output_root: str | Path, task_name: str, exc
             f"resume={resume} is a checkpoint of task {stored!r}, not of {task_name!r}: resume it with "
             f"task={stored}, or give resume= a checkpoint of {task_name!r}"
         )
-    return str(Path(resume).expanduser())
+    return str(Path(resume).expanduser()), checkpoint
 
 
-def check_model_matches(model: torch.nn.Module, ckpt_path: str) -> None:
-    """Fail naming the first parameters whose shapes differ between `model` and the checkpoint (a run
-    resumed with other model sizes), before Lightning would dump its list of mismatched keys."""
-    stored = safe_load(ckpt_path, mmap=True)["state_dict"]
+def check_model_matches(model: torch.nn.Module, stored: dict[str, torch.Tensor], ckpt_path: str) -> None:
+    """Fail naming the first parameters whose shapes differ between `model` and the checkpoint's state
+    dict `stored` (a run resumed with other model sizes), before Lightning would dump its list of
+    mismatched keys."""
     own = model.state_dict()
     missing = sorted(set(own) - set(stored))
     unexpected = sorted(set(stored) - set(own))

@@ -23,7 +23,7 @@ from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from mmtx.checkpoint import check_model_matches, find_resume, safe_load
+from mmtx.checkpoint import check_model_matches, find_resume
 from mmtx.config import config_dir
 from mmtx.cpu import keep_freed_memory
 from mmtx.files import atomic_write_text
@@ -48,7 +48,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir or _hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
     with _restored_dist_env(), _discarded_if_failing(run_dir) as started:
-        ckpt_path = find_resume(cfg.resume, cfg.paths.output_root, cfg.task_name, exclude=run_dir)
+        ckpt_path, resumed = find_resume(cfg.resume, cfg.paths.output_root, cfg.task_name, exclude=run_dir)
         info = run_info(cfg.seed)
         if rank_zero_only.rank == 0:  # other ranks (DDP) share the folder and write nothing here
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -58,10 +58,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
         datamodule = build_data(cfg)
         model = build_model(cfg, datamodule.runtime_kwargs())
-        if ckpt_path:
-            check_model_matches(model, ckpt_path)
+        if resumed is not None:
+            check_model_matches(model, resumed["state_dict"], ckpt_path)
         model.run_info = info  # stored in every checkpoint
-        trainer = build_trainer(cfg, run_dir, wandb_id=_wandb_id(ckpt_path))
+        wandb_id = resumed.get("mmtx_wandb_id") if resumed is not None else None  # continue that W&B run
+        trainer = build_trainer(cfg, run_dir, wandb_id=wandb_id)
         if cfg.get("cpu_keep_freed_memory", True) and trainer.strategy.root_device.type == "cpu":
             keep_freed_memory()
         for logger in trainer.loggers:
@@ -184,13 +185,6 @@ def _discarded_if_failing(run_dir: Path):
             with contextlib.suppress(OSError):  # the task's folder too, if this run was its only one
                 run_dir.parent.rmdir()
         raise
-
-
-def _wandb_id(ckpt_path: str | None) -> str | None:
-    """The W&B run id stored in the checkpoint being resumed, if it was logged to W&B."""
-    if not ckpt_path:
-        return None
-    return safe_load(ckpt_path, mmap=True).get("mmtx_wandb_id")
 
 
 def _ranks_share_this_job_dir(run_dir: Path) -> None:
