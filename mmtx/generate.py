@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "text": None, "text_file": None, "audio": None, "beam_size": None, "length_penalty": None, "max_len": None,
     "batch_size": 32,
 }
-TEXT_ARGS = ("prompt", "text", "ckpt", "text_file", "audio", "device")  # taken as given, never parsed as YAML
+STRING_ARGS = ("prompt", "text", "ckpt", "text_file", "audio", "device")  # taken as given, never parsed as YAML
 USAGE = "usage: python -m mmtx.generate ckpt=PATH [prompt=TEXT max_new_tokens=N temperature=T top_k=K top_p=P ...]"
 
 
@@ -56,7 +56,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
             raise SystemExit(f"{USAGE}\nnot a key=value argument: {arg!r}")
         if key not in DEFAULTS:
             raise SystemExit(f"{USAGE}\nunknown argument {key!r} (known: {', '.join(DEFAULTS)})")
-        args[key] = value if key in TEXT_ARGS else OmegaConf.from_dotlist([arg])[key]
+        args[key] = value if key in STRING_ARGS else OmegaConf.from_dotlist([arg])[key]
     if not args.ckpt:
         raise SystemExit(f"{USAGE}\nmissing ckpt=PATH")
     return OmegaConf.to_container(args)

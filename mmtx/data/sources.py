@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mmtx.data.cache import digest
-from mmtx.files import describe_root, resolve_root  # noqa: F401 (resolve_root: also imported from here)
+from mmtx.files import describe_root, resolve_root
 from mmtx.errors import ConfigError, DataError, MissingError
 
 log = logging.getLogger(__name__)
