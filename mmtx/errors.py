@@ -46,13 +46,14 @@ def debug_errors() -> bool:
 
 
 def user_error(err: BaseException) -> MmtxError | None:
-    """The MmtxError that `err` is or was raised from (Hydra's instantiate wraps what a target raises)."""
+    """The MmtxError that `err` is or was raised from (`raise ... from`: Hydra's instantiate wraps what a
+    target raises). An error merely raised while handling one (`__context__`) is a bug of its own, kept whole."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, MmtxError):
             return err
         seen.add(id(err))
-        err = err.__cause__ or err.__context__
+        err = err.__cause__
     return None
 
 

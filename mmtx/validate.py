@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmtx.errors import ConfigError
 
+_ABSENT = object()  # OmegaConf.select's default: the key is not in this task's config
+
 # A rule: (what is allowed, in words; a test of the value). Keys absent from a task's config are skipped.
 Rule = tuple[str, Callable[[Any], bool]]
 
@@ -122,5 +124,3 @@ def validate(cfg: DictConfig) -> None:
     if _integer(dim) and _integer(heads) and dim % heads:
         raise ConfigError(f"backbone.dim={dim} is not divisible by backbone.num_heads={heads}")
 
-
-_ABSENT = object()
