@@ -117,8 +117,9 @@ class Throughput(L.Callback):
         if self._tokens:
             metrics["train/tokens_per_sec"] = self._tokens * ranks / seconds
             peak = peak_flops(pl_module.device)
-            if peak and hasattr(pl_module, "flops_per_token"):
-                metrics["train/mfu"] = pl_module.flops_per_token(self._seq_len) * self._tokens / seconds / peak
+            flops = pl_module.flops_per_token(self._seq_len) if peak and hasattr(pl_module, "flops_per_token") else None
+            if flops:
+                metrics["train/mfu"] = flops * self._tokens / seconds / peak
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         self._reset()
         self._t0 = now

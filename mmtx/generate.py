@@ -66,7 +66,11 @@ def load_model(ckpt: str, device: str = "cpu"):
     """The language model or encoder-decoder stored in `ckpt`, with its vocabularies, in eval mode on `device`."""
     checkpoint = load_checkpoint(ckpt)
     cfg = OmegaConf.create(checkpoint["mmtx_config"])
-    if str(cfg.module._target_).endswith("Seq2SeqModule"):
+    family = str(OmegaConf.select(cfg, "family._target_", default=""))
+    if not family:
+        raise CheckpointError(f"checkpoint {ckpt} was written by an mmtx from before task families (no family in "
+                              "its configuration); train it again with this version")
+    if family.endswith("Seq2Seq"):
         if "mmtx_tgt_vocab" not in checkpoint:
             raise CheckpointError(f"checkpoint {ckpt} has no target tokenizer (mmtx_tgt_vocab): it was not written by "
                              "an encoder-decoder training run of mmtx")
@@ -81,9 +85,13 @@ def load_model(ckpt: str, device: str = "cpu"):
     return model.to(device).eval()
 
 
+def sample_rate(model) -> int | None:
+    return getattr(model.task, "sample_rate", None)
+
+
 def seq2seq_inputs(model, args: dict[str, Any]) -> list[str]:
     """The texts (a text model) or audio file paths (a speech model) to decode, from the arguments."""
-    audio_model = model.sample_rate is not None
+    audio_model = sample_rate(model) is not None
     given = [k for k in ("text", "text_file", "audio") if args[k] is not None]
     if len(given) != 1:
         want = "audio=FILE|GLOB" if audio_model else "text=TEXT or text_file=FILE"
@@ -109,15 +117,16 @@ def seq2seq_inputs(model, args: dict[str, Any]) -> list[str]:
 
 def seq2seq_batch(model, items: list[str], cfg) -> TokenBatch | AudioBatch:
     """A batch of sources as the data module makes them: token ids and their mask, or padded audio and lengths."""
-    if model.sample_rate is None:
+    rate = sample_rate(model)
+    if rate is None:
         limit = int(cfg.data.max_src_len)
-        seqs = [torch.tensor(model.vocab.encode(text.strip())[:limit] or [0]) for text in items]
+        seqs = [torch.tensor(model.task.vocab.encode(text.strip())[:limit] or [0]) for text in items]
     else:
-        decoder = AudioDecoder(model.sample_rate, cfg.data.source.get("max_seconds"), on_bad_file="error")
+        decoder = AudioDecoder(rate, cfg.data.source.get("max_seconds"), on_bad_file="error")
         seqs = [decoder.decode(f, f) for f in items]
     padded = pad_sequence(seqs, batch_first=True).to(model.device)  # zero-padded (B, S) ids or (B, L) audio
     lengths = torch.tensor([len(seq) for seq in seqs], device=model.device)
-    if model.sample_rate is None:
+    if rate is None:
         return TokenBatch(padded, mask=torch.arange(padded.shape[1], device=model.device) < lengths[:, None])
     return AudioBatch(padded, lengths)
 
@@ -130,7 +139,8 @@ def run_seq2seq(model, args: dict[str, Any], cfg) -> list[str]:
     for start in range(0, len(items), size):
         chunk = items[start:start + size]
         blank = [not item.strip() for item in chunk]  # an empty line in, an empty line out
-        hyps = model.translate(seq2seq_batch(model, [c if c.strip() else "." for c in chunk], cfg), **search)
+        source = seq2seq_batch(model, [c if c.strip() else "." for c in chunk], cfg)
+        hyps = model.task.translate(model.backbone, source, **search)
         for item, hyp, skip in zip(chunk, hyps, blank):
             hyp = "" if skip else hyp
             out.append(hyp)
@@ -149,13 +159,13 @@ def _generate(args: dict[str, Any]) -> list[str]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args["ckpt"], device)
-    if hasattr(model, "translate"):
+    if hasattr(model.task, "translate"):
         return run_seq2seq(model, args, OmegaConf.create(model.run_config))
     generator = torch.Generator(device=device).manual_seed(int(args["seed"]))
     texts = []
     for i in range(int(args["num_samples"])):
-        text = model.complete(
-            str(args["prompt"]), int(args["max_new_tokens"]), float(args["temperature"]),
+        text = model.task.complete(
+            model.backbone, str(args["prompt"]), int(args["max_new_tokens"]), float(args["temperature"]),
             args["top_k"] or None, args["top_p"], generator=generator,
         )
         texts.append(text)

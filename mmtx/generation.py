@@ -3,12 +3,20 @@ beam search for encoder-decoders (`beam_search`), with KV caches.
 
 For `generate`, the model is any object with `decode(ids, caches=None, start=0) -> logits`
 (B, T, V) and `new_caches(batch, max_len)`, and a `max_len` (the longest
-context it was trained for), such as `mmtx.lm.LMModule`.
+context it was trained for), such as `mmtx.tasks.language_model.CausalLM`; for `beam_search`,
+a step function and a cache factory (`mmtx.tasks.seq2seq.Seq2Seq.decode` makes them).
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def compute_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype activations have (and KV caches need): autocast's when it is on, else the parameters'."""
+    if torch.is_autocast_enabled(p.device.type):
+        return torch.get_autocast_dtype(p.device.type)
+    return p.dtype
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

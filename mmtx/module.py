@@ -1,4 +1,9 @@
-"""The LightningModules: tokenizer -> backbone -> head -> loss, one per kind of head."""
+"""The LightningModule: one shared backbone and one or more task parts (`mmtx.tasks`) that run on it.
+
+A run with one task is the one-member case: its part is `tasks.main`, its metrics `{stage}/{name}`.
+With several (co-training), a batch is a dict {member: batch}, each member's loss is added, and its
+metrics are logged as `{member}/{stage}/{name}`.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,13 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mmtx.batch import AudioBatch, Batch, ImageBatch
+from mmtx.batch import Batch
 from mmtx.errors import NonFiniteError
-from mmtx.loggers import log_confusion_matrix, log_media
 from mmtx.optim import build_optimizer
+from mmtx.tasks.base import StepContext, TaskPart
 
 log = logging.getLogger(__name__)
 
@@ -76,55 +79,96 @@ class NonFiniteGuard:
         )
 
 
-class TaskModule(L.LightningModule):
-    """What every mmtx task shares: the three stages, AdamW + warm-up/cosine, and
-    checkpoints that carry the run configuration (and the text vocabulary, if any)
+SINGLE = "main"  # the member name of a run with one task part
+
+
+class MmtxModule(L.LightningModule):
+    """What every mmtx run shares: the backbone, the task part(s), AdamW + warm-up/cosine, the
+    non-finite step guard, and checkpoints that carry the run configuration (and the vocabularies)
     so `mmtx.eval` and `mmtx.generate` rebuild exactly this model.
 
-    Subclasses define `shared_step(batch, stage)`.
+    tasks: {member: TaskPart}; one entry for a single-task run. Each part's `forward(backbone, batch)`
+    gives its outputs and `step(outputs, batch, stage, ctx)` its loss (see `mmtx.tasks.base`).
     """
 
     def __init__(
         self,
-        tokenizer: nn.Module,
         backbone: nn.Module,
-        head: nn.Module,
+        tasks: dict[str, TaskPart],
         optim: dict[str, Any],
         compile: bool = False,
         max_nonfinite_steps: int = 10,
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.tokenizer = tokenizer
         self.backbone = backbone
-        self.head = head
+        self.tasks = nn.ModuleDict(tasks)
+        for part in self.tasks.values():
+            part.attach(backbone)
         self.optim = dict(optim)
         self.run_config = run_config or {}
-        self._forward = torch.compile(self.forward_logits) if compile else self.forward_logits
         self.guard = NonFiniteGuard(max_nonfinite_steps)
-
-    def forward_logits(self, batch: Batch) -> torch.Tensor:
-        tokens = self.head.prepare(self.tokenizer(batch))  # Tokens: (B, T, D), mask (B, T) | None
-        x = self.backbone(tokens)  # (B, T, D)
-        return self.head(x, tokens.mask)
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self._forward(batch)
+        several = len(self.tasks) > 1
+        self._contexts = {name: StepContext(self, f"{name}/" if several else "") for name in self.tasks}
+        self._forwards = {name: torch.compile(part) if compile else part for name, part in self.tasks.items()}
 
     @property
-    def vocab(self):
-        return getattr(self.tokenizer, "vocab", None)
+    def task(self) -> TaskPart:
+        """The task part of a single-task run."""
+        if len(self.tasks) != 1:
+            raise RuntimeError(f"this model has {len(self.tasks)} task parts ({', '.join(self.tasks)}): "
+                                 "pick one from .tasks")
+        return next(iter(self.tasks.values()))
+
+    def _members(self, batch: Batch | dict[str, Batch]):
+        """(name, part, batch) for every member that has a batch in `batch`."""
+        if isinstance(batch, dict):
+            return [(name, self.tasks[name], b) for name, b in batch.items() if b is not None]
+        name = next(iter(self.tasks)) if len(self.tasks) == 1 else None
+        if name is None:
+            raise TypeError("a model with several task parts takes a dict {member: batch}")
+        return [(name, self.tasks[name], batch)]
+
+    def forward(self, batch: Batch | dict[str, Batch]):
+        """The outputs (logits) of a batch; a dict {member: outputs} for a dict of batches."""
+        outputs = {name: self._forwards[name](self.backbone, b) for name, _, b in self._members(batch)}
+        return outputs if isinstance(batch, dict) else next(iter(outputs.values()))
+
+    def shared_step(self, batch: Batch | dict[str, Batch], stage: str, batch_idx: int = 0) -> torch.Tensor:
+        """The summed loss of every member's batch, each member's metrics logged by its part."""
+        total = None
+        for name, part, member_batch in self._members(batch):
+            ctx = self._contexts[name]
+            ctx.batch_idx = batch_idx
+            loss = part.step(self._forwards[name](self.backbone, member_batch), member_batch, stage, ctx)
+            total = loss if total is None else total + loss
+        return total
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = self.shared_step(batch, "train")
+        loss = self.shared_step(batch, "train", batch_idx)
         self.guard.add_loss(loss.detach())
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.shared_step(batch, "val")
+        self.shared_step(batch, "val", batch_idx)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self.shared_step(batch, "test")
+        self.shared_step(batch, "test", batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        for name, part in self.tasks.items():
+            part.epoch_end("val", self._contexts[name])
+
+    def on_test_epoch_end(self) -> None:
+        for name, part in self.tasks.items():
+            part.epoch_end("test", self._contexts[name])
+
+    def flops_per_token(self, seq_len: int) -> float | None:
+        """Training FLOPs per token of a single-task language model (see `LanguageModel.flops_per_token`)."""
+        part = self.task if len(self.tasks) == 1 else None
+        if not hasattr(part, "flops_per_token"):
+            return None
+        return part.flops_per_token(self.backbone, sum(p.numel() for p in self.parameters()), seq_len)
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches)
@@ -163,10 +207,13 @@ class TaskModule(L.LightningModule):
         return bool(torch.stack(checks).all()) if checks else True  # one device sync
 
     def on_fit_start(self) -> None:
-        if self.vocab is not None and self.trainer.is_global_zero:
-            folder = Path(self.trainer.default_root_dir)
-            folder.mkdir(parents=True, exist_ok=True)  # a user's own Trainer may name a folder not made yet
-            self.vocab.save(folder / "tokenizer.json")
+        if not self.trainer.is_global_zero:
+            return
+        folder = Path(self.trainer.default_root_dir)
+        for name, part in self.tasks.items():
+            target = folder if len(self.tasks) == 1 else folder / name
+            target.mkdir(parents=True, exist_ok=True)  # a user's own Trainer may name a folder not made yet
+            part.save_files(target)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmtx_config"] = self.run_config
@@ -175,102 +222,11 @@ class TaskModule(L.LightningModule):
         for logger in self.loggers if self._trainer is not None else []:
             if type(logger).__name__ == "WandbLogger":
                 checkpoint["mmtx_wandb_id"] = logger.version  # a resumed run continues this W&B run
-        if self.vocab is not None:
-            checkpoint["mmtx_vocab"] = self.vocab.to_json()
-
-
-class ClassificationModule(TaskModule):
-    """Encoder-only classification (images today; audio later).
-
-    Loss: cross-entropy with label smoothing; with soft targets from
-    Mixup/CutMix, the same smoothing is applied to them. Metrics: top-1
-    accuracy (torchmetrics) logged as `{stage}/acc` beside `{stage}/loss`;
-    with `confusion_matrix`, the validation and test confusion matrices are
-    logged at each epoch end (a W&B plot, TensorBoard text, `<run>/{stage}_confusion.tsv`).
-    At each validation end, the first `media_samples` images or audio clips of the
-    validation split are logged with their true and predicted labels (W&B images or
-    audio with captions; TensorBoard images); 0 turns this off.
-    """
-
-    def __init__(
-        self,
-        tokenizer: nn.Module,
-        backbone: nn.Module,
-        head: nn.Module,
-        num_classes: int,
-        optim: dict[str, Any],
-        label_smoothing: float = 0.1,
-        class_names: list[str] | None = None,
-        confusion_matrix: bool = True,
-        media_samples: int = 16,
-        compile: bool = False,
-        max_nonfinite_steps: int = 10,
-        run_config: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(tokenizer, backbone, head, optim, compile, max_nonfinite_steps, run_config)
-        self.num_classes = num_classes
-        self.label_smoothing = label_smoothing
-        self.class_names = list(class_names or range(num_classes))
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.media_samples = media_samples
-        self._media: dict[str, Any] = {}
-        self.confusion = nn.ModuleDict(
-            {f"{s}_": MulticlassConfusionMatrix(num_classes) for s in ("val", "test")} if confusion_matrix else {}
-        )
-
-    def loss(self, logits: torch.Tensor, batch: ImageBatch | AudioBatch) -> torch.Tensor:
-        target = getattr(batch, "soft_label", None)  # Mixup/CutMix: (B, K) probabilities
-        if target is None:
-            return F.cross_entropy(logits.float(), batch.label, label_smoothing=self.label_smoothing)
-        target = target * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes
-        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-    def shared_step(self, batch: ImageBatch | AudioBatch, stage: str) -> torch.Tensor:
-        logits = self(batch)
-        loss = self.loss(logits, batch)
-        if stage == "val" and self.media_samples and not self._media:
-            self._keep_media(batch, logits.detach().argmax(-1))
-        metric = getattr(self, f"{stage}_acc")
-        metric(logits.detach(), batch.label)
-        if f"{stage}_" in self.confusion:
-            self.confusion[f"{stage}_"].update(logits.detach().argmax(-1), batch.label)
-        on_step = stage == "train"
-        batch_size = len(batch)
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=not on_step)
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        return loss
-
-    def _log_confusion(self, stage: str) -> None:
-        if f"{stage}_" not in self.confusion:
-            return
-        matrix = self.confusion[f"{stage}_"].compute()  # (true, predicted) counts, reduced across ranks
-        self.confusion[f"{stage}_"].reset()
-        if not self.trainer.sanity_checking:
-            log_confusion_matrix(self.trainer, f"{stage}_confusion", matrix.cpu(), [str(c) for c in self.class_names])
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_confusion("val")
-        media, self._media = self._media, {}
-        if media and not self.trainer.sanity_checking:
-            log_media(self.trainer, "val_samples", **media)
-
-    def _keep_media(self, batch: ImageBatch | AudioBatch, predicted: torch.Tensor) -> None:
-        """The first `media_samples` inputs of the epoch's first validation batch, with their labels."""
-        n = self.media_samples
-        names = [str(c) for c in self.class_names]
-        captions = [f"true {names[t]} / predicted {names[p]}" for t, p in zip(batch.label[:n].tolist(), predicted[:n].tolist())]
-        if isinstance(batch, ImageBatch):
-            dm = self.trainer.datamodule
-            images = batch.image[:n].float()
-            if getattr(dm, "mean", None) is not None:  # undo the normalisation: back to [0, 1]
-                images = (images * dm.std.to(images.device) + dm.mean.to(images.device)) / 255.0
-            self._media = {"images": images.clamp(0, 1).cpu(), "captions": captions}
+        if len(self.tasks) == 1:  # vocabularies and the like at the top level, where eval and generate read them
+            checkpoint.update(self.task.extra_state())
         else:
-            lengths = batch.lengths[:n].tolist()
-            clips = [clip[:length].float().cpu() for clip, length in zip(batch.audio[:n], lengths)]
-            self._media = {"audio": clips, "sample_rate": getattr(self.tokenizer, "sample_rate", 16000), "captions": captions}
+            checkpoint["mmtx_members"] = {name: part.extra_state() for name, part in self.tasks.items()}
 
-    def on_test_epoch_end(self) -> None:
-        self._log_confusion("test")
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, part in self.tasks.items():
+            part.load_extra_state(checkpoint if len(self.tasks) == 1 else checkpoint.get("mmtx_members", {}).get(name, {}))

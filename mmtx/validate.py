@@ -98,11 +98,16 @@ RULES: dict[str, Rule] = {
     "backbone.dropout": number(0, 1, high_open=True),
     "backbone.attn_dropout": number(0, 1, high_open=True),
     "backbone.drop_path": number(0, 1, high_open=True),
-    "head.depth": integer(1),
-    "module.label_smoothing": number(0, 1, high_open=True),
+    "family.decoder.depth": integer(1, optional=True),  # null: the backbone's
+    "family.decoder.num_heads": integer(1, optional=True),
+    "family.decoder.dropout": number(0, 1, high_open=True, optional=True),
+    "family.decoder.attn_dropout": number(0, 1, high_open=True, optional=True),
+    "family.decoder.drop_path": number(0, 1, high_open=True, optional=True),
+    "family.label_smoothing": number(0, 1, high_open=True),
+    "family.beam_size": integer(1),
+    "family.media_samples": integer(0),
+    "family.sample_tokens": integer(0),
     "module.max_nonfinite_steps": integer(1),
-    "module.beam_size": integer(1),
-    "module.media_samples": integer(0),
     "callbacks.last_checkpoint.every_n_steps": integer(0),
 }
 

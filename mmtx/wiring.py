@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmtx.checkpoint import AtomicCheckpointIO
 from mmtx.errors import user_error
+from mmtx.module import SINGLE, MmtxModule
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -41,21 +42,30 @@ def build_data(cfg: DictConfig, **kwargs: Any) -> L.LightningDataModule:
 
 
 def build_model(cfg: DictConfig, runtime: dict[str, dict[str, Any]]) -> L.LightningModule:
-    """The LightningModule of `cfg`, given the run-time values `runtime` = {stage: kwargs}
-    (from `datamodule.runtime_kwargs()`: image size, classes, vocabulary, ...)."""
+    """The LightningModule of `cfg`, given the run-time values `runtime` = {"tokenizer": kwargs, "family":
+    kwargs} (from `datamodule.runtime_kwargs()`: image size, classes, vocabulary, ...).
+
+    Built in data-flow order: the tokenizer, the shared backbone, then the task family's part (its
+    head; an encoder-decoder's decoder stack is the backbone's spec with the non-null values of
+    `family.decoder` on top).
+    """
     dim = cfg.backbone.dim
     tokenizer = instantiate(cfg.tokenizer, dim=dim, **runtime.get("tokenizer", {}))
     backbone = instantiate(cfg.backbone)
-    head = instantiate(cfg.head, dim=dim, **runtime.get("head", {}))
-    # _partial_: the stored run config holds _target_ nodes that must stay data, not be instantiated.
-    module_cls = instantiate(cfg.module, _partial_=True)
-    return module_cls(
-        tokenizer=tokenizer,
+    family: dict[str, Any] = dict(runtime.get("family", {}))
+    if "decoder" in cfg.family:
+        spec = OmegaConf.to_container(cfg.backbone, resolve=True)
+        spec.update({k: v for k, v in OmegaConf.to_container(cfg.family.decoder, resolve=True).items() if v is not None})
+        family["decoder"] = {k: v for k, v in spec.items() if k != "_target_"}
+    part = instantiate(cfg.family, tokenizer=tokenizer, dim=dim, **family)
+    module = cfg.get("module") or {}
+    return MmtxModule(
         backbone=backbone,
-        head=head,
+        tasks={SINGLE: part},
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        compile=bool(module.get("compile", False)),
+        max_nonfinite_steps=int(module.get("max_nonfinite_steps", 10)),
         run_config=OmegaConf.to_container(cfg, resolve=True),
-        **runtime.get("module", {}),
     )
 
 

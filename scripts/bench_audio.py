@@ -29,14 +29,14 @@ def frontend_share(cfg, steps: int) -> None:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [dm.on_after_batch_transfer(b, 0) for _, b in zip(range(steps), dm.train_dataloader())]
-    tok = model.tokenizer
+    tok = model.task.tokenizer
     front, step = [], []
     for batch in batches:
         t0 = time.perf_counter()
         tok.frames(batch.audio, batch.lengths)
         front.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        loss = model.loss(model(batch), batch)
+        loss = model.task.loss(model(batch), batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

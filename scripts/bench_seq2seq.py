@@ -61,7 +61,7 @@ def decode_speed(ckpt: str, root: str | None, batches: int, beam: int, batch_siz
     results = {}
     for use_cache in (True, False, True):  # the cached pass twice: the first one warms up
         t0 = time.perf_counter()
-        hyps = [ids for b in data for ids in model.decode(b, beam_size=beam, use_cache=use_cache)]
+        hyps = [ids for b in data for ids in model.task.decode(model.backbone, b.source, beam_size=beam, use_cache=use_cache)]
         results[use_cache] = (time.perf_counter() - t0, hyps)
     tokens = sum(len(h) + 1 for h in results[True][1])  # + EOS
     (tc, hc), (tu, hu) = results[True], results[False]

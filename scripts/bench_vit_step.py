@@ -21,22 +21,25 @@ from timm.models.vision_transformer import VisionTransformer
 
 from mmtx.backbone import Backbone
 from mmtx.batch import ImageBatch
-from mmtx.heads import ClassifierHead
+from mmtx.module import MmtxModule
+from mmtx.tasks import Classification
 from mmtx.tokenizers import PatchTokenizer
 
 DIM, DEPTH, HEADS, PATCH, SIZE, CLASSES = 192, 6, 3, 4, 32, 10
 
 
 class MmtxViT(torch.nn.Module):
+    """The model `task=vit_cifar` trains (MmtxModule: backbone + classification part), at these sizes."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.tokenizer = PatchTokenizer(DIM, patch_size=PATCH, image_size=SIZE)
-        self.backbone = Backbone(DIM, DEPTH, HEADS)
-        self.head = ClassifierHead(DIM, CLASSES, pool="cls")
+        tokenizer = PatchTokenizer(DIM, patch_size=PATCH, image_size=SIZE)
+        backbone = Backbone(DIM, DEPTH, HEADS)
+        part = Classification(tokenizer, DIM, CLASSES, pool="cls", confusion_matrix=False, media_samples=0)
+        self.model = MmtxModule(backbone, {"main": part}, optim={})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.head.prepare(self.tokenizer(ImageBatch(images)))
-        return self.head(self.backbone(tokens), tokens.mask)
+        return self.model(ImageBatch(images))
 
 
 def timm_vit() -> torch.nn.Module:

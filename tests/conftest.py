@@ -77,10 +77,10 @@ def small_run(tmp_path: Path, data_root: Path | None = None, modality: str = "im
 MODALITY_OVERRIDES = {
     "image": ["tokenizer.patch_size=4", "data.augment.randaugment=null"],
     "audio": ["data.source.max_seconds=1.0"],
-    "text": ["data.block_size=16", "module.sample_tokens=8", "trainer.val_check_interval=null",
+    "text": ["data.block_size=16", "family.sample_tokens=8", "trainer.val_check_interval=null",
              "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=2"],
-    "text2text": ["head.depth=1", "tokenizer.vocab.vocab_size=300", "module.beam_size=2", "data.max_tgt_len=24"],
-    "audio2text": ["head.depth=1", "data.source.max_seconds=1.0"],
+    "text2text": ["family.decoder.depth=1", "tokenizer.vocab.vocab_size=300", "family.beam_size=2", "data.max_tgt_len=24"],
+    "audio2text": ["family.decoder.depth=1", "data.source.max_seconds=1.0"],
 }
 
 TINY_TEXT = (

@@ -80,7 +80,7 @@ def test_fsdd_labels_become_words_and_batches_carry_audio(tmp_path):
 def test_asr_task_learns_tones_and_transcribes_files(tmp_path):
     folder = make_tones(tmp_path / "fsdd" / "recordings", per_class=(10, 3))
     cfg = compose("asr_fsdd", [*small_run(tmp_path, tmp_path, "audio2text"), "trainer.max_epochs=12",
-                               "optim.lr=3e-3", "data.source.test_pattern='_[0-2]\\.wav$'", "module.log_examples=2"])
+                               "optim.lr=3e-3", "data.source.test_pattern='_[0-2]\\.wav$'", "family.log_examples=2"])
     summary = train(cfg, run_dir=tmp_path / "run")
     assert summary["monitor"] == "val/wer" and summary["test/wer"] <= 0.34 and summary["test/cer"] < 0.5, summary
     rows = (tmp_path / "run" / "test_examples.tsv").read_text().splitlines()

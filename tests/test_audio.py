@@ -14,7 +14,7 @@ from mmtx import compose
 from mmtx.backbone import Backbone
 from mmtx.data import AudioDataModule
 from mmtx.data.audio_sources import AudioDecoder, AudioFolder
-from mmtx.heads import ClassifierHead
+from mmtx.tasks.classification import ClassifierHead
 from mmtx.tokenizers.audio import MelTokenizer, log_mel_normalise
 from mmtx.train import train
 from mmtx.batch import AudioBatch

@@ -11,7 +11,7 @@ from mmtx import build, compose
 from mmtx.config import config_dir
 from mmtx.train import train
 
-TASKS = sorted(p.stem for p in (Path(config_dir()) / "task").glob("*.yaml"))
+TASKS = sorted(p.stem for p in (Path(config_dir()) / "task").glob("*.yaml") if not p.stem.startswith("_"))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def data_root(tmp_path_factory) -> Path:
 def modality(task: str) -> str:
     cfg = compose(task)
     kind = {"TokenEmbedding": "text", "MelTokenizer": "audio"}.get(cfg.tokenizer._target_.rsplit(".", 1)[-1], "image")
-    return f"{kind}2text" if cfg.head._target_.endswith("Seq2SeqHead") else kind
+    return f"{kind}2text" if cfg.family._target_.endswith("Seq2Seq") else kind
 
 
 def test_tasks_are_found():
@@ -51,7 +51,7 @@ def test_compose_and_build_from_python(data_root, tmp_path):
     assert cfg.optim.lr == 3e-4 and cfg.backbone.dim == 32
     model, dm = build(cfg)
     assert dm.num_classes == 10
-    assert model.head.proj.out_features == 10 and model.tokenizer.proj.out_channels == 32
+    assert model.task.head.proj.out_features == 10 and model.task.tokenizer.proj.out_channels == 32
     model2, _ = build("vit_cifar", small_run(tmp_path, data_root))
     assert type(model2) is type(model)
 

@@ -277,7 +277,7 @@ def test_parallel_text_with_train_and_val_only_trains_to_the_end(tmp_path):
                                          f"data.source.files.train.tgt={data}/train.de.gz",
                                          f"data.source.files.val.src={data}/val.en.gz",
                                          f"data.source.files.val.tgt={data}/val.de.gz", "trainer.max_steps=2",
-                                         "module.val_decode_batches=1"])
+                                         "family.val_decode_batches=1"])
     summary = train(cfg, run_dir=tmp_path / "run")
     assert summary["status"] == "finished" and (tmp_path / "run" / "summary.json").is_file()
 

@@ -1,17 +1,17 @@
-"""The encoder-decoder head and batched beam search (groundwork of the encoder-decoder tasks)."""
+"""The encoder-decoder's text decoder and batched beam search (groundwork of the encoder-decoder tasks)."""
 
 import pytest
 import torch
 
 from mmtx.generation import beam_search
-from mmtx.heads import Seq2SeqHead
+from mmtx.tasks.seq2seq import TextDecoder
 
 BOS, EOS, V = 1, 2, 23
 
 
 def head_and_memory(seed=0):
     torch.manual_seed(seed)
-    head = Seq2SeqHead(16, V, depth=2, num_heads=2, max_len=32).eval()
+    head = TextDecoder(16, V, {"depth": 2, "num_heads": 2}, max_len=32).eval()
     memory = torch.randn(3, 5, 16)
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 2 + [False] * 3])
     return head, memory, mask
@@ -20,7 +20,7 @@ def head_and_memory(seed=0):
 def greedy_uncached(head, memory, mask, steps):
     ids = torch.full((memory.shape[0], 1), BOS)
     for _ in range(steps):
-        ids = torch.cat([ids, head(memory, mask, ids)[:, -1].argmax(-1, keepdim=True)], 1)
+        ids = torch.cat([ids, head(ids, memory, mask)[:, -1].argmax(-1, keepdim=True)], 1)
     return ids
 
 
@@ -28,10 +28,10 @@ def test_teacher_forced_shapes_backward_and_tied_output():
     head, memory, mask = head_and_memory()
     head.train()
     memory.requires_grad_(True)
-    logits = head(memory, mask, torch.randint(0, V, (3, 7)))
+    logits = head(torch.randint(0, V, (3, 7)), memory, mask)
     assert logits.shape == (3, 7, V)
     logits.sum().backward()
-    assert memory.grad is not None and head.proj.weight is head.embed.embed.weight
+    assert memory.grad is not None and head.head.proj.weight is head.embed.embed.weight
 
 
 def test_source_padding_mask_is_honoured():
@@ -40,9 +40,9 @@ def test_source_padding_mask_is_honoured():
     changed = memory.clone()
     changed[1, 3:] = 50 * torch.randn(2, 16)  # padded positions of source 1
     changed[2, 2:] = 50 * torch.randn(3, 16)
-    torch.testing.assert_close(head(memory, mask, tgt), head(changed, mask, tgt))
+    torch.testing.assert_close(head(tgt, memory, mask), head(tgt, changed, mask))
     changed[1, 0] += 1.0  # a real position
-    assert not torch.allclose(head(memory, mask, tgt)[1], head(changed, mask, tgt)[1])
+    assert not torch.allclose(head(tgt, memory, mask)[1], head(tgt, changed, mask)[1])
 
 
 def test_cached_and_uncached_greedy_decoding_agree():
@@ -50,7 +50,7 @@ def test_cached_and_uncached_greedy_decoding_agree():
     caches = head.new_caches(3, 32)
     ids = torch.full((3, 1), BOS)
     for t in range(10):
-        logits = head.decode(ids[:, -1:], memory, mask, caches, t)
+        logits = head(ids[:, -1:], memory, mask, caches, t)
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(ids, greedy_uncached(head, memory, mask, 10))
 
@@ -60,7 +60,7 @@ def search(head, memory, mask, beam, max_len=10, length_penalty=1.0):
     mem, msk = memory.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
 
     def step(ids, caches, t):
-        return head.decode(ids[:, -1:], mem, msk, caches, t)
+        return head(ids[:, -1:], mem, msk, caches, t)
 
     return beam_search(step, lambda n: head.new_caches(n, 32), 3, BOS, EOS, beam, max_len, length_penalty)
 
@@ -81,7 +81,7 @@ def test_wider_beams_find_likelier_sequences():
     def logprob(b, seq):
         """Log-probability of `seq`, with its EOS when it finished within the 12 steps."""
         ids = torch.tensor([[BOS, *seq, EOS]]) if len(seq) < 12 else torch.tensor([[BOS, *seq]])
-        logp = head(memory[b:b + 1], mask[b:b + 1], ids[:, :-1]).log_softmax(-1)
+        logp = head(ids[:, :-1], memory[b:b + 1], mask[b:b + 1]).log_softmax(-1)
         return float(logp[0].gather(-1, ids[0, 1:, None]).sum())
 
     greedy = search(head, memory, mask, beam=1, max_len=12, length_penalty=0.0)
@@ -95,17 +95,18 @@ def test_seq2seq_module_learns_to_reverse_and_decodes_with_beams():
     """A tiny encoder-decoder learns to reverse digit strings; greedy and beam decoding recover them."""
     from mmtx.backbone import Backbone
     from mmtx.batch import IGNORE_INDEX, PairBatch, TokenBatch
-    from mmtx.seq2seq import Seq2SeqModule
+    import torch.nn.functional as F
+
+    from mmtx.tasks import Seq2Seq
     from mmtx.tokenizers.text import TokenEmbedding
 
     torch.manual_seed(0)
     vocab, dim = 13, 32  # 0 pad, 1 BOS, 2 EOS, 3..12 digits
-    model = Seq2SeqModule(
-        TokenEmbedding(dim, vocab, max_len=16),
-        Backbone(dim, 2, 4),
-        Seq2SeqHead(dim, vocab, depth=2, num_heads=4, max_len=16),
-        optim={}, bos_id=BOS, eos_id=EOS, label_smoothing=0.0, beam_size=3, max_decode_len=12,
-    )
+    backbone = Backbone(dim, 2, 4)
+    model = Seq2Seq(TokenEmbedding(dim, vocab, max_len=16), dim, vocab, bos_id=BOS, eos_id=EOS,
+                    decoder={"depth": 2, "num_heads": 4}, max_len=16, label_smoothing=0.0, beam_size=3,
+                    max_decode_len=12)
+    modules = torch.nn.ModuleList([backbone, model])
 
     def batch(n):
         lengths = torch.randint(3, 7, (n,))
@@ -119,19 +120,19 @@ def test_seq2seq_module_learns_to_reverse_and_decodes_with_beams():
             tgt_out[i, :L], tgt_out[i, L] = seq.flip(0), EOS
         return PairBatch(TokenBatch(src, src != 0), TokenBatch(tgt_in, targets=tgt_out))
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=3e-3)
+    modules.train()
     for _ in range(300):
         b = batch(32)
-        loss = model.loss(model(b), b)
+        loss = F.cross_entropy(model(backbone, b).flatten(0, 1), b.target.targets.flatten(), ignore_index=IGNORE_INDEX)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.eval()
+    modules.eval()
     test = batch(16)
     expected = [[t for t in row.tolist() if t != IGNORE_INDEX][:-1] for row in test.target.targets]
-    greedy = model.decode(test.source, beam_size=1)
-    beams = model.decode(test.source, beam_size=3)
+    greedy = model.decode(backbone, test.source, beam_size=1)
+    beams = model.decode(backbone, test.source, beam_size=3)
     assert sum(g == e for g, e in zip(greedy, expected)) >= 12
-    assert model.decode(test.source, beam_size=3, use_cache=False) == beams  # the cache changes nothing
+    assert model.decode(backbone, test.source, beam_size=3, use_cache=False) == beams  # the cache changes nothing
     assert sum(b == e for b, e in zip(beams, expected)) >= sum(g == e for g, e in zip(greedy, expected)) - 1

@@ -145,14 +145,18 @@ def test_block_size_longer_than_the_data(tmp_path):
 
 
 def tiny_lm(rotary: bool):
-    from mmtx.heads import LMHead
-    from mmtx.lm import LMModule
+    """The language model as generation sees it: a CausalLM over a LanguageModel part and its backbone."""
+    from mmtx.tasks.language_model import CausalLM, LanguageModel
     from mmtx.tokenizers.text import TokenEmbedding
 
     vocab = build_vocab("char", TINY_TEXT)
     tokenizer = TokenEmbedding(32, vocab, max_len=24, pos_embed="none" if rotary else "learned")
-    backbone = Backbone(32, 2, 4, causal=True, rotary=rotary)
-    return LMModule(tokenizer, backbone, LMHead(32, len(vocab)), optim={}).eval()
+    backbone = Backbone(32, 2, 4, rotary=rotary).eval()
+    part = LanguageModel(tokenizer, 32).eval()
+    part.attach(backbone)
+    model = CausalLM(part, backbone)
+    model.vocab = vocab
+    return model
 
 
 @pytest.mark.parametrize("rotary", [False, True])
@@ -202,7 +206,7 @@ def test_causal_lm_loss_decreases_and_the_run_keeps_its_tokenizer(tmp_path, corp
     assert summary["test/loss"] < 0.8 * math.log(len(vocab))  # well below the uniform guess
     torch.testing.assert_close(summary["test/bpc"], summary["test/loss"] / math.log(2))  # chars: 1 per token
     assert (tmp_path / "run" / "samples.tsv").read_text().startswith("step\tprompt\ttext\n")
-    assert load_model(summary["last_checkpoint"]).vocab.to_json() == (tmp_path / "run" / "tokenizer.json").read_text()
+    assert load_model(summary["last_checkpoint"]).task.vocab.to_json() == (tmp_path / "run" / "tokenizer.json").read_text()
 
     # generation from the saved checkpoint, in a fresh process
     proc = subprocess.run(
@@ -212,7 +216,8 @@ def test_causal_lm_loss_decreases_and_the_run_keeps_its_tokenizer(tmp_path, corp
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("All:") and len(proc.stdout.rstrip("\n")) >= 4
-    same = load_model(summary["last_checkpoint"]).complete("All:", 20, temperature=0.0)
+    model = load_model(summary["last_checkpoint"])
+    same = model.task.complete(model.backbone, "All:", 20, temperature=0.0)
     assert proc.stdout.rstrip("\n") == same.rstrip("\n")
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmtx.batch import Tokens
-from mmtx.heads import ClassifierHead
+from mmtx.tasks.classification import ClassifierHead
 from mmtx.nn.pos_embed import sincos_2d
 from mmtx.tokenizers import PatchTokenizer
 from mmtx.batch import ImageBatch
@@ -92,5 +92,5 @@ def test_cls_prepare_extends_the_mask():
 
 
 def test_bad_pool():
-    with pytest.raises(ValueError, match="head.pool"):
+    with pytest.raises(ValueError, match="family.pool"):
         ClassifierHead(8, 3, pool="max")

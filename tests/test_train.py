@@ -194,7 +194,7 @@ def test_dashboards_get_labelled_samples_grad_norm_and_throughput(logger, image_
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), f"logger={logger}", "trainer.max_epochs=2",
-                                "test_after_fit=false", "module.media_samples=4", "callbacks.throughput.window=2"])
+                                "test_after_fit=false", "family.media_samples=4", "callbacks.throughput.window=2"])
     train(cfg, run_dir=tmp_path / "run")
     if logger == "wandb":
         run = next((tmp_path / "run" / "wandb").glob("offline-run-*"))

@@ -17,7 +17,7 @@ from mmtx.data.seq2seq import Seq2SeqDataModule
 from mmtx.data.seq2seq_sources import ParallelText
 from mmtx.eval import evaluate
 from mmtx.generate import main as generate
-from mmtx.metrics import corpus_bleu, error_rates, text_metrics
+from mmtx.tasks.seq2seq import text_metric
 from mmtx.train import train
 
 BPE = {"kind": "bpe", "vocab_size": 300, "special_tokens": []}
@@ -168,24 +168,46 @@ def test_source_padding_changes_nothing_in_the_model(corpus, tmp_path):
     changed = dataclasses.replace(batch, source=TokenBatch(source.tokens.masked_fill(~source.mask, 7), source.mask))
     with torch.no_grad():
         torch.testing.assert_close(model(batch), model(changed))
-    assert model.decode(batch.source, beam_size=2) == model.decode(changed.source, beam_size=2)
+    part = model.task
+    assert part.decode(model.backbone, batch.source, beam_size=2) == part.decode(model.backbone, changed.source, beam_size=2)
 
 
 # -- metrics -------------------------------------------------------------------------------------------
 
 
+def score(name, hyps, refs, split=1):
+    """A text metric updated batch by batch (`split` batches), as validation updates it."""
+    metric = text_metric(name)
+    step = -(-len(hyps) // split)
+    for i in range(0, len(hyps), step):
+        metric.update(hyps[i:i + step], [[r] for r in refs[i:i + step]] if name == "bleu" else refs[i:i + step])
+    return float(metric.compute()) * (100 if name == "bleu" else 1)
+
+
 def test_bleu_and_error_rates_on_known_strings():
-    assert corpus_bleu(["Ein Hund läuft."], ["Ein Hund läuft."]) == pytest.approx(100.0)
-    assert corpus_bleu(["völlig anders"], ["Ein Hund läuft durch den Park."]) == pytest.approx(0.0)
+    assert score("bleu", ["Ein Hund läuft."], ["Ein Hund läuft."]) == pytest.approx(100.0)
+    assert score("bleu", ["völlig anders"], ["Ein Hund läuft durch den Park."]) == pytest.approx(0.0)
     # sacreBLEU's own value for a partial match (1-4-gram precisions 5/6, 3/5, 2/4, 1/3; no brevity penalty)
-    assert corpus_bleu(["the cat sat on a mat"], ["the cat sat on the mat"]) == pytest.approx(
-        100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25, abs=1e-6)
-    assert corpus_bleu(["Ein Hund"], ["ein hund"]) < 100  # case-sensitive
-    rates = error_rates(["seven", "for"], ["seven", "four"])
-    assert rates["wer"] == pytest.approx(0.5) and rates["cer"] == pytest.approx(1 / 9)
-    assert text_metrics(["wer"], ["a b"], ["a c"]) == {"wer": pytest.approx(0.5)}
-    with pytest.raises(ValueError, match="unknown metric.*'rouge'"):
-        text_metrics(["bleu", "rouge"], [], [])
+    assert score("bleu", ["the cat sat on a mat"], ["the cat sat on the mat"]) == pytest.approx(
+        100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25, abs=1e-4)
+    assert score("bleu", ["Ein Hund"], ["ein hund"]) < 100  # case-sensitive
+    assert score("wer", ["seven", "for"], ["seven", "four"]) == pytest.approx(0.5)
+    assert score("cer", ["seven", "for"], ["seven", "four"]) == pytest.approx(1 / 9)
+    with pytest.raises(ValueError, match="unknown metric 'rouge'"):
+        text_metric("rouge")
+
+
+def test_corpus_bleu_over_batches_is_sacrebleus_corpus_score():
+    """The metric sums n-gram counts over batches (and ranks): the same figure as sacreBLEU on the whole corpus."""
+    from sacrebleu.metrics import BLEU
+
+    refs = ["Ein Hund läuft durch den Park.", "Zwei Männer sitzen auf einer Bank.", "Eine Frau liest ein Buch.",
+            "Kinder spielen im Schnee.", "Ein Mann fährt Fahrrad auf der Straße."]
+    hyps = ["Ein Hund rennt durch den Park.", "Zwei Männer sitzen auf der Bank.", "Eine Frau liest.",
+            "Kinder spielen im Schnee.", "Ein Mann fährt auf der Straße Rad."]
+    expected = BLEU().corpus_score(hyps, [refs]).score
+    assert 0 < expected < 100
+    assert score("bleu", hyps, refs, split=3) == pytest.approx(expected, abs=1e-4)
 
 
 # -- the task end to end ----------------------------------------------------------------------------------
@@ -193,7 +215,7 @@ def test_bleu_and_error_rates_on_known_strings():
 
 def test_translate_task_trains_evaluates_and_translates(corpus, tmp_path):
     overrides = [*small_run(tmp_path, corpus.parent, "text2text"), "trainer.max_epochs=2",
-                 "module.val_decode_batches=1", "module.log_examples=3"]
+                 "family.val_decode_batches=1", "family.log_examples=3"]
     summary = train(compose("translate_multi30k", overrides), run_dir=tmp_path / "run")
     run = tmp_path / "run"
     val = (run / "val_examples.tsv").read_text().splitlines()
@@ -222,8 +244,8 @@ def test_tiny_translation_is_learned(tmp_path):
     """Word-for-word number translation: a small model gets most of the test set right (BLEU well above 0)."""
     corpus = make_parallel(tmp_path / "data" / "multi30k", (("train", 400), ("val", 20), ("test_2016_flickr", 20)))
     overrides = [*small_run(tmp_path, corpus.parent, "text2text"), "backbone.dim=64", "backbone.num_heads=4",
-                 "head.depth=2", "trainer.max_epochs=15", "data.batch_size=16", "optim.lr=3e-3",
-                 "optim.warmup_steps=20", "module.val_decode_batches=0", "callbacks.checkpoint.monitor=val/loss",
+                 "family.decoder.depth=2", "trainer.max_epochs=15", "data.batch_size=16", "optim.lr=3e-3",
+                 "optim.warmup_steps=20", "family.val_decode_batches=0", "callbacks.checkpoint.monitor=val/loss",
                  "callbacks.checkpoint.mode=min", "tokenizer.dropout=0", "backbone.dropout=0", "seed=1"]
     summary = train(compose("translate_multi30k", overrides), run_dir=tmp_path / "run")
     assert summary["test/bleu"] > 50, summary

@@ -30,8 +30,7 @@ class AudioDataModule(LabelledSplits):
         self.setup()
         return {
             "tokenizer": {"sample_rate": self.sample_rate},
-            "head": {"num_classes": self.num_classes},
-            "module": {"num_classes": self.num_classes, "class_names": self.classes},
+            "family": {"num_classes": self.num_classes, "class_names": self.classes},
         }
 
     def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> AudioBatch:

@@ -74,12 +74,11 @@ class ImageDataModule(LabelledSplits):
         return self.splits["train"]["images"].shape[1]
 
     def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
-        """Run-time values the model is built with: image geometry (tokenizer), number of classes (head, module)."""
+        """Run-time values the model is built with: image geometry (tokenizer), number of classes and their names (family)."""
         self.setup()
         return {
             "tokenizer": {"image_size": self.image_size, "in_channels": self.in_channels},
-            "head": {"num_classes": self.num_classes},
-            "module": {"num_classes": self.num_classes, "class_names": self.classes},
+            "family": {"num_classes": self.num_classes, "class_names": self.classes},
         }
 
     def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> ImageBatch:

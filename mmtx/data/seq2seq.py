@@ -60,11 +60,10 @@ def special_ids(vocab: Vocab) -> dict[str, int]:
 def seq2seq_runtime(tgt_vocab: Vocab, src_vocab: Vocab | None = None,
                     sample_rate: int | None = None) -> dict[str, dict[str, Any]]:
     """Run-time values of an encoder-decoder: the source tokenizer's vocabulary (text) or sample
-    rate (audio), the target vocabulary (head) and the BOS / EOS ids (module)."""
+    rate (audio); the target vocabulary and its BOS / EOS ids (family)."""
     tokenizer = {"vocab": src_vocab} if src_vocab is not None else {"sample_rate": sample_rate}
-    ids = special_ids(tgt_vocab)  # the data pads with pad_id; the module needs BOS and EOS
-    module = {"bos_id": ids["bos_id"], "eos_id": ids["eos_id"]}
-    return {"tokenizer": tokenizer, "head": {"vocab": tgt_vocab}, "module": module}
+    ids = special_ids(tgt_vocab)  # the data pads with pad_id; the decoder needs BOS and EOS
+    return {"tokenizer": tokenizer, "family": {"vocab": tgt_vocab, "bos_id": ids["bos_id"], "eos_id": ids["eos_id"]}}
 
 
 def _flatten(seqs: list[list[int]], limit: int) -> tuple[dict[str, torch.Tensor], int]:

@@ -186,9 +186,5 @@ class TextDataModule(L.LightningDataModule):
 
 
 def text_runtime(vocab: Vocab, chars_per_token: float | None = None) -> dict[str, dict[str, Any]]:
-    """Run-time values of a text model: its vocabulary (tokenizer), output size (head), chars/token (module)."""
-    return {
-        "tokenizer": {"vocab": vocab},
-        "head": {"vocab_size": len(vocab)},
-        "module": {"chars_per_token": chars_per_token},
-    }
+    """Run-time values of a text model: its vocabulary (tokenizer) and characters per token (family)."""
+    return {"tokenizer": {"vocab": vocab}, "family": {"chars_per_token": chars_per_token}}

@@ -1,0 +1,107 @@
+"""What a task family is to the LightningModule: the small interface every task part implements.
+
+A task part owns everything that makes one task on the shared backbone what it is: its tokenizer (raw
+batch -> Tokens), its head, its loss and metrics, and its one decode entry. It does not own the
+backbone: the module passes it in, so several parts can share one (co-training is a list of parts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from mmtx.batch import Batch
+
+
+class StepContext:
+    """What a task part may use of the LightningModule that runs it: the trainer, the shared backbone,
+    and `log`, which names metrics `{prefix}{stage}/{name}` (prefix: "" for a run with one task part,
+    `{member}/` when several share the backbone)."""
+
+    def __init__(self, module: L.LightningModule, prefix: str = "") -> None:
+        self.module = module
+        self.prefix = prefix
+        self.batch_idx = 0  # of the batch being run, set by the module before each step
+
+    @property
+    def trainer(self) -> L.Trainer:
+        return self.module.trainer
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.module.backbone
+
+    @property
+    def global_step(self) -> int:
+        return self.module.global_step
+
+    @property
+    def sanity_checking(self) -> bool:
+        return self.module._trainer is not None and self.module.trainer.sanity_checking
+
+    def log(self, name: str, value: Any, **kwargs: Any) -> None:
+        self.module.log(f"{self.prefix}{name}", value, **kwargs)
+
+
+class TiedOutput(nn.Module):
+    """Vocabulary logits from the token embedding matrix itself (Press & Wolf, 2017): the output layer of
+    the language model and of the encoder-decoder's decoder, and the one place their weights are tied."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.proj = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False)
+        self.proj.weight = embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)  # (B, T, D) -> (B, T, V)
+
+
+class TaskPart(nn.Module):
+    """One task on a shared backbone. Subclasses set `tokenizer` and implement `forward` and `step`.
+
+    attach(backbone)                        adapt the shared backbone once, when the model is built
+    forward(backbone, batch) -> outputs     the model's outputs for a batch (logits)
+    step(outputs, batch, stage, ctx) -> loss
+                                            the loss, with this task's metrics logged through `ctx.log`
+    epoch_end(stage, ctx)                   metrics and media that need the whole epoch
+    extra_state() -> dict                   what a checkpoint must carry besides weights (vocabularies)
+    save_files(folder)                      files a run folder gets at the start (tokenizer.json)
+    """
+
+    tokenizer: nn.Module
+
+    def attach(self, backbone: nn.Module) -> None:
+        """Adapt the shared backbone this part will run on, once, when the model is built (the language
+        model re-draws its residual projections); most tasks leave it as it is."""
+
+    def prepare(self, tokens):
+        """Add what the head needs to the backbone's input (a CLS token); most tasks add nothing."""
+        return tokens
+
+    def forward(self, backbone: nn.Module, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, outputs: torch.Tensor, batch: Batch, stage: str, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def epoch_end(self, stage: str, ctx: StepContext) -> None:
+        pass
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"mmtx_vocab": self.vocab.to_json()} if self.vocab is not None else {}
+
+    def load_extra_state(self, checkpoint: dict[str, Any]) -> None:
+        pass
+
+    def save_files(self, folder: Path) -> None:
+        vocab = getattr(self.tokenizer, "vocab", None)
+        if vocab is not None:
+            vocab.save(folder / "tokenizer.json")
+
+    @property
+    def vocab(self):
+        return getattr(self.tokenizer, "vocab", None)

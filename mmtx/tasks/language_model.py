@@ -1,0 +1,153 @@
+"""Decoder-only language modelling: next-token loss over the shared backbone run causally, bits per
+character, and sampled continuations."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtx.backbone import scale_residual_init
+from mmtx.batch import IGNORE_INDEX, TokenBatch
+from mmtx.errors import ConfigError
+from mmtx.generation import compute_dtype, generate
+from mmtx.loggers import log_text_table
+from mmtx.tasks.base import StepContext, TaskPart, TiedOutput
+
+log = logging.getLogger(__name__)
+
+
+class CausalLM:
+    """The language model as a decoder for `mmtx.generation.generate`: a token embedding, the shared
+    backbone run causally (with KV caches), and the tied output layer."""
+
+    def __init__(self, part: "LanguageModel", backbone: nn.Module) -> None:
+        self.part, self.backbone = part, backbone
+        self.max_len = part.tokenizer.max_len  # the longest context it was trained for
+
+    def decode(self, ids: torch.Tensor, caches=None, start: int = 0) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T) at positions start..start+T-1."""
+        tokens = self.part.tokenizer(TokenBatch(ids), start=start)
+        return self.part.head(self.backbone(tokens, caches=caches, causal=True))
+
+    def new_caches(self, batch: int, max_len: int):
+        p = self.part.tokenizer.embed.weight
+        return self.backbone.new_caches(batch, max_len, device=p.device, dtype=compute_dtype(p))
+
+
+class LanguageModel(TaskPart):
+    """Next-token prediction. The language model owns causality: the shared backbone runs causally here
+    whatever else uses it. The output matrix is the token embedding (tied, `TiedOutput`); the backbone's
+    residual output projections start scaled by 1/sqrt(2 * depth) (GPT-2, Radford et al., 2019).
+
+    Metrics: `{stage}/loss` in nats per token (`train/loss`: the mean since it was last logged) and,
+    when the data says how many characters a token covers, `val/bpc` and `test/bpc` (loss / ln 2 /
+    chars_per_token), comparable across vocabularies. At each validation end, `sample_tokens`
+    continuations of each of `sample_prompts` are logged as a table (`<run dir>/samples.tsv`).
+    """
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        dim: int,
+        chars_per_token: float | None = None,
+        sample_prompts: Sequence[str] = ("\n",),
+        sample_tokens: int = 200,
+        sample_temperature: float = 0.8,
+        sample_top_k: int | None = 200,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        if tokenizer.embed.embedding_dim != dim:
+            raise ConfigError(f"the token embedding is {tokenizer.embed.embedding_dim} wide but backbone.dim={dim}")
+        self.head = TiedOutput(tokenizer.embed)
+        self.chars_per_token = chars_per_token
+        self.sample_prompts = list(sample_prompts)
+        self.sample = {"max_new_tokens": sample_tokens, "temperature": sample_temperature, "top_k": sample_top_k}
+        self._train_loss: torch.Tensor | None = None  # summed since train/loss was last logged
+        self._train_steps = 0
+
+    def attach(self, backbone: nn.Module) -> None:
+        if getattr(self.tokenizer, "pos", None) is None and not backbone.rotary:
+            log.warning("this language model has no positions (tokenizer.pos_embed=none, backbone.rotary=false): "
+                        "only causal masking tells it where a token is")
+        scale_residual_init(backbone)
+
+    def forward(self, backbone: nn.Module, batch: TokenBatch) -> torch.Tensor:
+        tokens = self.tokenizer(batch)  # Tokens: (B, T, D)
+        return self.head(backbone(tokens, causal=True))  # (B, T, V)
+
+    def flops_per_token(self, backbone: nn.Module, num_params: int, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token: 6N + 12 L D T (Kaplan et al., 2020; PaLM,
+        Appendix B). N: `num_params` minus the position table (the tied embedding counts once, as the
+        output matmul); 12 L D T is attention's QK^T and AV."""
+        pos = getattr(self.tokenizer, "pos", None)
+        n = num_params - (pos.numel() if pos is not None else 0)
+        return 6 * n + 12 * backbone.depth * backbone.dim * seq_len
+
+    # -- training ---------------------------------------------------------------------------
+
+    def step(self, logits: torch.Tensor, batch: TokenBatch, stage: str, ctx: StepContext) -> torch.Tensor:
+        targets = batch.targets  # (B, T)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        if stage == "train":
+            self._log_train_loss(loss.detach(), ctx)
+            return loss
+        n = targets.numel()
+        ctx.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        if self.chars_per_token:
+            bpc = loss / math.log(2) / self.chars_per_token
+            ctx.log(f"{stage}/bpc", bpc, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        return loss
+
+    def _log_train_loss(self, loss: torch.Tensor, ctx: StepContext) -> None:
+        """`train/loss`: the mean over the steps since the loggers last wrote (as the Hugging Face
+        Trainer reports it), logged on the steps they write (`trainer.log_every_n_steps`) only.
+
+        Language models train by steps, so an epoch mean says little; and Lightning's `self.log`
+        costs about a millisecond a call on the CPU, a few percent of a small model's step.
+        """
+        self._train_loss = loss if self._train_loss is None else self._train_loss + loss  # on the device: no sync
+        self._train_steps += 1
+        trainer = ctx.trainer
+        step = trainer.global_step + 1  # this step's number, once the optimizer has stepped
+        if step % trainer.log_every_n_steps and step != trainer.max_steps:
+            return
+        ctx.log("train/loss", self._train_loss / self._train_steps, on_step=True, on_epoch=False, prog_bar=True)
+        self._train_loss, self._train_steps = None, 0
+
+    def extra_state(self) -> dict[str, Any]:
+        # The train/loss window in progress, so that a resumed run logs the means an unbroken one would.
+        window = None if self._train_loss is None else self._train_loss.detach().float().cpu()
+        return {**super().extra_state(), "mmtx_train_loss_window": {"sum": window, "steps": self._train_steps}}
+
+    def load_extra_state(self, checkpoint: dict[str, Any]) -> None:
+        window = checkpoint.get("mmtx_train_loss_window") or {}
+        self._train_loss, self._train_steps = window.get("sum"), int(window.get("steps", 0))
+
+    def epoch_end(self, stage: str, ctx: StepContext) -> None:
+        if stage != "val" or self.vocab is None or not self.sample_prompts or self.sample["max_new_tokens"] <= 0:
+            return
+        if ctx.sanity_checking:
+            return
+        rows = [[ctx.global_step, p, self.complete(ctx.backbone, p, **self.sample)] for p in self.sample_prompts]
+        log_text_table(ctx.trainer, f"{ctx.prefix}samples", ["step", "prompt", "text"], rows)
+
+    # -- the one generation entry -------------------------------------------------------------
+
+    def complete(self, backbone: nn.Module, prompt: str, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None) -> str:
+        """The text of `prompt` continued by the model (sampling; temperature 0 is greedy)."""
+        device = self.tokenizer.embed.weight.device
+        ids = torch.tensor([self.vocab.encode(prompt)], device=device)
+        modes = self.training, backbone.training
+        self.eval()
+        backbone.eval()
+        out = generate(CausalLM(self, backbone), ids, max_new_tokens, temperature, top_k, top_p, generator=generator)
+        self.train(modes[0])
+        backbone.train(modes[1])
+        return self.vocab.decode(out[0].tolist())
