@@ -19,10 +19,13 @@ log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, but local files are written to a temporary name and renamed.
+    """Lightning's checkpoint IO, but local files are written to a temporary name beside the target and
+    renamed, so a run killed while saving leaves the previous `last.ckpt` intact rather than a truncated one.
 
-    A run killed while saving leaves the previous `last.ckpt` intact rather
-    than a truncated one.
+    Lightning's own save (`_atomic_save`, Lightning 2.6) writes local files through an fsspec transaction,
+    whose temporary file is made in the system temp folder and moved with `shutil.move`: when that folder
+    is on another filesystem than the run (a tmpfs /tmp, a network home), the move is a copy into place,
+    and a kill during it leaves a partial checkpoint. `os.replace` within one folder is atomic.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:

@@ -8,12 +8,26 @@ import torch
 from torch import nn
 
 
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """The parameters that modules list in their `no_weight_decay()` (timm's convention: learned positions,
+    the CLS token), as names in `model`."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            names |= {f"{prefix}.{name}" if prefix else name for name in listed()}
+    return names
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: no weight decay on biases, norms, positions and tokens (1D tensors)."""
+    """Weight decay on weight matrices (linear, conv, embedding) only, as timm and nanoGPT do: not on
+    biases and norms (1-D), nor on what a module lists in `no_weight_decay()` (learned positions, the
+    CLS token). A tied matrix is one parameter and lands in one group."""
+    skip = no_weight_decay_names(model)
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},

@@ -188,3 +188,24 @@ def test_two_task_parts_share_one_backbone():
     assert all(p.grad is not None for p in backbone.parameters())
     with pytest.raises(RuntimeError, match="2 task parts"):
         model.task
+
+
+def test_weight_decay_reaches_matrices_only_not_positions_cls_biases_or_norms():
+    from mmtx.optim import param_groups
+
+    vit = MmtxModule(Backbone(DIM, 1, 4), {"main": Classification(
+        PatchTokenizer(DIM, image_size=8, patch_size=4, pos_embed="learned"), DIM, num_classes=3)}, optim={})
+    decay, no_decay = param_groups(vit, 0.05)
+    names = {id(p): n for n, p in vit.named_parameters()}
+    decayed, kept = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {"tasks.main.head.pool.token", "tasks.main.tokenizer.pos.x", "tasks.main.tokenizer.pos.y",
+            "backbone.norm.weight", "backbone.blocks.0.attn.qkv.bias"} <= kept
+    assert {"backbone.blocks.0.attn.qkv.weight", "backbone.blocks.0.mlp.fc1.weight", "tasks.main.head.proj.weight",
+            "tasks.main.tokenizer.proj.weight"} <= decayed
+    assert decayed.isdisjoint(kept) and decayed | kept == set(names.values())
+
+    lm = _lm()  # the tied embedding is one parameter, decayed once; its learned positions are not decayed
+    decay, no_decay = param_groups(lm, 0.1)
+    assert sum(p is lm.task.tokenizer.embed.weight for p in decay["params"]) == 1
+    assert any(p is lm.task.tokenizer.pos for p in no_decay["params"])

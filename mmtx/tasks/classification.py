@@ -24,6 +24,9 @@ class ClsPool(nn.Module):
         self.token = nn.Parameter(torch.zeros(1, 1, dim))
         trunc_normal_(self.token, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"token"}
+
     def prepare(self, tokens: Tokens) -> Tokens:
         return tokens.prepend(self.token.expand(tokens.x.shape[0], -1, -1))
 

@@ -89,6 +89,9 @@ class Learned2d(nn.Module):
         trunc_normal_(self.x, std=0.02)
         trunc_normal_(self.y, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"x", "y"}
+
     def forward(self, grid_h: int, grid_w: int) -> torch.Tensor:
         x = resample_1d(self.x, grid_w)  # (gw, D/2)
         y = resample_1d(self.y, grid_h)  # (gh, D/2)

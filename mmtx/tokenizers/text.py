@@ -164,6 +164,9 @@ class TokenEmbedding(nn.Module):
         if self.pos is not None:
             trunc_normal_(self.pos, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"pos"} if self.pos is not None else set()
+
     def forward(self, batch: TokenBatch, start: int = 0) -> Tokens:
         ids = batch.tokens  # (B, T) int
         T = ids.shape[1]
