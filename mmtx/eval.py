@@ -1,13 +1,12 @@
-"""`python -m mmtx.eval ckpt=PATH [key=value ...]`: test metrics of a checkpoint.
+"""`python -m mmtx.eval ckpt=PATH [KEY=VALUE ...]`: test metrics of a checkpoint (a Hydra application:
+`conf/eval.yaml`, `--help`, `-m ckpt=a.ckpt,b.ckpt`).
 
-The run configuration stored in the checkpoint rebuilds the data and model;
-`key=value` arguments override it (for example `data.root=/elsewhere`,
-`data.source.image_size=64` to evaluate at another resolution, or
-`trainer.accelerator=cpu`). Files the test writes (the examples table of an
-encoder-decoder: source, reference, hypothesis) go to `<run dir>/eval/`,
-beside the checkpoint's `checkpoints/` folder. The whole test split is scored unless
-`trainer.limit_test_batches=...` is given here. A mistake (a missing checkpoint, an unknown key)
-ends with one line; MMTX_DEBUG=1 shows the traceback.
+The run configuration stored in the checkpoint rebuilds the data and model; `KEY=VALUE` pairs override
+it (for example `data.root=/elsewhere`, `data.source.image_size=64` to evaluate at another resolution,
+or `trainer.accelerator=cpu`). Files the test writes (the examples table of an encoder-decoder: source,
+reference, hypothesis) go to `<run dir>/eval/`, beside the checkpoint's `checkpoints/` folder. The
+whole test split is scored unless `trainer.limit_test_batches=...` is given here. A mistake (a missing
+checkpoint, an unknown key) ends with one line; MMTX_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -16,35 +15,18 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import hydra
 import lightning as L
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from mmtx.validate import validate
-from mmtx.wiring import build_data, build_model, resolve_precision
+from mmtx.apps import app_keys, compose_app, hydra_argv, passed_through
 from mmtx.checkpoint import load_checkpoint
-from mmtx.errors import DataError, reported
+from mmtx.config import config_dir
+from mmtx.errors import ConfigError, DataError, reported
+from mmtx.validate import validate
 from mmtx.tokenizers.text import Vocab
-
-USAGE = "usage: python -m mmtx.eval ckpt=PATH [key=value ...]"
-
-
-def parse_args(argv: Sequence[str]) -> tuple[str, list[str]]:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        raise SystemExit(0)
-    ckpt, overrides = None, []
-    for arg in argv:
-        if "=" not in arg:
-            raise SystemExit(f"{USAGE}\nnot a key=value argument: {arg!r}")
-        if arg.startswith("ckpt="):
-            ckpt = arg.split("=", 1)[1]
-        else:
-            overrides.append(arg)
-    if not ckpt:
-        raise SystemExit(f"{USAGE}\nmissing ckpt=PATH")
-    return ckpt, overrides
-
+from mmtx.wiring import build_data, build_model, resolve_precision
 
 def eval_dir(ckpt: str) -> Path:
     """Where an evaluation of `ckpt` writes its files: <run dir>/eval (run dir: the folder that holds checkpoints/)."""
@@ -54,15 +36,20 @@ def eval_dir(ckpt: str) -> Path:
     return out
 
 
-def evaluate(ckpt: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Rebuild the run stored in `ckpt`, load its weights and return its test metrics."""
+def evaluate(ckpt: str, overrides: Sequence[str] | DictConfig = ()) -> dict[str, Any]:
+    """Rebuild the run stored in `ckpt`, load its weights and return its test metrics.
+
+    overrides: `key=value` strings (or a config) merged onto the stored run configuration.
+    """
     checkpoint = load_checkpoint(ckpt)
     cfg = OmegaConf.create(checkpoint["mmtx_config"])
     OmegaConf.set_struct(cfg, True)
+    given = overrides if isinstance(overrides, DictConfig) else OmegaConf.from_dotlist(list(overrides))
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, given)
     except ConfigKeyError as err:
-        raise SystemExit(f"unknown configuration key in overrides {list(overrides)}: {err.msg}") from None
+        raise ConfigError(f"{err.full_key} is not a key of the run stored in {ckpt}: leave it out, or check its "
+                          "spelling against that run's config.yaml") from None
     validate(cfg)
     extra = {}
     if "mmtx_vocab" in checkpoint:  # evaluate with exactly the vocabulary the model was trained with
@@ -80,7 +67,7 @@ def evaluate(ckpt: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
         logger=False,
         enable_checkpointing=False,
         # The whole test split, unless asked otherwise here: not the training run's limit (or fast_dev_run).
-        limit_test_batches=cfg.trainer.limit_test_batches if _overrides_key(overrides, "trainer.limit_test_batches") else None,
+        limit_test_batches=OmegaConf.select(given, "trainer.limit_test_batches", default=None),
     )
     if hasattr(datamodule, "has_split") and not datamodule.has_split("test"):
         raise DataError(f"the data of checkpoint {ckpt} has no test split to evaluate on "
@@ -89,17 +76,26 @@ def evaluate(ckpt: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     return results[0] if results else {}
 
 
-def _overrides_key(overrides: Sequence[str], key: str) -> bool:
-    return any(o.split("=", 1)[0].lstrip("+") == key for o in overrides)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ckpt, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    with reported("mmtx.eval"):
-        metrics = evaluate(ckpt, overrides)
+def _report(cfg: DictConfig) -> dict[str, Any]:
+    metrics = evaluate(cfg.ckpt, passed_through(cfg, "eval"))
     for key, value in sorted(metrics.items()):
         print(f"{key}: {value:.4f}")
     return metrics
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def _cli(cfg: DictConfig) -> None:
+    with reported("mmtx.eval"):
+        _report(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """The command line. `argv`: its arguments, from Python: returns the metrics, and a mistake raises
+    its error instead of ending the process."""
+    if argv is None:
+        sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("eval"), pass_through=True)]
+        return _cli()
+    return _report(compose_app("eval", hydra_argv(argv, app_keys("eval"), pass_through=True)))
 
 
 if __name__ == "__main__":

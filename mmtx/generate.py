@@ -1,16 +1,11 @@
 """Generate from a checkpoint: continue a prompt (decoder-only), translate text or transcribe audio
 (encoder-decoder). The model and its vocabularies come from the checkpoint alone: no data is read.
+A Hydra application: its keys and defaults are `conf/generate.yaml` (`--help` lists them).
 
     python -m mmtx.generate ckpt=PATH prompt="ROMEO:" max_new_tokens=500 temperature=0.8 top_k=200
     python -m mmtx.generate ckpt=PATH text="A dog runs on the beach."
     python -m mmtx.generate ckpt=PATH text_file=sentences.en > sentences.de    (one line in, one line out)
     python -m mmtx.generate ckpt=PATH audio='clips/*.wav'                      (prints path<TAB>transcript)
-
-Arguments (key=value): ckpt (required); device (auto | cpu | cuda).
-Decoder-only: prompt ("\\n"), max_new_tokens (500), temperature (0.8; 0 is greedy), top_k (200; 0 or
-null: off), top_p (null), num_samples (1), seed (1337), use_cache (true).
-Encoder-decoder: text, text_file or audio (a file, a glob, or a comma-separated list), beam_size,
-length_penalty, max_len (null: the model's own settings), batch_size (32).
 """
 
 from __future__ import annotations
@@ -21,45 +16,23 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import hydra
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.nn.utils.rnn import pad_sequence
 
 from mmtx.batch import AudioBatch, TokenBatch
+from mmtx.apps import app_keys, compose_app, hydra_argv
 from mmtx.checkpoint import load_checkpoint
+from mmtx.config import config_dir
 from mmtx.data.audio_sources import AudioDecoder
 from mmtx.data.seq2seq import seq2seq_runtime
 from mmtx.data.text import text_runtime
 from mmtx.tokenizers.text import Vocab
 from mmtx.wiring import build_model
-from mmtx.errors import CheckpointError, reported
+from mmtx.errors import CheckpointError, ConfigError, MissingError, reported
 
-DEFAULTS: dict[str, Any] = {
-    "ckpt": None, "prompt": "\n", "max_new_tokens": 500, "temperature": 0.8, "top_k": 200, "top_p": None,
-    "num_samples": 1, "seed": 1337, "device": "auto", "use_cache": True,
-    "text": None, "text_file": None, "audio": None, "beam_size": None, "length_penalty": None, "max_len": None,
-    "batch_size": 32,
-}
-STRING_ARGS = ("prompt", "text", "ckpt", "text_file", "audio", "device")  # taken as given, never parsed as YAML
-USAGE = "usage: python -m mmtx.generate ckpt=PATH [prompt=TEXT max_new_tokens=N temperature=T top_k=K top_p=P ...]"
-
-
-def parse_args(argv: Sequence[str]) -> dict[str, Any]:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        raise SystemExit(0)
-    args = OmegaConf.create(DEFAULTS)
-    OmegaConf.set_struct(args, True)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise SystemExit(f"{USAGE}\nnot a key=value argument: {arg!r}")
-        if key not in DEFAULTS:
-            raise SystemExit(f"{USAGE}\nunknown argument {key!r} (known: {', '.join(DEFAULTS)})")
-        args[key] = value if key in STRING_ARGS else OmegaConf.from_dotlist([arg])[key]
-    if not args.ckpt:
-        raise SystemExit(f"{USAGE}\nmissing ckpt=PATH")
-    return OmegaConf.to_container(args)
+VERBATIM = ("prompt", "text", "text_file", "audio")  # free text and paths: never parsed by Hydra's grammar
 
 
 def load_model(ckpt: str, device: str = "cpu"):
@@ -75,11 +48,12 @@ def load_model(ckpt: str, device: str = "cpu"):
             raise CheckpointError(f"checkpoint {ckpt} has no target tokenizer (mmtx_tgt_vocab): it was not written by "
                              "an encoder-decoder training run of mmtx")
         src = Vocab.from_json(checkpoint["mmtx_vocab"]) if "mmtx_vocab" in checkpoint else None
-        runtime = seq2seq_runtime(Vocab.from_json(checkpoint["mmtx_tgt_vocab"]), src, checkpoint.get("mmtx_sample_rate"))
+        runtime = seq2seq_runtime(Vocab.from_json(checkpoint["mmtx_tgt_vocab"]), cfg.data.max_src_len,
+                                  cfg.data.max_tgt_len, src, checkpoint.get("mmtx_sample_rate"))
     else:
         if "mmtx_vocab" not in checkpoint:
             raise CheckpointError(f"checkpoint {ckpt} has no tokenizer (it was not written by a text task's training run)")
-        runtime = text_runtime(Vocab.from_json(checkpoint["mmtx_vocab"]))
+        runtime = text_runtime(Vocab.from_json(checkpoint["mmtx_vocab"]), cfg.data.block_size)
     model = build_model(cfg, runtime)
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval()
@@ -95,22 +69,22 @@ def seq2seq_inputs(model, args: dict[str, Any]) -> list[str]:
     given = [k for k in ("text", "text_file", "audio") if args[k] is not None]
     if len(given) != 1:
         want = "audio=FILE|GLOB" if audio_model else "text=TEXT or text_file=FILE"
-        raise SystemExit(f"{USAGE}\nthis checkpoint is an encoder-decoder: give exactly one input, {want}")
+        raise ConfigError(f"this checkpoint is an encoder-decoder: give exactly one input, {want}")
     if audio_model != (given[0] == "audio"):
         kind = "audio" if audio_model else "text"
-        raise SystemExit(f"this checkpoint's model reads {kind}, but {given[0]}= was given")
+        raise ConfigError(f"this checkpoint's model reads {kind}, but {given[0]}= was given")
     if given[0] == "text":
         return [str(args["text"])]
     if given[0] == "text_file":
         path = Path(str(args["text_file"])).expanduser()
         if not path.is_file():
-            raise SystemExit(f"text_file {path} does not exist")
+            raise MissingError(f"text_file {path} does not exist")
         return path.read_text(encoding="utf-8").splitlines()
     files: list[str] = []
     for pattern in str(args["audio"]).split(","):
         found = sorted(glob.glob(os.path.expanduser(pattern.strip()))) if glob.has_magic(pattern) else [pattern.strip()]
         if not found or not all(Path(f).is_file() for f in found):
-            raise SystemExit(f"no audio file at {pattern.strip()}")
+            raise MissingError(f"no audio file at {pattern.strip()}")
         files += found
     return files
 
@@ -148,10 +122,20 @@ def run_seq2seq(model, args: dict[str, Any], cfg) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> list[str]:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="generate")
+def _cli(cfg: DictConfig) -> None:
     with reported("mmtx.generate"):
-        return _generate(args)
+        _generate(OmegaConf.to_container(cfg, resolve=True))
+
+
+def main(argv: Sequence[str] | None = None) -> list[str] | None:
+    """The command line. `argv`: its arguments, from Python: returns the texts, and a mistake raises its
+    error (a ValueError or FileNotFoundError) instead of ending the process."""
+    if argv is None:
+        sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("generate"), verbatim=VERBATIM)]
+        return _cli()
+    cfg = compose_app("generate", hydra_argv(argv, app_keys("generate"), verbatim=VERBATIM))
+    return _generate(OmegaConf.to_container(cfg, resolve=True))
 
 
 def _generate(args: dict[str, Any]) -> list[str]:

@@ -91,9 +91,9 @@ def test_asr_task_learns_tones_and_transcribes_files(tmp_path):
     assert len(outs) == len(clips) == 6
     one = generate([f"ckpt={summary['last_checkpoint']}", f"audio={clips[0]}", "beam_size=2"])
     assert len(one) == 1
-    with pytest.raises(SystemExit, match="reads audio, but text= was given"):
+    with pytest.raises(ValueError, match="reads audio, but text= was given"):
         generate([f"ckpt={summary['last_checkpoint']}", "text=hello"])
-    with pytest.raises(SystemExit, match="no audio file at"):
+    with pytest.raises(FileNotFoundError, match="no audio file at"):
         generate([f"ckpt={summary['last_checkpoint']}", f"audio={tmp_path}/none.wav"])
 
 

@@ -371,8 +371,8 @@ def test_every_readme_command_composes():
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from mmtx.eval import parse_args as eval_args
-    from mmtx.generate import parse_args as generate_args
+    from mmtx.apps import app_keys, compose_app, hydra_argv
+    from mmtx.generate import VERBATIM
 
     commands = readme_commands()
     assert len([c for c in commands if c[0] == "mmtx.train"]) >= 20
@@ -391,13 +391,14 @@ def test_every_readme_command_composes():
             finally:
                 GlobalHydra.instance().clear()
         elif module == "mmtx.eval":
-            _, overrides = eval_args(args)
+            compose_app("eval", hydra_argv([a for a in args if a != "-m"], app_keys("eval"), pass_through=True))
             cfg = compose("vit_cifar")
-            for override in overrides:
+            for override in args:
                 key = override.split("=", 1)[0]
-                assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", f"mmtx.eval {args}: {key}"
+                if key not in ("ckpt", "-m"):
+                    assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", f"mmtx.eval {args}: {key}"
         else:
-            generate_args(args)
+            compose_app("generate", hydra_argv(args, app_keys("generate"), verbatim=VERBATIM))
 
 
 # -- 10. a truncated audio file is not a short clip ------------------------------------------------------

@@ -244,14 +244,23 @@ def test_generate_rejects_checkpoints_without_a_tokenizer(image_folder, tmp_path
 
 
 def test_generate_cli_arguments():
-    from mmtx.generate import parse_args
+    """mmtx.generate is a Hydra app: numbers parse as numbers, free text stays exactly as written."""
+    from omegaconf import MissingMandatoryValue
 
-    args = parse_args(["ckpt=x.ckpt", "prompt=ROMEO: a=b", "top_k=0", "temperature=0.5"])
-    assert args["prompt"] == "ROMEO: a=b" and args["top_k"] == 0 and args["temperature"] == 0.5
-    with pytest.raises(SystemExit, match="unknown argument 'topk'"):
-        parse_args(["ckpt=x", "topk=3"])
-    with pytest.raises(SystemExit, match="missing ckpt"):
-        parse_args(["prompt=hi"])
+    from mmtx.apps import app_keys, compose_app, hydra_argv
+    from mmtx.generate import VERBATIM
+
+    def args(*argv):
+        return compose_app("generate", hydra_argv(argv, app_keys("generate"), verbatim=VERBATIM))
+
+    text = "It's 1, ${x} [2] {a: b} \\n end\\"
+    cfg = args("ckpt=x.ckpt", "prompt=ROMEO: a=b", "top_k=0", "temperature=0.5", f"text={text}", "audio=a.wav,b.wav")
+    assert cfg.prompt == "ROMEO: a=b" and cfg.top_k == 0 and cfg.temperature == 0.5
+    assert cfg.text == text and cfg.audio == "a.wav,b.wav"
+    with pytest.raises(ValueError, match="topk"):
+        args("ckpt=x", "topk=3")
+    with pytest.raises(MissingMandatoryValue, match="ckpt"):
+        args("prompt=hi").ckpt
 
 
 def test_rotary_scores_depend_on_relative_position_only():

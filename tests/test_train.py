@@ -154,7 +154,7 @@ def test_eval_rejects_foreign_checkpoints_and_bad_overrides(image_folder, tmp_pa
         evaluate(str(foreign))
     summary = train(compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=1", "test_after_fit=false"]),
                     run_dir=tmp_path / "run")
-    with pytest.raises(SystemExit, match="data.batch_sizee"):
+    with pytest.raises(ValueError, match="data.batch_sizee is not a key of the run"):
         evaluate(summary["last_checkpoint"], ["data.batch_sizee=3"])
 
 

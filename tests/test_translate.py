@@ -235,7 +235,7 @@ def test_translate_task_trains_evaluates_and_translates(corpus, tmp_path):
     lines = tmp_path / "in.en"
     lines.write_text("One two.\n\nThree four five.\n")
     assert len(generate([f"ckpt={ckpt}", f"text_file={lines}"])) == 3  # a blank line stays a blank line
-    with pytest.raises(SystemExit, match="reads text, but audio= was given"):
+    with pytest.raises(ValueError, match="reads text, but audio= was given"):
         generate([f"ckpt={ckpt}", f"audio={lines}"])
 
 

@@ -57,13 +57,14 @@ def special_ids(vocab: Vocab) -> dict[str, int]:
     return ids
 
 
-def seq2seq_runtime(tgt_vocab: Vocab, src_vocab: Vocab | None = None,
+def seq2seq_runtime(tgt_vocab: Vocab, max_src_len: int, max_tgt_len: int, src_vocab: Vocab | None = None,
                     sample_rate: int | None = None) -> dict[str, dict[str, Any]]:
-    """Run-time values of an encoder-decoder: the source tokenizer's vocabulary (text) or sample
-    rate (audio); the target vocabulary and its BOS / EOS ids (family)."""
-    tokenizer = {"vocab": src_vocab} if src_vocab is not None else {"sample_rate": sample_rate}
+    """Run-time values of an encoder-decoder: the source tokenizer's vocabulary and length (text) or
+    sample rate (audio); the target vocabulary, its BOS / EOS ids and the decoder's positions (family)."""
+    tokenizer = {"vocab": src_vocab, "max_len": max_src_len} if src_vocab is not None else {"sample_rate": sample_rate}
     ids = special_ids(tgt_vocab)  # the data pads with pad_id; the decoder needs BOS and EOS
-    return {"tokenizer": tokenizer, "family": {"vocab": tgt_vocab, "bos_id": ids["bos_id"], "eos_id": ids["eos_id"]}}
+    family = {"vocab": tgt_vocab, "bos_id": ids["bos_id"], "eos_id": ids["eos_id"], "max_len": max_tgt_len}
+    return {"tokenizer": tokenizer, "family": family}
 
 
 def _flatten(seqs: list[list[int]], limit: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -215,7 +216,8 @@ class Seq2SeqDataModule(IndexedSplits):
 
     def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
         self.setup()
-        return seq2seq_runtime(self.tgt_vocab, self.src_vocab, getattr(self.source, "sample_rate", None))
+        return seq2seq_runtime(self.tgt_vocab, self.max_src_len, self.max_tgt_len, self.src_vocab,
+                               getattr(self.source, "sample_rate", None))
 
     # -- the device-side data path (loaders: IndexedSplits) ------------------------------
 

@@ -138,7 +138,7 @@ class TextDataModule(L.LightningDataModule):
 
     def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
         self.setup()
-        return text_runtime(self.vocab, self.chars_per_token)
+        return text_runtime(self.vocab, self.block_size, self.chars_per_token)
 
     # -- loaders and the device-side data path ---------------------------------------------
 
@@ -185,6 +185,7 @@ class TextDataModule(L.LightningDataModule):
         return TokenBatch(tokens=window[:, :-1], targets=window[:, 1:])  # (B, T) each
 
 
-def text_runtime(vocab: Vocab, chars_per_token: float | None = None) -> dict[str, dict[str, Any]]:
-    """Run-time values of a text model: its vocabulary (tokenizer) and characters per token (family)."""
-    return {"tokenizer": {"vocab": vocab}, "family": {"chars_per_token": chars_per_token}}
+def text_runtime(vocab: Vocab, block_size: int, chars_per_token: float | None = None) -> dict[str, dict[str, Any]]:
+    """Run-time values of a text model: its vocabulary and context length (tokenizer) and characters
+    per token (family)."""
+    return {"tokenizer": {"vocab": vocab, "max_len": block_size}, "family": {"chars_per_token": chars_per_token}}

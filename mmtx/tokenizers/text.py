@@ -171,7 +171,8 @@ class TokenEmbedding(nn.Module):
         ids = batch.tokens  # (B, T) int
         T = ids.shape[1]
         if start + T > self.max_len and self.pos is not None:
-            raise ConfigError(f"sequence of {start + T} tokens is longer than tokenizer.max_len={self.max_len}")
+            raise ConfigError(f"a sequence of {start + T} tokens is longer than the {self.max_len} positions this model "
+                              "was built for (data.block_size, or data.max_src_len / data.max_tgt_len)")
         x = self.embed(ids)  # (B, T) -> (B, T, D)
         if self.pos is not None:
             x = x + self.pos[start:start + T]

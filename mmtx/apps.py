@@ -1,0 +1,80 @@
+"""`mmtx.eval` and `mmtx.generate` as Hydra applications, like `mmtx.train`: their own `conf/<name>.yaml`,
+`--help`, `key=value` overrides checked against that file, multirun (`-m ckpt=a.ckpt,b.ckpt`), and the
+same one-line errors.
+
+Two things the command line of these programs needs that Hydra's grammar does not give by itself:
+free text (`text=A dog, a cat.`: a comma would start a sweep, `${` an interpolation) is quoted for Hydra
+before it parses it, and `mmtx.eval` passes keys of the stored run configuration (`data.root=...`),
+which its own file cannot list, through as `++key=value`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from mmtx.config import config_dir
+from mmtx.errors import ConfigError
+
+
+def hydra_quote(value: str) -> str:
+    """`value` as a Hydra quoted string that parses back to exactly `value` (no sweep, no interpolation)."""
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)  # backslashes before a quote double
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)  # and so do trailing ones
+    return "'" + value.replace("${", "\\${") + "'"
+
+
+def hydra_argv(argv: Sequence[str], own_keys: Sequence[str], verbatim: Sequence[str] = (),
+               pass_through: bool = False) -> list[str]:
+    """The command line Hydra should parse: `verbatim` keys' values quoted; with `pass_through`, a
+    `key=value` whose first part is not one of `own_keys` is forced in (`++key=value`)."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith(("-", "+", "~", "hydra.", "hydra/")):
+            out.append(arg)
+        elif key in verbatim and not value.startswith(("'", '"')):
+            out.append(f"{key}={hydra_quote(value)}")
+        elif pass_through and key.split(".", 1)[0] not in own_keys:
+            out.append(f"++{arg}")
+        else:
+            out.append(arg)
+    return out
+
+
+def compose_app(name: str, overrides: Sequence[str]) -> DictConfig:
+    """`conf/<name>.yaml` with `overrides`, composed as the command line would (for calls from Python)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(config_name=name, overrides=list(overrides))
+    except HydraException as err:
+        raise ConfigError(f"{' '.join(overrides)}: {err}".replace("\n", " ")) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def app_keys(name: str) -> list[str]:
+    """The top-level keys of `conf/<name>.yaml` (what the program itself takes)."""
+    cfg = OmegaConf.load(Path(config_dir()) / f"{name}.yaml")
+    return [k for k in cfg if k not in ("defaults", "hydra")]
+
+
+def run_app(name: str, task: Callable[[DictConfig], Any], argv: Sequence[str], verbatim: Sequence[str] = (),
+            pass_through: bool = False) -> Any:
+    """Run `task` on `conf/<name>.yaml` composed with `argv` (from Python: tests, notebooks)."""
+    cfg = compose_app(name, hydra_argv(argv, app_keys(name), verbatim, pass_through))
+    return task(cfg)
+
+
+def passed_through(cfg: DictConfig, name: str) -> DictConfig:
+    """The part of `cfg` that is not a key of `conf/<name>.yaml` (the `++key=value` overrides)."""
+    own = set(app_keys(name))
+    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in own})
