@@ -30,7 +30,7 @@ def make_manifest(folder, lines):
 
 def test_manifest_reads_clips_and_transcripts(tmp_path):
     manifest = make_manifest(tmp_path, ["clips/a.wav\thello there", "", f"{tmp_path}/clips/b.wav\tgood bye"])
-    data = SpeechManifest({"train": str(manifest)}, sample_rate=RATE).read("train")
+    data = SpeechManifest({"train": str(manifest)}, sample_rate=RATE).decode("train")
     assert data["tgt"] == ["hello there", "good bye"]
     assert data["src"]["lengths"].tolist() == [int(0.3 * RATE)] * 2
     assert [n.endswith(("a.wav", "b.wav")) for n in data["names"]] == [True, True]
@@ -39,19 +39,19 @@ def test_manifest_reads_clips_and_transcripts(tmp_path):
 def test_missing_audio_is_skipped_and_counted_or_named(tmp_path, caplog):
     manifest = make_manifest(tmp_path, ["clips/a.wav\tone", "clips/gone.wav\ttwo", "clips/c.wav\t"])
     with caplog.at_level(logging.WARNING):
-        data = SpeechManifest({"train": str(manifest)}, sample_rate=RATE).read("train")
+        data = SpeechManifest({"train": str(manifest)}, sample_rate=RATE).decode("train")
     assert data["tgt"] == ["one"]
     assert "skipped 1 line(s) whose audio file is missing" in caplog.text and "gone.wav (train.tsv:2)" in caplog.text
     assert "skipped 1 line(s) with an empty transcript" in caplog.text
     strict = SpeechManifest({"train": str(manifest)}, sample_rate=RATE, on_bad_file="error")
     with pytest.raises(FileNotFoundError, match=r"train\.tsv:2: audio file .*gone\.wav does not exist"):
-        strict.read("train")
+        strict.decode("train")
 
 
 def test_manifest_format_errors(tmp_path):
     manifest = make_manifest(tmp_path, ["clips/a.wav hello"])
     with pytest.raises(ValueError, match=r"train\.tsv:1 is not audio_path<TAB>transcript"):
-        SpeechManifest({"train": str(manifest)}, sample_rate=RATE).read("train")
+        SpeechManifest({"train": str(manifest)}, sample_rate=RATE).decode("train")
     with pytest.raises(FileNotFoundError, match=r"data\.source\.files\.train: no file at"):
         SpeechManifest({"train": "nowhere.tsv"}, root=str(tmp_path))
 
@@ -60,7 +60,7 @@ def test_fsdd_labels_become_words_and_batches_carry_audio(tmp_path):
     make_tones(tmp_path / "rec", per_class=(6, 2))
     source = AudioTranscripts(DIGIT_WORDS, path=str(tmp_path / "rec"), sample_rate=RATE,
                               label_pattern=r"^(?P<label>\d+)_", test_pattern=r"_[0-1]\.wav$")
-    assert sorted(set(source.read("test")["tgt"])) == ["one", "zero"]
+    assert sorted(set(source.decode("test")["tgt"])) == ["one", "zero"]
     dm = Seq2SeqDataModule(source, cache_dir=str(tmp_path / "cache"), tgt_vocab=CHAR, val_fraction=0.25,
                            batch_size=4, eval_batch_size=8)
     dm.setup()

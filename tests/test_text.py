@@ -79,13 +79,13 @@ def test_split_windows_and_targets(tmp_path, corpus):
     dm = datamodule(tmp_path, corpus)
     text = corpus.read_bytes().decode()  # (read_text would turn the \r\n into \n)
     cut = int(len(text) * 0.9)
-    assert dm.vocab.decode(dm.splits["train"].tolist()) == text[:cut]
-    assert dm.vocab.decode(dm.splits["val"].tolist()) == text[cut:]
+    assert dm.vocab.decode(dm.splits["train"]["ids"].tolist()) == text[:cut]
+    assert dm.vocab.decode(dm.splits["val"]["ids"].tolist()) == text[cut:]
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert batch.tokens.shape == batch.targets.shape == (4, 8)
     torch.testing.assert_close(batch.tokens[:, 1:], batch.targets[:, :-1])
     val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
-    torch.testing.assert_close(val.tokens[0], dm.splits["val"][:8])  # validation: in order, unshifted
+    torch.testing.assert_close(val.tokens[0], dm.splits["val"]["ids"][:8])  # validation: in order, unshifted
     assert dm.chars_per_token == 1.0
 
 
@@ -96,19 +96,19 @@ def test_memory_mapped_path_gives_the_same_windows(tmp_path, corpus):
     torch.testing.assert_close(resident.on_after_batch_transfer(index, 0).tokens,
                                mapped.on_after_batch_transfer(index, 0).tokens)
     cache = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
-    assert (cache / "train.bin").stat().st_size == 2 * len(resident.splits["train"])  # uint16 on disk
+    assert (cache / "train.bin").stat().st_size == 2 * len(resident.splits["train"]["ids"])  # uint16 on disk
 
 
 def test_cache_is_reused_and_rebuilt_when_the_text_changes(tmp_path, corpus, monkeypatch):
     reads = []
-    original = TextFiles.read
-    monkeypatch.setattr(TextFiles, "read", lambda self: reads.append(1) or original(self))
+    original = TextFiles.decode
+    monkeypatch.setattr(TextFiles, "decode", lambda self, split="all": reads.append(1) or original(self, split))
     datamodule(tmp_path, corpus)
     datamodule(tmp_path, corpus)
     assert len(reads) == 1  # reused
     corpus.write_text(TINY_TEXT + "a brand new ending\n")
     dm = datamodule(tmp_path, corpus)
-    assert len(reads) == 2 and dm.vocab.decode(dm.splits["val"].tolist()).endswith("a brand new ending\n")
+    assert len(reads) == 2 and dm.vocab.decode(dm.splits["val"]["ids"].tolist()).endswith("a brand new ending\n")
     datamodule(tmp_path, corpus, vocab={"kind": "bpe", "vocab_size": 300, "min_frequency": 1})
     assert len(reads) == 3  # another vocabulary: another cache
 
@@ -118,7 +118,7 @@ def test_glob_of_files(tmp_path):
         (tmp_path / f"part{i}.txt").write_text(f"file {i} " * 50)
     source = TextFiles(str(tmp_path / "part*.txt"))
     assert [f.name for f in source.files] == ["part0.txt", "part1.txt", "part2.txt"]
-    assert source.read()["all"].count("file 2") == 50
+    assert source.decode("all")["text"].count("file 2") == 50
 
 
 def test_bad_text_inputs(tmp_path, caplog):
@@ -127,13 +127,13 @@ def test_bad_text_inputs(tmp_path, caplog):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.txt.*are empty"):
-        TextFiles(str(empty)).read()
+        TextFiles(str(empty)).decode("all")
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("hello caf".encode() + b"\xe9 au lait\n")
     with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8: invalid byte 0xe9 at byte offset 9"):
-        TextFiles(str(latin)).read()
+        TextFiles(str(latin)).decode("all")
     with caplog.at_level(logging.WARNING):
-        text = TextFiles(str(latin), on_decode_error="replace").read()["all"]
+        text = TextFiles(str(latin), on_decode_error="replace").decode("all")["text"]
     assert text == "hello caf\ufffd au lait\n" and "replaced 1 invalid" in caplog.text
 
 
@@ -311,8 +311,8 @@ def test_hf_text_source_offline(tmp_path, monkeypatch):
                     split_names={"train": "train", "val": "validation"}, separator="\n")
     dm = TextDataModule(source, cache_dir=str(tmp_path / "cache"), vocab={"kind": "char"}, block_size=8)
     dm.setup()
-    assert dm.vocab.decode(dm.splits["val"].tolist()).startswith("All:\nSpeak, speak.\nAll:")
-    assert len(dm.splits["train"]) > len(dm.splits["val"])
+    assert dm.vocab.decode(dm.splits["val"]["ids"].tolist()).startswith("All:\nSpeak, speak.\nAll:")
+    assert len(dm.splits["train"]["ids"]) > len(dm.splits["val"]["ids"])
 
 
 def test_eval_of_a_language_model_uses_its_stored_tokenizer(tmp_path, corpus):

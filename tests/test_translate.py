@@ -46,7 +46,7 @@ def test_parallel_files_and_tsv_read_the_same_pairs(tmp_path):
     write(tmp_path / "a.de", "Eins zwei.\nDrei.\n")
     write(tmp_path / "a.tsv", "One two.\tEins zwei.\nThree.\tDrei.\n")
     files = ParallelText({"train": {"src": "a.en.gz", "tgt": "a.de"}, "test": "a.tsv"}, root=str(tmp_path))
-    assert files.read("train") == files.read("test") == {
+    assert files.decode("train") == files.decode("test") == {
         "src": ["One two.", "Three."], "tgt": ["Eins zwei.", "Drei."], "names": []}
 
 
@@ -55,7 +55,7 @@ def test_line_count_mismatch_names_both_files_and_counts(tmp_path):
     write(tmp_path / "x.de", "a\nb\n")
     source = ParallelText({"train": {"src": "x.en", "tgt": "x.de"}}, root=str(tmp_path))
     with pytest.raises(ValueError, match=r"x\.en has 3 lines but .*x\.de has 2"):
-        source.read("train")
+        source.decode("train")
 
 
 def test_empty_lines_are_skipped_and_counted(tmp_path, caplog):
@@ -63,7 +63,7 @@ def test_empty_lines_are_skipped_and_counted(tmp_path, caplog):
     write(tmp_path / "x.de", "A\nB\n\nD\nE\n")
     source = ParallelText({"train": {"src": "x.en", "tgt": "x.de"}}, root=str(tmp_path))
     with caplog.at_level(logging.WARNING):
-        pairs = source.read("train")
+        pairs = source.decode("train")
     assert pairs["src"] == ["a", "d"] and pairs["tgt"] == ["A", "D"]
     assert "skipped 3 pair(s) with an empty side (lines 2, 3, 5)" in caplog.text
 
@@ -71,7 +71,7 @@ def test_empty_lines_are_skipped_and_counted(tmp_path, caplog):
 def test_bad_tsv_line_and_missing_file_are_named(tmp_path):
     write(tmp_path / "bad.tsv", "a\tA\nno tab here\n")
     with pytest.raises(ValueError, match=r"bad\.tsv:2 has 1 tab-separated fields"):
-        ParallelText({"train": "bad.tsv"}, root=str(tmp_path)).read("train")
+        ParallelText({"train": "bad.tsv"}, root=str(tmp_path)).decode("train")
     with pytest.raises(FileNotFoundError, match=r"data\.source\.files\.train\.tgt: no file at"):
         ParallelText({"train": {"src": "bad.tsv", "tgt": "nope.de"}}, root=str(tmp_path))
     with pytest.raises(ValueError, match="needs a train split"):
@@ -82,7 +82,7 @@ def test_invalid_utf8_names_file_and_offset(tmp_path):
     (tmp_path / "x.en").write_bytes(b"ok\nbad \xff\n")
     write(tmp_path / "x.de", "ok\nbad\n")
     with pytest.raises(ValueError, match=r"x\.en is not UTF-8: invalid byte 0xff at byte offset 7"):
-        ParallelText({"train": {"src": "x.en", "tgt": "x.de"}}, root=str(tmp_path)).read("train")
+        ParallelText({"train": {"src": "x.en", "tgt": "x.de"}}, root=str(tmp_path)).decode("train")
 
 
 def test_hf_translation_reads_a_translation_column_or_language_columns(tmp_path, monkeypatch):
@@ -99,10 +99,10 @@ def test_hf_translation_reads_a_translation_column_or_language_columns(tmp_path,
     for name in ("wmt", "cols"):
         source = HFTranslation("json", "en", "de", data_files={"train": str(tmp_path / f"{name}.jsonl")},
                                split_names={"train": "train"})
-        assert source.read("train") == {"src": ["One.", "Two."], "tgt": ["Eins.", "Zwei."], "names": []}
+        assert source.decode("train") == {"src": ["One.", "Two."], "tgt": ["Eins.", "Zwei."], "names": []}
     with pytest.raises(ValueError, match="has no language \\['fr'\\]"):
         HFTranslation("json", "fr", "de", data_files={"train": str(tmp_path / "wmt.jsonl")},
-                      split_names={"train": "train"}).read("train")
+                      split_names={"train": "train"}).decode("train")
 
 
 # -- the data module -----------------------------------------------------------------------------------

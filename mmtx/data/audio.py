@@ -34,10 +34,16 @@ class AudioDataModule(LabelledSplits):
         }
 
     def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> AudioBatch:
-        lengths = store["lengths"][index]  # (B,)
-        audio, _ = gather_padded(store["audio"], store["offsets"][index], lengths)  # zero-padded (B, L)
-        return AudioBatch(
-            audio=audio.float().to(device, non_blocking=True),
-            lengths=lengths.to(device, non_blocking=True),
-            label=store["labels"][index].to(device, non_blocking=True),
-        )
+        batch = audio_batch(store, index, device)
+        batch.label = store["labels"][index].to(device, non_blocking=True)
+        return batch
+
+
+def audio_batch(store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device,
+                offsets: str = "offsets", lengths: str = "lengths") -> AudioBatch:
+    """Clips `index` cut out of a split's flat waveform (`store["audio"]`, with per-clip `offsets` and
+    `lengths`), zero-padded to the longest, as an `AudioBatch` on `device` (audio classification and
+    speech-to-text batch audio this one way)."""
+    n = store[lengths][index]  # (B,)
+    audio, _ = gather_padded(store["audio"], store[offsets][index], n)  # zero-padded (B, L)
+    return AudioBatch(audio=audio.float().to(device, non_blocking=True), lengths=n.to(device, non_blocking=True))

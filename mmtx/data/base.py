@@ -1,5 +1,6 @@
-"""What the cached-data modules share: index batches, an epoch-seeded sampler, and
-labelled splits decoded once into tensors that are copied to the training device.
+"""The one data spine every DataModule stands on: one source protocol, index batches, an epoch-seeded
+sampler, splits decoded once into cached tensors (hold-out and val/test fallback included) that are
+copied to the training device, and the batch gather as a template method.
 
 The DataLoader only yields index batches (cheap, and shuffled and sharded by
 Lightning's samplers, DDP included); `on_after_batch_transfer` hands each one
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -23,6 +24,17 @@ from mmtx.files import resolve_root
 from mmtx.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    """Where a data module's samples come from (images, audio, text, pairs): every source kind in
+    `mmtx.data.*_sources` has this shape, and `CachedSplits` caches what `decode` returns per split."""
+
+    cache_name: str  # a file-name-safe identity of the source, for its cache files
+
+    def splits(self) -> list[str]: ...  # e.g. ["train", "test"]; "val" when the source has one
+    def fingerprint(self, split: str) -> str: ...  # changes when the split's raw data changes
+    def decode(self, split: str) -> dict[str, Any]: ...  # the split as tensors and plain values
 
 
 class IndexDataset(torch.utils.data.Dataset):
@@ -175,10 +187,14 @@ class IndexedSplits(L.LightningDataModule):
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self._on_device: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}
 
+    def num_samples(self, split: str) -> int:
+        """How many samples (index values) `split` has."""
+        return len(self.splits[split][self.size_key])
+
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
         if split not in self.splits:
             raise DataError(f"the data source has no {split!r} split (it has {sorted(self.splits)})")
-        size = len(self.splits[split][self.size_key])
+        size = self.num_samples(split)
         lengths = self.splits[split].get(self.lengths_key)  # variable-length samples: batch similar lengths
         if train:
             sampler = EpochShuffle(size, self.seed, lengths, batch_size)
@@ -206,8 +222,8 @@ class IndexedSplits(L.LightningDataModule):
         if not isinstance(batch, dict):  # already a batch (a user's own loader)
             return batch
         device, split = batch["index"].device, batch["split"]
-        store = self._store(split, device)
-        return self.gather(split, store, batch["index"].to(store[self.size_key].device), device)
+        index = batch["index"] if self.device_resident else batch["index"].cpu()  # where the split's tensors are
+        return self.gather(split, self._store(split, device), index, device)
 
     def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> Any:
         """The typed batch (`mmtx.batch`) of samples `index` of `split`, whose tensors are `store`."""
@@ -223,32 +239,22 @@ class IndexedSplits(L.LightningDataModule):
         return self._on_device[key]
 
 
-class LabelledSplits(IndexedSplits):
-    """Labelled samples from a source with `splits()`, `fingerprint(split)`, `decode(split)`.
+class CachedSplits(IndexedSplits):
+    """Samples from a `Source`, each split decoded once into a cache (`mmtx.data.cache`); a subclass
+    turns the caches into tensors (`tensors`). `sample_keys` names the tensors indexed by sample; any
+    other tensor of a split is shared by its samples (a flat waveform, flat token ids).
 
-    Each split is decoded once into a cache of tensors (see `mmtx.data.cache`).
-    `sample_keys` names the tensors indexed by sample; any other tensor of a
-    split is shared by its samples (the flat waveform of an audio split).
-    val_fraction: the share of the training split held out for validation
-    (a fixed, seeded choice); with 0 the source's `val` split is used, or
-    else its `test` split.
-    root: the data root the source was looked up under (`data.root`, else
-    $MMTX_DATA_DIR, else ./data); kept for messages.
+    val_fraction: the share of the training split held out for validation (a fixed, seeded choice);
+    with 0 the source's `val` split is used, or else its `test` split (`val_from` records which).
+    root: the data root the source was looked up under (`data.root`, else $MMTX_DATA_DIR, else
+    ./data); kept for messages.
     """
 
     sample_keys: tuple[str, ...] = ("labels",)
 
-    def __init__(
-        self,
-        source,
-        cache_dir: str,
-        root: str | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        val_fraction: float = 0.0,
-        device_resident: bool = True,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, source: Source, cache_dir: str, root: str | None = None, batch_size: int = 128,
+                 eval_batch_size: int | None = None, val_fraction: float = 0.0, device_resident: bool = True,
+                 seed: int = 0) -> None:
         super().__init__(batch_size, eval_batch_size, device_resident, seed)
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
@@ -256,7 +262,7 @@ class LabelledSplits(IndexedSplits):
         self.root = resolve_root(root)
         self.cache_dir = Path(cache_dir)
         self.val_fraction = val_fraction
-        self.classes: list[str] = []
+        self.val_from: str | None = None  # the split validation samples come from, when not "val"
 
     def _cache(self, split: str) -> dict[str, Any]:
         path = self.cache_dir / f"{self.source.cache_name}-{split}.pt"
@@ -269,24 +275,41 @@ class LabelledSplits(IndexedSplits):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        caches = {split: self._cache(split) for split in self.source.splits()}
-        self.classes = list(caches["train"]["classes"])
-        splits = {k: {n: t for n, t in v.items() if isinstance(t, torch.Tensor)} for k, v in caches.items()}
+        splits = self.tensors({split: self._cache(split) for split in self.source.splits()})
+        self.splits = self._with_val(splits)
+        log.info("data under %s: %s", self.root, {k: self.num_samples(k) for k in self.splits})
+
+    def tensors(self, caches: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+        """{split: {name: tensor}} from the decoded caches (and whatever else the subclass keeps)."""
+        return {k: {n: t for n, t in v.items() if isinstance(t, torch.Tensor)} for k, v in caches.items()}
+
+    def _with_val(self, splits: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
         if self.val_fraction > 0:
-            splits["train"], splits["val"] = self._hold_out(splits["train"])
+            train = splits["train"]
+            kept, held = hold_out(len(train[self.size_key]), self.val_fraction, self.seed)
+
+            def pick(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+                return {k: v[idx] if k in self.sample_keys else v for k, v in train.items()}
+
+            splits["train"], splits["val"] = pick(kept), pick(held)
+            self.val_from = "train"
         elif "val" not in splits:
+            if "test" not in splits:
+                raise DataError("the data source has no val or test split; set data.val_fraction to hold out "
+                                "part of the training split")
             splits["val"] = splits["test"]
-        self.splits = splits
-        log.info("data under %s: %s", self.root, {k: len(v["labels"]) for k, v in splits.items()})
+            self.val_from = "test"
+        return splits
 
-    def _hold_out(self, split: dict[str, torch.Tensor]):
-        """Split off a seeded random `val_fraction` of a split's samples."""
-        train, val = hold_out(len(split["labels"]), self.val_fraction, self.seed)
 
-        def pick(idx):
-            return {k: v[idx] if k in self.sample_keys else v for k, v in split.items()}
+class LabelledSplits(CachedSplits):
+    """Labelled samples (images, audio clips): the caches hold `labels` and the class names (`classes`)."""
 
-        return pick(train), pick(val)
+    classes: list[str] | tuple[str, ...] = ()  # set by `tensors`, from the training split
+
+    def tensors(self, caches: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+        self.classes = list(caches["train"]["classes"])
+        return super().tensors(caches)
 
     @property
     def num_classes(self) -> int:

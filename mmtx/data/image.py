@@ -8,12 +8,11 @@ import torch
 
 from mmtx.batch import ImageBatch
 from mmtx.data.augment import BatchAugment
-from mmtx.data.base import LabelledSplits
-from mmtx.data.sources import ImageSource
+from mmtx.data.base import LabelledSplits, Source
 
 
 class ImageDataModule(LabelledSplits):
-    """Labelled images from any `ImageSource`, cached, with device-side batch augmentation.
+    """Labelled images from any image `Source` (`mmtx.data.sources`), cached, with device-side batch augmentation.
 
     See `LabelledSplits` for the caching, splits and loaders. mean / std
     normalise the images; `augment` configures `BatchAugment` (crop, flip,
@@ -25,7 +24,7 @@ class ImageDataModule(LabelledSplits):
 
     def __init__(
         self,
-        source: ImageSource,
+        source: Source,
         cache_dir: str,
         root: str | None = None,
         batch_size: int = 128,

@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmtx.batch import IGNORE_INDEX, AudioBatch, PairBatch, TokenBatch
-from mmtx.data.base import IndexedSplits, gather_padded, hold_out
-from mmtx.data.cache import digest, load_or_build
-from mmtx.files import building_dir
-from mmtx.files import resolve_root
-from mmtx.tokenizers.text import Vocab, build_vocab
+from mmtx.batch import IGNORE_INDEX, PairBatch, TokenBatch
+from mmtx.data.audio import audio_batch
+from mmtx.data.base import CachedSplits, gather_padded
+from mmtx.data.cache import digest
 from mmtx.errors import ConfigError, DataError
+from mmtx.files import building_dir
+from mmtx.tokenizers.text import Vocab, build_vocab
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +75,10 @@ def _flatten(seqs: list[list[int]], limit: int) -> tuple[dict[str, torch.Tensor]
     return {"ids": ids, "offsets": torch.cumsum(lengths, 0) - lengths, "lengths": lengths}, cut
 
 
-class Seq2SeqDataModule(IndexedSplits):
+class Seq2SeqDataModule(CachedSplits):
     """Pairs from a seq2seq source (see `mmtx.data.seq2seq_sources`).
 
-    Batches are indices of pairs (`IndexedSplits`), grouped by source length.
+    Batches are indices of pairs (`CachedSplits`: caching, hold-out, loaders), grouped by source length.
 
     src_vocab / tgt_vocab: vocabulary specs (as `tokenizer.vocab`: kind bpe |
     char | file, vocab_size, ...); src_vocab is unused for audio sources, and
@@ -94,6 +93,8 @@ class Seq2SeqDataModule(IndexedSplits):
 
     size_key = "tgt_lengths"
     lengths_key = "src_lengths"  # training batches group sources of similar length
+    # Per pair; the flat ids and audio are shared. `rows`: the pair's row in its split's strings (`texts`).
+    sample_keys = ("src_offsets", "src_lengths", "tgt_offsets", "tgt_lengths", "rows")
 
     def __init__(
         self,
@@ -113,22 +114,16 @@ class Seq2SeqDataModule(IndexedSplits):
         fixed_tgt_vocab: Vocab | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, device_resident, seed)
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        super().__init__(source, cache_dir, root, batch_size, eval_batch_size, val_fraction, device_resident, seed)
         for key, value in (("max_src_len", max_src_len), ("max_tgt_len", max_tgt_len)):
             if value < 2:
                 raise ConfigError(f"data.{key} must be at least 2, got {value}")
-        self.source = source
         self.text_source = source.kind == "text"
-        self.root = resolve_root(root)
-        self.cache_dir = Path(cache_dir)
         self.tgt_spec = with_specials(tgt_vocab)
         self.shared_vocab = shared_vocab and self.text_source
         self.src_spec = dict(src_vocab or tgt_vocab)
         self.fixed = (fixed_vocab, fixed_tgt_vocab)  # the vocabularies of a checkpoint being evaluated
         self.max_src_len, self.max_tgt_len = max_src_len, max_tgt_len
-        self.val_fraction = val_fraction
         self.src_vocab: Vocab | None = None
         self.tgt_vocab: Vocab | None = None
         self.special: dict[str, int] = {}
@@ -136,13 +131,10 @@ class Seq2SeqDataModule(IndexedSplits):
 
     # -- reading and tokenizing ------------------------------------------------------
 
-    def _raw(self, split: str) -> dict[str, Any]:
-        path = self.cache_dir / f"{self.source.cache_name}-{split}.pt"
-        return load_or_build(path, self.source.fingerprint(split), lambda: self.source.read(split))
-
     def prepare_data(self) -> None:
-        raw = {split: self._raw(split) for split in self.source.splits()}
-        self._vocabs(raw["train"])
+        self._vocabs(self._cache("train"))
+        for split in self.source.splits():
+            self._cache(split)
 
     def _vocabs(self, train: dict[str, Any]) -> tuple[Vocab | None, Vocab]:
         """(source, target) vocabularies: a checkpoint's, or trained on the training split once and cached."""
@@ -170,14 +162,12 @@ class Seq2SeqDataModule(IndexedSplits):
             return None, tgt
         return (tgt if self.shared_vocab else Vocab.from_file(folder / "src_tokenizer.json")), tgt
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        raw = {split: self._raw(split) for split in self.source.splits()}
-        self.src_vocab, self.tgt_vocab = self._vocabs(raw["train"])
+    def tensors(self, caches: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Token ids of every split (the vocabularies first), the audio as cached, and the strings in `texts`."""
+        self.src_vocab, self.tgt_vocab = self._vocabs(caches["train"])
         self.special = special_ids(self.tgt_vocab)  # fails early on a tokenizer file without them
-        splits, texts = {}, {}
-        for split, data in raw.items():
+        splits = {}
+        for split, data in caches.items():
             tgt, cut_tgt = _flatten(self.tgt_vocab.encode_batch(data["tgt"]), self.max_tgt_len - 1)
             tensors = {f"tgt_{k}": v for k, v in tgt.items()}
             if self.text_source:
@@ -193,26 +183,15 @@ class Seq2SeqDataModule(IndexedSplits):
                 log.warning("%s [%s]: cut %d source(s) to data.max_src_len=%d tokens and %d target(s) to "
                             "data.max_tgt_len-1=%d tokens", self.source.cache_name, split, cut_src,
                             self.max_src_len, cut_tgt, self.max_tgt_len - 1)
+            tensors["rows"] = torch.arange(len(data["tgt"]))
             splits[split] = tensors
-            texts[split] = {"src": sources, "tgt": list(data["tgt"])}
-        if self.val_fraction > 0:
-            self._hold_out(splits, texts)
-        elif "val" not in splits:
-            if "test" not in splits:
-                raise DataError("the data source has no val or test split; set data.val_fraction to hold out "
-                                 "part of the training split")
-            splits["val"], texts["val"] = splits["test"], texts["test"]
-        self.splits, self.texts = splits, texts
-        log.info("data under %s: %s pairs", self.root, {k: len(v["tgt_lengths"]) for k, v in splits.items()})
+            self.texts[split] = {"src": sources, "tgt": list(data["tgt"])}
+        return splits
 
-    def _hold_out(self, splits: dict, texts: dict) -> None:
-        """Move a seeded random `val_fraction` of the training samples into the val split.
-        Only the per-sample offsets and lengths are picked: the flat ids and audio stay shared."""
-        kept, held_out = hold_out(len(splits["train"]["tgt_lengths"]), self.val_fraction, self.seed)
-        train = splits["train"]
-        for name, idx in (("val", held_out), ("train", kept)):
-            splits[name] = {k: v[idx] if k.endswith(("_offsets", "_lengths")) else v for k, v in train.items()}
-            texts[name] = {side: [texts["train"][side][i] for i in idx.tolist()] for side in ("src", "tgt")}
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.val_from is not None:  # validation pairs are rows of that split's strings
+            self.texts["val"] = self.texts[self.val_from]
 
     def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
         self.setup()
@@ -223,13 +202,12 @@ class Seq2SeqDataModule(IndexedSplits):
 
     def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> PairBatch:
         ids = self.special
-        offsets, lengths = store["src_offsets"][index], store["src_lengths"][index]
         if self.text_source:
+            offsets, lengths = store["src_offsets"][index], store["src_lengths"][index]
             src, mask = gather_padded(store["src_ids"], offsets, lengths, self.src_vocab.token_id(PAD) or 0)
             source = TokenBatch(src.long().to(device, non_blocking=True), mask.to(device, non_blocking=True))
         else:
-            audio, _ = gather_padded(store["audio"], offsets, lengths)
-            source = AudioBatch(audio.float().to(device, non_blocking=True), lengths.to(device, non_blocking=True))
+            source = audio_batch(store, index, device, offsets="src_offsets", lengths="src_lengths")
         tgt_len = store["tgt_lengths"][index]
         tgt, inside = gather_padded(store["tgt_ids"], store["tgt_offsets"][index], tgt_len)
         tgt = tgt.long()
@@ -241,6 +219,6 @@ class Seq2SeqDataModule(IndexedSplits):
         target = TokenBatch(tgt_in.to(device, non_blocking=True), targets=tgt_out.to(device, non_blocking=True))
         if split == "train":
             return PairBatch(source, target)
-        rows = index.tolist()
+        rows = store["rows"][index].tolist()
         return PairBatch(source, target, refs=[self.texts[split]["tgt"][i] for i in rows],
                          sources=[self.texts[split]["src"][i] for i in rows])

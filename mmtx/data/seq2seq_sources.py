@@ -136,7 +136,7 @@ class ParallelText:
         files = spec.values() if isinstance(spec, dict) else [spec]
         return digest(self.on_decode_error, *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
-    def read(self, split: str) -> dict[str, Any]:
+    def decode(self, split: str) -> dict[str, Any]:
         spec = self.files[split]
         if isinstance(spec, dict):
             src, tgt = (read_lines(spec[side], self.on_decode_error) for side in ("src", "tgt"))
@@ -195,7 +195,7 @@ class HFTranslation:
     def fingerprint(self, split: str) -> str:
         return self._load(split)._fingerprint
 
-    def read(self, split: str) -> dict[str, Any]:
+    def decode(self, split: str) -> dict[str, Any]:
         ds = self._load(split)
         if self.translation_key in ds.features:
             pairs = ds[self.translation_key]
@@ -259,7 +259,7 @@ class SpeechManifest:
         manifest = self.files[split]
         return digest(self.on_bad_file, manifest, stat(manifest), *((str(f), stat(f)) for _, f, _ in self._entries(split)))
 
-    def read(self, split: str) -> dict[str, Any]:
+    def decode(self, split: str) -> dict[str, Any]:
         manifest = self.files[split]
         decoder = AudioDecoder(self.sample_rate, self.max_seconds, self.on_bad_file)
         waves, texts, names, missing, empty = [], [], [], [], 0
@@ -306,7 +306,7 @@ class AudioTranscripts:
     def fingerprint(self, split: str) -> str:
         return self.folder.fingerprint(split)
 
-    def read(self, split: str) -> dict[str, Any]:
+    def decode(self, split: str) -> dict[str, Any]:
         packed = self.folder.decode(split)
         texts = [self.transcripts.get(packed["classes"][i], packed["classes"][i]) for i in packed["labels"].tolist()]
         return {"src": packed, "tgt": texts, "names": packed["names"], "skipped": packed["skipped"]}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,15 +21,6 @@ from mmtx.errors import ConfigError, DataError, MissingError
 
 log = logging.getLogger(__name__)
 
-
-class ImageSource(Protocol):
-    """What `ImageDataModule` needs from a source of labelled images."""
-
-    cache_name: str  # a file-name-safe identity of the source, for its cache files
-
-    def splits(self) -> list[str]: ...
-    def fingerprint(self, split: str) -> str: ...
-    def decode(self, split: str) -> dict[str, Any]: ...  # images (N,C,H,W) uint8, labels (N,), classes
 
 
 def pil_to_tensor(image: Image.Image, size: int | None) -> torch.Tensor:

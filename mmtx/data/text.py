@@ -3,9 +3,9 @@
 The cache folder holds the trained tokenizer (tokenizer.json), one token file
 per split (uint16 when the vocabulary fits, else int32) and meta.json; it is
 keyed by the source's fingerprint and the vocabulary settings, built in a
-temporary folder and renamed into place. As with images, the DataLoader
-yields only sample indices; `on_after_batch_transfer` cuts the windows out of
-the split, which lives on the training device.
+temporary folder and renamed into place. As for every data module
+(`IndexedSplits`), the DataLoader yields only window indices; `gather` cuts the
+windows out of the split, which lives on the training device.
 """
 
 from __future__ import annotations
@@ -15,24 +15,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from mmtx.batch import TokenBatch
+from mmtx.data.base import IndexedSplits, Source
 from mmtx.data.cache import digest
-from mmtx.files import building_dir
-from mmtx.data.base import EpochShuffle, index_loader
-from mmtx.files import resolve_root
-from mmtx.data.text_sources import TextSource
-from mmtx.tokenizers.text import Vocab, build_vocab
 from mmtx.errors import ConfigError, DataError
+from mmtx.files import building_dir, resolve_root
+from mmtx.tokenizers.text import Vocab, build_vocab
 
 log = logging.getLogger(__name__)
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(IndexedSplits):
     """Token windows of `block_size` (+1 for the shifted targets) from a text source.
 
     Training: each epoch visits every block of the training split once, in a
@@ -47,7 +43,7 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        source: TextSource,
+        source: Source,
         cache_dir: str,
         vocab: dict[str, Any],
         root: str | None = None,
@@ -59,7 +55,7 @@ class TextDataModule(L.LightningDataModule):
         fixed_vocab: Vocab | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, device_resident, seed)
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.source = source
@@ -68,28 +64,22 @@ class TextDataModule(L.LightningDataModule):
         self.vocab_spec = dict(vocab)
         self.fixed_vocab = fixed_vocab  # e.g. the one stored in a checkpoint being evaluated
         self.block_size = block_size
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction = val_fraction
-        self.device_resident = device_resident
-        self.seed = seed
         self.vocab: Vocab | None = None
         self.meta: dict[str, Any] = {}
-        self.splits: dict[str, torch.Tensor | np.memmap] = {}
-        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     # -- tokenizing once -------------------------------------------------------
 
     def _cache_path(self) -> Path:
         vocab_key = self.fixed_vocab.to_json() if self.fixed_vocab is not None else sorted(self.vocab_spec.items())
-        key = digest(self.source.fingerprint(), vocab_key, self.val_fraction)
+        key = digest(*(self.source.fingerprint(s) for s in self.source.splits()), vocab_key, self.val_fraction)
         return self.cache_dir / f"{self.source.cache_name}-{key}"
 
     def prepare_data(self) -> None:
         path = self._cache_path()
         if (path / "meta.json").is_file():
             return
-        texts = self.source.read()
+        texts = {split: self.source.decode(split)["text"] for split in self.source.splits()}
         if "all" in texts:  # split by position: the first (1 - val_fraction) for training
             text = texts["all"]
             cut = int(len(text) * (1 - self.val_fraction))
@@ -126,7 +116,7 @@ class TextDataModule(L.LightningDataModule):
                     f"({ids.size} tokens); use a smaller block_size or more text"
                 )
             # Resident: one int64 copy (moved to the device once). Otherwise the memory map itself.
-            self.splits[split] = torch.from_numpy(ids.astype(np.int64)) if self.device_resident else ids
+            self.splits[split] = {"ids": torch.from_numpy(ids.astype(np.int64)) if self.device_resident else ids}
         self.splits["test"] = self.splits["val"]
 
     # -- what the model needs to know ------------------------------------------------
@@ -140,48 +130,24 @@ class TextDataModule(L.LightningDataModule):
         self.setup()
         return text_runtime(self.vocab, self.block_size, self.chars_per_token)
 
-    # -- loaders and the device-side data path ---------------------------------------------
+    # -- the device-side data path (loaders, device copy: IndexedSplits) ---------------------
 
-    def _num_windows(self, split: str) -> int:
-        return (len(self.splits[split]) - 1) // self.block_size
+    def num_samples(self, split: str) -> int:
+        return (len(self.splits[split]["ids"]) - 1) // self.block_size  # whole windows (+1 for the targets)
 
-    def train_dataloader(self) -> DataLoader:
-        n = self._num_windows("train")
-        return index_loader("train", n, self.batch_size, EpochShuffle(n, self.seed), train=True, owner=self,
-                            seed=self.seed)
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        return index_loader(split, self._num_windows(split), self.eval_batch_size, owner=self, seed=self.seed)
-
-    def has_split(self, split: str) -> bool:
-        return split in ("train", "val", "test")  # the test split is the validation split
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def _store(self, split: str, device: torch.device) -> torch.Tensor:
-        key = (split, device)
-        if key not in self._on_device:
-            self._on_device[key] = self.splits[split].to(device)
-        return self._on_device[key]
-
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0) -> TokenBatch:
-        if not isinstance(batch, dict):  # already a batch (a user's own loader)
-            return batch
-        device = batch["index"].device
-        split, T = batch["split"], self.block_size
-        n = len(self.splits[split])
-        starts = batch["index"] * T  # (B,)
+    def gather(self, split: str, store: dict[str, Any], index: torch.Tensor, device: torch.device) -> TokenBatch:
+        """Windows `index` of the split: window i starts at i * block_size, shifted by a random offset within
+        its block for training; the targets are the tokens one position on."""
+        ids, T = store["ids"], self.block_size
+        starts = index * T  # (B,)
         if split == "train":
-            starts = (starts + torch.randint(0, T, starts.shape, device=device)).clamp_max(n - T - 1)
-        offsets = starts[:, None] + torch.arange(T + 1, device=device)  # (B, T+1)
-        if self.device_resident:
-            window = self._store(split, device)[offsets]
-        else:  # gather from the memory map on the CPU, then move
-            window = torch.from_numpy(self.splits[split][offsets.cpu().numpy()].astype(np.int64)).to(device)
+            starts = (starts + torch.randint(0, T, starts.shape, device=index.device)).clamp_max(len(ids) - T - 1)
+        offsets = starts[:, None] + torch.arange(T + 1, device=index.device)  # (B, T+1)
+        if isinstance(ids, torch.Tensor):
+            window = ids[offsets]
+        else:  # the memory map (not device-resident): gather on the CPU, then move
+            window = torch.from_numpy(ids[offsets.numpy()].astype(np.int64))
+        window = window.to(device, non_blocking=True)
         return TokenBatch(tokens=window[:, :-1], targets=window[:, 1:])  # (B, T) each
 
 

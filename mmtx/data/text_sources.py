@@ -1,24 +1,21 @@
-"""Where text comes from: local files (a path or a glob) or a Hugging Face `datasets` text dataset."""
+"""Where text comes from: local files (a path or a glob) or a Hugging Face `datasets` text dataset.
+
+Text sources have the one source shape (`mmtx.data.base.Source`): `decode(split)` gives `{"text": str}`;
+a source without its own validation text has the one split `all`, which the data module cuts.
+"""
 
 from __future__ import annotations
 
 import glob
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 from mmtx.data.cache import digest
 from mmtx.files import describe_root, resolve_root
 from mmtx.errors import ConfigError, DataError, MissingError
 
 log = logging.getLogger(__name__)
-
-
-class TextSource(Protocol):
-    cache_name: str
-
-    def fingerprint(self) -> str: ...
-    def read(self) -> dict[str, str]: ...  # {"train": text, "val": text} or {"all": text}
 
 
 class TextFiles:
@@ -58,16 +55,19 @@ class TextFiles:
             files += found
         return files
 
-    def fingerprint(self) -> str:
+    def splits(self) -> list[str]:
+        return ["all"]
+
+    def fingerprint(self, split: str = "all") -> str:
         stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
         return digest(self.on_decode_error, *stats)
 
-    def read(self) -> dict[str, str]:
+    def decode(self, split: str = "all") -> dict[str, Any]:
         texts = [self._read(f) for f in self.files]
         text = "\n".join(texts)
         if not text.strip():
             raise DataError(f"the text files {[str(f) for f in self.files]} are empty")
-        return {"all": text}
+        return {"text": text}
 
     def _read(self, path: Path) -> str:
         return decode_utf8(path.read_bytes(), path, self.on_decode_error)
@@ -123,11 +123,17 @@ class HFText:
             raise DataError(f"dataset {self.path} has no column {self.text_key!r}; columns: {list(ds.features)}")
         return ds
 
-    def fingerprint(self) -> str:
-        return digest(*(self._load(s)._fingerprint for s in self.split_names))
+    def splits(self) -> list[str]:
+        return ["train", "val"] if "val" in self.split_names else ["all"]
 
-    def read(self) -> dict[str, str]:
-        texts = {s: self.separator.join(t for t in self._load(s)[self.text_key] if t) for s in self.split_names}
-        if not texts.get("train", "").strip():
+    def _name(self, split: str) -> str:
+        return "train" if split == "all" else split
+
+    def fingerprint(self, split: str) -> str:
+        return self._load(self._name(split))._fingerprint
+
+    def decode(self, split: str) -> dict[str, Any]:
+        text = self.separator.join(t for t in self._load(self._name(split))[self.text_key] if t)
+        if self._name(split) == "train" and not text.strip():
             raise DataError(f"dataset {self.path} has no text in its train split")
-        return texts if "val" in texts else {"all": texts["train"]}
+        return {"text": text}
