@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.throughput import Throughput as LightningThroughput
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mmtx.batch import IGNORE_INDEX, PairBatch, TokenBatch
@@ -50,7 +51,9 @@ class RNGState(L.Callback):
 
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets; MFU is reported
-# against these (Chowdhery et al., 2022, Appendix B) and not at all on devices not listed.
+# against these (Chowdhery et al., 2022, Appendix B) and not at all on devices not listed. Lightning's
+# `get_available_flops` is not used for this: its H200 figure (2.0e15) is the sparse one, it finds no entry
+# for a device named plain "NVIDIA H200", and its A10G figure is the A10's.
 PEAK_BF16_FLOPS = {
     "H100": 989.4e12,  # H100 SXM5; the PCIe card is lower (756e12), but is named "H100 PCIe"
     "H100 PCIe": 756.0e12,
@@ -71,24 +74,28 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class Throughput(L.Callback):
-    """Log throughput averaged over the last `window` optimizer steps (wall clock, all ranks together).
+    """Log throughput over each window of `window` optimizer steps (wall clock, all ranks together),
+    computed by Lightning's `Throughput` meter from totals handed to it once a window (so counting
+    target tokens on the device costs one sync a window, not one a step).
 
-    `train/samples_per_sec` always; for encoder-decoder batches
-    `train/tgt_tokens_per_sec` (target tokens that carry loss); for token
-    batches `train/tokens_per_sec` and, where the device's peak is known and
-    the module can count its FLOPs (`flops_per_token(seq_len)`), `train/mfu`:
-    model FLOPs per second per device over that device's bf16 dense peak.
+    `train/samples_per_sec` always; for encoder-decoder batches `train/tgt_tokens_per_sec` (target
+    tokens that carry loss); for token batches `train/tokens_per_sec` and, where the device's peak is
+    known and the module can count its FLOPs (`flops_per_token(seq_len)`), `train/mfu`: model FLOPs per
+    second per device over that device's bf16 dense peak.
     """
 
     def __init__(self, window: int = 20) -> None:
         self.window = window
+        self._meter: LightningThroughput | None = None
         self._reset()
 
     def _reset(self) -> None:
         self._t0: float | None = None
-        self._samples = self._tokens = self._steps = 0
+        self._steps = self._samples = self._tokens = 0
         self._seq_len = 0
         self._tgt_tokens: torch.Tensor | int = 0  # summed on the device: no sync per step
+        self._totals = {"batches": 0, "samples": 0, "lengths": 0}
+        self._meter = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
@@ -100,6 +107,9 @@ class Throughput(L.Callback):
         now = time.perf_counter()
         if self._t0 is None:  # the first batch includes start-up costs: start timing after it
             self._t0 = now
+            self._meter = LightningThroughput(available_flops=peak_flops(pl_module.device),
+                                              world_size=trainer.world_size, window_size=2)
+            self._meter.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
             return
         self._samples += len(batch)
         if isinstance(batch, TokenBatch):
@@ -108,21 +118,31 @@ class Throughput(L.Callback):
         elif isinstance(batch, PairBatch):
             self._tgt_tokens = self._tgt_tokens + (batch.target.targets != IGNORE_INDEX).sum()
         self._steps += 1
-        if self._steps < self.window:
-            return
-        seconds, ranks = now - self._t0, trainer.world_size
-        metrics = {"train/samples_per_sec": self._samples * ranks / seconds}
+        if self._steps % self.window == 0:
+            pl_module.log_dict(self._window_metrics(now, pl_module), on_step=True, on_epoch=False)
+
+    def _window_metrics(self, now: float, pl_module: L.LightningModule) -> dict[str, float]:
+        tokens = self._tokens or int(self._tgt_tokens)  # one sync a window
+        flops = None
+        if self._tokens and self._meter.available_flops and hasattr(pl_module, "flops_per_token"):
+            per_token = pl_module.flops_per_token(self._seq_len)
+            flops = int(per_token * (self._tokens - self._totals["lengths"])) if per_token else None
+        self._meter.update(time=now - self._t0, batches=self._steps, samples=self._samples,
+                           lengths=max(tokens, self._samples), flops=flops)
+        self._totals["lengths"] = self._tokens
+        rates = self._meter.compute()
+
+        def total(key: str) -> float:  # all ranks together (Lightning names per-device rates device/...)
+            return rates.get(key, rates[f"device/{key}"])
+
+        metrics = {"train/samples_per_sec": total("samples_per_sec")}
         if isinstance(self._tgt_tokens, torch.Tensor):
-            metrics["train/tgt_tokens_per_sec"] = float(self._tgt_tokens) * ranks / seconds
+            metrics["train/tgt_tokens_per_sec"] = total("items_per_sec")
         if self._tokens:
-            metrics["train/tokens_per_sec"] = self._tokens * ranks / seconds
-            peak = peak_flops(pl_module.device)
-            flops = pl_module.flops_per_token(self._seq_len) if peak and hasattr(pl_module, "flops_per_token") else None
-            if flops:
-                metrics["train/mfu"] = flops * self._tokens / seconds / peak
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-        self._reset()
-        self._t0 = now
+            metrics["train/tokens_per_sec"] = total("items_per_sec")
+            if "device/mfu" in rates:
+                metrics["train/mfu"] = rates["device/mfu"]
+        return metrics
 
 
 def val_metrics_finite(trainer: L.Trainer) -> bool:

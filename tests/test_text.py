@@ -323,3 +323,28 @@ def test_eval_of_a_language_model_uses_its_stored_tokenizer(tmp_path, corpus):
     summary = train(cfg, run_dir=tmp_path / "run")
     metrics = evaluate(summary["last_checkpoint"], ["trainer.limit_test_batches=2"])
     assert metrics["test/loss"] > 0 and metrics["test/bpc"] > 0
+
+
+def test_throughput_logs_tokens_per_second_and_mfu_by_its_formula(tmp_path, corpus, monkeypatch):
+    """train/mfu = flops_per_token(T) x tokens/s / peak (6N + 12 L D T per token); on the CPU there is no
+    peak, so one is given here."""
+    import mmtx.callbacks
+    from conftest import read_metrics
+    from mmtx.wiring import build
+
+    monkeypatch.setattr(mmtx.callbacks, "peak_flops", lambda device: 1e12)
+    cfg = compose("gpt_shakespeare", text_run(tmp_path, corpus, "trainer.max_steps=9", "test_after_fit=false",
+                                               "callbacks.throughput.window=4", "trainer.log_every_n_steps=1"))
+    train(cfg, run_dir=tmp_path / "run")
+    rows = {(r["train/mfu"], r["train/tokens_per_sec"], r["train/samples_per_sec"]): r
+            for r in read_metrics(tmp_path / "run") if r.get("train/mfu")}.values()  # (the CSV repeats a value)
+    assert len(rows) == 2  # steps 2-5 and 6-9 (the first step is start-up, not timed)
+    model, _ = build(cfg)
+    T = cfg.data.block_size
+    for row in rows:
+        tokens_per_sec = float(row["train/tokens_per_sec"])
+        assert tokens_per_sec == pytest.approx(float(row["train/samples_per_sec"]) * T)
+        assert float(row["train/mfu"]) == pytest.approx(model.flops_per_token(T) * tokens_per_sec / 1e12, rel=1e-3)
+    assert model.task.tokenizer.pos is None  # rotary positions: no table to leave out of N
+    n = sum(p.numel() for p in model.parameters())
+    assert model.flops_per_token(T) == 6 * n + 12 * cfg.backbone.depth * cfg.backbone.dim * T

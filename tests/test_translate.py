@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, make_parallel, small_run
+from conftest import REPO, SHARED_DATA, make_parallel, read_metrics, small_run
 from mmtx import compose
 from mmtx.batch import IGNORE_INDEX, TokenBatch
 from mmtx.data.seq2seq import Seq2SeqDataModule
@@ -215,9 +215,11 @@ def test_corpus_bleu_over_batches_is_sacrebleus_corpus_score():
 
 def test_translate_task_trains_evaluates_and_translates(corpus, tmp_path):
     overrides = [*small_run(tmp_path, corpus.parent, "text2text"), "trainer.max_epochs=2",
-                 "family.val_decode_batches=1", "family.log_examples=3"]
+                 "family.val_decode_batches=1", "family.log_examples=3", "callbacks.throughput.window=2"]
     summary = train(compose("translate_multi30k", overrides), run_dir=tmp_path / "run")
     run = tmp_path / "run"
+    rates = [float(r["train/tgt_tokens_per_sec"]) for r in read_metrics(run) if r.get("train/tgt_tokens_per_sec")]
+    assert rates and all(r > 0 for r in rates)
     val = (run / "val_examples.tsv").read_text().splitlines()
     assert val[0] == "step\tsource\treference\thypothesis" and len(val) == 1 + 2 * 3  # 3 rows per validation
     test = (run / "test_examples.tsv").read_text().splitlines()
