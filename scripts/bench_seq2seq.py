@@ -1,12 +1,14 @@
 """Encoder-decoder benchmarks on the CPU: asr_fsdd word error rate, translate_multi30k_cpu BLEU, and
 cached against uncached beam-search speed.
 
-    python scripts/bench_seq2seq.py asr --root ../shared/data
-        trains `task=asr_fsdd` as shipped; prints the whole run's wall time (data set-up, training,
-        validation, the final test) and WER / CER on FSDD's official test split (takes 0-4, 300 clips).
-    python scripts/bench_seq2seq.py translate --root ../shared/data
-        trains `task=translate_multi30k_cpu` (15 minutes at most); prints the training wall time and
-        sacreBLEU on test_2016_flickr (beam 4, all 1,000 sentences); then runs `decode` on its checkpoint.
+    python scripts/bench_seq2seq.py asr --root ../shared/data [--seeds 1 2 3]
+        `python -m mmtx.train task=asr_fsdd seed=S` as shipped, once per seed (the decoded cache built
+        beforehand, untimed); prints each run's wall time (the whole process) and WER / CER on FSDD's
+        official test split (takes 0-4, 300 clips), then their mean and range.
+    python scripts/bench_seq2seq.py translate --root ../shared/data [--seeds 1]
+        `python -m mmtx.train task=translate_multi30k_cpu seed=S` (15 minutes of training at most); prints
+        the wall time and sacreBLEU on test_2016_flickr (beam 4, all 1,000 sentences); then runs `decode`
+        on the last seed's checkpoint.
     python scripts/bench_seq2seq.py decode --ckpt RUN/checkpoints/last.ckpt --root ../shared/data
         beam search over test batches with and without the KV cache, same model, same process:
         generated tokens/s of each, their ratio, and whether both produced the same hypotheses.
@@ -17,27 +19,11 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from mmtx import compose
-from mmtx.train import train
-
-
-def overrides(out: str, root: str | None) -> list[str]:
-    extra = ["trainer=cpu", "trainer.enable_progress_bar=false", f"paths.output_root={out}",
-             f"paths.cache_dir={out}/cache"]
-    return extra + ([f"data.root={root}"] if root else [])
-
-
-def run_task(task: str, root: str | None, metrics: list[str]) -> dict:
-    out = tempfile.mkdtemp(prefix=f"mmtx-bench-{task}-")
-    t0 = time.perf_counter()
-    summary = train(compose(task, overrides(out, root)), run_dir=f"{out}/run")
-    wall = time.perf_counter() - t0
-    shown = ", ".join(f"test/{m} {summary[f'test/{m}']:.4f}" for m in metrics)
-    print(f"{task}: {wall:.1f} s wall (set-up, training, validation, test), {summary['global_step']} steps; {shown}")
-    return summary
+from benchlib import report, run_train, warm_cache
 
 
 def decode_speed(ckpt: str, root: str | None, batches: int, beam: int, batch_size: int) -> None:
@@ -78,13 +64,18 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="decode: test batches")
     parser.add_argument("--batch-size", type=int, default=64, help="decode: sentences per batch")
     parser.add_argument("--beam", type=int, default=4, help="decode: beam size")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="asr: 1 2 3; translate: 1")
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.what == "asr":
-        run_task("asr_fsdd", args.root, ["wer", "cer"])
-    elif args.what == "translate":
-        summary = run_task("translate_multi30k_cpu", args.root, ["bleu"])
-        decode_speed(summary["last_checkpoint"], args.root, args.batches, args.beam, args.batch_size)
+    if args.what in ("asr", "translate"):
+        task, metrics = {"asr": ("asr_fsdd", ["wer", "cer"]), "translate": ("translate_multi30k_cpu", ["bleu"])}[args.what]
+        seeds = args.seeds or ([1, 2, 3] if args.what == "asr" else [1])
+        work = Path(tempfile.mkdtemp(prefix=f"mmtx-bench-{task}-"))
+        warm_cache(task, work, args.root)
+        runs = [run_train(task, seed, work, args.root) for seed in seeds]
+        report(task, runs, metrics)
+        if args.what == "translate":
+            decode_speed(runs[-1]["last_checkpoint"], args.root, args.batches, args.beam, args.batch_size)
     else:
         if not args.ckpt:
             parser.error("decode needs --ckpt")

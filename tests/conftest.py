@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -190,3 +192,13 @@ def read_metrics(run: Path) -> list[dict]:
     import csv
 
     return list(csv.DictReader(open(run / "metrics" / "version_0" / "metrics.csv")))
+
+
+# Subprocesses find the test callbacks (PauseAtStep, ...) on their path.
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+
+
+def cli(module: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in a fresh process, from the repository root."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**ENV, **(env or {})})

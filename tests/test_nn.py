@@ -123,21 +123,37 @@ def test_decoder_with_cross_attention_decodes_step_by_step_from_its_cache():
     torch.testing.assert_close(out[1], full[1, 3:4], atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_training_keeps_freed_memory():
-    import platform
-    import resource
-    import sys
+def test_rotary_scores_depend_on_relative_position_only():
+    from mmtx.nn.pos_embed import apply_rotary, rotary_tables
 
-    from mmtx.cpu import keep_freed_memory
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    table = rotary_tables(32, 8)
 
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        assert keep_freed_memory() is False  # a no-op elsewhere
-        return
-    assert keep_freed_memory() is True
-    for _ in range(3):  # 16 MB buffers: the heap grows to hold them once
-        torch.ones(4 << 20).sum()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):  # freed and allocated again, as a training step's buffers are
-        torch.ones(4 << 20).sum()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < 1000  # glibc's defaults: about 16,000 here (each buffer a fresh mmap, faulted in)
+    def score(m, n):
+        return (apply_rotary(q, table[m:m + 1]) * apply_rotary(k, table[n:n + 1])).sum()
+
+    torch.testing.assert_close(score(5, 2), score(25, 22))
+    torch.testing.assert_close(score(3, 3), (q * k).sum())
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_rotary_rotates_each_pair_by_its_angle(monkeypatch):
+    from mmtx.nn.pos_embed import apply_rotary, rotary_tables
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8)  # (B, H, T, Dh)
+    out = apply_rotary(x, rotary_tables(5, 8))
+    t = torch.arange(5.0)[:, None]
+    angle = t * 10000.0 ** (-torch.arange(0, 8, 2) / 8)  # (T, Dh/2)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    torch.testing.assert_close(out[..., 0::2], even * angle.cos() - odd * angle.sin())
+    torch.testing.assert_close(out[..., 1::2], even * angle.sin() + odd * angle.cos())
+    # the gradient (a hand-written backward: the inverse rotation), also of a non-contiguous input
+    wide = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda w: apply_rotary(w.transpose(1, 2), rotary_tables(5, 8)), (wide,))
+    half = apply_rotary(x.bfloat16(), rotary_tables(5, 8))  # autocast activations: rotated in float32, cast back
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # torch.compile's real-arithmetic form
+    torch.testing.assert_close(apply_rotary(x, rotary_tables(5, 8)), out)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), out, atol=0.05, rtol=0.02)

@@ -263,42 +263,6 @@ def test_generate_cli_arguments():
         args("prompt=hi").ckpt
 
 
-def test_rotary_scores_depend_on_relative_position_only():
-    from mmtx.nn.pos_embed import apply_rotary, rotary_tables
-
-    torch.manual_seed(0)
-    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
-    table = rotary_tables(32, 8)
-
-    def score(m, n):
-        return (apply_rotary(q, table[m:m + 1]) * apply_rotary(k, table[n:n + 1])).sum()
-
-    torch.testing.assert_close(score(5, 2), score(25, 22))
-    torch.testing.assert_close(score(3, 3), (q * k).sum())
-    assert not torch.allclose(score(5, 2), score(5, 4))
-
-
-def test_rotary_rotates_each_pair_by_its_angle(monkeypatch):
-    from mmtx.nn.pos_embed import apply_rotary, rotary_tables
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 8)  # (B, H, T, Dh)
-    out = apply_rotary(x, rotary_tables(5, 8))
-    t = torch.arange(5.0)[:, None]
-    angle = t * 10000.0 ** (-torch.arange(0, 8, 2) / 8)  # (T, Dh/2)
-    even, odd = x[..., 0::2], x[..., 1::2]
-    torch.testing.assert_close(out[..., 0::2], even * angle.cos() - odd * angle.sin())
-    torch.testing.assert_close(out[..., 1::2], even * angle.sin() + odd * angle.cos())
-    # the gradient (a hand-written backward: the inverse rotation), also of a non-contiguous input
-    wide = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda w: apply_rotary(w.transpose(1, 2), rotary_tables(5, 8)), (wide,))
-    half = apply_rotary(x.bfloat16(), rotary_tables(5, 8))  # autocast activations: rotated in float32, cast back
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # torch.compile's real-arithmetic form
-    torch.testing.assert_close(apply_rotary(x, rotary_tables(5, 8)), out)
-    assert half.dtype == torch.bfloat16
-    torch.testing.assert_close(half.float(), out, atol=0.05, rtol=0.02)
-
-
 def test_hf_text_source_offline(tmp_path, monkeypatch):
     pytest.importorskip("datasets")
     from mmtx.data.text_sources import HFText

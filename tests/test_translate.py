@@ -232,8 +232,8 @@ def test_translate_task_trains_evaluates_and_translates(corpus, tmp_path):
     assert set(metrics) == {"test/loss", "test/bleu"}
     assert len((run / "eval" / "test_examples.tsv").read_text().splitlines()) == 1 + 12
 
-    outs = generate([f"ckpt={ckpt}", "text=One two three.", "beam_size=2"])
-    assert len(outs) == 1 and isinstance(outs[0], str)
+    source, _, hypothesis = (run / "eval" / "test_examples.tsv").read_text().splitlines()[1].split("\t")[1:]
+    assert generate([f"ckpt={ckpt}", f"text={source}", "beam_size=2"]) == [hypothesis]  # what the test decoded
     lines = tmp_path / "in.en"
     lines.write_text("One two.\n\nThree four five.\n")
     assert len(generate([f"ckpt={ckpt}", f"text_file={lines}"])) == 3  # a blank line stays a blank line

@@ -1,0 +1,262 @@
+"""Mistakes a user makes get one message that names the culprit (the key, the file, the value) and how to
+fix it: bad values, hints that name keys, the README's commands, entry points without tracebacks.
+
+One test (or parametrized group) per promise in docs/reliability.md (items 7-9, 11-14); items 1-6 and 10
+are in test_faults.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_TEXT, cli, folder_run, make_image_folder, small_run
+from mmtx import compose
+from mmtx.errors import CheckpointError, ConfigError, DataError, MissingError
+from mmtx.eval import evaluate
+from mmtx.train import train
+
+# -- 7. bad values fail at composition, naming the key ------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=abc", "optim.lr='abc' is not valid: optim.lr must be a number > 0"),
+    ("data.batch_size=0", "data.batch_size=0 is not valid: data.batch_size must be a whole number >= 1"),
+    ("trainer.max_steps=-5", "trainer.max_steps=-5 is not valid"),
+    ("backbone.num_heads=5", "backbone.dim=384 is not divisible by backbone.num_heads=5"),
+    ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5] is not valid"),
+])
+def test_bad_values_fail_before_any_data_is_read(override, message, tmp_path):
+    cfg = compose("vit_cifar", [f"data.root={tmp_path / 'no-data-here'}", f"paths.output_root={tmp_path}", override])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(cfg, run_dir=tmp_path / "run")
+
+
+# -- 8. hints name keys that exist ---------------------------------------------------------------------------
+
+GROUPS = ("data", "optim", "trainer", "backbone", "tokenizer", "family", "module", "callbacks", "paths", "logger")
+KEY = re.compile(rf"\b((?:{'|'.join(GROUPS)})\.[A-Za-z_][\w.]*\w)")
+# The configurations that can raise a message: every task, and each with the data sources it takes.
+CONFIGS = [
+    ("vit_cifar", []), ("vit_cifar", ["data=imagefolder"]), ("vit_cifar", ["data=hf_images"]),
+    ("gpt_shakespeare_cpu", []), ("gpt_shakespeare_cpu", ["data=text_files"]), ("gpt_shakespeare_cpu", ["data=hf_text"]),
+    ("gpt_shakespeare_cpu", ["tokenizer=pretrained"]), ("gpt_shakespeare_cpu", ["tokenizer=bpe"]),
+    ("audio_fsdd", []), ("audio_fsdd", ["data=audio_folder"]), ("audio_fsdd", ["data=hf_audio"]),
+    ("asr_fsdd", []), ("asr_fsdd", ["data=speech_manifest"]), ("translate_multi30k_cpu", []),
+    ("translate_multi30k_cpu", ["data=parallel_text"]), ("translate_multi30k_cpu", ["data=hf_translation"]),
+]
+
+
+def _is_message(call: ast.Call) -> bool:
+    """A call that raises or logs: SomethingError(...), SystemExit(...), log.warning(...) and the like."""
+    name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+    return name.endswith(("Error", "Exception", "Exit")) or name in ("warning", "warn", "error", "info", "exception")
+
+
+def message_keys() -> dict[str, str]:
+    """Every config key written in an error or log message of mmtx's code (hints included): {key: file}."""
+    keys = {}
+    for path in (REPO / "mmtx").rglob("*.py"):
+        for call in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(call, ast.Call) and _is_message(call)):
+                continue
+            for node in ast.walk(call):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    for key in KEY.findall(node.value):
+                        if not key.endswith((".json", ".yaml", ".tsv", ".ckpt")):  # file names, not keys
+                            keys.setdefault(key, str(path.relative_to(REPO)))
+    return keys
+
+
+def has_key(cfg, key: str) -> bool:
+    from omegaconf import DictConfig, OmegaConf
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None, throw_on_missing=False)
+    return isinstance(node, DictConfig) and leaf in node.keys()  # (`in node` is False for a ??? value)
+
+
+def test_every_config_key_named_in_a_message_exists():
+    configs = [compose(task, overrides) for task, overrides in CONFIGS]
+    keys = message_keys()
+    assert {"data.source.image_size", "data.source.on_bad_file", "data.source.on_decode_error"} <= set(keys)
+    missing = {key: where for key, where in keys.items() if not any(has_key(cfg, key) for cfg in configs)}
+    assert not missing, f"messages name keys that no configuration has: {missing}"
+
+
+# -- 9. the README's commands compose ---------------------------------------------------------------------
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(module, arguments) of every `python -m mmtx...` command in README.md's code blocks."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].split("&&")[-1]
+            match = re.search(r"-m (mmtx\.\w+)(.*)", line)
+            if match:
+                args = shlex.split(match.group(2))
+                commands.append((match.group(1), args[:args.index(">")] if ">" in args else args))
+    return commands
+
+
+def test_every_readme_command_composes():
+    """Each `python -m mmtx.train ...` of the README composes as `--cfg job` would; `mmtx.eval` and
+    `mmtx.generate` commands parse, and the keys they override exist."""
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from mmtx.apps import app_keys, compose_app, hydra_argv
+    from mmtx.generate import VERBATIM
+
+    commands = readme_commands()
+    assert len([c for c in commands if c[0] == "mmtx.train"]) >= 20
+    for module, args in commands:
+        if module == "mmtx.train":
+            args = [a for a in args if a not in ("-m", "--cfg", "job")]
+            # a sweep (-m) composes once per job: check its first
+            args = [a if "=" not in a or a.split("=", 1)[1].startswith(("{", "[", "'", "tag(")) else
+                    a.split("=", 1)[0] + "=" + a.split("=", 1)[1].split(",")[0] for a in args]
+            task = next(a.split("=", 1)[1] for a in args if a.startswith("task="))
+            rest = [a for a in args if not a.startswith("task=") and not a.startswith("hydra.sweeper.params")]
+            try:
+                compose(task, rest)
+            except Exception as err:
+                raise AssertionError(f"README command `python -m mmtx.train {' '.join(args)}` does not compose: {err}")
+            finally:
+                GlobalHydra.instance().clear()
+        elif module == "mmtx.eval":
+            compose_app("eval", hydra_argv([a for a in args if a != "-m"], app_keys("eval"), pass_through=True))
+            cfg = compose("vit_cifar")
+            for override in args:
+                key = override.split("=", 1)[0]
+                if key not in ("ckpt", "-m"):
+                    assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", f"mmtx.eval {args}: {key}"
+        else:
+            compose_app("generate", hydra_argv(args, app_keys("generate"), verbatim=VERBATIM))
+
+
+# -- 11. errors name the culprit ------------------------------------------------------------------------------
+
+def test_images_of_another_size_are_named(tmp_path):
+    from PIL import Image
+
+    from mmtx.data.sources import ImageFolder
+
+    folder = make_image_folder(tmp_path / "imgs")
+    Image.new("RGB", (20, 18)).save(folder / "train" / "cat" / "odd.png")
+    with pytest.raises(DataError, match=r"most are 16x16 pixels, but .*odd\.png \(20x18\); set data\.source\.image_size"):
+        ImageFolder(folder).decode("train")
+
+
+def test_resuming_another_tasks_checkpoint_names_its_task(image_folder, tmp_path):
+    first = train(compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=1",
+                                        "test_after_fit=false"]), run_dir=tmp_path / "vit")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT)
+    cfg = compose("gpt_shakespeare_cpu", [*small_run(tmp_path, modality="text"), "data=text_files",
+                                          f"data.source.files={corpus}", f"resume={first['last_checkpoint']}"])
+    with pytest.raises(CheckpointError, match="is a checkpoint of task 'vit_cifar', not of 'gpt_shakespeare_cpu'"):
+        train(cfg, run_dir=tmp_path / "gpt")
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), "backbone.dim=48",
+                                f"resume={first['last_checkpoint']}"])
+    with pytest.raises(CheckpointError, match=r"another shape \(.*\(32,\) in the checkpoint, \(48,\) now"):
+        train(cfg, run_dir=tmp_path / "wider")
+
+
+# -- 12. one message, not a traceback -----------------------------------------------------------------------
+
+def test_user_errors_are_one_message_on_every_entry_point(tmp_path):
+    missing = tmp_path / "none.ckpt"
+    runs = {
+        "mmtx.train": ["task=vit_cifar", "optim.lr=abc", f"paths.output_root={tmp_path}"],
+        "mmtx.eval": [f"ckpt={missing}"],
+        "mmtx.generate": [f"ckpt={missing}"],
+    }
+    for module, args in runs.items():
+        proc = cli(module, *args)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        error = [line for line in proc.stderr.splitlines() if line.startswith(f"{module}: error: ")]
+        assert len(error) == 1 and ("optim.lr" in error[0] or str(missing) in error[0]), proc.stderr
+    proc = cli("mmtx.eval", f"ckpt={missing}", env={"MMTX_DEBUG": "1"})
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+# -- 13. missing data offline ---------------------------------------------------------------------------------
+
+def test_missing_cifar_offline_names_the_paths_and_leaves_no_folder(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    import torchvision.datasets.cifar
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    monkeypatch.setenv("MMTX_DATA_DIR", str(tmp_path / "mistyped"))
+    run_dir = tmp_path / "outputs" / "vit_cifar" / "run"
+    with pytest.raises(MissingError) as err:
+        train(compose("vit_cifar", [f"paths.output_root={tmp_path / 'outputs'}"]), run_dir=run_dir)
+    message = str(err.value)
+    assert f"{tmp_path / 'mistyped' / 'cifar-10-batches-py'}" in message and "$MMTX_DATA_DIR" in message
+    assert "no network" in message and "data.root" in message
+    assert not (tmp_path / "mistyped").exists() and not run_dir.exists()
+
+
+# -- 14. small things -------------------------------------------------------------------------------------------
+
+def test_orphans_of_killed_writes_are_removed_by_the_next_build(tmp_path):
+    from mmtx.data.cache import load_or_build
+    from mmtx.files import building_dir
+
+    (tmp_path / ".cache.pt.4242.tmp").write_bytes(b"half a cache")
+    (tmp_path / ".tokens.4242.tmp").mkdir()
+    load_or_build(tmp_path / "cache.pt", "f", lambda: {"x": torch.ones(1)})
+    with building_dir(tmp_path / "tokens") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.pt", "cache.pt.lock", "tokens", "tokens.lock"]
+
+
+def test_skipped_files_are_reported_by_every_run_on_the_cache(tmp_path, caplog):
+    from mmtx.wiring import build_data
+
+    folder = make_image_folder(tmp_path / "imgs")
+    (folder / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    cfg = compose("vit_cifar", folder_run(tmp_path, folder))
+    for _ in range(2):  # built, then read from the cache
+        caplog.clear()
+        build_data(cfg)
+        assert "broken.png" in caplog.text
+
+
+def test_eval_scores_the_whole_test_split(image_folder, tmp_path):
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=1", "test_after_fit=false",
+                                "data.eval_batch_size=4", "trainer.limit_test_batches=1"])
+    summary = train(cfg, run_dir=tmp_path / "run")
+    evaluate(summary["last_checkpoint"])
+    rows = (tmp_path / "run" / "eval" / "test_confusion.tsv").read_text().splitlines()[1:]
+    assert sum(int(n) for row in rows for n in row.split("\t")[1:]) == 12  # all 12 test images, not 4
+
+
+def test_a_plain_trainer_with_a_new_folder_gets_the_tokenizer_written(tmp_path):
+    import lightning as L
+
+    from mmtx.wiring import build
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT)
+    model, data = build("gpt_shakespeare_cpu", [*small_run(tmp_path, modality="text"), "data=text_files",
+                                                f"data.source.files={corpus}"])
+    folder = tmp_path / "new" / "deeper"
+    L.Trainer(default_root_dir=str(folder), max_steps=1, logger=False, enable_checkpointing=False,
+              limit_val_batches=0, enable_progress_bar=False).fit(model, datamodule=data)
+    assert (folder / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("module, words", [("mmtx.eval", "ckpt=PATH"), ("mmtx.generate", "max_new_tokens")])
+def test_eval_and_generate_answer_help(module, words):
+    proc = cli(module, "--help")
+    assert proc.returncode == 0 and words in proc.stdout and "Traceback" not in proc.stderr
