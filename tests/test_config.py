@@ -88,3 +88,15 @@ def test_missing_data_root(tmp_path):
     cfg = compose("vit_cifar", [*small_run(tmp_path, tmp_path / "absent"), "data.source.download=false"])
     with pytest.raises(Exception, match=r"CIFAR-10 not found: looked for .*absent/cifar-10-batches-py"):
         build(cfg)
+
+
+def test_the_wheel_ships_every_package_and_config():
+    """pyproject lists its packages by hand (conf/ ships as mmtx.conf): every folder of mmtx/ with Python
+    files must be listed, or `pip install .` (not editable) leaves it out."""
+    import tomllib
+
+    from conftest import REPO
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "mmtx").rglob("__init__.py")}
+    assert found | {"mmtx.conf"} == listed
