@@ -7,6 +7,7 @@ in every checkpoint (`mmtx_run_info`), so any result can be traced to its code.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import socket
 import subprocess
@@ -19,7 +20,8 @@ import mmtx
 
 def git_state(path: Path | None = None) -> dict[str, Any]:
     """The commit of the git checkout holding `path` (default: the mmtx package) and whether it
-    has uncommitted changes; None values outside a checkout (an installed wheel) or without git."""
+    has uncommitted changes. Outside a checkout (an installed wheel, the Docker image) or without git:
+    the commit in $MMTX_GIT_COMMIT (set by the image's GIT_COMMIT build argument), else None."""
     where = str(path or Path(mmtx.__file__).resolve().parent)
 
     def git(*args: str) -> str | None:
@@ -30,7 +32,9 @@ def git_state(path: Path | None = None) -> dict[str, Any]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    if commit is None:  # an installed copy, e.g. the Docker image, which records its commit at build time
+        return {"git_commit": os.environ.get("MMTX_GIT_COMMIT") or None, "git_dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
 
 
