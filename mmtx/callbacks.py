@@ -94,7 +94,7 @@ class Throughput(L.Callback):
         self._steps = self._samples = self._tokens = 0
         self._seq_len = 0
         self._tgt_tokens: torch.Tensor | int = 0  # summed on the device: no sync per step
-        self._totals = {"batches": 0, "samples": 0, "lengths": 0}
+        self._tokens_counted = 0  # tokens whose FLOPs the meter has been given
         self._meter = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -126,10 +126,10 @@ class Throughput(L.Callback):
         flops = None
         if self._tokens and self._meter.available_flops and hasattr(pl_module, "flops_per_token"):
             per_token = pl_module.flops_per_token(self._seq_len)
-            flops = int(per_token * (self._tokens - self._totals["lengths"])) if per_token else None
+            flops = int(per_token * (self._tokens - self._tokens_counted)) if per_token else None
         self._meter.update(time=now - self._t0, batches=self._steps, samples=self._samples,
                            lengths=max(tokens, self._samples), flops=flops)
-        self._totals["lengths"] = self._tokens
+        self._tokens_counted = self._tokens
         rates = self._meter.compute()
 
         def total(key: str) -> float:  # all ranks together (Lightning names per-device rates device/...)
