@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -65,13 +65,6 @@ def app_keys(name: str) -> list[str]:
     """The top-level keys of `conf/<name>.yaml` (what the program itself takes)."""
     cfg = OmegaConf.load(Path(config_dir()) / f"{name}.yaml")
     return [k for k in cfg if k not in ("defaults", "hydra")]
-
-
-def run_app(name: str, task: Callable[[DictConfig], Any], argv: Sequence[str], verbatim: Sequence[str] = (),
-            pass_through: bool = False) -> Any:
-    """Run `task` on `conf/<name>.yaml` composed with `argv` (from Python: tests, notebooks)."""
-    cfg = compose_app(name, hydra_argv(argv, app_keys(name), verbatim, pass_through))
-    return task(cfg)
 
 
 def passed_through(cfg: DictConfig, name: str) -> DictConfig:

@@ -7,8 +7,9 @@ backbone: the module passes it in, so several parts can share one (co-training i
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -45,6 +46,20 @@ class StepContext:
 
     def log(self, name: str, value: Any, **kwargs: Any) -> None:
         self.module.log(f"{self.prefix}{name}", value, **kwargs)
+
+
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Run the block with `modules` in eval mode (no dropout), then give each its mode back: decoding
+    during validation must not leave a training model in eval mode."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 class TiedOutput(nn.Module):

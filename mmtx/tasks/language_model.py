@@ -16,7 +16,7 @@ from mmtx.batch import IGNORE_INDEX, TokenBatch
 from mmtx.errors import ConfigError
 from mmtx.generation import compute_dtype, generate
 from mmtx.loggers import log_text_table
-from mmtx.tasks.base import StepContext, TaskPart, TiedOutput
+from mmtx.tasks.base import StepContext, TaskPart, TiedOutput, evaluating
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,6 @@ class LanguageModel(TaskPart):
         """The text of `prompt` continued by the model (sampling; temperature 0 is greedy)."""
         device = self.tokenizer.embed.weight.device
         ids = torch.tensor([self.vocab.encode(prompt)], device=device)
-        modes = self.training, backbone.training
-        self.eval()
-        backbone.eval()
-        out = generate(CausalLM(self, backbone), ids, max_new_tokens, temperature, top_k, top_p, generator=generator)
-        self.train(modes[0])
-        backbone.train(modes[1])
+        with evaluating(self, backbone):
+            out = generate(CausalLM(self, backbone), ids, max_new_tokens, temperature, top_k, top_p, generator=generator)
         return self.vocab.decode(out[0].tolist())

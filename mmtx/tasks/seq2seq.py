@@ -18,7 +18,7 @@ from mmtx.batch import IGNORE_INDEX, AudioBatch, PairBatch, TokenBatch
 from mmtx.errors import ConfigError
 from mmtx.generation import beam_search
 from mmtx.loggers import log_text_table
-from mmtx.tasks.base import StepContext, TaskPart, TiedOutput
+from mmtx.tasks.base import StepContext, TaskPart, TiedOutput, evaluating
 from mmtx.tokenizers.text import TokenEmbedding, Vocab
 
 
@@ -202,12 +202,8 @@ class Seq2Seq(TaskPart):
 
     def translate(self, backbone: nn.Module, source: TokenBatch | AudioBatch, **search: Any) -> list[str]:
         """The decoded text of every source in `source` (search: beam_size, max_len, length_penalty)."""
-        modes = self.training, backbone.training
-        self.eval()
-        backbone.eval()
-        ids = self.decode(backbone, source, **search)
-        self.train(modes[0])
-        backbone.train(modes[1])
+        with evaluating(self, backbone):
+            ids = self.decode(backbone, source, **search)
         return [self.tgt_vocab.decode(row) for row in ids]
 
     @torch.no_grad()
