@@ -136,13 +136,14 @@ class Classification(TaskPart):
 
     def step(self, logits: torch.Tensor, batch: ImageBatch | AudioBatch, stage: str, ctx: StepContext) -> torch.Tensor:
         loss = self.loss(logits, batch)
-        predicted = logits.detach().argmax(-1)
-        if stage == "val" and self.media_samples and not self._media:
-            self._keep_media(batch, predicted, ctx)
         accuracy = self.acc[f"{stage}_"]
         accuracy(logits.detach(), batch.label)
-        if f"{stage}_" in self.confusion:
-            self.confusion[f"{stage}_"].update(predicted, batch.label)
+        if stage != "train":  # predicted labels feed the media and the confusion matrix, not training
+            predicted = logits.detach().argmax(-1)
+            if stage == "val" and self.media_samples and not self._media:
+                self._keep_media(batch, predicted, ctx)
+            if f"{stage}_" in self.confusion:
+                self.confusion[f"{stage}_"].update(predicted, batch.label)
         on_step = stage == "train"
         n = len(batch)
         ctx.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=not on_step)
