@@ -11,6 +11,7 @@ batch (`mmtx.batch`). A CPU DataLoader never starves the GPU.
 
 from __future__ import annotations
 
+import abc
 import logging
 from pathlib import Path
 from typing import Any, Protocol
@@ -166,7 +167,7 @@ def hold_out(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Te
     return order[n_out:].sort().values, order[:n_out].sort().values
 
 
-class IndexedSplits(L.LightningDataModule):
+class IndexedSplits(L.LightningDataModule, abc.ABC):
     """What the cached-data modules share: `splits` = {split: {name: tensor}}, index-only loaders
     (a fresh seeded order per training epoch; samples of similar length batched together when the
     split has `lengths_key`) and the copy of each split on the training device.
@@ -225,9 +226,9 @@ class IndexedSplits(L.LightningDataModule):
         index = batch["index"] if self.device_resident else batch["index"].cpu()  # where the split's tensors are
         return self.gather(split, self._store(split, device), index, device)
 
+    @abc.abstractmethod
     def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> Any:
         """The typed batch (`mmtx.batch`) of samples `index` of `split`, whose tensors are `store`."""
-        raise NotImplementedError
 
     def _store(self, split: str, device: torch.device) -> dict[str, torch.Tensor]:
         """The split's tensors on `device` (copied there once), or on the CPU when not device-resident."""

@@ -7,6 +7,7 @@ backbone: the module passes it in, so several parts can share one (co-training i
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -75,7 +76,7 @@ class TiedOutput(nn.Module):
         return self.proj(x)  # (B, T, D) -> (B, T, V)
 
 
-class TaskPart(nn.Module):
+class TaskPart(nn.Module, abc.ABC):
     """One task on a shared backbone. Subclasses set `tokenizer` and implement `forward` and `step`.
 
     attach(backbone)                        adapt the shared backbone once, when the model is built
@@ -97,11 +98,13 @@ class TaskPart(nn.Module):
         """Add what the head needs to the backbone's input (a CLS token); most tasks add nothing."""
         return tokens
 
+    @abc.abstractmethod
     def forward(self, backbone: nn.Module, batch: Batch) -> torch.Tensor:
-        raise NotImplementedError
+        """The part's outputs (logits) for a batch, running `backbone` as this task needs it."""
 
+    @abc.abstractmethod
     def step(self, outputs: torch.Tensor, batch: Batch, stage: str, ctx: StepContext) -> torch.Tensor:
-        raise NotImplementedError
+        """The loss of `outputs` for `batch`, this task's metrics logged through `ctx.log`."""
 
     def epoch_end(self, stage: str, ctx: StepContext) -> None:
         pass
