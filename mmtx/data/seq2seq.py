@@ -132,9 +132,8 @@ class Seq2SeqDataModule(CachedSplits):
     # -- reading and tokenizing ------------------------------------------------------
 
     def prepare_data(self) -> None:
-        self._vocabs(self._cache("train"))
-        for split in self.source.splits():
-            self._cache(split)
+        caches = {split: self._cache(split) for split in self.source.splits()}  # each split read once
+        self._vocabs(caches["train"])
 
     def _vocabs(self, train: dict[str, Any]) -> tuple[Vocab | None, Vocab]:
         """(source, target) vocabularies: a checkpoint's, or trained on the training split once and cached."""
