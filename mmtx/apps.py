@@ -1,4 +1,4 @@
-"""`mmtx.eval` and `mmtx.generate` as Hydra applications, like `mmtx.train`: their own `conf/<name>.yaml`,
+"""`mmtx.eval`, `mmtx.generate` and `mmtx.predict` as Hydra applications, like `mmtx.train`: their own `conf/<name>.yaml`,
 `--help`, `key=value` overrides checked against that file, multirun (`-m ckpt=a.ckpt,b.ckpt`), and the
 same one-line errors.
 

@@ -20,6 +20,27 @@ def test_patch_tokenizer_shapes_and_backward(pos_embed):
     assert images.grad is not None and tok.proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("patch_size", [2, 4, 8])
+def test_conv_stem_gives_the_patch_stems_grid(patch_size):
+    tok = PatchTokenizer(dim=32, patch_size=patch_size, image_size=16, stem="conv")
+    convs = [m for m in tok.proj if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == patch_size.bit_length()  # log2(p) stride-2 3x3 convolutions + the 1x1 projection
+    assert [c.stride for c in convs[:-1]] == [(2, 2)] * (len(convs) - 1) and convs[-1].kernel_size == (1, 1)
+    images = torch.randn(2, 3, 16, 16, requires_grad=True)
+    tokens = tok(ImageBatch(images))
+    assert tokens.x.shape == (2, (16 // patch_size) ** 2, 32)
+    tokens.x.sum().backward()
+    assert images.grad is not None and all(c.weight.grad is not None for c in convs)
+    assert tok(ImageBatch(torch.randn(1, 3, 32, 16))).x.shape == (1, (32 // patch_size) * (16 // patch_size), 32)
+
+
+def test_conv_stem_and_unknown_stem_errors():
+    with pytest.raises(ValueError, match="power-of-two tokenizer.patch_size"):
+        PatchTokenizer(dim=32, patch_size=6, image_size=24, stem="conv")
+    with pytest.raises(ValueError, match="tokenizer.stem must be 'patch' or 'conv', got 'resnet'"):
+        PatchTokenizer(dim=32, patch_size=4, image_size=16, stem="resnet")
+
+
 def test_sincos_2d_halves_encode_x_and_y():
     enc = sincos_2d(4, 5, 16).reshape(4, 5, 16)  # (rows=y, cols=x, D)
     x_half, y_half = enc[..., :8], enc[..., 8:]

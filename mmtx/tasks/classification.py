@@ -128,6 +128,17 @@ class Classification(TaskPart):
         """Class probabilities (B, num_classes)."""
         return self(backbone, batch).float().softmax(-1)
 
+    def extra_state(self) -> dict[str, Any]:
+        """The run-time values this part was built with (input geometry, classes), so that a checkpoint alone
+        rebuilds it (`mmtx.predict`): {"mmtx_runtime": {"tokenizer": ..., "family": ...}}."""
+        tok = self.tokenizer
+        if hasattr(tok, "image_size"):
+            geometry = {"image_size": list(tok.image_size), "in_channels": tok.in_channels}
+        else:
+            geometry = {"sample_rate": tok.sample_rate}
+        family = {"num_classes": self.num_classes, "class_names": list(self.class_names)}
+        return {**super().extra_state(), "mmtx_runtime": {"tokenizer": geometry, "family": family}}
+
     def loss(self, logits: torch.Tensor, batch: ImageBatch | AudioBatch) -> torch.Tensor:
         soft = getattr(batch, "soft_label", None)  # Mixup/CutMix (images): (B, K) probabilities
         if soft is not None:
