@@ -1,5 +1,6 @@
 """Every task composes and runs; the Python API; config errors name the culprit."""
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,15 @@ def test_the_wheel_ships_every_package_and_config():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "mmtx").rglob("__init__.py")}
     assert found | {"mmtx.conf"} == listed
+
+
+@pytest.mark.parametrize("task", ["vit_cifar", "audio_fsdd", "gpt_shakespeare_cpu", "asr_fsdd", "translate_multi30k_cpu"])
+def test_every_family_logs_one_training_loss_key(task, data_root, tmp_path):
+    """`train/loss` (a mean over the steps since the last log line) in every task family; no `_step`/`_epoch` twins."""
+    cfg = compose(task, [*small_run(tmp_path, data_root, modality(task)), "trainer.max_steps=3", "test_after_fit=false"])
+    train(cfg, run_dir=tmp_path / "run")
+    with open(tmp_path / "run" / "metrics" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = set(rows[0])
+    assert "train/loss" in keys and not {"train/loss_step", "train/loss_epoch"} & keys
+    assert sorted(int(r["step"]) for r in rows if r["train/loss"]) == [0, 1, 2]  # every step: log_every_n_steps=1

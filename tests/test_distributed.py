@@ -62,8 +62,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     summary = json.loads((two / "summary.json").read_text())
     assert summary["global_step"] == json.loads((one / "summary.json").read_text())["global_step"] == 2 * 2
 
-    loss_one = [float(r["train/loss_step"]) for r in metrics(one) if r.get("train/loss_step")]
-    loss_two = [float(r["train/loss_step"]) for r in metrics(two) if r.get("train/loss_step")]
+    loss_one = [float(r["train/loss"]) for r in metrics(one) if r.get("train/loss")]
+    loss_two = [float(r["train/loss"]) for r in metrics(two) if r.get("train/loss")]
     # rank 0 logs its own half-batch loss; the updates (averaged gradients) are the same, so the
     # end-of-run validation loss (reduced over ranks) matches the one-process run.
     assert len(loss_one) == len(loss_two) == 4

@@ -42,7 +42,7 @@ def test_cli_train_then_eval(image_folder, tmp_path):
 
     rows = list(csv.DictReader(open(run / "metrics" / "version_0" / "metrics.csv")))
     keys = set().union(*(r.keys() for r in rows))
-    assert {"train/loss_step", "val/loss", "val/acc", "test/acc", "lr-AdamW/decay"} <= keys
+    assert {"train/loss", "val/loss", "val/acc", "test/acc", "lr-AdamW/decay"} <= keys
     val_acc = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
     assert max(val_acc) > 0.6  # three colour classes: learnable in a few epochs
 
@@ -83,7 +83,7 @@ def test_resume_continues_at_the_right_step(image_folder, tmp_path):
     assert second["resumed_from"] == first["last_checkpoint"]
     assert second["global_step"] == 10
     rows = list(csv.DictReader(open(tmp_path / "outputs/vit_cifar/b/metrics/version_0/metrics.csv")))
-    steps = sorted({int(r["step"]) for r in rows if r.get("train/loss_step")})
+    steps = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
     assert steps[0] >= 6  # no step before the checkpoint was trained again
 
 

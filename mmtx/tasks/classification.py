@@ -155,9 +155,11 @@ class Classification(TaskPart):
                 self._keep_media(batch, predicted, ctx)
             if f"{stage}_" in self.confusion:
                 self.confusion[f"{stage}_"].update(predicted, batch.label)
-        on_step = stage == "train"
         n = len(batch)
-        ctx.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=not on_step)
+        if stage == "train":
+            self.log_train_loss(loss, ctx)
+        else:
+            ctx.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         ctx.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
         return loss
 

@@ -68,8 +68,6 @@ class LanguageModel(TaskPart):
         self.chars_per_token = chars_per_token
         self.sample_prompts = list(sample_prompts)
         self.sample = {"max_new_tokens": sample_tokens, "temperature": sample_temperature, "top_k": sample_top_k}
-        self._train_loss: torch.Tensor | None = None  # summed since train/loss was last logged
-        self._train_steps = 0
 
     def attach(self, backbone: nn.Module) -> None:
         if getattr(self.tokenizer, "pos", None) is None and not backbone.rotary:
@@ -95,7 +93,7 @@ class LanguageModel(TaskPart):
         targets = batch.targets  # (B, T)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         if stage == "train":
-            self._log_train_loss(loss.detach(), ctx)
+            self.log_train_loss(loss, ctx)
             return loss
         n = targets.numel()
         ctx.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
@@ -103,31 +101,6 @@ class LanguageModel(TaskPart):
             bpc = loss / math.log(2) / self.chars_per_token
             ctx.log(f"{stage}/bpc", bpc, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         return loss
-
-    def _log_train_loss(self, loss: torch.Tensor, ctx: StepContext) -> None:
-        """`train/loss`: the mean over the steps since the loggers last wrote (as the Hugging Face
-        Trainer reports it), logged on the steps they write (`trainer.log_every_n_steps`) only.
-
-        Language models train by steps, so an epoch mean says little; and Lightning's `self.log`
-        costs about a millisecond a call on the CPU, a few percent of a small model's step.
-        """
-        self._train_loss = loss if self._train_loss is None else self._train_loss + loss  # on the device: no sync
-        self._train_steps += 1
-        trainer = ctx.trainer
-        step = trainer.global_step + 1  # this step's number, once the optimizer has stepped
-        if step % trainer.log_every_n_steps and step != trainer.max_steps:
-            return
-        ctx.log("train/loss", self._train_loss / self._train_steps, on_step=True, on_epoch=False, prog_bar=True)
-        self._train_loss, self._train_steps = None, 0
-
-    def extra_state(self) -> dict[str, Any]:
-        # The train/loss window in progress, so that a resumed run logs the means an unbroken one would.
-        window = None if self._train_loss is None else self._train_loss.detach().float().cpu()
-        return {**super().extra_state(), "mmtx_train_loss_window": {"sum": window, "steps": self._train_steps}}
-
-    def load_extra_state(self, checkpoint: dict[str, Any]) -> None:
-        window = checkpoint.get("mmtx_train_loss_window") or {}
-        self._train_loss, self._train_steps = window.get("sum"), int(window.get("steps", 0))
 
     def epoch_end(self, stage: str, ctx: StepContext) -> None:
         if stage != "val" or self.vocab is None or not self.sample_prompts or self.sample["max_new_tokens"] <= 0:

@@ -142,8 +142,10 @@ class Seq2Seq(TaskPart):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                label_smoothing=self.label_smoothing)
         n = int((targets != IGNORE_INDEX).sum())
-        on_step = stage == "train"
-        ctx.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=not on_step)
+        if stage == "train":
+            self.log_train_loss(loss, ctx)
+        else:
+            ctx.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         if stage == "test" or (stage == "val" and self._decode_at_validation(ctx)):
             self._score(ctx.backbone, batch, self.val_beam_size if stage == "val" else None)
         return loss
