@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from mmtx.checkpoint import check_model_matches, find_resume
 from mmtx.config import config_dir
 from mmtx.cpu import keep_freed_memory
 from mmtx.files import atomic_write_text
+from mmtx.progress import print_run_header
 from mmtx.errors import NonFiniteError, reported
 from mmtx.runinfo import run_info
 from mmtx.validate import validate
@@ -53,6 +55,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if rank_zero_only.rank == 0:  # other ranks (DDP) share the folder and write nothing here
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=1))
+            if cfg.get("print_config", True):
+                print_run_header(cfg, run_dir)
         _ranks_share_this_job_dir(run_dir)
         L.seed_everything(cfg.seed, workers=True)
 
@@ -69,7 +73,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": info})
 
         started()
+        fit_start = time.perf_counter()
         failure = _fit(trainer, model, datamodule, ckpt_path)
+        fit_seconds = time.perf_counter() - fit_start
         test_metrics = {}
         if failure is None:
             try:
@@ -77,6 +83,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             except Exception as err:  # the summary is written all the same
                 failure = err
         summary = _summary(trainer, run_dir, ckpt_path, test_metrics, failure)
+        summary["fit_seconds"] = round(fit_seconds, 1)  # trainer.fit: training and its validations
         if trainer.is_global_zero:
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
             _print_summary(summary)
@@ -223,7 +230,8 @@ def _last_checkpoint(run_dir: Path) -> str | None:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    lines = [f"run directory:   {summary['run_dir']}"]
+    lines = [f"run directory:   {summary['run_dir']}", f"training time:   {summary['fit_seconds']:.1f} s "
+             f"({summary['global_step']} steps)"]
     if summary["status"] in ("interrupted", "failed"):
         lines.append(f"status:          {summary['status']} at step {summary['global_step']} "
                      f"(continue with resume={summary['last_checkpoint'] or 'auto'})")

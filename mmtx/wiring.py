@@ -96,10 +96,13 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool = True) -> list[L.Callback]:
+    """One Lightning callback per entry of `cfg.callbacks` that has a `_target_` and is not `enabled: false`
+    (EMA and early stopping are listed, off, so that `callbacks.ema.enabled=true` turns one on)."""
     callbacks = []
     for name, node in (cfg.get("callbacks") or {}).items():
-        if node is None or "_target_" not in node:
+        if node is None or "_target_" not in node or node.get("enabled", True) is False:
             continue
+        node = OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "enabled"})
         if not has_logger and node._target_.endswith("LearningRateMonitor"):
             continue  # it has nowhere to write (and Lightning refuses it without a logger)
         extra: dict[str, Any] = {}
@@ -118,13 +121,25 @@ def build_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None):
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, **overrides: Any) -> L.Trainer:
+    """The Lightning Trainer of `cfg.trainer`, with the run's callbacks and logger, atomic checkpoint writes,
+    and how progress shows (mmtx.progress): a Rich bar on a terminal, plain log lines in a file or a pipe."""
+    from mmtx.progress import ModelSummary, ProgressBar, ProgressLog, quiet_lightning, stdout_is_terminal
+
+    quiet_lightning()
     logger = build_logger(cfg, run_dir, wandb_id)
+    callbacks = build_callbacks(cfg, run_dir, has_logger=bool(logger))
+    show_progress = bool(overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar", True)))
+    if show_progress:
+        callbacks.append(ProgressBar() if stdout_is_terminal() else ProgressLog(cfg.trainer.get("log_every_n_steps") or 50))
+    if cfg.trainer.get("enable_model_summary", True) is not False:
+        callbacks.append(ModelSummary())
     kwargs: dict[str, Any] = dict(
         precision=resolve_precision(cfg.trainer),
         default_root_dir=str(run_dir),
-        callbacks=build_callbacks(cfg, run_dir, has_logger=bool(logger)),
+        callbacks=callbacks,
         logger=logger,
         plugins=[AtomicCheckpointIO()],
     )
     kwargs.update(overrides)
+    kwargs["enable_progress_bar"] = show_progress and stdout_is_terminal()  # ProgressLog is not a Lightning bar
     return instantiate(cfg.trainer, **kwargs)

@@ -117,15 +117,19 @@ class Attention(_MultiHead):
         super().__init__(dim=dim, num_heads=num_heads, dropout=dropout, attn_dropout=attn_dropout, bias=bias)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.rotary = rotary
-        if rotary:
-            self.register_buffer("rope", rotary_tables(0, self.head_dim), persistent=False)
+        # The (cos, sin) table, computed for the positions seen so far, on the inputs' device. A cache, not a
+        # buffer: the module's state never changes shape at run time (EMA weight averaging, DDP's buffer
+        # broadcast and checkpoints see none of it).
+        self._rope: torch.Tensor | None = None
 
     def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate x (..., T, Dh) at positions start..start+T-1."""
         end = start + x.shape[-2]
-        if self.rope.shape[0] < end:  # grow the (cos, sin) table to cover the new positions
-            self.rope = rotary_tables(max(end, 2 * self.rope.shape[0]), self.head_dim, device=self.rope.device)
-        return apply_rotary(x, self.rope[start:end])
+        rope = self._rope
+        if rope is None or rope.shape[0] < end or rope.device != x.device:  # (re)compute, covering these positions
+            length = end if rope is None else max(end, rope.shape[0] if rope.shape[0] >= end else 2 * rope.shape[0])
+            rope = self._rope = rotary_tables(length, self.head_dim, device=x.device)
+        return apply_rotary(x, rope[start:end])
 
     def forward(
         self,
