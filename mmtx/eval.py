@@ -59,8 +59,14 @@ def evaluate(ckpt: str, overrides: Sequence[str] | DictConfig = ()) -> dict[str,
     datamodule = build_data(cfg, **extra)
     model = build_model(cfg, datamodule.runtime_kwargs())
     model.load_state_dict(checkpoint["state_dict"])
+    from mmtx.progress import ProgressBar, quiet_lightning, stdout_is_terminal
+
+    quiet_lightning()
+    terminal = stdout_is_terminal()
     trainer = L.Trainer(
         default_root_dir=str(eval_dir(ckpt)),
+        callbacks=[ProgressBar()] if terminal else [],
+        enable_progress_bar=terminal,
         accelerator=cfg.trainer.accelerator,
         devices=1,
         precision=resolve_precision(cfg.trainer),

@@ -64,16 +64,17 @@ def _sweep_group() -> str | None:
     return None
 
 
-def log_text_table(trainer, key: str, columns: list[str], rows: list[list], append: bool = True) -> None:
+def log_text_table(trainer, key: str, columns: list[str], rows: list[list], append: bool = True,
+                   loggers: bool = True) -> None:
     """Log a small table of text to every logger that can show one, and write it to `<run dir>/<key>.tsv`
-    (appended to, or replaced with `append=False`).
+    (appended to, or replaced with `append=False`; `loggers=False`: the file only).
 
     W&B gets a table, TensorBoard a markdown table; the TSV file serves the CSV
     logger and anyone reading the run folder.
     """
     if not trainer.is_global_zero:
         return
-    for logger in trainer.loggers:
+    for logger in trainer.loggers if loggers else []:
         kind = type(logger).__name__
         if kind == "WandbLogger":
             logger.log_text(key=key, columns=columns, data=rows, step=trainer.global_step)
@@ -99,14 +100,23 @@ def _tsv(value) -> str:
 
 
 def log_confusion_matrix(trainer, key: str, matrix, class_names: list[str]) -> None:
-    """A confusion matrix (rows: true class, columns: predicted) as a table everywhere, and as
-    W&B's interactive confusion-matrix plot on W&B."""
+    """A confusion matrix (rows: true class, columns: predicted): W&B's interactive confusion-matrix plot,
+    a figure in TensorBoard (torchmetrics' plot, counts in the cells), and a TSV in the run folder."""
     rows = [[name, *[int(v) for v in row]] for name, row in zip(class_names, matrix.tolist())]
-    log_text_table(trainer, key, ["true \\ predicted", *class_names], rows, append=False)
+    log_text_table(trainer, key, ["true \\ predicted", *class_names], rows, append=False, loggers=False)
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger":
+        if type(logger).__name__ == "TensorBoardLogger":
+            from torchmetrics.utilities.plot import plot_confusion_matrix
+
+            size = min(12.0, 2.0 + 0.5 * len(class_names))
+            fig, ax = plot_confusion_matrix(matrix.long(), add_text=len(class_names) <= 30, labels=list(class_names))
+            fig.set_size_inches(size, size)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            logger.experiment.add_figure(key, fig, global_step=trainer.global_step, close=True)
+        elif type(logger).__name__ == "WandbLogger":
             import wandb
 
             y_true = [i for i, row in enumerate(matrix.tolist()) for j, n in enumerate(row) for _ in range(int(n))]
@@ -117,8 +127,8 @@ def log_confusion_matrix(trainer, key: str, matrix, class_names: list[str]) -> N
 
 def log_media(trainer, key: str, captions: list[str], images=None, audio=None, sample_rate: int = 16000) -> None:
     """Labelled examples where a person would rather look than read: images (N, C, H, W) in [0, 1] or
-    audio clips (1D tensors) with captions. W&B: images / audio with captions; TensorBoard: images
-    and audio, with the captions as text."""
+    audio clips (1D tensors) with captions. W&B: images / audio with captions; TensorBoard: the images as
+    one captioned grid (a figure), audio clips with their captions as text."""
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
@@ -133,8 +143,29 @@ def log_media(trainer, key: str, captions: list[str], images=None, audio=None, s
                 logger.experiment.log({key: clips, "trainer/global_step": trainer.global_step})
         elif kind == "TensorBoardLogger":
             writer, step = logger.experiment, trainer.global_step
-            if images is not None:
-                writer.add_images(key, images, global_step=step)
-            for i, clip in enumerate(audio or []):
-                writer.add_audio(f"{key}/{i}", clip[None], global_step=step, sample_rate=sample_rate)
-            writer.add_text(key, "\n\n".join(f"{i}: {c}" for i, c in enumerate(captions)), global_step=step)
+            if images is not None:  # one figure: the images in a grid, each with its caption drawn above it
+                writer.add_figure(key, captioned_grid(images, captions), global_step=step, close=True)
+            else:
+                for i, clip in enumerate(audio or []):
+                    writer.add_audio(f"{key}/{i}", clip[None], global_step=step, sample_rate=sample_rate)
+                writer.add_text(key, "\n\n".join(f"{i}: {c}" for i, c in enumerate(captions)), global_step=step)
+
+
+def captioned_grid(images, captions: list[str], columns: int = 8):
+    """A matplotlib figure of images (N, C, H, W) in [0, 1] in a grid, each titled with its caption (a caption
+    "true A / predicted B" is green when A == B, else red)."""
+    from matplotlib.figure import Figure
+
+    n = len(images)
+    columns = max(1, min(columns, n))
+    rows = (n + columns - 1) // columns
+    fig = Figure(figsize=(1.9 * columns, 2.1 * rows), layout="constrained")
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        pixels = image.permute(1, 2, 0).squeeze(-1).float().numpy()  # (C, H, W) -> (H, W[, C])
+        ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+        true, _, predicted = caption.removeprefix("true ").partition(" / predicted ")
+        ax.set_title(caption.replace(" / ", "\n"), fontsize=8, color="black" if not predicted else
+                     ("tab:green" if true == predicted else "tab:red"))
+        ax.axis("off")
+    return fig

@@ -87,6 +87,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if trainer.is_global_zero:
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
             _print_summary(summary)
+            _log_final_metrics(trainer, cfg, info, summary)
         _finish_wandb(trainer)
         if failure is not None:
             raise failure
@@ -148,6 +149,21 @@ def _finite(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def _log_final_metrics(trainer: L.Trainer, cfg: DictConfig, info: dict[str, Any], summary: dict[str, Any]) -> None:
+    """TensorBoard's hparams view: the run's configuration beside its final figures (`final/best_<monitor>`,
+    `final/test/...`), so that the runs of a sweep compare in one table. (W&B has the config and the
+    summary metrics already.)"""
+    metrics = {f"final/test/{k.removeprefix('test/')}": v for k, v in summary.items() if k.startswith("test/") and v is not None}
+    if summary["best_score"] is not None:
+        metrics[f"final/best_{summary['monitor']}"] = summary["best_score"]
+    if not metrics:
+        return
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "TensorBoardLogger":
+            logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": info}, metrics=metrics)
+            logger.finalize("success")
 
 
 def _finish_wandb(trainer: L.Trainer) -> None:

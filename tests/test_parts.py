@@ -209,3 +209,18 @@ def test_weight_decay_reaches_matrices_only_not_positions_cls_biases_or_norms():
     decay, no_decay = param_groups(lm, 0.1)
     assert sum(p is lm.task.tokenizer.embed.weight for p in decay["params"]) == 1
     assert any(p is lm.task.tokenizer.pos for p in no_decay["params"])
+
+
+def test_validation_media_are_stratified_over_classes():
+    """A class-sorted validation split (as a hold-out can be) still shows every class, in a fixed order."""
+    from types import SimpleNamespace
+
+    part = Classification(PatchTokenizer(DIM, image_size=8, patch_size=4), DIM, num_classes=3, media_samples=4,
+                          class_names=["a", "b", "c"])
+    ctx = SimpleNamespace(trainer=SimpleNamespace(datamodule=None))
+    for label in (0, 0, 1, 2):  # batches of one class each, in class order
+        labels = torch.full((5,), label)
+        part._keep_media(ImageBatch(torch.rand(5, 3, 8, 8), labels), labels)
+    media = part._media_to_log(part._media, ctx)
+    assert [c.split(" / ")[0] for c in media["captions"]] == ["true a", "true b", "true c", "true a"]
+    assert media["images"].shape == (4, 3, 8, 8)

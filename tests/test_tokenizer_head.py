@@ -32,6 +32,8 @@ def test_conv_stem_gives_the_patch_stems_grid(patch_size):
     tokens.x.sum().backward()
     assert images.grad is not None and all(c.weight.grad is not None for c in convs)
     assert tok(ImageBatch(torch.randn(1, 3, 32, 16))).x.shape == (1, (32 // patch_size) * (16 // patch_size), 32)
+    wide = PatchTokenizer(dim=32, patch_size=patch_size, image_size=16, stem="conv", stem_width=24)
+    assert [c.out_channels for c in wide.proj if isinstance(c, torch.nn.Conv2d)] == [24 * 2**i for i in range(len(convs) - 1)] + [32]
 
 
 def test_conv_stem_and_unknown_stem_errors():

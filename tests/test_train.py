@@ -207,6 +207,8 @@ def test_dashboards_get_labelled_samples_grad_norm_and_throughput(logger, image_
         events = EventAccumulator(str(next((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")).parent),
                                   size_guidance={"images": 0, "scalars": 0, "tensors": 0})
         events.Reload()
-        assert "val_samples" in " ".join(events.Tags()["images"])
+        assert {"val_samples", "val_confusion"} <= set(events.Tags()["images"])  # figures: captioned grid, matrix
         scalars = events.Tags()["scalars"]
-        assert "train/grad_norm" in scalars and "train/samples_per_sec" in scalars
+        assert "train/grad_norm" in scalars and "train/samples_per_sec" in scalars and "train/loss" in scalars
+        assert "final/best_val/acc" in scalars  # beside the config in the hparams view
+        assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")

@@ -114,7 +114,7 @@ class Classification(TaskPart):
             {f"{s}_": MulticlassConfusionMatrix(num_classes) for s in ("val", "test")} if confusion_matrix else {}
         )
         self.media_samples = media_samples
-        self._media: dict[str, Any] = {}
+        self._media: dict[int, list[tuple[torch.Tensor, int, int]]] = {}  # class -> (input, true, predicted)
 
     def prepare(self, tokens: Tokens) -> Tokens:
         return self.head.prepare(tokens)
@@ -151,8 +151,8 @@ class Classification(TaskPart):
         accuracy(logits.detach(), batch.label)
         if stage != "train":  # predicted labels feed the media and the confusion matrix, not training
             predicted = logits.detach().argmax(-1)
-            if stage == "val" and self.media_samples and not self._media:
-                self._keep_media(batch, predicted, ctx)
+            if stage == "val" and self.media_samples and not ctx.sanity_checking:
+                self._keep_media(batch, predicted)
             if f"{stage}_" in self.confusion:
                 self.confusion[f"{stage}_"].update(predicted, batch.label)
         n = len(batch)
@@ -169,22 +169,39 @@ class Classification(TaskPart):
             self.confusion[f"{stage}_"].reset()
             if not ctx.sanity_checking:
                 log_confusion_matrix(ctx.trainer, f"{ctx.prefix}{stage}_confusion", matrix.cpu(), self.class_names)
-        media, self._media = self._media, {}
-        if stage == "val" and media and not ctx.sanity_checking:
-            log_media(ctx.trainer, f"{ctx.prefix}val_samples", **media)
+        kept, self._media = self._media, {}
+        if stage == "val" and kept and not ctx.sanity_checking:
+            log_media(ctx.trainer, f"{ctx.prefix}val_samples", **self._media_to_log(kept, ctx))
 
-    def _keep_media(self, batch: ImageBatch | AudioBatch, predicted: torch.Tensor, ctx: StepContext) -> None:
-        """The first `media_samples` inputs of the epoch's first validation batch, with their labels."""
-        n = self.media_samples
+    def _keep_media(self, batch: ImageBatch | AudioBatch, predicted: torch.Tensor) -> None:
+        """Keep validation inputs for the logged media, stratified by class: the first ceil(media_samples /
+        num_classes) of each class in the validation split's order (which is fixed, so every validation
+        shows the same inputs, whatever order the split is in: a hold-out can be sorted by class)."""
+        quota = -(-self.media_samples // self.num_classes)
+        if len(self._media) == self.num_classes and all(len(v) >= quota for v in self._media.values()):
+            return
+        for i, (true, pred) in enumerate(zip(batch.label.tolist(), predicted.tolist())):
+            kept = self._media.setdefault(true, [])
+            if len(kept) < quota:
+                if isinstance(batch, ImageBatch):
+                    sample = batch.image[i].detach().float().cpu()
+                else:
+                    sample = batch.audio[i, : int(batch.lengths[i])].detach().float().cpu()
+                kept.append((sample, true, pred))
+
+    def _media_to_log(self, kept: dict[int, list], ctx: StepContext) -> dict[str, Any]:
+        """The kept inputs in round-robin order over the classes (every class before any repeats), at most
+        media_samples, with "true A / predicted B" captions; images back in [0, 1]."""
+        by_class = [kept[c] for c in sorted(kept)]
+        picked = [group[r] for r in range(max(map(len, by_class))) for group in by_class if r < len(group)]
+        picked = picked[: self.media_samples]
         names = self.class_names
-        captions = [f"true {names[t]} / predicted {names[p]}" for t, p in zip(batch.label[:n].tolist(), predicted[:n].tolist())]
-        if isinstance(batch, ImageBatch):
+        captions = [f"true {names[t]} / predicted {names[p]}" for _, t, p in picked]
+        if picked[0][0].dim() == 3:  # images (C, H, W)
+            images = torch.stack([x for x, _, _ in picked])
             dm = ctx.trainer.datamodule
-            images = batch.image[:n].float()
             if getattr(dm, "mean", None) is not None:  # undo the normalisation: back to [0, 1]
-                images = (images * dm.std.to(images.device) + dm.mean.to(images.device)) / 255.0
-            self._media = {"images": images.clamp(0, 1).cpu(), "captions": captions}
-        else:
-            lengths = batch.lengths[:n].tolist()
-            clips = [clip[:length].float().cpu() for clip, length in zip(batch.audio[:n], lengths)]
-            self._media = {"audio": clips, "sample_rate": getattr(self.tokenizer, "sample_rate", 16000), "captions": captions}
+                images = (images * dm.std[0].cpu() + dm.mean[0].cpu()) / 255.0
+            return {"images": images.clamp(0, 1), "captions": captions}
+        return {"audio": [x for x, _, _ in picked], "sample_rate": getattr(self.tokenizer, "sample_rate", 16000),
+                "captions": captions}

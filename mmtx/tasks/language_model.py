@@ -107,7 +107,11 @@ class LanguageModel(TaskPart):
             return
         if ctx.sanity_checking:
             return
-        rows = [[ctx.global_step, p, self.complete(ctx.backbone, p, **self.sample)] for p in self.sample_prompts]
+        # An own generator, seeded by the step: the samples are reproducible and training's random numbers
+        # (data offsets, dropout) are the same with samples on or off.
+        generator = torch.Generator(self.tokenizer.embed.weight.device).manual_seed(ctx.global_step)
+        rows = [[ctx.global_step, p, self.complete(ctx.backbone, p, **self.sample, generator=generator)]
+                for p in self.sample_prompts]
         log_text_table(ctx.trainer, f"{ctx.prefix}samples", ["step", "prompt", "text"], rows)
 
     # -- the one generation entry -------------------------------------------------------------

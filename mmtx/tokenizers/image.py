@@ -38,6 +38,7 @@ class PatchTokenizer(nn.Module):
         image_size: int | tuple[int, int] = 224,
         pos_embed: str = "sincos",
         stem: str = "patch",
+        stem_width: int | None = None,
     ) -> None:
         super().__init__()
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -55,7 +56,7 @@ class PatchTokenizer(nn.Module):
             nn.init.xavier_uniform_(self.proj.weight.view(dim, -1))
             nn.init.zeros_(self.proj.bias)
         elif stem == "conv":
-            self.proj = conv_stem(in_channels, dim, patch_size)
+            self.proj = conv_stem(in_channels, dim, patch_size, stem_width)
         else:
             raise ConfigError(f"tokenizer.stem must be 'patch' or 'conv', got {stem!r}")
         if pos_embed not in _POS_EMBEDS:
@@ -75,19 +76,20 @@ class PatchTokenizer(nn.Module):
         return Tokens(x)
 
 
-def conv_stem(in_channels: int, dim: int, patch_size: int) -> nn.Sequential:
-    """3x3 convolutions of stride 2 (BatchNorm, ReLU), widths doubling up to dim, then a 1x1 convolution
-    to `dim`: (B, C, H, W) -> (B, dim, H / patch_size, W / patch_size), the grid of the patch stem."""
+def conv_stem(in_channels: int, dim: int, patch_size: int, width: int | None = None) -> nn.Sequential:
+    """3x3 convolutions of stride 2 (BatchNorm, ReLU), their widths doubling from `width` (None: so that the
+    last is `dim`), then a 1x1 convolution to `dim`: (B, C, H, W) -> (B, dim, H / patch_size, W / patch_size),
+    the grid of the patch stem."""
     stages = patch_size.bit_length() - 1
     if patch_size < 2 or 2**stages != patch_size:
         raise ConfigError(f"tokenizer.stem=conv needs a power-of-two tokenizer.patch_size >= 2, got {patch_size}")
     layers: list[nn.Module] = []
     width_in = in_channels
     for i in range(stages):
-        width = max(dim // 2 ** (stages - 1 - i), 16)
-        layers += [nn.Conv2d(width_in, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+        width_i = (width * 2**i) if width else max(dim // 2 ** (stages - 1 - i), 16)
+        layers += [nn.Conv2d(width_in, width_i, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width_i),
                    nn.ReLU(inplace=True)]
-        width_in = width
+        width_in = width_i
     layers.append(nn.Conv2d(width_in, dim, kernel_size=1))
     return nn.Sequential(*layers)
 
