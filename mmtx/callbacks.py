@@ -16,6 +16,7 @@ from lightning.fabric.utilities.throughput import Throughput as LightningThrough
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 
 from mmtx.batch import IGNORE_INDEX, PairBatch, TokenBatch
+from mmtx.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class EMA(WeightAveraging):
     def __init__(self, decay: float = 0.999, every_n_steps: int = 1, start_step: int = 0, device: str | None = None,
                  use_buffers: bool = True) -> None:
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"callbacks.ema.decay must be between 0 and 1, got {decay}")
+            raise ConfigError(f"callbacks.ema.decay must be between 0 and 1 (e.g. 0.999), got {decay}")
         super().__init__(device=device, use_buffers=use_buffers, avg_fn=_ema_with_warmup(decay))
         self.every_n_steps = max(1, int(every_n_steps))
         self.start_step = max(0, int(start_step))

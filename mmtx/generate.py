@@ -43,6 +43,10 @@ def load_model(ckpt: str, device: str = "cpu"):
     if not family:
         raise CheckpointError(f"checkpoint {ckpt} was written by an mmtx from before task families (no family in "
                               "its configuration); train it again with this version")
+    if family.endswith("Classification"):
+        raise CheckpointError(f"checkpoint {ckpt} is a classifier's: label images or audio with "
+                              f"python -m mmtx.predict ckpt={ckpt} inputs=PATHS (mmtx.generate continues text, "
+                              "translates and transcribes)")
     if family.endswith("Seq2Seq"):
         if "mmtx_tgt_vocab" not in checkpoint:
             raise CheckpointError(f"checkpoint {ckpt} has no target tokenizer (mmtx_tgt_vocab): it was not written by "

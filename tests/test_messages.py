@@ -104,8 +104,8 @@ def readme_commands() -> list[tuple[str, list[str]]]:
 
 
 def test_every_readme_command_composes():
-    """Each `python -m mmtx.train ...` of the README composes as `--cfg job` would; `mmtx.eval` and
-    `mmtx.generate` commands parse, and the keys they override exist."""
+    """Each `python -m mmtx.train ...` of the README composes as `--cfg job` would; `mmtx.eval`,
+    `mmtx.generate` and `mmtx.predict` commands parse, and the keys they override exist."""
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
@@ -135,7 +135,12 @@ def test_every_readme_command_composes():
                 key = override.split("=", 1)[0]
                 if key not in ("ckpt", "-m"):
                     assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", f"mmtx.eval {args}: {key}"
+        elif module == "mmtx.predict":
+            from mmtx.predict import VERBATIM as PREDICT_VERBATIM
+
+            compose_app("predict", hydra_argv(args, app_keys("predict"), verbatim=PREDICT_VERBATIM))
         else:
+            assert module == "mmtx.generate", module
             compose_app("generate", hydra_argv(args, app_keys("generate"), verbatim=VERBATIM))
 
 

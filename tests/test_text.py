@@ -234,12 +234,12 @@ def test_train_loss_is_the_mean_since_it_was_last_logged(tmp_path, corpus):
     torch.testing.assert_close(every_fourth, [sum(every_step[:4]) / 4, sum(every_step[4:]) / 4], rtol=1e-4, atol=1e-5)
 
 
-def test_generate_rejects_checkpoints_without_a_tokenizer(image_folder, tmp_path):
+def test_generate_points_a_classifier_checkpoint_to_predict(image_folder, tmp_path):
     from conftest import folder_run
 
     summary = train(compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=1",
                                           "test_after_fit=false"]), run_dir=tmp_path / "run")
-    with pytest.raises(ValueError, match="has no tokenizer"):
+    with pytest.raises(ValueError, match="is a classifier's: label images or audio with python -m mmtx.predict"):
         load_model(summary["last_checkpoint"])
 
 
