@@ -163,7 +163,7 @@ def _log_final_metrics(trainer: L.Trainer, cfg: DictConfig, info: dict[str, Any]
     for logger in trainer.loggers:
         if type(logger).__name__ == "TensorBoardLogger":
             logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": info}, metrics=metrics)
-            logger.finalize("success")
+            logger.finalize("success" if summary["status"] == "finished" else summary["status"])
 
 
 def _finish_wandb(trainer: L.Trainer) -> None:
