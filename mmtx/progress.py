@@ -177,16 +177,17 @@ class ProgressLog(L.Callback):
         self.every_seconds = every_seconds
         self._start: tuple[float, int] | None = None
         self._last_print = 0.0
+        self._total: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = (time.perf_counter(), trainer.global_step)
         self._last_print = time.perf_counter()
+        self._total = total_steps(trainer)  # once: Lightning recomputes it on every call
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not trainer.is_global_zero or self._start is None:
             return
-        step, now = trainer.global_step, time.perf_counter()
-        total = total_steps(trainer)
+        step, now, total = trainer.global_step, time.perf_counter(), self._total
         due = step % self.every_n_steps == 0 or now - self._last_print >= self.every_seconds or step == total
         if not due or step == self._start[1]:
             return
