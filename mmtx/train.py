@@ -69,8 +69,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         trainer = build_trainer(cfg, run_dir, wandb_id=wandb_id)
         if cfg.get("cpu_keep_freed_memory", True) and trainer.strategy.root_device.type == "cpu":
             keep_freed_memory()
+        hparams = {**OmegaConf.to_container(cfg, resolve=True), "run_info": info}
         for logger in trainer.loggers:
-            logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": info})
+            logger.log_hyperparams(hparams)
 
         started()
         fit_start = time.perf_counter()
@@ -87,7 +88,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if trainer.is_global_zero:
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
             _print_summary(summary)
-            _log_final_metrics(trainer, cfg, info, summary)
+            _log_final_metrics(trainer, hparams, summary)
         _finish_wandb(trainer)
         if failure is not None:
             raise failure
@@ -151,7 +152,7 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _log_final_metrics(trainer: L.Trainer, cfg: DictConfig, info: dict[str, Any], summary: dict[str, Any]) -> None:
+def _log_final_metrics(trainer: L.Trainer, hparams: dict[str, Any], summary: dict[str, Any]) -> None:
     """TensorBoard's hparams view: the run's configuration beside its final figures (`final/best_<monitor>`,
     `final/test/...`), so that the runs of a sweep compare in one table. (W&B has the config and the
     summary metrics already.)"""
@@ -162,7 +163,7 @@ def _log_final_metrics(trainer: L.Trainer, cfg: DictConfig, info: dict[str, Any]
         return
     for logger in trainer.loggers:
         if type(logger).__name__ == "TensorBoardLogger":
-            logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": info}, metrics=metrics)
+            logger.log_hyperparams(hparams, metrics=metrics)
             logger.finalize("success" if summary["status"] == "finished" else summary["status"])
 
 
