@@ -32,7 +32,6 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mmtx-bench-vit-cpu-"))
     if args.nanogpt:
-        sys.path.insert(0, str(Path(__file__).parent))
         from bench_gpt_cpu import NANOGPT_CPU, nanogpt_copy, timed
 
         text = Path(args.root or ".") / "tinyshakespeare" / "input.txt"
@@ -44,12 +43,11 @@ def main() -> None:
     for seed in args.seeds:
         run = run_train("vit_cifar_cpu", seed, work, args.root, tuple(args.extra))
         run["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB, max so far
-        run["fit_s"] = run["fit_seconds"]
         runs.append(run)
         print(f"vit_cifar_cpu seed {seed}: test/acc {run['test/acc']:.4f}, {run['wall_s']:.1f} s wall (process), "
-              f"fit {run['fit_s']:.1f} s, {run['global_step']} steps, peak RSS <= {run['peak_rss_gb']:.2f} GiB",
+              f"fit {run['fit_seconds']:.1f} s, {run['global_step']} steps, peak RSS <= {run['peak_rss_gb']:.2f} GiB",
               flush=True)
-    for key in ("test/acc", "wall_s", "fit_s"):
+    for key in ("test/acc", "wall_s", "fit_seconds"):
         values = [r[key] for r in runs if r[key] is not None]
         if values:
             print(f"vit_cifar_cpu {key} over seeds {args.seeds}: mean {statistics.mean(values):.4f}, "
