@@ -113,12 +113,13 @@ class Throughput(L.Callback):
                                               world_size=trainer.world_size, window_size=2)
             self._meter.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
             return
-        self._samples += len(batch)
-        if isinstance(batch, TokenBatch):
-            self._tokens += batch.tokens.numel()
-            self._seq_len = batch.tokens.shape[1]
-        elif isinstance(batch, PairBatch):
-            self._tgt_tokens = self._tgt_tokens + (batch.target.targets != IGNORE_INDEX).sum()
+        for member_batch in batch.values() if isinstance(batch, dict) else (batch,):  # co-training: {member: batch}
+            self._samples += len(member_batch)
+            if isinstance(member_batch, TokenBatch):
+                self._tokens += member_batch.tokens.numel()
+                self._seq_len = member_batch.tokens.shape[1]
+            elif isinstance(member_batch, PairBatch):
+                self._tgt_tokens = self._tgt_tokens + (member_batch.target.targets != IGNORE_INDEX).sum()
         self._steps += 1
         if self._steps % self.window == 0:
             pl_module.log_dict(self._window_metrics(now, pl_module), on_step=True, on_epoch=False)

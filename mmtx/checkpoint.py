@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mmtx.files import atomic_save
-from mmtx.errors import CheckpointError, MissingError
+from mmtx.errors import CheckpointError, ConfigError, MissingError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,39 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or "mmtx_config" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has no mmtx run configuration (was it written by mmtx.train?)")
     return checkpoint
+
+
+def member_view(checkpoint: dict[str, Any], member: str | None, path: str | Path) -> dict[str, Any]:
+    """The checkpoint as one member's single-task checkpoint: a co-training run's (`mmtx_members`) cut down to
+    the shared backbone and `member`'s part (`tasks.<member>.*` -> `tasks.main.*`), with that member's
+    configuration (the run's trainer) and vocabularies at the top level, as mmtx.eval, mmtx.generate and
+    mmtx.predict read them. A single-task checkpoint is returned as it is (`member` must then be unset)."""
+    from mmtx.module import SINGLE
+
+    members = checkpoint.get("mmtx_members")
+    if members is None:
+        if member:
+            raise ConfigError(f"member={member}: checkpoint {path} is of a single-task run, not a co-training run; "
+                              "leave member= out")
+        return checkpoint
+    if not member or member not in members:
+        what = f"has no member {member!r}" if member else "is a co-training run"
+        raise ConfigError(f"checkpoint {path} {what}: pick one of its members with member=NAME "
+                          f"(members: {', '.join(members)})")
+    run = checkpoint["mmtx_config"]
+    config = dict(run["member_configs"][member])
+    config["trainer"] = run["trainer"]
+    prefix = f"tasks.{member}."
+    state = {}
+    for key, value in checkpoint["state_dict"].items():
+        if key.startswith("backbone."):
+            state[key] = value
+        elif key.startswith(prefix):
+            state[f"tasks.{SINGLE}.{key[len(prefix):]}"] = value
+    view = {k: v for k, v in checkpoint.items() if k not in ("mmtx_members", "state_dict", "mmtx_config")}
+    view.update(members[member])
+    view.update(state_dict=state, mmtx_config=config)
+    return view
 
 
 def find_resume(resume: str | None, output_root: str | Path, task_name: str,

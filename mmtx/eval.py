@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from mmtx.apps import app_keys, compose_app, hydra_argv, passed_through
-from mmtx.checkpoint import load_checkpoint
+from mmtx.checkpoint import load_checkpoint, member_view
 from mmtx.config import config_dir
 from mmtx.errors import ConfigError, DataError, reported
 from mmtx.validate import validate
@@ -36,12 +36,13 @@ def eval_dir(ckpt: str) -> Path:
     return out
 
 
-def evaluate(ckpt: str, overrides: Sequence[str] | DictConfig = ()) -> dict[str, Any]:
+def evaluate(ckpt: str, overrides: Sequence[str] | DictConfig = (), member: str | None = None) -> dict[str, Any]:
     """Rebuild the run stored in `ckpt`, load its weights and return its test metrics.
 
-    overrides: `key=value` strings (or a config) merged onto the stored run configuration.
+    overrides: `key=value` strings (or a config) merged onto the stored run configuration (of `member`, for
+    a co-training run's checkpoint: that member alone is evaluated).
     """
-    checkpoint = load_checkpoint(ckpt)
+    checkpoint = member_view(load_checkpoint(ckpt), member, ckpt)
     cfg = OmegaConf.create(checkpoint["mmtx_config"])
     OmegaConf.set_struct(cfg, True)
     given = overrides if isinstance(overrides, DictConfig) else OmegaConf.from_dotlist(list(overrides))
@@ -83,7 +84,7 @@ def evaluate(ckpt: str, overrides: Sequence[str] | DictConfig = ()) -> dict[str,
 
 
 def _report(cfg: DictConfig) -> dict[str, Any]:
-    metrics = evaluate(cfg.ckpt, passed_through(cfg, "eval"))
+    metrics = evaluate(cfg.ckpt, passed_through(cfg, "eval"), cfg.get("member"))
     for key, value in sorted(metrics.items()):
         print(f"{key}: {value:.4f}")
     return metrics

@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from mmtx.batch import AudioBatch, TokenBatch
 from mmtx.apps import app_keys, compose_app, hydra_argv
-from mmtx.checkpoint import load_checkpoint
+from mmtx.checkpoint import load_checkpoint, member_view
 from mmtx.config import config_dir
 from mmtx.data.audio_sources import AudioDecoder
 from mmtx.data.seq2seq import seq2seq_runtime
@@ -35,9 +35,10 @@ from mmtx.errors import CheckpointError, ConfigError, MissingError, reported
 VERBATIM = ("prompt", "text", "text_file", "audio")  # free text and paths: never parsed by Hydra's grammar
 
 
-def load_model(ckpt: str, device: str = "cpu"):
-    """The language model or encoder-decoder stored in `ckpt`, with its vocabularies, in eval mode on `device`."""
-    checkpoint = load_checkpoint(ckpt)
+def load_model(ckpt: str, device: str = "cpu", member: str | None = None):
+    """The language model or encoder-decoder stored in `ckpt` (`member`'s, from a co-training run), with its
+    vocabularies, in eval mode on `device`."""
+    checkpoint = member_view(load_checkpoint(ckpt), member, ckpt)
     cfg = OmegaConf.create(checkpoint["mmtx_config"])
     family = str(OmegaConf.select(cfg, "family._target_", default=""))
     if not family:
@@ -146,7 +147,7 @@ def _generate(args: dict[str, Any]) -> list[str]:
     device = args["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args["ckpt"], device)
+    model = load_model(args["ckpt"], device, args.get("member"))
     if hasattr(model.task, "translate"):
         return run_seq2seq(model, args, OmegaConf.create(model.run_config))
     generator = torch.Generator(device=device).manual_seed(int(args["seed"]))

@@ -99,10 +99,14 @@ class MmtxModule(L.LightningModule):
         compile: bool = False,
         max_nonfinite_steps: int = 10,
         run_config: dict[str, Any] | None = None,
+        loss_weights: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.tasks = nn.ModuleDict(tasks)
+        self.loss_weights = {name: float((loss_weights or {}).get(name, 1.0)) for name in self.tasks}
+        self.new_parameters: set[str] = set()  # those `init_from` did not set (`finetune.new_lr`)
+        self.new_lr: float | None = None
         for part in self.tasks.values():
             part.attach(backbone)
         self.optim = dict(optim)
@@ -135,12 +139,15 @@ class MmtxModule(L.LightningModule):
         return outputs if isinstance(batch, dict) else next(iter(outputs.values()))
 
     def shared_step(self, batch: Batch | dict[str, Batch], stage: str, batch_idx: int = 0) -> torch.Tensor:
-        """The summed loss of every member's batch, each member's metrics logged by its part."""
+        """The loss of every member's batch, weighted by its `loss_weight` and summed; each member's
+        metrics (its loss unweighted) logged by its part."""
         total = None
         for name, part, member_batch in self._members(batch):
             ctx = self._contexts[name]
             ctx.batch_idx = batch_idx
             loss = part.step(self._forwards[name](self.backbone, member_batch), member_batch, stage, ctx)
+            if self.loss_weights[name] != 1.0:
+                loss = loss * self.loss_weights[name]
             total = loss if total is None else total + loss
         return total
 
@@ -149,10 +156,10 @@ class MmtxModule(L.LightningModule):
         self.guard.add_loss(loss.detach())
         return loss
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.shared_step(batch, "val", batch_idx)
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.shared_step(batch, "val", batch_idx)  # co-training: one loader per member, its batches {member: batch}
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.shared_step(batch, "test", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
@@ -172,7 +179,8 @@ class MmtxModule(L.LightningModule):
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches)
-        optimizer, schedule = build_optimizer(self, total_steps=total, **self.optim)
+        optimizer, schedule = build_optimizer(self, total_steps=total, **self.optim, new_lr=self.new_lr,
+                                              new=self.new_parameters)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

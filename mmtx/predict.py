@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from mmtx.apps import app_keys, compose_app, hydra_argv
 from mmtx.batch import AudioBatch, ImageBatch
-from mmtx.checkpoint import load_checkpoint
+from mmtx.checkpoint import load_checkpoint, member_view
 from mmtx.config import config_dir
 from mmtx.errors import CheckpointError, ConfigError, DataError, MissingError, reported
 from mmtx.files import atomic_write_text
@@ -38,9 +38,10 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 VERBATIM = ("ckpt", "inputs", "output")
 
 
-def load_classifier(ckpt: str, device: str):
-    """The classifier stored in `ckpt` (weights, class names, input geometry), in eval mode on `device`."""
-    checkpoint = load_checkpoint(ckpt)
+def load_classifier(ckpt: str, device: str, member: str | None = None):
+    """The classifier stored in `ckpt` (`member`'s, from a co-training run: weights, class names, input
+    geometry), in eval mode on `device`."""
+    checkpoint = member_view(load_checkpoint(ckpt), member, ckpt)
     cfg = OmegaConf.create(checkpoint["mmtx_config"])
     family = str(OmegaConf.select(cfg, "family._target_", default=""))
     if not family.endswith("Classification"):
@@ -116,7 +117,7 @@ def audio_inputs(paths: list[Path], sample_rate: int, cfg: DictConfig, on_bad_fi
 def predict(args: dict[str, Any]) -> list[list[str]]:
     """Label every input; the rows of the TSV (header first)."""
     device = args["device"] if args["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_classifier(args["ckpt"], device)
+    model, cfg = load_classifier(args["ckpt"], device, args.get("member"))
     part = model.task
     sample_rate = getattr(part.tokenizer, "sample_rate", None)
     paths = list_inputs(str(args["inputs"]), AUDIO_SUFFIXES if sample_rate else IMAGE_SUFFIXES)

@@ -194,9 +194,9 @@ class ProgressLog(L.Callback):
         self._last_print = now
         rate = (step - self._start[1]) / (now - self._start[0])  # steps a second since the start, validations included
         parts = [f"step {step}" + (f"/{total}" if total else ""), f"epoch {trainer.current_epoch}"]
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            parts.append(f"train/loss {float(loss):.4f}")
+        for key, loss in trainer.callback_metrics.items():  # train/loss; co-training: {member}/train/loss each
+            if key == "train/loss" or key.endswith("/train/loss"):
+                parts.append(f"{key} {float(loss):.4f}")
         parts.append(f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.2f} s/step")
         if total:
             parts.append(f"ETA {format_duration((total - step) / rate)}")

@@ -26,10 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmtx.checkpoint import check_model_matches, find_resume
 from mmtx.config import config_dir
+from mmtx.cotrain import resolve_cotrain, with_total_steps
 from mmtx.cpu import keep_freed_memory
+from mmtx.transfer import freeze, init_from, report
 from mmtx.files import atomic_write_text
 from mmtx.progress import print_run_header
-from mmtx.errors import NonFiniteError, reported
+from mmtx.errors import ConfigError, NonFiniteError, reported
 from mmtx.runinfo import run_info
 from mmtx.validate import validate
 from mmtx.wiring import build_data, build_model, build_trainer
@@ -47,6 +49,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     error is raised again afterwards, so the process exits non-zero.
     """
     validate(cfg)  # values of the main keys, before any data is read
+    cfg = resolve_cotrain(cfg)  # a co-training run: every member's composed config, the checkpoint's monitor
+    if cfg.get("init_from") and cfg.get("resume"):
+        raise ConfigError(f"init_from={cfg.init_from} and resume={cfg.resume} are both set: resume continues a run "
+                          "(its weights, optimizer, schedule and data order), init_from starts a new run from a "
+                          "checkpoint's weights; keep one (to resume a run that began with init_from, drop init_from)")
     run_dir = Path(run_dir or _hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
     with _restored_dist_env(), _discarded_if_failing(run_dir) as started:
@@ -61,7 +68,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
 
         datamodule = build_data(cfg)
+        cfg = with_total_steps(cfg, datamodule)  # co-training with cotrain.max_steps=sum
         model = build_model(cfg, datamodule.runtime_kwargs())
+        _transfer(cfg, model, run_dir)
         if resumed is not None:
             check_model_matches(model, resumed["state_dict"], ckpt_path)
         model.run_info = info  # stored in every checkpoint
@@ -95,6 +104,20 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     return summary
 
 
+def _transfer(cfg: DictConfig, model: L.LightningModule, run_dir: Path) -> None:
+    """`init_from`: the checkpoint's matching weights (the table printed and saved), the learning rate of the
+    parameters it did not set; `finetune.freeze`: the parts that do not train."""
+    finetune = cfg.get("finetune") or {}
+    if cfg.get("init_from"):
+        result = init_from(model, cfg.init_from, finetune.get("member"))
+        report(result, cfg.init_from, run_dir if rank_zero_only.rank == 0 else None)
+        model.new_parameters = set(result["new"])
+        model.new_lr = finetune.get("new_lr")
+    frozen = freeze(model, list(finetune.get("freeze") or []))
+    if frozen:
+        log.info("frozen (finetune.freeze=%s): %s parameters", list(finetune.freeze), f"{frozen:,}")
+
+
 def _fit(trainer: L.Trainer, model: L.LightningModule, datamodule, ckpt_path: str | None) -> BaseException | None:
     """Run `trainer.fit`; return what stopped it early (Ctrl-C, divergence, a crash), if anything did.
     (Lightning has already saved last.ckpt through LastCheckpoint.on_exception by then.)"""
@@ -117,7 +140,7 @@ def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamod
     best = trainer.checkpoint_callback
     results = trainer.test(model, datamodule=datamodule, ckpt_path=(best.best_model_path if best else "") or None,
                            weights_only=True)
-    return results[0] if results else {}
+    return {k: v for member in results for k, v in member.items()}  # one dict per loader (co-training: per member)
 
 
 def _summary(trainer: L.Trainer, run_dir: Path, ckpt_path: str | None, test_metrics: dict[str, float],

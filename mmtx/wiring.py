@@ -17,7 +17,8 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mmtx.checkpoint import AtomicCheckpointIO
-from mmtx.errors import user_error
+from mmtx.cotrain import CoTrainData, CoTrainScore, is_cotrain, member_settings, own_steps, resolved_members
+from mmtx.errors import ConfigError, user_error
 from mmtx.module import SINGLE, MmtxModule
 
 
@@ -34,38 +35,73 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
 
 def build_data(cfg: DictConfig, **kwargs: Any) -> L.LightningDataModule:
-    """The task's data module, prepared and set up (`kwargs` override its config)."""
+    """The task's data module, prepared and set up (`kwargs` override its config); for a co-training run,
+    the members' data modules behind one (`mmtx.cotrain.CoTrainData`)."""
+    if is_cotrain(cfg):
+        configs = resolved_members(cfg)
+        members = {name: build_data(member) for name, member in configs.items()}
+        settings = member_settings(cfg, configs)
+        steps = {name: own_steps(configs[name], members[name]) for name in configs}
+        for name, s in settings.items():
+            if s["sample_weight"] == "steps" and steps[name] is None:
+                raise ConfigError(f"members.{name}.sample_weight=steps: its task sets neither trainer.max_steps nor "
+                                  "trainer.max_epochs, so it has no number of steps; give a number")
+        weights = {name: steps[name] if s["sample_weight"] == "steps" else s["sample_weight"]
+                   for name, s in settings.items()}
+        return CoTrainData(members, schedule=cfg.cotrain.schedule, seed=cfg.cotrain.seed, sample_weights=weights,
+                           own_steps=steps)
     datamodule = instantiate(cfg.data, _convert_="all", **kwargs)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
 
 
-def build_model(cfg: DictConfig, runtime: dict[str, dict[str, Any]]) -> L.LightningModule:
-    """The LightningModule of `cfg`, given the run-time values `runtime` = {"tokenizer": kwargs, "family":
-    kwargs} (from `datamodule.runtime_kwargs()`: image size, classes, vocabulary, ...).
-
-    Built in data-flow order: the tokenizer, the shared backbone, then the task family's part (its
-    head; an encoder-decoder's decoder stack is the backbone's spec with the non-null values of
-    `family.decoder` on top).
-    """
+def build_part(cfg: DictConfig, runtime: dict[str, Any], tokenizer: Any = None) -> Any:
+    """The task part of `cfg` (its family) on a backbone of `cfg.backbone`: its tokenizer (unless given: a
+    tokenizer shared with another member), then its head; an encoder-decoder's decoder stack is the
+    backbone's spec with the non-null values of `family.decoder` on top."""
     dim = cfg.backbone.dim
-    tokenizer = instantiate(cfg.tokenizer, dim=dim, **runtime.get("tokenizer", {}))
-    backbone = instantiate(cfg.backbone)
+    if tokenizer is None:
+        tokenizer = instantiate(cfg.tokenizer, dim=dim, **runtime.get("tokenizer", {}))
     family: dict[str, Any] = dict(runtime.get("family", {}))
     if "decoder" in cfg.family:
         spec = OmegaConf.to_container(cfg.backbone, resolve=True)
         spec.update({k: v for k, v in OmegaConf.to_container(cfg.family.decoder, resolve=True).items() if v is not None})
         family["decoder"] = {k: v for k, v in spec.items() if k != "_target_"}
-    part = instantiate(cfg.family, tokenizer=tokenizer, dim=dim, **family)
+    return instantiate(cfg.family, tokenizer=tokenizer, dim=dim, **family)
+
+
+def build_model(cfg: DictConfig, runtime: dict[str, dict[str, Any]]) -> L.LightningModule:
+    """The LightningModule of `cfg`, given the run-time values `runtime` = {"tokenizer": kwargs, "family":
+    kwargs} (from `datamodule.runtime_kwargs()`: image size, classes, vocabulary, ...); for a co-training
+    run, {member: that} and one part per member on the one backbone.
+
+    Built in data-flow order: the tokenizer, the shared backbone, then the task family's part (its head).
+    """
+    loss_weights = None
+    if is_cotrain(cfg):
+        members = resolved_members(cfg)
+        settings = member_settings(cfg, members)
+        backbone = instantiate(cfg.backbone)
+        tasks: dict[str, Any] = {}
+        for name in sorted(members, key=lambda n: settings[n]["tokenizer_from"] is not None):  # sources first
+            source = settings[name]["tokenizer_from"]
+            tasks[name] = build_part(members[name], runtime[name], tasks[source].tokenizer if source else None)
+        tasks = {name: tasks[name] for name in members}  # the members' order
+        loss_weights = {name: s["loss_weight"] for name, s in settings.items()}
+    else:
+        tokenizer = instantiate(cfg.tokenizer, dim=cfg.backbone.dim, **runtime.get("tokenizer", {}))
+        backbone = instantiate(cfg.backbone)
+        tasks = {SINGLE: build_part(cfg, runtime, tokenizer)}
     module = cfg.get("module") or {}
     return MmtxModule(
         backbone=backbone,
-        tasks={SINGLE: part},
+        tasks=tasks,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         compile=bool(module.get("compile", False)),
         max_nonfinite_steps=int(module.get("max_nonfinite_steps", 10)),
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        loss_weights=loss_weights,
     )
 
 
@@ -123,11 +159,19 @@ def build_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None):
 def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, **overrides: Any) -> L.Trainer:
     """The Lightning Trainer of `cfg.trainer`, with the run's callbacks and logger, atomic checkpoint writes,
     and how progress shows (mmtx.progress): a Rich bar on a terminal, plain log lines in a file or a pipe."""
-    from mmtx.progress import ModelSummary, ProgressBar, ProgressLog, quiet_lightning, stdout_is_terminal
+    from mmtx.progress import (
+        ModelSummary,
+        ProgressBar,
+        ProgressLog,
+        quiet_lightning,
+        stdout_is_terminal,
+    )
 
     quiet_lightning()
     logger = build_logger(cfg, run_dir, wandb_id)
     callbacks = build_callbacks(cfg, run_dir, has_logger=bool(logger))
+    if is_cotrain(cfg) and cfg.cotrain.get("best", "mean") == "mean":
+        callbacks.insert(0, CoTrainScore(member_settings(cfg, resolved_members(cfg))))
     show_progress = bool(overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar", True)))
     if show_progress:
         callbacks.append(ProgressBar() if stdout_is_terminal() else ProgressLog(cfg.trainer.get("log_every_n_steps") or 50))
@@ -140,6 +184,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, *
         logger=logger,
         plugins=[AtomicCheckpointIO()],
     )
+    if is_cotrain(cfg) and cfg.trainer.get("strategy") == "ddp" and cfg.cotrain.schedule != "accumulate":
+        # One member a step: the other members' parameters get no gradient that step, which DDP must expect.
+        # (Every rank trains the same member at a step: the schedule is seeded alike on every rank.)
+        kwargs["strategy"] = "ddp_find_unused_parameters_true"
     kwargs.update(overrides)
     kwargs["enable_progress_bar"] = show_progress and stdout_is_terminal()  # ProgressLog is not a Lightning bar
     return instantiate(cfg.trainer, **kwargs)

@@ -76,6 +76,28 @@ def small_run(tmp_path: Path, data_root: Path | None = None, modality: str = "im
     return overrides
 
 
+def task_modality(task: str) -> str:
+    """image | audio | text | text2text | audio2text: which of MODALITY_OVERRIDES a single task takes."""
+    from mmtx.config import compose
+
+    cfg = compose(task)
+    kind = {"TokenEmbedding": "text", "MelTokenizer": "audio"}.get(cfg.tokenizer._target_.rsplit(".", 1)[-1], "image")
+    return f"{kind}2text" if cfg.family._target_.endswith("Seq2Seq") else kind
+
+
+def cotrain_small_run(task: str, tmp_path: Path, data_root: Path | None = None) -> list[str]:
+    """small_run for a co-training task: the run's backbone and trainer made tiny, and each member's data
+    and tokenizer through `members.<name>.overrides` (its task file's own overrides kept)."""
+    from mmtx.config import compose
+
+    args = [a for a in small_run(tmp_path, data_root) if a.startswith(("backbone.", "trainer", "paths.", "data.root"))]
+    for name, spec in compose(task).members.items():
+        own = [str(o) for o in spec.get("overrides") or []]
+        member = [*own, "data.batch_size=8", "data.eval_batch_size=16", *MODALITY_OVERRIDES[task_modality(spec.task)]]
+        args.append(f"members.{name}.overrides=[" + ",".join(f"'{o}'" for o in member) + "]")
+    return args
+
+
 MODALITY_OVERRIDES = {
     "image": ["tokenizer.patch_size=4", "data.augment.randaugment=null"],
     "audio": ["data.source.max_seconds=1.0"],
@@ -137,6 +159,25 @@ class RecordSamplerIndices(L.Callback):
             sampler = trainer.train_dataloader.sampler
             path = Path(trainer.default_root_dir) / f"indices_rank{trainer.global_rank}.json"
             path.write_text(json.dumps([int(i) for i in sampler]))
+
+
+class RecordMembers(L.Callback):
+    """Writes, per training step, the member a co-training run trained and a fingerprint of its batch (the sum
+    of its first tensor) to `<run>/members_rank<r>.json` (used through Hydra as `conftest.RecordMembers`)."""
+
+    def __init__(self) -> None:
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        for name, member_batch in batch.items():
+            first = next(v for v in vars(member_batch).values() if isinstance(v, torch.Tensor))
+            self.steps.append([name, float(first.float().sum())])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+
+        path = Path(trainer.default_root_dir) / f"members_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.steps))
 
 
 class PauseAtStep(L.Callback):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from conftest import TINY_TEXT, make_image_folder, make_parallel, small_run
+from conftest import TINY_TEXT, cotrain_small_run, make_image_folder, make_parallel, small_run, task_modality
 from test_audio import make_tones
 from mmtx import build, compose
 from mmtx.config import config_dir
@@ -27,10 +27,11 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def modality(task: str) -> str:
-    cfg = compose(task)
-    kind = {"TokenEmbedding": "text", "MelTokenizer": "audio"}.get(cfg.tokenizer._target_.rsplit(".", 1)[-1], "image")
-    return f"{kind}2text" if cfg.family._target_.endswith("Seq2Seq") else kind
+def tiny(task: str, tmp_path: Path, data_root: Path) -> list[str]:
+    """The overrides that make `task` tiny on the miniature data root (a co-training task: its members)."""
+    if "members" in compose(task):
+        return cotrain_small_run(task, tmp_path, data_root)
+    return small_run(tmp_path, data_root, task_modality(task))
 
 
 def test_tasks_are_found():
@@ -40,7 +41,7 @@ def test_tasks_are_found():
 
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_composes_and_runs_fast_dev_run(task, data_root, tmp_path):
-    cfg = compose(task, [*small_run(tmp_path, data_root, modality(task)), "trainer.fast_dev_run=true"])
+    cfg = compose(task, [*tiny(task, tmp_path, data_root), "trainer.fast_dev_run=true"])
     assert cfg.task_name == task
     summary = train(cfg, run_dir=tmp_path / "run")
     assert summary["global_step"] == 1
@@ -106,7 +107,7 @@ def test_the_wheel_ships_every_package_and_config():
 @pytest.mark.parametrize("task", ["vit_cifar", "audio_fsdd", "gpt_shakespeare_cpu", "asr_fsdd", "translate_multi30k_cpu"])
 def test_every_family_logs_one_training_loss_key(task, data_root, tmp_path):
     """`train/loss` (a mean over the steps since the last log line) in every task family; no `_step`/`_epoch` twins."""
-    cfg = compose(task, [*small_run(tmp_path, data_root, modality(task)), "trainer.max_steps=3", "test_after_fit=false"])
+    cfg = compose(task, [*small_run(tmp_path, data_root, task_modality(task)), "trainer.max_steps=3", "test_after_fit=false"])
     train(cfg, run_dir=tmp_path / "run")
     with open(tmp_path / "run" / "metrics" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -46,6 +46,8 @@ class StepContext:
         return self.module._trainer is not None and self.module.trainer.sanity_checking
 
     def log(self, name: str, value: Any, **kwargs: Any) -> None:
+        # The member prefix names the loader of a co-training run's validation: no `/dataloader_idx_N` suffix.
+        kwargs.setdefault("add_dataloader_idx", False)
         self.module.log(f"{self.prefix}{name}", value, **kwargs)
 
 
@@ -91,6 +93,7 @@ class TaskPart(nn.Module, abc.ABC):
     tokenizer: nn.Module
     _train_loss: torch.Tensor | None = None  # the training losses summed since train/loss was last logged
     _train_steps = 0
+    _logged_window = 0  # train/loss was last logged in this window of trainer.log_every_n_steps steps
 
     def attach(self, backbone: nn.Module) -> None:
         """Adapt the shared backbone this part will run on, once, when the model is built (the language
@@ -124,15 +127,19 @@ class TaskPart(nn.Module, abc.ABC):
         self._train_steps += 1
         trainer = ctx.trainer
         step = trainer.global_step + 1  # this step's number, once the optimizer has stepped
-        if step % trainer.log_every_n_steps and step != trainer.max_steps:
+        # Logged at the first step this part trains in each window of log_every_n_steps: every window's last
+        # step alone, or, co-trained (a part need not train every step), its first step at or past the mark.
+        window = step // trainer.log_every_n_steps
+        if window <= self._logged_window and step != trainer.max_steps:
             return
         ctx.log("train/loss", self._train_loss / self._train_steps, on_step=True, on_epoch=False, prog_bar=True)
-        self._train_loss, self._train_steps = None, 0
+        self._train_loss, self._train_steps, self._logged_window = None, 0, window
 
     def extra_state(self) -> dict[str, Any]:
         # The train/loss window in progress, so that a resumed run logs the means an unbroken one would.
         window = None if self._train_loss is None else self._train_loss.float().cpu()
-        state: dict[str, Any] = {"mmtx_train_loss_window": {"sum": window, "steps": self._train_steps}}
+        state: dict[str, Any] = {"mmtx_train_loss_window": {"sum": window, "steps": self._train_steps,
+                                                            "logged_window": self._logged_window}}
         if self.vocab is not None:
             state["mmtx_vocab"] = self.vocab.to_json()
         return state
@@ -140,6 +147,7 @@ class TaskPart(nn.Module, abc.ABC):
     def load_extra_state(self, checkpoint: dict[str, Any]) -> None:
         window = checkpoint.get("mmtx_train_loss_window") or {}
         self._train_loss, self._train_steps = window.get("sum"), int(window.get("steps", 0))
+        self._logged_window = int(window.get("logged_window", 0))
 
     def save_files(self, folder: Path) -> None:
         vocab = getattr(self.tokenizer, "vocab", None)

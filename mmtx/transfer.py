@@ -1,0 +1,120 @@
+"""Transfer between tasks: `init_from=PATH` starts a new run from the matching weights of any mmtx checkpoint
+(single-task or co-trained), and `finetune.*` freezes parts and sets the learning rate of new ones.
+
+Unlike `resume`, which continues the same run (weights, optimizer, schedule, data order), `init_from` takes
+weights only: matched by name and shape, the backbone always, the tokenizer and task part where the two runs
+have the same ones (an `audio_fsdd` classifier's mel tokenizer and backbone start an `asr_fsdd`
+encoder-decoder; its classifier head has no place there). One table says what was loaded, what was skipped
+(a name found with another shape) and what is newly initialised; it is printed and saved as
+`<run>/init_from.tsv`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmtx.checkpoint import load_checkpoint, member_view
+from mmtx.errors import ConfigError
+from mmtx.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FREEZABLE = ("backbone", "tokenizer", "head")
+
+
+def init_from(model: nn.Module, path: str | Path, member: str | None = None) -> dict[str, list]:
+    """Copy the weights of checkpoint `path` that match `model` by name and shape into it; return
+    {"loaded": [names], "skipped": [(name, source shape, target shape)], "new": [names], "unused": [names]}.
+
+    A co-trained checkpoint gives its backbone, and the task part of `member` (to every task part of a
+    single-task `model`); without `member`, a co-trained `model` takes each of its members' parts from the
+    checkpoint's member of the same name. Nothing matching at all is an error: a wrong checkpoint must not
+    start a silently random model.
+    """
+    checkpoint = load_checkpoint(path)
+    members = checkpoint.get("mmtx_members")
+    same_members = members is not None and member is None
+    if members is not None and member is not None:
+        checkpoint = member_view(checkpoint, member, path)
+    elif members is None and member is not None:
+        raise ConfigError(f"finetune.member={member}: init_from checkpoint {path} is of a single-task run; leave "
+                          "finetune.member out")
+    elif same_members and not set(getattr(model, "tasks", {})) & set(members):
+        raise ConfigError(f"init_from checkpoint {path} is a co-training run of members {', '.join(members)}: pick "
+                          "the one whose task part this run starts from with finetune.member=NAME")
+    source = checkpoint["state_dict"]
+    target = model.state_dict()
+    loaded, skipped, new, used = [], [], [], set()
+    with torch.no_grad():
+        for name, tensor in target.items():
+            key = name if same_members or not name.startswith("tasks.") else "tasks.main." + name.split(".", 2)[2]
+            found = source.get(key)
+            if found is None:
+                new.append(name)
+            elif tuple(found.shape) != tuple(tensor.shape):
+                skipped.append((name, tuple(found.shape), tuple(tensor.shape)))
+            else:
+                tensor.copy_(found.to(tensor.dtype))
+                loaded.append(name)
+                used.add(key)
+    params = {n for n, _ in model.named_parameters()}
+    if not params & set(loaded):  # buffers (a mel filterbank) match any model: only weights count
+        raise ConfigError(f"init_from checkpoint {path} has no tensor that matches this model by name and shape "
+                          f"({len(source)} tensors there, {len(target)} here): is it a checkpoint of a model with "
+                          "this backbone (backbone.dim, backbone.depth)?")
+    # Parameters and buffers are one state dict here; the table lists the parameters (buffers follow their module).
+    return {
+        "loaded": loaded,
+        "skipped": skipped,
+        "new": [n for n in new if n in params],
+        "unused": sorted(k for k in source if k not in used),
+        "params": params,
+    }
+
+
+def report(result: dict[str, Any], path: str | Path, run_dir: Path | None) -> str:
+    """The table of `init_from`: one line per tensor (status, name, shapes), after a summary line; saved as
+    `<run_dir>/init_from.tsv` and the summary logged."""
+    params = result["params"]
+    loaded = [n for n in result["loaded"] if n in params]
+    lines = ["status\tname\tcheckpoint shape\tmodel shape"]
+    lines += [f"loaded\t{n}\t\t" for n in loaded]
+    lines += [f"skipped\t{n}\t{list(a)}\t{list(b)}" for n, a, b in result["skipped"]]
+    lines += [f"new\t{n}\t\t" for n in result["new"]]
+    lines += [f"unused\t{n}\t\t" for n in result["unused"]]
+    summary = (f"init_from {path}: loaded {len(loaded)} parameter tensors, skipped {len(result['skipped'])} "
+               f"(another shape), newly initialised {len(result['new'])}, unused in the checkpoint "
+               f"{len(result['unused'])}")
+    if run_dir is not None:
+        atomic_write_text(Path(run_dir) / "init_from.tsv", "\n".join(lines) + "\n")
+        summary += f" (the table: {Path(run_dir) / 'init_from.tsv'})"
+    log.info(summary)
+    for name, a, b in result["skipped"]:
+        log.info("  skipped %s: %s in the checkpoint, %s here", name, list(a), list(b))
+    return summary
+
+
+def part_of(name: str) -> str:
+    """backbone | tokenizer | head: which part of the model a parameter belongs to (`finetune.freeze`)."""
+    if name.startswith("backbone."):
+        return "backbone"
+    return "tokenizer" if ".tokenizer." in name else "head"
+
+
+def freeze(model: nn.Module, parts: list[str]) -> int:
+    """Stop `parts` (backbone, tokenizer, head) from training; return how many parameters were frozen."""
+    unknown = [p for p in parts if p not in FREEZABLE]
+    if unknown:
+        raise ConfigError(f"finetune.freeze={list(parts)}: {', '.join(map(repr, unknown))} is not a part; the parts "
+                          f"are {', '.join(FREEZABLE)}")
+    frozen = 0
+    for name, p in model.named_parameters():
+        if part_of(name) in parts:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen

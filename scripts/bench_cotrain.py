@@ -1,0 +1,152 @@
+"""Co-training against the single-task runs of its members, in one run of this script, on this machine.
+
+For every seed: each member trained alone (`python -m mmtx.train task=<member's task> seed=S` with the
+member's own overrides and the co-training run's backbone settings, so the single-task model is the member's
+model), then the co-training run (`python -m mmtx.train task=cotrain_<name> seed=S`), exactly as a user runs
+them. Printed: each run's test metrics, wall time (the whole process) and steps; per member the mean and range
+over the seeds, alone and co-trained; the parameters of the co-trained model against the members' models added
+up; and the time of a training step by member (median over the run, after its first 20 steps), co-trained
+against alone, from the `StepTimes` callback of this file.
+
+    python scripts/bench_cotrain.py fsdd --root ../shared/data [--seeds 1 2 3]
+    python scripts/bench_cotrain.py multimodal --root ../shared/data [--seeds 1 2 3]
+    python scripts/bench_cotrain.py fsdd --root DIR --seeds 1 --extra trainer.max_steps=40   (a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+from benchlib import cli_overrides
+
+HERE = Path(__file__).resolve().parent
+
+
+class StepTimes(L.Callback):
+    """Writes the wall time of every training step and the member(s) it trained to `<run>/step_times.json`."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float]] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        members = "+".join(batch) if isinstance(batch, dict) else "main"
+        self.rows.append((members, time.perf_counter() - self._t0))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            Path(trainer.default_root_dir, "step_times.json").write_text(json.dumps(self.rows))
+
+
+def run(name: str, args: list[str], work: Path) -> dict:
+    """`python -m mmtx.train ARGS` to its end: its summary, `wall_s` and its step times."""
+    run_dir = work / name
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "mmtx.train", *args, f"hydra.run.dir={run_dir}",
+           "+callbacks.step_times._target_=bench_cotrain.StepTimes"]
+    t0 = time.perf_counter()
+    with open(work / f"{name}.log", "w") as out:
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - t0
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd)} failed ({done.returncode}); see {work / f'{name}.log'}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    times = json.loads((run_dir / "step_times.json").read_text())
+    return {**summary, "wall_s": wall, "step_times": times}
+
+
+def median_step(times: list, member: str = "main", skip: int = 20) -> float:
+    values = [t for m, t in times[skip:] if m == member]
+    return statistics.median(values) if values else float("nan")
+
+
+def alone_overrides(cfg, member: str) -> list[str]:
+    """The overrides that make a member's task, trained alone, the member's model: its own overrides and the
+    co-training run's backbone."""
+    from omegaconf import OmegaConf
+
+    spec = cfg.members[member]
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    keep = ("dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "bias", "rotary", "dropout", "attn_dropout", "drop_path")
+    return [*(str(o) for o in spec.get("overrides") or []), *(f"backbone.{k}={backbone[k]}" for k in keep)]
+
+
+def parameters(task: str, overrides: list[str]) -> int:
+    from mmtx import compose
+    from mmtx.cotrain import resolve_cotrain
+    from mmtx.wiring import build
+
+    model, _ = build(resolve_cotrain(compose(task, overrides)))
+    return sum(p.numel() for p in model.parameters())
+
+
+def spread(values: list[float]) -> str:
+    return f"mean {statistics.mean(values):.4f} (range {min(values):.4f}-{max(values):.4f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=["fsdd", "multimodal"])
+    parser.add_argument("--root", default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (smoke runs only)")
+    args = parser.parse_args()
+    from mmtx import compose
+
+    task = f"cotrain_{args.which}"
+    cfg = compose(task)
+    work = Path(tempfile.mkdtemp(prefix=f"mmtx-bench-{task}-"))
+    common = [*cli_overrides(work, args.root), *args.extra]
+    members = {name: str(spec.task) for name, spec in cfg.members.items()}
+    metric = {name: f"{name}/test/" for name in members}
+    alone: dict[str, list[dict]] = {name: [] for name in members}
+    joint: list[dict] = []
+    for seed in args.seeds:
+        for name, member_task in members.items():
+            r = run(f"{name}-seed{seed}", [f"task={member_task}", f"seed={seed}", *common,
+                                           *alone_overrides(cfg, name)], work)
+            alone[name].append(r)
+            shown = {k: round(v, 4) for k, v in r.items() if k.startswith("test/")}
+            print(f"{name} alone ({member_task}) seed {seed}: {r['wall_s']:.1f} s wall, {r['global_step']} steps, {shown}",
+                  flush=True)
+        r = run(f"{task}-seed{seed}", [f"task={task}", f"seed={seed}", *common], work)  # paths reach the members
+        joint.append(r)
+        shown = {k: round(v, 4) for k, v in r.items() if "/test/" in k}
+        print(f"{task} seed {seed}: {r['wall_s']:.1f} s wall, {r['global_step']} steps, {shown}", flush=True)
+
+    print(f"\n{task} over seeds {args.seeds}:")
+    for name in members:
+        keys = sorted(k.removeprefix(metric[name]) for k in joint[0] if k.startswith(metric[name]))
+        for key in keys:
+            solo = [r[f"test/{key}"] for r in alone[name]]
+            co = [r[f"{metric[name]}{key}"] for r in joint]
+            print(f"  {name} test/{key}: alone {spread(solo)}; co-trained {spread(co)}")
+        solo_steps = [r["global_step"] for r in alone[name]]
+        co_steps = [sum(1 for m, _ in r["step_times"] if name in m.split("+")) for r in joint]
+        print(f"  {name} optimizer steps: alone {statistics.mean(solo_steps):.0f}, co-trained {statistics.mean(co_steps):.0f}")
+        a = [median_step(r["step_times"]) for r in alone[name]]
+        c = [median_step(r["step_times"], name) for r in joint]
+        print(f"  {name} step time: alone {statistics.mean(a) * 1000:.1f} ms, co-trained {statistics.mean(c) * 1000:.1f} ms "
+              f"(ratio {statistics.mean(c) / statistics.mean(a):.3f})")
+    print(f"  wall per run: co-trained {spread([r['wall_s'] for r in joint])} s; members alone added up "
+          f"{spread([sum(alone[n][i]['wall_s'] for n in members) for i in range(len(joint))])} s")
+    n_joint = parameters(task, common)
+    n_alone = {name: parameters(members[name], [*common, *alone_overrides(cfg, name)]) for name in members}
+    print(f"  parameters: co-trained {n_joint:,}; alone {', '.join(f'{n} {v:,}' for n, v in n_alone.items())} "
+          f"(added up {sum(n_alone.values()):,}; ratio {n_joint / sum(n_alone.values()):.3f})")
+
+
+if __name__ == "__main__":
+    main()
