@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mmtx.errors import ConfigError
-from mmtx.validate import validate
+from mmtx.validate import is_number, validate
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,6 @@ MEMBER_KEYS = ("task", "overrides", "loss_weight", "sample_weight", "tokenizer_f
 # Backbone keys that shape its weights or what they compute: the run's apply to every member; a member entry
 # that sets one to another value is an error, a member task whose own file differs is warned about.
 SHARED_BACKBONE_KEYS = ("dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "bias", "rotary")
-# The run's groups that a member's own task file does not decide: one trainer, optimizer, set of callbacks.
-RUN_LEVEL = ("trainer", "optim", "callbacks", "logger", "paths", "hydra", "sweep", "launcher", "module", "seed",
-             "resume", "test_after_fit", "print_config", "cpu_keep_freed_memory")
 
 
 def is_cotrain(cfg: DictConfig | dict) -> bool:
@@ -199,9 +196,9 @@ def member_settings(cfg: DictConfig, configs: dict[str, DictConfig]) -> dict[str
         loss_weight = spec.get("loss_weight")
         loss_weight = 1.0 if loss_weight is None else loss_weight
         sample_weight = spec.get("sample_weight")
-        if not _number(loss_weight) or loss_weight < 0:
+        if not is_number(loss_weight) or loss_weight < 0:
             raise ConfigError(f"members.{name}.loss_weight must be a number >= 0, got {loss_weight!r}")
-        if sample_weight not in (None, "steps") and not (_number(sample_weight) and sample_weight > 0):
+        if sample_weight not in (None, "steps") and not (is_number(sample_weight) and sample_weight > 0):
             raise ConfigError(f"members.{name}.sample_weight must be a number > 0, `steps` (the training steps of "
                               f"the member's task alone) or null (its training batches an epoch), got {sample_weight!r}")
         mode = spec.get("mode") or own.get("mode", "max")
@@ -216,10 +213,6 @@ def member_settings(cfg: DictConfig, configs: dict[str, DictConfig]) -> dict[str
             "reference": None if spec.get("reference") is None else float(spec.reference),
         }
     return settings
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def own_steps(member: DictConfig, datamodule: Any) -> float:
@@ -335,8 +328,6 @@ class ScheduleLoader:
 
     def __init__(self, owner: L.LightningDataModule, loaders: dict[str, Any], schedule: str,
                  sample_weights: dict[str, float | None], seed: int) -> None:
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"cotrain.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         self.owner, self.loaders, self.schedule, self.seed = owner, loaders, schedule, int(seed)
         self.names = list(loaders)
         self.rank, self.world = _rank_and_world(owner)

@@ -20,7 +20,7 @@ _ABSENT = object()  # OmegaConf.select's default: the key is not in this task's 
 Rule = tuple[str, Callable[[Any], bool]]
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -38,7 +38,7 @@ def number(low: float | None = None, high: float | None = None, low_open: bool =
     def test(value: Any) -> bool:
         if value is None:
             return optional
-        if not _number(value):
+        if not is_number(value):
             return False
         if low is not None and (value <= low if low_open else value < low):
             return False
@@ -55,7 +55,7 @@ def integer(low: int, optional: bool = False, also: tuple[Any, ...] = ()) -> Rul
 def limit(optional: bool = True) -> Rule:
     """Lightning's limit_*_batches / val_check_interval: a fraction in [0, 1] or a whole number of batches."""
     return ("a fraction in [0, 1] or a whole number of batches >= 0" + (" or null" if optional else ""),
-            lambda v: (v is None and optional) or (_integer(v) and v >= 0) or (_number(v) and 0 <= v <= 1))
+            lambda v: (v is None and optional) or (_integer(v) and v >= 0) or (is_number(v) and 0 <= v <= 1))
 
 
 def boolean() -> Rule:
@@ -123,7 +123,7 @@ def validate(cfg: DictConfig) -> None:
         if not test(node):
             raise ConfigError(f"{key}={node!r} is not valid: {key} must be {allowed}")
     betas = OmegaConf.select(cfg, "optim.betas", default=None)
-    if betas is not None and not (len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
+    if betas is not None and not (len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optim.betas={list(betas)!r} is not valid: it must be two numbers in [0, 1)")
     dim, heads = OmegaConf.select(cfg, "backbone.dim"), OmegaConf.select(cfg, "backbone.num_heads")
     if _integer(dim) and _integer(heads) and dim % heads:

@@ -159,13 +159,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None):
 def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, **overrides: Any) -> L.Trainer:
     """The Lightning Trainer of `cfg.trainer`, with the run's callbacks and logger, atomic checkpoint writes,
     and how progress shows (mmtx.progress): a Rich bar on a terminal, plain log lines in a file or a pipe."""
-    from mmtx.progress import (
-        ModelSummary,
-        ProgressBar,
-        ProgressLog,
-        quiet_lightning,
-        stdout_is_terminal,
-    )
+    from mmtx.progress import ModelSummary, ProgressBar, ProgressLog, quiet_lightning, stdout_is_terminal
 
     quiet_lightning()
     logger = build_logger(cfg, run_dir, wandb_id)
