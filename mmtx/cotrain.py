@@ -16,23 +16,13 @@ member's number of training batches an epoch), `tokenizer_from` (another member 
 uses: one mel front end for two audio tasks), and `monitor`/`mode`/`reference` (the member's validation
 metric, its direction and its reference value, for `cotrain.best: mean`).
 
-Schedules (`cotrain.schedule`, PolyViT's names), one member per optimizer step unless noted:
-  weighted      a member drawn at random, with probability proportional to its `sample_weight` (default)
-  uniform       a member drawn at random, all equally likely
-  round_robin   the members in turn
-  accumulate    every member at every step: one batch of each, the weighted losses summed
-The draws are seeded by `cotrain.seed` and the epoch, identical on every rank (so every DDP rank trains the
-same member at a step), and a run resumed mid-epoch continues the same sequence of members and batches.
-
-An epoch is the sum of the members' training batches (accumulate: the largest member's); a member whose
-batches run out starts its next epoch (a new shuffle) within the co-training epoch.
+The schedules that pick a member per training step and the members' data behind one data module:
+`mmtx.data.cotrain`. This module: the members' configurations and settings, and the best-checkpoint score.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +32,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmtx.data.cotrain import CoTrainData
 from mmtx.errors import ConfigError
 from mmtx.validate import is_number, validate
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("weighted", "uniform", "round_robin", "accumulate")
 MEMBER_KEYS = ("task", "overrides", "loss_weight", "sample_weight", "tokenizer_from", "monitor", "mode", "reference")
 # Backbone keys that shape its weights or what they compute: the run's apply to every member; a member entry
 # that sets one to another value is an error, a member task whose own file differs is warned about.
@@ -277,182 +267,3 @@ class CoTrainScore(L.Callback):
         trainer.callback_metrics["val/score"] = score
         for logger in trainer.loggers:
             logger.log_metrics({"val/score": float(score)}, step=trainer.global_step)
-
-
-def member_sequence(schedule: str, weights: list[float], length: int, seed: int, epoch: int) -> torch.Tensor:
-    """The member (its position in `weights`) trained at each of the `length` steps of co-training epoch
-    `epoch`; seeded by (seed, epoch) only, so every rank and every resumed run draws the same."""
-    n = len(weights)
-    if schedule == "round_robin":
-        return (torch.arange(length) + epoch * length) % n
-    if schedule == "accumulate":
-        raise ValueError("accumulate trains every member at every step: no sequence")
-    probs = torch.tensor(weights if schedule == "weighted" else [1.0] * n, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919 * (epoch + 1))
-    return torch.multinomial(probs, length, replacement=True, generator=generator)
-
-
-class _MemberStream:
-    """One member's training index batches, one member epoch after the next (its own seeded shuffle each),
-    starting `done` batches in (so a resumed run continues where it stopped); under DDP every rank takes
-    every `world`-th batch of the epoch."""
-
-    def __init__(self, loader, done: int, per_epoch: int, rank: int, world: int) -> None:
-        self.loader, self.per_epoch, self.rank, self.world = loader, per_epoch, rank, world
-        self.epoch, offset = divmod(done, per_epoch)
-        self._iterator = self._epoch_batches()
-        for _ in range(offset):
-            next(self._iterator)
-
-    def _epoch_batches(self) -> Iterator[Any]:
-        for sampler in (self.loader.sampler, getattr(self.loader.batch_sampler, "sampler", None)):
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(self.epoch)
-        batches = itertools.islice(iter(self.loader), self.rank, None, self.world)
-        return itertools.islice(batches, self.per_epoch)
-
-    def __next__(self) -> Any:
-        try:
-            return next(self._iterator)
-        except StopIteration:
-            self.epoch += 1
-            self._iterator = self._epoch_batches()
-            return next(self._iterator)
-
-
-class ScheduleLoader:
-    """The co-training run's training loader: per step, the index batch of the member the schedule picks
-    (`{"member": name, "index": ..., "split": "train"}`), or of every member (`accumulate`:
-    `{"members": {name: batch}}`). Resumable like `mmtx.data.base.ResumableLoader`: its place in the epoch is
-    saved with the fit loop, and the members' places are recomputed from the schedule's draws."""
-
-    def __init__(self, owner: L.LightningDataModule, loaders: dict[str, Any], schedule: str,
-                 sample_weights: dict[str, float | None], seed: int) -> None:
-        self.owner, self.loaders, self.schedule, self.seed = owner, loaders, schedule, int(seed)
-        self.names = list(loaders)
-        self.rank, self.world = _rank_and_world(owner)
-        self.per_epoch = {name: len(loader) // self.world for name, loader in loaders.items()}
-        empty = [name for name, n in self.per_epoch.items() if n == 0]
-        if empty:
-            raise ConfigError(f"member(s) {', '.join(empty)} have no full training batch "
-                              "(members.<name>.data.batch_size is larger than the training split)")
-        self.weights = [sample_weights.get(name) or float(self.per_epoch[name]) for name in self.names]
-        counts = list(self.per_epoch.values())
-        self.length = max(counts) if schedule == "accumulate" else sum(counts)
-        self._epoch: int | None = None
-        self._skip = 0
-        self._sequences: dict[int, torch.Tensor] = {}
-
-    def __len__(self) -> int:
-        return self.length
-
-    def sequence(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._sequences:
-            self._sequences = {epoch: member_sequence(self.schedule, self.weights, self.length, self.seed, epoch)}
-        return self._sequences[epoch]
-
-    def batches_done(self, epoch: int, steps: int) -> list[int]:
-        """How many batches each member has trained before step `steps` of epoch `epoch`."""
-        if self.schedule == "accumulate":
-            return [epoch * self.length + steps] * len(self.names)
-        done = torch.zeros(len(self.names), dtype=torch.long)
-        for e in range(epoch):
-            done += torch.bincount(member_sequence(self.schedule, self.weights, self.length, self.seed, e),
-                                   minlength=len(self.names))
-        done += torch.bincount(self.sequence(epoch)[:steps], minlength=len(self.names))
-        return done.tolist()
-
-    def state_dict(self) -> dict[str, int]:
-        trainer = getattr(self.owner, "trainer", None)
-        if trainer is None:
-            return {"epoch": 0, "batches": 0}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": int(trainer.current_epoch), "batches": int(done)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        epoch, batches = int(state["epoch"]), int(state["batches"])
-        if batches >= self.length:  # saved at the end of an epoch: the next one starts from its beginning
-            epoch, batches = epoch + 1, 0
-        self._epoch, self._skip = epoch, batches
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        trainer = getattr(self.owner, "trainer", None)
-        epoch = self._epoch if self._epoch is not None else (int(trainer.current_epoch) if trainer else 0)
-        skip, self._epoch, self._skip = self._skip, None, 0
-        done = self.batches_done(epoch, skip)
-        streams = {name: _MemberStream(self.loaders[name], done[i], self.per_epoch[name], self.rank, self.world)
-                   for i, name in enumerate(self.names)}
-        if self.schedule == "accumulate":
-            for _ in range(skip, self.length):
-                yield {"members": {name: next(stream) for name, stream in streams.items()}}
-            return
-        sequence = self.sequence(epoch).tolist()
-        for step in range(skip, self.length):
-            name = self.names[sequence[step]]
-            yield {**next(streams[name]), "member": name}
-
-
-def _rank_and_world(owner: L.LightningDataModule) -> tuple[int, int]:
-    trainer = getattr(owner, "trainer", None)
-    if trainer is None:
-        return 0, 1
-    return int(trainer.global_rank), int(trainer.world_size)
-
-
-class CoTrainData(L.LightningDataModule):
-    """The members' data modules behind one: training batches by the schedule (`ScheduleLoader`), and
-    for validation and test one loader per member (Lightning's multiple loaders: each member validated on
-    its whole validation split every time, sharded by Lightning under DDP)."""
-
-    def __init__(self, members: dict[str, Any], schedule: str = "weighted",
-                 sample_weights: dict[str, float | None] | None = None, seed: int = 0,
-                 own_steps: dict[str, float | None] | None = None) -> None:
-        super().__init__()
-        self.members = members
-        self.own_steps = own_steps or {}  # the optimizer steps each member's task trains alone
-        self.schedule = schedule
-        self.sample_weights = sample_weights or {}
-        self.seed = seed
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"cotrain.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-
-    def prepare_data(self) -> None:
-        for dm in self.members.values():
-            dm.prepare_data()
-
-    def setup(self, stage: str | None = None) -> None:
-        for dm in self.members.values():
-            dm.setup(stage)
-            dm.trainer = self.trainer  # the members' loaders read the fit loop's progress through their owner
-
-    def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
-        return {name: dm.runtime_kwargs() for name, dm in self.members.items()}
-
-    def has_split(self, split: str) -> bool:
-        return bool(self._with_split(split))
-
-    def _with_split(self, split: str) -> list[str]:
-        return [name for name, dm in self.members.items() if not hasattr(dm, "has_split") or dm.has_split(split)]
-
-    def train_dataloader(self) -> ScheduleLoader:
-        loaders = {name: dm.train_dataloader() for name, dm in self.members.items()}
-        return ScheduleLoader(self, loaders, self.schedule, self.sample_weights, self.seed)
-
-    def val_dataloader(self) -> list:
-        return [self.members[name].val_dataloader() for name in self._with_split("val")]
-
-    def test_dataloader(self) -> list:
-        return [self.members[name].test_dataloader() for name in self._with_split("test")]
-
-    def member_of(self, dataloader_idx: int) -> str:
-        """The member whose validation (or test) loader has this index."""
-        trainer = getattr(self, "trainer", None)
-        testing = trainer is not None and trainer.testing
-        return self._with_split("test" if testing else "val")[dataloader_idx]
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> dict[str, Any]:
-        """An index batch -> {member: typed batch}, each gathered by its member's data module."""
-        if "members" in batch:
-            return {name: self.members[name].on_after_batch_transfer(b) for name, b in batch["members"].items()}
-        name = batch.pop("member") if "member" in batch else self.member_of(dataloader_idx)
-        return {name: self.members[name].on_after_batch_transfer(batch)}

@@ -17,7 +17,8 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mmtx.checkpoint import AtomicCheckpointIO
-from mmtx.cotrain import CoTrainData, CoTrainScore, is_cotrain, member_settings, own_steps, resolved_members
+from mmtx.cotrain import CoTrainScore, is_cotrain, member_settings, own_steps, resolved_members
+from mmtx.data.cotrain import CoTrainData
 from mmtx.errors import ConfigError, user_error
 from mmtx.module import SINGLE, MmtxModule
 

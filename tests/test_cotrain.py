@@ -11,13 +11,9 @@ from conftest import TINY_TEXT, cotrain_small_run, make_image_folder, read_metri
 
 from mmtx import build, compose
 from mmtx.checkpoint import load_checkpoint
-from mmtx.cotrain import (
-    ScheduleLoader,
-    member_sequence,
-    normalised_score,
-    resolve_cotrain,
-)
+from mmtx.cotrain import normalised_score, resolve_cotrain
 from mmtx.data.base import EpochShuffle, index_loader
+from mmtx.data.cotrain import ScheduleLoader, member_sequence
 from mmtx.errors import ConfigError
 from mmtx.train import train
 

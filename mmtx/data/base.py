@@ -108,6 +108,30 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
         return iter(torch.cat(batches).tolist())
 
 
+def fit_position(owner: L.LightningDataModule | None) -> dict[str, int]:
+    """A training loader's place, as its checkpointed state: the epoch and the batches the trainer finished in
+    it (not those the loader yielded: Lightning fetches one ahead). `owner`: the DataModule, whose trainer knows."""
+    trainer = getattr(owner, "trainer", None)
+    if trainer is None:
+        return {"epoch": 0, "batches": 0}
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return {"epoch": int(trainer.current_epoch), "batches": int(done)}
+
+
+def resume_position(state: dict[str, int], length: int) -> tuple[int, int]:
+    """(epoch, batches to skip) where a loader of `length` batches a epoch goes on from `fit_position`'s state:
+    saved at the end of an epoch, the next one from its beginning."""
+    epoch, batches = int(state["epoch"]), int(state["batches"])
+    return (epoch + 1, 0) if batches >= length else (epoch, batches)
+
+
+def set_sampler_epoch(loader: DataLoader, epoch: int) -> None:
+    """Give `loader`'s sampler (or its batch sampler's) the epoch whose seeded order it is to draw."""
+    for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader of index batches whose place in the epoch is saved in checkpoints and restored on
     resume, so a run stopped at any step trains on exactly the batches it would have seen.
@@ -127,20 +151,11 @@ class ResumableLoader(DataLoader):
         self._skip: int = 0
 
     def state_dict(self) -> dict[str, int]:
-        trainer = self.owner.trainer if self.owner is not None else None
-        if trainer is None:
-            return {"epoch": 0, "batches": 0}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": int(trainer.current_epoch), "batches": int(done)}
+        return fit_position(self.owner)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        epoch, batches = int(state["epoch"]), int(state["batches"])
-        if batches >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
-            epoch, batches = epoch + 1, 0
-        for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
-            if hasattr(sampler, "set_epoch"):  # the iterator is made before Lightning sets the epoch
-                sampler.set_epoch(epoch)
-        self._skip = batches
+        epoch, self._skip = resume_position(state, len(self))
+        set_sampler_epoch(self, epoch)  # the iterator is made before Lightning sets the epoch
 
     def __iter__(self):
         iterator = super().__iter__()
