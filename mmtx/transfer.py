@@ -29,7 +29,8 @@ FREEZABLE = ("backbone", "tokenizer", "head")
 
 def init_from(model: nn.Module, path: str | Path, member: str | None = None) -> dict[str, list]:
     """Copy the weights of checkpoint `path` that match `model` by name and shape into it; return
-    {"loaded": [names], "skipped": [(name, source shape, target shape)], "new": [names], "unused": [names]}.
+    {"loaded": [parameter names], "skipped": [(name, source shape, target shape)], "new": [parameter names],
+    "unused": [checkpoint names]}.
 
     A co-trained checkpoint gives its backbone, and the task part of `member` (to every task part of a
     single-task `model`); without `member`, a co-trained `model` takes each of its members' parts from the
@@ -62,26 +63,21 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None) -> 
                 tensor.copy_(found.to(tensor.dtype))
                 loaded.append(name)
                 used.add(key)
+    # One state dict holds parameters and buffers; buffers (a mel filterbank) are copied with their module, but
+    # the table and the "nothing matched" check count parameters only: a buffer matches any model.
     params = {n for n, _ in model.named_parameters()}
-    if not params & set(loaded):  # buffers (a mel filterbank) match any model: only weights count
+    loaded, new = [n for n in loaded if n in params], [n for n in new if n in params]
+    if not loaded:
         raise ConfigError(f"init_from checkpoint {path} has no tensor that matches this model by name and shape "
                           f"({len(source)} tensors there, {len(target)} here): is it a checkpoint of a model with "
                           "this backbone (backbone.dim, backbone.depth)?")
-    # Parameters and buffers are one state dict here; the table lists the parameters (buffers follow their module).
-    return {
-        "loaded": loaded,
-        "skipped": skipped,
-        "new": [n for n in new if n in params],
-        "unused": sorted(k for k in source if k not in used),
-        "params": params,
-    }
+    return {"loaded": loaded, "skipped": skipped, "new": new, "unused": sorted(k for k in source if k not in used)}
 
 
 def report(result: dict[str, Any], path: str | Path, run_dir: Path | None) -> str:
     """The table of `init_from`: one line per tensor (status, name, shapes), after a summary line; saved as
     `<run_dir>/init_from.tsv` and the summary logged."""
-    params = result["params"]
-    loaded = [n for n in result["loaded"] if n in params]
+    loaded = result["loaded"]
     lines = ["status\tname\tcheckpoint shape\tmodel shape"]
     lines += [f"loaded\t{n}\t\t" for n in loaded]
     lines += [f"skipped\t{n}\t{list(a)}\t{list(b)}" for n, a, b in result["skipped"]]
