@@ -58,8 +58,8 @@ def _flat(batch) -> tuple:
 def test_the_schedule_loader_resumes_mid_epoch_on_the_same_members_and_batches(schedule):
     sizes = {"a": 40, "b": 12}  # 10 and 3 batches of 4: b runs out and starts its next epoch inside one of a's
     straight = ScheduleLoader(_Owner(), _loaders(sizes), schedule, {}, seed=7)
-    epochs = [[_flat(b) for b in straight] for _ in range(1)]
-    straight._epoch = 1
+    epochs = [[_flat(b) for b in straight]]
+    straight.load_state_dict({"epoch": 1, "batches": 0})  # no trainer here: the next epoch, as a resume would
     epochs.append([_flat(b) for b in straight])
     assert len(straight) == (10 if schedule == "accumulate" else 13) == len(epochs[0])
     for epoch, cut in [(0, 5), (1, 2), (1, 11)]:
