@@ -15,6 +15,11 @@ from mmtx.files import atomic_write_text
 log = logging.getLogger(__name__)
 
 
+def is_test_metric(key: str) -> bool:
+    """`test/acc` of a single-task run, `{member}/test/acc` of a co-training run's member."""
+    return key.startswith("test/") or "/test/" in key
+
+
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job folder of `sweep_dir` that holds a summary.json: job, overrides, metrics."""
     rows = []
@@ -26,7 +31,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         row = {"job": job.name, "overrides": " ".join(str(o) for o in overrides)}
         if summary.get("monitor"):
             row[f"best {summary['monitor']}"] = summary.get("best_score")
-        row.update({k: v for k, v in summary.items() if k.startswith("test/")})
+        row.update({k: v for k, v in summary.items() if is_test_metric(k)})
         row.update({"steps": summary.get("global_step"), "run_dir": summary.get("run_dir")})
         rows.append(row)
     return rows

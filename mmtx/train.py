@@ -33,6 +33,7 @@ from mmtx.files import atomic_write_text
 from mmtx.progress import print_run_header
 from mmtx.errors import ConfigError, NonFiniteError, reported
 from mmtx.runinfo import run_info
+from mmtx.sweep import is_test_metric
 from mmtx.validate import validate
 from mmtx.wiring import build_data, build_model, build_trainer
 
@@ -179,7 +180,7 @@ def _log_final_metrics(trainer: L.Trainer, hparams: dict[str, Any], summary: dic
     """TensorBoard's hparams view: the run's configuration beside its final figures (`final/best_<monitor>`,
     `final/test/...`), so that the runs of a sweep compare in one table. (W&B has the config and the
     summary metrics already.)"""
-    metrics = {f"final/test/{k.removeprefix('test/')}": v for k, v in summary.items() if k.startswith("test/") and v is not None}
+    metrics = {f"final/{k}": v for k, v in summary.items() if is_test_metric(k) and v is not None}
     if summary["best_score"] is not None:
         metrics[f"final/best_{summary['monitor']}"] = summary["best_score"]
     if not metrics:
@@ -280,7 +281,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary["best_score"] is not None:
         lines.append(f"best {summary['monitor']}: {summary['best_score']:.4f}")
     for key, value in summary.items():
-        if key.startswith("test/"):
+        if is_test_metric(key):
             shown = "-" if value is None else f"{value:.4f}"
             lines.append(f"{key}:{' ' * max(1, 15 - len(key))}{shown}")
     lines.append(f"best checkpoint: {summary['best_checkpoint'] or '-'}")

@@ -8,14 +8,21 @@ over the seeds, alone and co-trained; the parameters of the co-trained model aga
 up; and the time of a training step by member (median over the run, after its first 20 steps), co-trained
 against alone, from the `StepTimes` callback of this file.
 
+`--transfer` (fsdd only) adds, for every seed, `asr_fsdd` started from that seed's `audio_fsdd` checkpoint
+(`init_from=<audio run>/checkpoints/last.ckpt`, everything else as the single-task asr run) and compares its
+steps to target with the single-task asr run's: the optimizer step of the first validation whose `val/wer` is at
+most `--target` (0.02), from each run's metrics.csv, and each run's final test WER.
+
     python scripts/bench_cotrain.py fsdd --root ../shared/data [--seeds 1 2 3]
     python scripts/bench_cotrain.py multimodal --root ../shared/data [--seeds 1 2 3]
+    python scripts/bench_cotrain.py fsdd --root ../shared/data --seeds 1 2 3 --transfer
     python scripts/bench_cotrain.py fsdd --root DIR --seeds 1 --extra trainer.max_steps=40   (a smoke run)
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -72,6 +79,16 @@ def median_step(times: list, member: str = "main", skip: int = 20) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def steps_to(run_dir: Path, key: str, target: float) -> int | None:
+    """The step of the first validation whose `key` is at most `target` (metrics.csv of the run's CSV logger)."""
+    for path in sorted(run_dir.glob("metrics/version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get(key) and float(row[key]) <= target:
+                    return int(row["step"]) + 1  # the logged step is the last one trained (0-based)
+    return None
+
+
 def alone_overrides(cfg, member: str) -> list[str]:
     """The overrides that make a member's task, trained alone, the member's model: its own overrides and the
     co-training run's backbone."""
@@ -101,8 +118,13 @@ def main() -> None:
     parser.add_argument("which", choices=["fsdd", "multimodal"])
     parser.add_argument("--root", default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--transfer", action="store_true",
+                        help="fsdd: also asr_fsdd initialised from each seed's audio_fsdd checkpoint")
+    parser.add_argument("--target", type=float, default=0.02, help="--transfer: the val/wer to reach")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (smoke runs only)")
     args = parser.parse_args()
+    if args.transfer and args.which != "fsdd":
+        parser.error("--transfer is for fsdd (asr_fsdd from audio_fsdd)")
     from mmtx import compose
 
     task = f"cotrain_{args.which}"
@@ -113,6 +135,7 @@ def main() -> None:
     metric = {name: f"{name}/test/" for name in members}
     alone: dict[str, list[dict]] = {name: [] for name in members}
     joint: list[dict] = []
+    transfer: list[dict] = []
     for seed in args.seeds:
         for name, member_task in members.items():
             r = run(f"{name}-seed{seed}", [f"task={member_task}", f"seed={seed}", *common,
@@ -121,6 +144,13 @@ def main() -> None:
             shown = {k: round(v, 4) for k, v in r.items() if k.startswith("test/")}
             print(f"{name} alone ({member_task}) seed {seed}: {r['wall_s']:.1f} s wall, {r['global_step']} steps, {shown}",
                   flush=True)
+        if args.transfer:
+            ckpt = work / f"audio-seed{seed}" / "checkpoints" / "last.ckpt"
+            r = run(f"asr-from-audio-seed{seed}", ["task=asr_fsdd", f"seed={seed}", f"init_from={ckpt}", *common,
+                                                     *alone_overrides(cfg, "asr")], work)
+            transfer.append(r)
+            print(f"asr from audio seed {seed}: {r['wall_s']:.1f} s wall, {r['global_step']} steps, "
+                  f"test/wer {r['test/wer']:.4f}", flush=True)
         r = run(f"{task}-seed{seed}", [f"task={task}", f"seed={seed}", *common], work)  # paths reach the members
         joint.append(r)
         shown = {k: round(v, 4) for k, v in r.items() if "/test/" in k}
@@ -142,6 +172,19 @@ def main() -> None:
               f"(ratio {statistics.mean(c) / statistics.mean(a):.3f})")
     print(f"  wall per run: co-trained {spread([r['wall_s'] for r in joint])} s; members alone added up "
           f"{spread([sum(alone[n][i]['wall_s'] for n in members) for i in range(len(joint))])} s")
+    if transfer:
+        print(f"  transfer (asr_fsdd from audio_fsdd's checkpoint), steps to val/wer <= {args.target}:")
+        ratios = []
+        for seed, scratch, warm in zip(args.seeds, alone["asr"], transfer):
+            a = steps_to(work / f"asr-seed{seed}", "val/wer", args.target)
+            b = steps_to(work / f"asr-from-audio-seed{seed}", "val/wer", args.target)
+            if a and b:
+                ratios.append(b / a)
+            print(f"    seed {seed}: from scratch {a} steps (test/wer {scratch['test/wer']:.4f}), from audio_fsdd {b} "
+                  f"steps (test/wer {warm['test/wer']:.4f})" + (f", ratio {b / a:.3f}" if a and b else ""))
+        print(f"    steps ratio {spread(ratios) if ratios else 'n/a (a run never reached the target)'}; test/wer "
+              f"from scratch {spread([r['test/wer'] for r in alone['asr']])}, from audio_fsdd "
+              f"{spread([r['test/wer'] for r in transfer])}")
     n_joint = parameters(task, common)
     n_alone = {name: parameters(members[name], [*common, *alone_overrides(cfg, name)]) for name in members}
     print(f"  parameters: co-trained {n_joint:,}; alone {', '.join(f'{n} {v:,}' for n, v in n_alone.items())} "

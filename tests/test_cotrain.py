@@ -2,6 +2,8 @@
 resumability, one tensor set for the backbone, per-member metrics and checkpoints, exact mid-epoch resume,
 and the errors for members that cannot share the run."""
 
+import csv
+import json
 import re
 from pathlib import Path
 
@@ -242,3 +244,26 @@ def test_two_process_ddp_cotraining_trains_the_same_member_on_both_ranks(mixed_r
     assert {m for m, _ in rank0} == {"image", "text"}
     assert all(a != b for (_, a), (_, b) in zip(rank0, rank1))  # each rank its own batch of that member
     assert json.loads((run / "summary.json").read_text())["global_step"] == 6
+
+
+def test_the_multirun_summary_table_lists_every_member(tmp_path):
+    from mmtx.sweep import write_sweep_summary
+
+    for job, lr in (("0", 1e-3), ("1", 3e-4)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- task=cotrain_fsdd\n- optim.lr={lr}\n")
+        summary = {"monitor": "val/score", "best_score": 1.01, "global_step": 10, "run_dir": str(tmp_path / job),
+                   "audio/test/acc": 0.5, "asr/test/wer": 0.25, "asr/test/cer": 0.125}
+        (tmp_path / job / "summary.json").write_text(json.dumps(summary))
+    rows = list(csv.DictReader(open(write_sweep_summary(tmp_path)), delimiter="\t"))
+    assert [r["overrides"] for r in rows] == ["task=cotrain_fsdd optim.lr=0.001", "task=cotrain_fsdd optim.lr=0.0003"]
+    assert [(r["best val/score"], r["audio/test/acc"], r["asr/test/wer"], r["asr/test/cer"]) for r in rows] == \
+        [("1.01", "0.5", "0.25", "0.125")] * 2
+
+
+def test_the_end_of_run_summary_prints_every_member(cotrained, capsys):
+    from mmtx.train import _print_summary
+
+    _print_summary(cotrained)
+    printed = capsys.readouterr().out
+    assert re.search(r"image/test/acc:\s+\d\.\d{4}", printed) and re.search(r"text/test/loss:\s+\d\.\d{4}", printed)
