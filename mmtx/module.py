@@ -188,8 +188,9 @@ class MmtxModule(L.LightningModule):
 
         The global L2 norm of the gradients, computed once, decides whether the step is taken
         (`NonFiniteGuard`; a GradScaler's overflowing steps are its own business), is logged as
-        `train/grad_norm` (before clipping; this rank's shard under FSDP) on logged steps, and clips
-        by norm (`trainer.gradient_clip_val`) without being computed a second time.
+        `train/grad_norm` (before clipping) on logged steps, and clips by norm (`trainer.gradient_clip_val`)
+        without being computed a second time. Under FSDP each rank holds a shard: the skip decision is the
+        ranks' worst, and the clipping and the logged norm are the FSDP module's (all shards).
         """
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else None
@@ -199,13 +200,17 @@ class MmtxModule(L.LightningModule):
                 p.grad = None  # the optimizer leaves parameters without gradients as they are
             self.log("train/skipped_steps", float(self.guard.skipped), on_step=True, on_epoch=False)
             return
+        by_norm = (gradient_clip_algorithm or "norm") == "norm"
+        if gradient_clip_val and by_norm and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's FSDP precision plugin clips by value only; by norm is the FSDP module's own method,
+            # which reduces the shards' norms across ranks (every rank calls it) and returns that global norm.
+            norm = self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        elif gradient_clip_val and by_norm and norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, norm)
+        else:  # clipping by value (Lightning's, FSDP's included), or none
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         if norm is not None and self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-        by_norm = (gradient_clip_algorithm or "norm") == "norm"
-        if gradient_clip_val and by_norm and norm is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
-            torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, norm)
-        else:  # clipping by value, or FSDP's own sharded clipping
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def weights_are_finite(self) -> bool:
         """True when every parameter is finite and the last optimizer step was not skipped as non-finite."""

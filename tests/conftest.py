@@ -243,3 +243,43 @@ def cli(module: str, *args: str, timeout: float = 300, env: dict | None = None) 
     """`python -m <module> <args>` in a fresh process, from the repository root."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**ENV, **(env or {})})
+
+
+
+def cpu_fsdp(**kwargs):
+    """mmtx's FSDP strategy (`trainer=fsdp`, mmtx.distributed.fsdp) on CPU processes (gloo), for tests.
+
+    Lightning refuses an `FSDPStrategy` without a GPU (but not a subclass of it), and torch's FSDP takes the CPU
+    only when named as its `device_id`, which Lightning leaves out on a CPU: the subclass names it. The
+    wrapping, sharding and checkpoint gathering are torch's and Lightning's own."""
+    import torch
+    import torch.distributed.fsdp as torch_fsdp
+
+    from mmtx.distributed import fsdp
+
+    strategy = fsdp(**kwargs)
+
+    class OnCPU(torch_fsdp.FullyShardedDataParallel):
+        def __init__(self, *args, device_id=None, **kw):
+            super().__init__(*args, device_id=torch.device("cpu"), **kw)
+
+    class CPUFSDPStrategy(type(strategy)):
+        def _setup_model(self, model):
+            original, torch_fsdp.FullyShardedDataParallel = torch_fsdp.FullyShardedDataParallel, OnCPU
+            try:
+                return super()._setup_model(model)
+            finally:
+                torch_fsdp.FullyShardedDataParallel = original
+
+        def lightning_module_state_dict(self):
+            if self._state_dict_type != "full":
+                return super().lightning_module_state_dict()
+            # Lightning gathers a full state dict with `offload_to_cpu=True`, which on CPU tensors frees what it
+            # copies (a segfault); the tensors are on the CPU already.
+            config = torch_fsdp.FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+            with torch_fsdp.FullyShardedDataParallel.state_dict_type(self.model, torch_fsdp.StateDictType.FULL_STATE_DICT,
+                                                                     config):
+                return self.model.state_dict()
+
+    strategy.__class__ = CPUFSDPStrategy
+    return strategy

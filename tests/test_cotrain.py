@@ -222,7 +222,8 @@ def test_a_member_s_data_reaches_it_from_the_command_line():
     assert cfg.member_configs.audio.backbone == cfg.backbone  # the run's backbone, shared
 
 
-def test_two_process_ddp_cotraining_trains_the_same_member_on_both_ranks(mixed_root, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_cotraining_trains_the_same_member_on_both_ranks(strategy, mixed_root, tmp_path):
     import json
     import os
     import subprocess
@@ -230,8 +231,9 @@ def test_two_process_ddp_cotraining_trains_the_same_member_on_both_ranks(mixed_r
 
     from conftest import REPO
 
-    run = tmp_path / "ddp"
-    args = image_and_text(tmp_path, mixed_root, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+    run = tmp_path / strategy
+    fsdp = ["trainer.strategy._target_=conftest.cpu_fsdp"] if strategy == "fsdp" else []  # FSDP on CPU processes
+    args = image_and_text(tmp_path, mixed_root, f"trainer={strategy}", *fsdp, "trainer.devices=2", "trainer.accelerator=cpu",
                           "trainer.precision=32-true", "trainer.max_steps=6", "trainer.max_epochs=-1",
                           "trainer.limit_val_batches=1", "test_after_fit=false", f"hydra.run.dir={run}",
                           "+callbacks.record._target_=conftest.RecordMembers")
@@ -244,6 +246,10 @@ def test_two_process_ddp_cotraining_trains_the_same_member_on_both_ranks(mixed_r
     assert {m for m, _ in rank0} == {"image", "text"}
     assert all(a != b for (_, a), (_, b) in zip(rank0, rank1))  # each rank its own batch of that member
     assert json.loads((run / "summary.json").read_text())["global_step"] == 6
+    norms = [float(r["train/grad_norm"]) for r in read_metrics(run) if r.get("train/grad_norm")]
+    assert len(norms) == 6 and all(0 < n < float("inf") for n in norms)  # clipped by norm (FSDP: all shards)
+    state = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]  # one plain checkpoint, either way
+    assert state["backbone.blocks.0.attn.qkv.weight"].shape == (96, 32) and any(k.startswith("tasks.text.") for k in state)
 
 
 def test_the_multirun_summary_table_lists_every_member(tmp_path):
