@@ -37,6 +37,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def check_checkpoint(path: str | Path) -> Path:
     """Fail with one clear message if `path` is missing or not a readable checkpoint."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder without mmtx.json: give a checkpoint file (a run's "
+                              "checkpoints/*.ckpt) or a folder written by python -m mmtx.export")
     if not path.is_file():
         raise MissingError(f"checkpoint {path} does not exist")
     try:
@@ -66,7 +69,12 @@ def safe_load(path: str | Path, what: str = "checkpoint", mmap: bool = False) ->
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """A checkpoint written by mmtx.train, checked and loaded safely onto the CPU, with its run configuration."""
+    """A checkpoint written by mmtx.train, checked and loaded safely onto the CPU, with its run configuration;
+    or a folder written by mmtx.export, read as a checkpoint of weights and configuration only."""
+    from mmtx.export import is_export, load_export
+
+    if is_export(path):
+        return load_export(path)
     path = check_checkpoint(path)
     checkpoint = safe_load(path, mmap=mmap)
     if not isinstance(checkpoint, dict) or "mmtx_config" not in checkpoint or "state_dict" not in checkpoint:
@@ -127,6 +135,9 @@ def find_resume(resume: str | None, output_root: str | Path, task_name: str,
         resume = str(max(found, key=lambda p: p.stat().st_mtime))
         log.info("resuming from %s", resume)
     checkpoint = load_checkpoint(resume, mmap=True)
+    if checkpoint.get("mmtx_export"):
+        raise CheckpointError(f"resume={resume} is an exported model (weights only, no optimizer or data position "
+                              f"to continue from): start a new run from its weights with init_from={resume}")
     stored = (checkpoint["mmtx_config"] or {}).get("task_name")
     if stored != task_name:
         raise CheckpointError(

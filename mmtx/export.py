@@ -1,0 +1,163 @@
+"""`python -m mmtx.export ckpt=PATH [format=safetensors] [out=DIR]`: a trained model's weights and
+configuration, without the training state, as a folder other tools and `init_from=` read (a Hydra
+application: `conf/export.yaml`, `--help`).
+
+`format=safetensors` writes, like Hugging Face's `save_pretrained`:
+
+    DIR/model.safetensors   every tensor of the model (no optimizer state, no pickle: nothing in it runs)
+    DIR/config.yaml         the run's resolved configuration (a co-training run's, its members' inside)
+    DIR/mmtx.json           what rebuilds the model besides the configuration (vocabularies, class names,
+                            input geometry, co-training members), the run's provenance, and the name and
+                            shape of every tensor, checked when the folder is read
+
+`load_checkpoint(DIR)` reads such a folder back as a checkpoint holding the weights and the configuration,
+so `init_from=DIR`, `mmtx.eval ckpt=DIR`, `mmtx.generate ckpt=DIR` and `mmtx.predict ckpt=DIR` take it as
+they take a `.ckpt`; `resume=` does not (no optimizer state: start a new run with `init_from=` instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from mmtx.apps import app_keys, compose_app, hydra_argv
+from mmtx.config import config_dir
+from mmtx.errors import CheckpointError, ConfigError, MissingError, reported
+
+FORMATS = ("safetensors",)
+WEIGHTS, CONFIG, META = "model.safetensors", "config.yaml", "mmtx.json"
+FORMAT_VERSION = 1
+# Checkpoint entries of training only: they do not travel with the weights.
+TRAINING_ONLY = ("mmtx_train_loss_window", "mmtx_wandb_id")
+
+
+def _model_state(value: Any) -> Any:
+    """A checkpoint's `mmtx_*` entry without its training-only parts (a member's entries included)."""
+    if isinstance(value, dict):
+        return {k: _model_state(v) for k, v in value.items() if k not in TRAINING_ONLY}
+    return value
+
+
+def default_out(ckpt: str | Path) -> Path:
+    """`<run dir>/export/<checkpoint name>` (run dir: the folder that holds checkpoints/)."""
+    path = Path(ckpt).expanduser().resolve()
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return run / "export" / path.stem
+
+
+def export(ckpt: str | Path, out: str | Path | None = None, format: str = "safetensors",
+           overwrite: bool = False) -> Path:
+    """Write checkpoint `ckpt`'s model as a folder (see the module's doc) and return the folder. The folder is
+    built beside `out` and renamed into place, so an interrupted export leaves no half-written one."""
+    from safetensors.torch import save_file
+
+    from mmtx.checkpoint import load_checkpoint
+
+    if format not in FORMATS:
+        raise ConfigError(f"format={format}: mmtx.export writes {', '.join(FORMATS)}")
+    out = Path(out).expanduser() if out else default_out(ckpt)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"out={out} exists: pass overwrite=true to replace it, or another out=")
+    checkpoint = load_checkpoint(ckpt)
+    # safetensors stores each tensor once and refuses tensors that share memory (tied embeddings): each is
+    # written as its own contiguous copy, and loaded back as separate tensors of the same values.
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in checkpoint["state_dict"].items()}
+    meta = {
+        "format": "mmtx-safetensors", "format_version": FORMAT_VERSION, "source": str(Path(ckpt).expanduser().resolve()),
+        "global_step": checkpoint.get("global_step"),
+        "tensors": {name: list(t.shape) for name, t in tensors.items()},
+        "entries": {k: _model_state(v) for k, v in checkpoint.items()
+                    if k.startswith("mmtx_") and k not in TRAINING_ONLY and k != "mmtx_config"},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "mmtx_format_version": str(FORMAT_VERSION)})
+        (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(checkpoint["mmtx_config"])), encoding="utf-8")
+        (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        shutil.copymode(tmp / META, tmp / WEIGHTS)  # safetensors writes 0600; the folder's files as any other
+        if out.exists():  # overwrite: the old folder goes only once the new one is complete
+            old = out.with_name(f".{out.name}.{os.getpid()}.old.tmp")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def is_export(path: str | Path) -> bool:
+    path = Path(path).expanduser()
+    return path.is_dir() and (path / META).is_file()
+
+
+def load_export(path: str | Path) -> dict[str, Any]:
+    """An exported folder as a checkpoint: {"state_dict", "mmtx_config", the other `mmtx_*` entries,
+    "mmtx_export": True}. A tensor missing, added or reshaped since the export is named."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    for name in (WEIGHTS, CONFIG, META):
+        if not (path / name).is_file():
+            raise MissingError(f"{path} is not a complete mmtx export: {name} is missing (write the folder again "
+                               "with python -m mmtx.export ckpt=...)")
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        config = OmegaConf.to_container(OmegaConf.load(path / CONFIG))
+        state = load_file(str(path / WEIGHTS))
+    except (ValueError, OSError, SafetensorError) as err:  # JSON, YAML and safetensors errors
+        raise CheckpointError(f"{path} is not a readable mmtx export ({err})") from None
+    if meta.get("format") != "mmtx-safetensors" or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path / META}: format {meta.get('format')!r} version {meta.get('format_version')} "
+                              f"is not one this mmtx reads (mmtx-safetensors <= {FORMAT_VERSION})")
+    expected = meta.get("tensors", {})
+    missing = [n for n in expected if n not in state]
+    added = [n for n in state if n not in expected]
+    reshaped = [f"{n} {list(state[n].shape)} (exported {expected[n]})" for n in expected
+                if n in state and list(state[n].shape) != expected[n]]
+    if missing or added or reshaped:
+        detail = "; ".join([f"missing {', '.join(missing[:5])}"] * bool(missing)
+                           + [f"not exported {', '.join(added[:5])}"] * bool(added)
+                           + [f"reshaped {', '.join(reshaped[:5])}"] * bool(reshaped))
+        raise CheckpointError(f"{path / WEIGHTS} does not hold the tensors {META} lists ({detail}): the folder was "
+                              "changed after the export; export the checkpoint again")
+    return {**meta.get("entries", {}), "state_dict": state, "mmtx_config": config,
+            "global_step": meta.get("global_step"), "mmtx_export": True}
+
+
+def _run(cfg: DictConfig) -> Path:
+    out = export(cfg.ckpt, cfg.get("out"), cfg.format, bool(cfg.overwrite))
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"exported {cfg.ckpt} -> {out} ({size / 2**20:.1f} MiB: {WEIGHTS}, {CONFIG}, {META})")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
+def _cli(cfg: DictConfig) -> None:
+    with reported("mmtx.export"):
+        _run(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> Path | None:
+    """The command line. `argv`: its arguments, from Python: returns the folder written, and a mistake raises
+    its error instead of ending the process."""
+    if argv is None:
+        sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("export"), verbatim=("ckpt", "out"))]
+        return _cli()
+    return _run(compose_app("export", hydra_argv(argv, app_keys("export"), verbatim=("ckpt", "out"))))
+
+
+if __name__ == "__main__":
+    main()
