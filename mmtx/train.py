@@ -28,6 +28,7 @@ from mmtx.checkpoint import check_model_matches, find_resume
 from mmtx.config import config_dir
 from mmtx.cotrain import resolve_cotrain, with_total_steps
 from mmtx.cpu import keep_freed_memory
+from mmtx.pretrained import check_architecture, is_pretrained, load_pretrained
 from mmtx.transfer import freeze, init_from, report
 from mmtx.files import atomic_write_text
 from mmtx.progress import print_run_header
@@ -59,6 +60,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     with _restored_dist_env(), _discarded_if_failing(run_dir) as started:
         ckpt_path, resumed = find_resume(cfg.resume, cfg.paths.output_root, cfg.task_name, exclude=run_dir)
+        pretrained = None
+        if is_pretrained(cfg.get("init_from")):  # timm:<name>: loaded, and checked against this run, before any data
+            pretrained = load_pretrained(cfg.init_from, (cfg.get("finetune") or {}).get("pretrained_file"))
+            check_architecture(cfg, pretrained)
         info = run_info(cfg.seed)
         if rank_zero_only.rank == 0:  # other ranks (DDP) share the folder and write nothing here
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -71,7 +76,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         datamodule = build_data(cfg)
         cfg = with_total_steps(cfg, datamodule)  # co-training with cotrain.max_steps=sum
         model = build_model(cfg, datamodule.runtime_kwargs())
-        _transfer(cfg, model, run_dir)
+        _transfer(cfg, model, run_dir, pretrained)
         if resumed is not None:
             check_model_matches(model, resumed["state_dict"], ckpt_path)
         model.run_info = info  # stored in every checkpoint
@@ -105,12 +110,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     return summary
 
 
-def _transfer(cfg: DictConfig, model: L.LightningModule, run_dir: Path) -> None:
-    """`init_from`: the checkpoint's matching weights (the table printed and saved), the learning rate of the
-    parameters it did not set; `finetune.freeze`: the parts that do not train."""
+def _transfer(cfg: DictConfig, model: L.LightningModule, run_dir: Path, source: dict[str, Any] | None = None) -> None:
+    """`init_from`: the checkpoint's (or pretrained `source`'s) matching weights (the table printed and saved),
+    the learning rate of the parameters it did not set; `finetune.freeze`: the parts that do not train."""
     finetune = cfg.get("finetune") or {}
     if cfg.get("init_from"):
-        result = init_from(model, cfg.init_from, finetune.get("member"))
+        result = init_from(model, cfg.init_from, finetune.get("member"), source=source)
         report(result, cfg.init_from, run_dir if rank_zero_only.rank == 0 else None)
         model.new_parameters = set(result["new"])
         model.new_lr = finetune.get("new_lr")

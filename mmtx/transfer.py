@@ -21,23 +21,32 @@ from torch import nn
 from mmtx.checkpoint import load_checkpoint, member_view
 from mmtx.errors import ConfigError
 from mmtx.files import atomic_write_text
+from mmtx.pretrained import is_pretrained, load_pretrained
 
 log = logging.getLogger(__name__)
 
 FREEZABLE = ("backbone", "tokenizer", "head")
 
 
-def init_from(model: nn.Module, path: str | Path, member: str | None = None) -> dict[str, list]:
+def init_from(model: nn.Module, path: str | Path, member: str | None = None,
+              source: dict[str, Any] | None = None) -> dict[str, list]:
     """Copy the weights of checkpoint `path` that match `model` by name and shape into it; return
     {"loaded": [parameter names], "skipped": [(name, source shape, target shape)], "new": [parameter names],
-    "unused": [checkpoint names]}.
+    "resampled": [(name, source shape, target shape)] (loaded after its module's `adapt_loaded`),
+    "unused": [checkpoint names with no tensor of that name here]}.
 
-    A co-trained checkpoint gives its backbone, and the task part of `member` (to every task part of a
+    `path` may also be `timm:<name>` (mmtx.pretrained; `source`: those weights, loaded already). A co-trained
+    checkpoint gives its backbone, and the task part of `member` (to every task part of a
     single-task `model`); without `member`, a co-trained `model` takes each of its members' parts from the
     checkpoint's member of the same name. Nothing matching at all is an error: a wrong checkpoint must not
     start a silently random model.
     """
-    checkpoint = load_checkpoint(path)
+    if source is not None:  # already loaded (pretrained weights of another library: mmtx.pretrained)
+        checkpoint = source
+    elif is_pretrained(path):
+        checkpoint = load_pretrained(str(path))
+    else:
+        checkpoint = load_checkpoint(path)
     members = checkpoint.get("mmtx_members")
     same_members = members is not None and member is None
     if members is not None and member is not None:
@@ -50,15 +59,24 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None) -> 
                           "the one whose task part this run starts from with finetune.member=NAME")
     source = checkpoint["state_dict"]
     target = model.state_dict()
-    loaded, skipped, new, used = [], [], [], set()
+    loaded, skipped, new, resampled, used = [], [], [], [], set()
     with torch.no_grad():
         for name, tensor in target.items():
             key = name if same_members or not name.startswith("tasks.") else "tasks.main." + name.split(".", 2)[2]
             found = source.get(key)
+            if found is not None and tuple(found.shape) != tuple(tensor.shape):
+                # A module that can take another shape of its tensor (ViT positions of another grid) adapts it.
+                owner, _, leaf = name.rpartition(".")
+                adapt = getattr(model.get_submodule(owner) if owner else model, "adapt_loaded", None)
+                adapted = adapt(leaf, found) if adapt is not None else None
+                if adapted is not None and tuple(adapted.shape) == tuple(tensor.shape):
+                    resampled.append((name, tuple(found.shape), tuple(tensor.shape)))
+                    found = adapted
             if found is None:
                 new.append(name)
             elif tuple(found.shape) != tuple(tensor.shape):
                 skipped.append((name, tuple(found.shape), tuple(tensor.shape)))
+                used.add(key)  # listed as skipped, not again as unused
             else:
                 tensor.copy_(found.to(tensor.dtype))
                 loaded.append(name)
@@ -71,7 +89,8 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None) -> 
         raise ConfigError(f"init_from checkpoint {path} has no tensor that matches this model by name and shape "
                           f"({len(source)} tensors there, {len(target)} here): is it a checkpoint of a model with "
                           "this backbone (backbone.dim, backbone.depth)?")
-    return {"loaded": loaded, "skipped": skipped, "new": new, "unused": sorted(k for k in source if k not in used)}
+    return {"loaded": loaded, "skipped": skipped, "new": new, "resampled": resampled,
+            "unused": sorted(k for k in source if k not in used)}
 
 
 def report(result: dict[str, Any], path: str | Path, run_dir: Path | None) -> str:
@@ -79,7 +98,9 @@ def report(result: dict[str, Any], path: str | Path, run_dir: Path | None) -> st
     `<run_dir>/init_from.tsv` and the summary logged."""
     loaded = result["loaded"]
     lines = ["status\tname\tcheckpoint shape\tmodel shape"]
-    lines += [f"loaded\t{n}\t\t" for n in loaded]
+    adapted = {n: (a, b) for n, a, b in result.get("resampled", [])}
+    lines += [f"resampled\t{n}\t{list(adapted[n][0])}\t{list(adapted[n][1])}" if n in adapted else f"loaded\t{n}\t\t"
+              for n in loaded]
     lines += [f"skipped\t{n}\t{list(a)}\t{list(b)}" for n, a, b in result["skipped"]]
     lines += [f"new\t{n}\t\t" for n in result["new"]]
     lines += [f"unused\t{n}\t\t" for n in result["unused"]]

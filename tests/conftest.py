@@ -283,3 +283,26 @@ def cpu_fsdp(**kwargs):
 
     strategy.__class__ = CPUFSDPStrategy
     return strategy
+
+
+def timm_reference(path: Path, name: str = "vit_tiny_patch16_224", **kwargs) -> Path:
+    """A timm model with random weights (no network), saved as safetensors at `path` (once): the stand-in for
+    hub weights that `init_from=timm:<name> finetune.pretrained_file=<path>` loads through mmtx's converter."""
+    if not path.is_file():
+        import timm
+        import torch
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def pretrained_small_run(tmp_path: Path, data_root: Path, reference: Path) -> list[str]:
+    """small_run for a task that starts from timm weights (vit_finetune): the task's own backbone (the weights'),
+    the reference weights from `reference`, the miniature CIFAR-10 folder at 32x32 (positions resampled)."""
+    keep = [a for a in small_run(tmp_path, data_root) if not a.startswith(("backbone.", "tokenizer."))]
+    return [*keep, f"finetune.pretrained_file={reference}", "data.source.path=cifar10", "data.source.image_size=32",
+            "data.augment.crop_padding=4"]

@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from conftest import TINY_TEXT, cotrain_small_run, make_image_folder, make_parallel, small_run, task_modality
+from conftest import (TINY_TEXT, cotrain_small_run, make_image_folder, make_parallel, pretrained_small_run, small_run,
+                      task_modality, timm_reference)
 from test_audio import make_tones
 from mmtx import build, compose
 from mmtx.config import config_dir
+from mmtx.pretrained import is_pretrained
 from mmtx.train import train
 
 TASKS = sorted(p.stem for p in (Path(config_dir()) / "task").glob("*.yaml") if not p.stem.startswith("_"))
@@ -28,9 +30,14 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def tiny(task: str, tmp_path: Path, data_root: Path) -> list[str]:
-    """The overrides that make `task` tiny on the miniature data root (a co-training task: its members)."""
-    if "members" in compose(task):
+    """The overrides that make `task` tiny on the miniature data root (a co-training task: its members; a task
+    that starts from timm weights: random weights of that model saved beside the data, and its backbone)."""
+    cfg = compose(task)
+    if "members" in cfg:
         return cotrain_small_run(task, tmp_path, data_root)
+    if is_pretrained(cfg.init_from):
+        name = cfg.init_from.split(":", 1)[1].split(".", 1)[0]
+        return pretrained_small_run(tmp_path, data_root, timm_reference(data_root / f"{name}.safetensors", name))
     return small_run(tmp_path, data_root, task_modality(task))
 
 

@@ -19,8 +19,10 @@ class PatchTokenizer(nn.Module):
     trained at one resolution evaluates at another.
 
     pos_embed: "sincos" (fixed 2D sin-cos, half the channels encode x and
-    half y) or "learned" (a learned table for x and one for y, each dim/2
-    wide, linearly resampled when the grid differs from `image_size`).
+    half y), "learned" (a learned table for x and one for y, each dim/2
+    wide, linearly resampled when the grid differs from `image_size`) or
+    "grid" (a learned vector per patch position, as ViT and timm; resampled
+    bicubically for another grid).
 
     stem: "patch" (one linear projection per patch, a strided convolution) or
     "conv" (log2(patch_size) 3x3 convolutions of stride 2 with BatchNorm and
@@ -134,4 +136,37 @@ class Learned2d(nn.Module):
         return torch.cat([x, y], dim=-1).flatten(0, 1)  # (gh*gw, D)
 
 
-_POS_EMBEDS = {"sincos": SinCos2d, "learned": Learned2d}
+class LearnedGrid(nn.Module):
+    """One learned vector per patch position of the training grid (ViT's own table, `table`: (gh, gw, D)),
+    resampled bicubically to another grid as timm does (`timm.layers.resample_abs_pos_embed`), so pretrained
+    ViTs keep their positions exactly at their own resolution and fine-tune at another."""
+
+    def __init__(self, dim: int, grid_h: int, grid_w: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(grid_h, grid_w, dim))
+        trunc_normal_(self.table, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"table"}
+
+    def adapt_loaded(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """`init_from`: positions learned on another grid, resampled to this one (timm's loading does the same)."""
+        if name != "table" or tensor.dim() != 3 or tensor.shape[-1] != self.table.shape[-1]:
+            return None
+        return resample_grid(tensor, *self.table.shape[:2])
+
+    def forward(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        return resample_grid(self.table, grid_h, grid_w).reshape(grid_h * grid_w, -1)  # (gh*gw, D)
+
+
+def resample_grid(table: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """A (gh0, gw0, D) position table at (grid_h, grid_w): bicubic, no antialiasing, in float32 (as timm's
+    `resample_abs_pos_embed` when it loads weights at another resolution)."""
+    if table.shape[:2] == (grid_h, grid_w):
+        return table
+    x = table.permute(2, 0, 1)[None].float()  # (gh0, gw0, D) -> (1, D, gh0, gw0)
+    x = nn.functional.interpolate(x, size=(grid_h, grid_w), mode="bicubic", antialias=False, align_corners=False)
+    return x[0].permute(1, 2, 0).to(table.dtype)
+
+
+_POS_EMBEDS = {"sincos": SinCos2d, "learned": Learned2d, "grid": LearnedGrid}
