@@ -29,20 +29,20 @@ FREEZABLE = ("backbone", "tokenizer", "head")
 
 
 def init_from(model: nn.Module, path: str | Path, member: str | None = None,
-              source: dict[str, Any] | None = None) -> dict[str, list]:
+              preloaded: dict[str, Any] | None = None) -> dict[str, list]:
     """Copy the weights of checkpoint `path` that match `model` by name and shape into it; return
     {"loaded": [parameter names], "skipped": [(name, source shape, target shape)], "new": [parameter names],
     "resampled": [(name, source shape, target shape)] (loaded after its module's `adapt_loaded`),
     "unused": [checkpoint names with no tensor of that name here]}.
 
-    `path` may also be `timm:<name>` (mmtx.pretrained; `source`: those weights, loaded already). A co-trained
+    `path` may also be `timm:<name>` (mmtx.pretrained; `preloaded`: those weights, loaded already). A co-trained
     checkpoint gives its backbone, and the task part of `member` (to every task part of a
     single-task `model`); without `member`, a co-trained `model` takes each of its members' parts from the
     checkpoint's member of the same name. Nothing matching at all is an error: a wrong checkpoint must not
     start a silently random model.
     """
-    if source is not None:  # already loaded (pretrained weights of another library: mmtx.pretrained)
-        checkpoint = source
+    if preloaded is not None:  # already loaded (pretrained weights of another library: mmtx.pretrained)
+        checkpoint = preloaded
     elif is_pretrained(path):
         checkpoint = load_pretrained(str(path))
     else:

@@ -46,7 +46,7 @@ def test_a_timm_vit_gives_the_same_logits_in_mmtx(root, tmp_path):
     state, arch = timm_vit_state(reference)
     assert arch["backbone.dim"] == 64 and arch["tokenizer.patch_size"] == 4 and arch["family.pool"] == "cls"
     model = mmtx_vit(root, tmp_path)
-    result = init_from(model, "timm:test", source={"state_dict": state})
+    result = init_from(model, "timm:test", preloaded={"state_dict": state})
     assert not result["new"] and not result["skipped"] and not result["unused"]
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_at_another_resolution_the_positions_resample_as_timm_resamples_them(roo
     weights["pos_embed"] = resample_abs_pos_embed(weights["pos_embed"], (12, 12), antialias=False)
     at48.load_state_dict(weights)
     model = mmtx_vit(root, tmp_path)
-    init_from(model, "timm:test", source={"state_dict": timm_vit_state(at32)[0]})
+    init_from(model, "timm:test", preloaded={"state_dict": timm_vit_state(at32)[0]})
     images = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         expected = at48(images)
