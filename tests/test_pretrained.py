@@ -40,6 +40,12 @@ def logits(model, images: torch.Tensor) -> torch.Tensor:
         return model.task(model.backbone, ImageBatch(images))
 
 
+def max_delta(model, reference, images: torch.Tensor) -> float:
+    """The largest absolute difference between mmtx's logits and the timm `reference`'s on `images`."""
+    with torch.no_grad():
+        return (logits(model, images) - reference(images)).abs().max().item()
+
+
 def test_a_timm_vit_gives_the_same_logits_in_mmtx(root, tmp_path):
     torch.manual_seed(0)
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **ARCH).eval()
@@ -48,10 +54,7 @@ def test_a_timm_vit_gives_the_same_logits_in_mmtx(root, tmp_path):
     model = mmtx_vit(root, tmp_path)
     result = init_from(model, "timm:test", preloaded={"state_dict": state})
     assert not result["new"] and not result["skipped"] and not result["unused"]
-    images = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        expected = reference(images)
-    delta = (logits(model, images) - expected).abs().max().item()
+    delta = max_delta(model, reference, torch.randn(4, 3, 32, 32))
     print(f"ViT (timm vit_tiny_patch16_224 at {ARCH}) logits: max |delta| {delta:.2e}")
     assert delta <= 1e-4
 
@@ -68,10 +71,7 @@ def test_at_another_resolution_the_positions_resample_as_timm_resamples_them(roo
     at48.load_state_dict(weights)
     model = mmtx_vit(root, tmp_path)
     init_from(model, "timm:test", preloaded={"state_dict": timm_vit_state(at32)[0]})
-    images = torch.randn(2, 3, 48, 48)
-    with torch.no_grad():
-        expected = at48(images)
-    delta = (logits(model, images) - expected).abs().max().item()
+    delta = max_delta(model, at48, torch.randn(2, 3, 48, 48))
     print(f"ViT at 48x48 from 32x32 weights: max |delta| {delta:.2e}")
     assert delta <= 1e-4
 
