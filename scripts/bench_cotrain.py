@@ -16,6 +16,8 @@ most `--target` (0.02), from each run's metrics.csv, and each run's final test W
     python scripts/bench_cotrain.py fsdd --root ../shared/data [--seeds 1 2 3]
     python scripts/bench_cotrain.py multimodal --root ../shared/data [--seeds 1 2 3]
     python scripts/bench_cotrain.py fsdd --root ../shared/data --seeds 1 2 3 --transfer
+    python scripts/bench_cotrain.py fsdd --root ../shared/data --seeds 1 2 3 --transfer --work outputs/bench-fsdd \
+        --transfer-extra optim.lr=2e-4 finetune.new_lr=2e-3     (a fine-tuning recipe, beside the runs already there)
     python scripts/bench_cotrain.py fsdd --root DIR --seeds 1 --extra trainer.max_steps=40   (a smoke run)
 """
 
@@ -58,8 +60,17 @@ class StepTimes(L.Callback):
 
 
 def run(name: str, args: list[str], work: Path) -> dict:
-    """`python -m mmtx.train ARGS` to its end: its summary, `wall_s` and its step times."""
+    """`python -m mmtx.train ARGS` to its end: its summary, `wall_s` and its step times. A run that finished
+    in `work` before (`--work`: its summary.json and step_times.json are there) is read back, with the wall time
+    kept in `<name>.wall` (None if that is missing)."""
     run_dir = work / name
+    wall_file = work / f"{name}.wall"
+    if (run_dir / "summary.json").is_file() and (run_dir / "step_times.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if summary.get("status") == "finished":
+            times = json.loads((run_dir / "step_times.json").read_text())
+            wall = float(wall_file.read_text()) if wall_file.is_file() else None
+            return {**summary, "wall_s": wall, "step_times": times}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "mmtx.train", *args, f"hydra.run.dir={run_dir}",
            "+callbacks.step_times._target_=bench_cotrain.StepTimes"]
@@ -71,6 +82,7 @@ def run(name: str, args: list[str], work: Path) -> dict:
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}); see {work / f'{name}.log'}")
     summary = json.loads((run_dir / "summary.json").read_text())
     times = json.loads((run_dir / "step_times.json").read_text())
+    wall_file.write_text(f"{wall:.3f}\n")
     return {**summary, "wall_s": wall, "step_times": times}
 
 
@@ -109,6 +121,10 @@ def parameters(task: str, overrides: list[str]) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def wall(r: dict) -> str:
+    return "read back, no" if r["wall_s"] is None else f"{r['wall_s']:.1f} s"
+
+
 def spread(values: list[float]) -> str:
     return f"mean {statistics.mean(values):.4f} (range {min(values):.4f}-{max(values):.4f})"
 
@@ -121,6 +137,12 @@ def main() -> None:
     parser.add_argument("--transfer", action="store_true",
                         help="fsdd: also asr_fsdd initialised from each seed's audio_fsdd checkpoint")
     parser.add_argument("--target", type=float, default=0.02, help="--transfer: the val/wer to reach")
+    parser.add_argument("--transfer-extra", nargs="*", default=[],
+                        help="--transfer: overrides of the transfer run alone (a fine-tuning recipe, e.g. "
+                             "optim.lr=2e-4 finetune.new_lr=2e-3); its folder is asr-from-audio-<recipe>-seedS")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="the benchmark's folder (default: a new one in /tmp); runs finished there before "
+                             "are read back, not run again, so seeds and recipes can be added to one table")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (smoke runs only)")
     args = parser.parse_args()
     if args.transfer and args.which != "fsdd":
@@ -129,7 +151,11 @@ def main() -> None:
 
     task = f"cotrain_{args.which}"
     cfg = compose(task)
-    work = Path(tempfile.mkdtemp(prefix=f"mmtx-bench-{task}-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix=f"mmtx-bench-{task}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"benchmark folder: {work}", flush=True)
+    recipe = "-".join(o.replace("=", "").replace(".", "").replace("/", "") for o in args.transfer_extra)
+    transfer_name = f"asr-from-audio-{recipe}-seed" if recipe else "asr-from-audio-seed"
     common = [*cli_overrides(work, args.root), *args.extra]
     members = {name: str(spec.task) for name, spec in cfg.members.items()}
     metric = {name: f"{name}/test/" for name in members}
@@ -142,19 +168,19 @@ def main() -> None:
                                            *alone_overrides(cfg, name)], work)
             alone[name].append(r)
             shown = {k: round(v, 4) for k, v in r.items() if k.startswith("test/")}
-            print(f"{name} alone ({member_task}) seed {seed}: {r['wall_s']:.1f} s wall, {r['global_step']} steps, {shown}",
+            print(f"{name} alone ({member_task}) seed {seed}: {wall(r)} wall, {r['global_step']} steps, {shown}",
                   flush=True)
         if args.transfer:
             ckpt = work / f"audio-seed{seed}" / "checkpoints" / "last.ckpt"
-            r = run(f"asr-from-audio-seed{seed}", ["task=asr_fsdd", f"seed={seed}", f"init_from={ckpt}", *common,
-                                                     *alone_overrides(cfg, "asr")], work)
+            r = run(f"{transfer_name}{seed}", ["task=asr_fsdd", f"seed={seed}", f"init_from={ckpt}", *common,
+                                                 *alone_overrides(cfg, "asr"), *args.transfer_extra], work)
             transfer.append(r)
-            print(f"asr from audio seed {seed}: {r['wall_s']:.1f} s wall, {r['global_step']} steps, "
+            print(f"asr from audio seed {seed}: {wall(r)} wall, {r['global_step']} steps, "
                   f"test/wer {r['test/wer']:.4f}", flush=True)
         r = run(f"{task}-seed{seed}", [f"task={task}", f"seed={seed}", *common], work)  # paths reach the members
         joint.append(r)
         shown = {k: round(v, 4) for k, v in r.items() if "/test/" in k}
-        print(f"{task} seed {seed}: {r['wall_s']:.1f} s wall, {r['global_step']} steps, {shown}", flush=True)
+        print(f"{task} seed {seed}: {wall(r)} wall, {r['global_step']} steps, {shown}", flush=True)
 
     print(f"\n{task} over seeds {args.seeds}:")
     for name in members:
@@ -170,14 +196,17 @@ def main() -> None:
         c = [median_step(r["step_times"], name) for r in joint]
         print(f"  {name} step time: alone {statistics.mean(a) * 1000:.1f} ms, co-trained {statistics.mean(c) * 1000:.1f} ms "
               f"(ratio {statistics.mean(c) / statistics.mean(a):.3f})")
-    print(f"  wall per run: co-trained {spread([r['wall_s'] for r in joint])} s; members alone added up "
-          f"{spread([sum(alone[n][i]['wall_s'] for n in members) for i in range(len(joint))])} s")
+    walls = [i for i in range(len(joint)) if None not in (joint[i]["wall_s"], *(alone[n][i]["wall_s"] for n in members))]
+    if walls:
+        print(f"  wall per run (seeds with every wall time): co-trained {spread([joint[i]['wall_s'] for i in walls])} s; "
+              f"members alone added up {spread([sum(alone[n][i]['wall_s'] for n in members) for i in walls])} s")
     if transfer:
-        print(f"  transfer (asr_fsdd from audio_fsdd's checkpoint), steps to val/wer <= {args.target}:")
+        print(f"  transfer (asr_fsdd from audio_fsdd's checkpoint{', ' + ' '.join(args.transfer_extra) if recipe else ''}), "
+              f"steps to val/wer <= {args.target}:")
         ratios = []
         for seed, scratch, warm in zip(args.seeds, alone["asr"], transfer):
             a = steps_to(work / f"asr-seed{seed}", "val/wer", args.target)
-            b = steps_to(work / f"asr-from-audio-seed{seed}", "val/wer", args.target)
+            b = steps_to(work / f"{transfer_name}{seed}", "val/wer", args.target)
             if a and b:
                 ratios.append(b / a)
             print(f"    seed {seed}: from scratch {a} steps (test/wer {scratch['test/wer']:.4f}), from audio_fsdd {b} "
