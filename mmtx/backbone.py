@@ -21,7 +21,9 @@ class Backbone(nn.Module):
     language model) asks for it per call, `forward(..., causal=True)`, so the
     same weights serve causal and bidirectional tasks. `cross_attention=True` gives every block a cross-attention to a
     `context` sequence (the decoder of an encoder-decoder); `rotary=True`
-    gives self-attention rotary positions. `caches` (one `KVCache` a block,
+    gives self-attention rotary positions. `norm_eps` (every LayerNorm) and
+    `activation` (the MLPs' GELU: gelu | gelu_tanh) follow pretrained weights
+    (ViT's 1e-6 and exact GELU by default; GPT-2's 1e-5 and tanh GELU). `caches` (one `KVCache` a block,
     from `new_caches`) lets a decoder process one new position at a time.
     """
 
@@ -40,6 +42,8 @@ class Backbone(nn.Module):
         cross_attention: bool = False,
         rotary: bool = False,
         bias: bool = True,
+        norm_eps: float = 1e-6,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -51,10 +55,11 @@ class Backbone(nn.Module):
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
             Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, attn_dropout=attn_dropout,
-                  drop_path=rate, qkv_bias=qkv_bias, cross_attention=cross_attention, rotary=rotary, bias=bias)
+                  drop_path=rate, qkv_bias=qkv_bias, cross_attention=cross_attention, rotary=rotary, bias=bias,
+                  norm_eps=norm_eps, activation=activation)
             for rate in rates
         )
-        self.norm = nn.LayerNorm(dim, eps=1e-6, bias=bias)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
         self.apply(init_weights)
 
     def forward(

@@ -13,6 +13,11 @@ application: `conf/export.yaml`, `--help`).
 `load_checkpoint(DIR)` reads such a folder back as a checkpoint holding the weights and the configuration,
 so `init_from=DIR`, `mmtx.eval ckpt=DIR`, `mmtx.generate ckpt=DIR` and `mmtx.predict ckpt=DIR` take it as
 they take a `.ckpt`; `resume=` does not (no optimizer state: start a new run with `init_from=` instead).
+
+`format=hf` writes a single-task language model of GPT-2's shape (learned positions, biases, no rotary
+positions) as `transformers` does (config.json, model.safetensors, tokenizer.json and tokenizer_config.json):
+`AutoModelForCausalLM.from_pretrained(DIR)` gives the same logits, `AutoTokenizer.from_pretrained(DIR)` the same
+tokens, and `init_from=hf:DIR` reads it back into mmtx (mmtx.gpt2).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -31,7 +36,7 @@ from mmtx.apps import app_keys, compose_app, hydra_argv
 from mmtx.config import config_dir
 from mmtx.errors import CheckpointError, ConfigError, MissingError, reported
 
-FORMATS = ("safetensors",)
+FORMATS = ("safetensors", "hf")
 WEIGHTS, CONFIG, META = "model.safetensors", "config.yaml", "mmtx.json"
 FORMAT_VERSION = 1
 # Checkpoint entries of training only: they do not travel with the weights.
@@ -45,27 +50,33 @@ def _model_state(value: Any) -> Any:
     return value
 
 
-def default_out(ckpt: str | Path) -> Path:
-    """`<run dir>/export/<checkpoint name>` (run dir: the folder that holds checkpoints/)."""
+def default_out(ckpt: str | Path, format: str = "safetensors") -> Path:
+    """`<run dir>/export/<checkpoint name>` (`...-hf` for format=hf; run dir: the folder that holds checkpoints/)."""
     path = Path(ckpt).expanduser().resolve()
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return run / "export" / path.stem
+    return run / "export" / (path.stem + ("-hf" if format == "hf" else ""))
 
 
 def export(ckpt: str | Path, out: str | Path | None = None, format: str = "safetensors",
            overwrite: bool = False) -> Path:
     """Write checkpoint `ckpt`'s model as a folder (see the module's doc) and return the folder. The folder is
-    built beside `out` and renamed into place, so an interrupted export leaves no half-written one."""
+    built beside `out` and renamed into place, so an interrupted export leaves no half-written one. `format=hf`:
+    a language model as GPT-2 for `transformers` (mmtx.gpt2)."""
     from safetensors.torch import save_file
 
     from mmtx.checkpoint import load_checkpoint
 
     if format not in FORMATS:
         raise ConfigError(f"format={format}: mmtx.export writes {', '.join(FORMATS)}")
-    out = Path(out).expanduser() if out else default_out(ckpt)
+    out = Path(out).expanduser() if out else default_out(ckpt, format)
     if out.exists() and not overwrite:
         raise ConfigError(f"out={out} exists: pass overwrite=true to replace it, or another out=")
     checkpoint = load_checkpoint(ckpt)
+    if format == "hf":
+        from mmtx.gpt2 import hf_config, save_hf
+
+        hf_config(checkpoint, str(ckpt))  # what GPT-2 cannot express is named before anything is written
+        return _write_folder(out, lambda tmp: save_hf(checkpoint, tmp, str(ckpt)))
     # safetensors stores each tensor once and refuses tensors that share memory (tied embeddings): each is
     # written as its own contiguous copy, and loaded back as separate tensors of the same values.
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in checkpoint["state_dict"].items()}
@@ -76,15 +87,25 @@ def export(ckpt: str | Path, out: str | Path | None = None, format: str = "safet
         "entries": {k: _model_state(v) for k, v in checkpoint.items()
                     if k.startswith("mmtx_") and k not in TRAINING_ONLY and k != "mmtx_config"},
     }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "mmtx_format_version": str(FORMAT_VERSION)})
+        (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(checkpoint["mmtx_config"])), encoding="utf-8")
+        (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        shutil.copymode(tmp / META, tmp / WEIGHTS)  # safetensors writes 0600; the folder's files as any other
+
+    return _write_folder(out, write)
+
+
+def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` fills a new folder beside `out`, which is then renamed into place: an interrupted export
+    leaves no half-written folder, and an existing `out` goes only once the new one is complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "mmtx_format_version": str(FORMAT_VERSION)})
-        (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(checkpoint["mmtx_config"])), encoding="utf-8")
-        (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        shutil.copymode(tmp / META, tmp / WEIGHTS)  # safetensors writes 0600; the folder's files as any other
+        write(tmp)
         if out.exists():  # overwrite: the old folder goes only once the new one is complete
             old = out.with_name(f".{out.name}.{os.getpid()}.old.tmp")
             os.rename(out, old)
@@ -140,7 +161,7 @@ def load_export(path: str | Path) -> dict[str, Any]:
 def _run(cfg: DictConfig) -> Path:
     out = export(cfg.ckpt, cfg.get("out"), cfg.format, bool(cfg.overwrite))
     size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"exported {cfg.ckpt} -> {out} ({size / 2**20:.1f} MiB: {WEIGHTS}, {CONFIG}, {META})")
+    print(f"exported {cfg.ckpt} -> {out} ({size / 2**20:.1f} MiB: {', '.join(sorted(f.name for f in out.iterdir()))})")
     return out
 
 

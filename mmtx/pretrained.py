@@ -1,4 +1,5 @@
-"""Pretrained weights of other libraries on mmtx's parts: `init_from=timm:<name>` (mmtx.transfer).
+"""Pretrained weights of other libraries on mmtx's parts: `init_from=timm:<name>` (here) and `init_from=hf:<name>`
+(GPT-2: mmtx.gpt2), read by mmtx.transfer.
 
 timm's Vision Transformers (`timm.models.vision_transformer.VisionTransformer`: `vit_*`, and `deit_*` without
 a distillation token) map onto mmtx's `PatchTokenizer` + `Backbone` + classifier head with the same numbers:
@@ -25,7 +26,8 @@ from torch import nn
 from mmtx.errors import ConfigError, MissingError
 
 SUPPORTED = ("timm:<a timm Vision Transformer, e.g. vit_tiny_patch16_224.augreg_in21k_ft_in1k, "
-             "vit_small_patch16_224.augreg_in21k_ft_in1k, vit_base_patch16_224.augreg2_in21k_ft_in1k>")
+             "vit_small_patch16_224.augreg_in21k_ft_in1k, vit_base_patch16_224.augreg2_in21k_ft_in1k> and "
+             "hf:<a Hugging Face GPT-2: gpt2, gpt2-medium, distilgpt2, ... or a save_pretrained folder>")
 PREFIX = "tasks.main."  # a single-task model's part; init_from maps it to every member of a co-training run
 
 
@@ -38,8 +40,13 @@ def load_pretrained(spec: str, file: str | os.PathLike | None = None) -> dict[st
     """The weights named by `spec` as an mmtx checkpoint: {"state_dict": mmtx names (single-task),
     "mmtx_pretrained": {"spec", "arch": the run configuration they need, "mean", "std", "num_classes"}}."""
     kind, name = spec.split(":", 1)
-    if kind != "timm":
-        raise ConfigError(f"init_from={spec}: this mmtx maps {SUPPORTED}; Hugging Face models (hf:) are not mapped")
+    if kind == "hf":
+        if file is not None:
+            raise ConfigError(f"finetune.pretrained_file is for init_from=timm:...; for init_from={spec} give the "
+                              "folder itself: init_from=hf:/path/to/folder (saved by save_pretrained)")
+        from mmtx.gpt2 import load
+
+        return load(spec)
     model = create_timm(name, file)
     state, arch = timm_vit_state(model, spec)
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -137,7 +144,7 @@ def timm_vit_state(model: nn.Module, spec: str = "timm") -> tuple[dict[str, torc
     arch = {
         "backbone.dim": dim, "backbone.depth": len(model.blocks), "backbone.num_heads": block.attn.num_heads,
         "backbone.mlp_ratio": block.mlp.fc1.out_features / dim, "backbone.qkv_bias": has_qkv_bias,
-        "backbone.bias": True, "backbone.rotary": False,
+        "backbone.bias": True, "backbone.rotary": False, "backbone.norm_eps": 1e-6, "backbone.activation": "gelu",
         "tokenizer._target_": "mmtx.tokenizers.PatchTokenizer", "tokenizer.patch_size": patch[0],
         "tokenizer.stem": "patch", "tokenizer.pos_embed": "grid", "family.pool": "cls",
     }
@@ -164,8 +171,13 @@ def check_architecture(cfg, source: dict[str, Any]) -> None:
     if wrong:
         found = "; ".join(f"{k}={have} here, {want} in the weights" for k, (have, want) in wrong.items())
         fix = " ".join(f"{k}={want}" for k, (_, want) in wrong.items())
+        start = "gpt2_finetune" if info["spec"].startswith("hf:") else "vit_finetune"
         raise ConfigError(f"init_from={info['spec']} needs another model than this run's ({found}): add {fix} to the "
-                          "command line, or start from the task vit_finetune")
+                          f"command line, or start from the task {start}")
+    positions, block = info.get("max_positions"), OmegaConf.select(cfg, "data.block_size", default=None)
+    if positions and block and int(block) > positions:
+        raise ConfigError(f"data.block_size={block} is longer than the {positions} positions init_from={info['spec']} "
+                          f"has learned: use data.block_size<={positions}")
     mean, std = OmegaConf.select(cfg, "data.mean", default=None), OmegaConf.select(cfg, "data.std", default=None)
     if info["mean"] and mean is not None and (list(mean) != info["mean"] or list(std) != info["std"]):
         logging.getLogger(__name__).warning(

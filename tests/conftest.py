@@ -306,3 +306,38 @@ def pretrained_small_run(tmp_path: Path, data_root: Path, reference: Path) -> li
     keep = [a for a in small_run(tmp_path, data_root) if not a.startswith(("backbone.", "tokenizer."))]
     return [*keep, f"finetune.pretrained_file={reference}", "data.source.path=cifar10", "data.source.image_size=32",
             "data.augment.crop_padding=4"]
+
+
+GPT2_SHAPE = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}
+
+
+def gpt2_reference(path: Path) -> Path:
+    """A GPT-2 with random weights (no network) and a byte-level BPE tokenizer trained on TINY_TEXT, saved at
+    `path` by `save_pretrained` (once): the stand-in for the hub's gpt2 that `init_from=hf:<path>` loads through
+    mmtx's converter. Its shape: GPT2_SHAPE (dim 32, depth 2, 4 heads, 64 positions)."""
+    if not (path / "config.json").is_file():
+        import torch
+        import transformers
+
+        from mmtx.tokenizers.text import train_bpe
+
+        vocab = train_bpe([TINY_TEXT], vocab_size=300, special_tokens=["<|endoftext|>"])
+        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=vocab.tokenizer, eos_token="<|endoftext|>",
+                                                         bos_token="<|endoftext|>")
+        eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=len(vocab), bos_token_id=eos, eos_token_id=eos, **GPT2_SHAPE)
+        model = transformers.GPT2LMHeadModel(config)
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def gpt2_small_run(tmp_path: Path, data_root: Path, reference: Path) -> list[str]:
+    """small_run for gpt2_finetune: the reference GPT-2 at `reference` (its weights, tokenizer and shape) on the
+    miniature Tiny Shakespeare."""
+    keep = [a for a in small_run(tmp_path, data_root, "text") if not a.startswith("backbone.")]
+    return [*keep, f"init_from=hf:{reference}", f"tokenizer.vocab.name={reference}", "data.source.files=tinyshakespeare/input.txt",
+            f"backbone.dim={GPT2_SHAPE['n_embd']}", f"backbone.depth={GPT2_SHAPE['n_layer']}",
+            f"backbone.num_heads={GPT2_SHAPE['n_head']}"]

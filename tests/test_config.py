@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from conftest import (TINY_TEXT, cotrain_small_run, make_image_folder, make_parallel, pretrained_small_run, small_run,
-                      task_modality, timm_reference)
+from conftest import (TINY_TEXT, cotrain_small_run, gpt2_reference, gpt2_small_run, make_image_folder, make_parallel,
+                      pretrained_small_run, small_run, task_modality, timm_reference)
 from test_audio import make_tones
 from mmtx import build, compose
 from mmtx.config import config_dir
@@ -31,10 +31,13 @@ def data_root(tmp_path_factory) -> Path:
 
 def tiny(task: str, tmp_path: Path, data_root: Path) -> list[str]:
     """The overrides that make `task` tiny on the miniature data root (a co-training task: its members; a task
-    that starts from timm weights: random weights of that model saved beside the data, and its backbone)."""
+    that starts from timm or Hugging Face weights: random weights of that model saved beside the data, and its
+    backbone)."""
     cfg = compose(task)
     if "members" in cfg:
         return cotrain_small_run(task, tmp_path, data_root)
+    if is_pretrained(cfg.init_from) and cfg.init_from.startswith("hf:"):
+        return gpt2_small_run(tmp_path, data_root, gpt2_reference(data_root / "gpt2"))
     if is_pretrained(cfg.init_from):
         name = cfg.init_from.split(":", 1)[1].split(".", 1)[0]
         return pretrained_small_run(tmp_path, data_root, timm_reference(data_root / f"{name}.safetensors", name))

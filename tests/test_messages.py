@@ -44,6 +44,7 @@ CONFIGS = [
     ("vit_cifar", []), ("vit_cifar", ["data=imagefolder"]), ("vit_cifar", ["data=hf_images"]),
     ("gpt_shakespeare_cpu", []), ("gpt_shakespeare_cpu", ["data=text_files"]), ("gpt_shakespeare_cpu", ["data=hf_text"]),
     ("gpt_shakespeare_cpu", ["tokenizer=pretrained"]), ("gpt_shakespeare_cpu", ["tokenizer=bpe"]),
+    ("gpt2_finetune", ["data.source.files=x.txt"]),
     ("audio_fsdd", []), ("audio_fsdd", ["data=audio_folder"]), ("audio_fsdd", ["data=hf_audio"]),
     ("asr_fsdd", []), ("asr_fsdd", ["data=speech_manifest"]), ("translate_multi30k_cpu", []),
     ("translate_multi30k_cpu", ["data=parallel_text"]), ("translate_multi30k_cpu", ["data=hf_translation"]),
@@ -105,7 +106,7 @@ def readme_commands() -> list[tuple[str, list[str]]]:
 
 def test_every_readme_command_composes():
     """Each `python -m mmtx.train ...` of the README composes as `--cfg job` would; `mmtx.eval`,
-    `mmtx.generate` and `mmtx.predict` commands parse, and the keys they override exist."""
+    `mmtx.generate`, `mmtx.predict` and `mmtx.export` commands parse, and the keys they override exist."""
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
@@ -139,6 +140,11 @@ def test_every_readme_command_composes():
             from mmtx.predict import VERBATIM as PREDICT_VERBATIM
 
             compose_app("predict", hydra_argv(args, app_keys("predict"), verbatim=PREDICT_VERBATIM))
+        elif module == "mmtx.export":
+            cfg = compose_app("export", hydra_argv(args, app_keys("export"), verbatim=("ckpt", "out")))
+            from mmtx.export import FORMATS
+
+            assert cfg.format in FORMATS, args
         else:
             assert module == "mmtx.generate", module
             compose_app("generate", hydra_argv(args, app_keys("generate"), verbatim=VERBATIM))

@@ -110,7 +110,6 @@ def test_the_loaded_weights_are_timm_s_own(tmp_path):
 @pytest.mark.parametrize("spec, words", [
     ("timm:swin_tiny_patch4_window7_224", "is a swin_transformer model; this mmtx maps timm:<a timm Vision Transformer"),
     ("timm:no_such_model", "timm has no model 'no_such_model'"),
-    ("hf:bert-base-uncased", "Hugging Face models (hf:) are not mapped"),
 ])
 def test_models_the_mapping_does_not_place_are_named(spec, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):

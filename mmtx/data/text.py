@@ -38,7 +38,7 @@ class TextDataModule(IndexedSplits):
     of the validation split, in order (a deterministic loss).
     val_fraction: the last fraction of the text, when the source has no
     validation split (Tiny Shakespeare: the last 10%).
-    vocab: the `tokenizer.vocab` settings (kind bpe | char | file, ...).
+    vocab: the `tokenizer.vocab` settings (kind bpe | char | file | hf, ...).
     """
 
     def __init__(
@@ -71,6 +71,9 @@ class TextDataModule(IndexedSplits):
     # -- tokenizing once -------------------------------------------------------
 
     def _cache_path(self) -> Path:
+        if self.fixed_vocab is None and self.vocab_spec.get("kind") in ("file", "hf"):
+            # A vocabulary read from a file or a model: the cache follows its contents, not its name.
+            self.fixed_vocab = build_vocab(text="", **self.vocab_spec)
         vocab_key = self.fixed_vocab.to_json() if self.fixed_vocab is not None else sorted(self.vocab_spec.items())
         key = digest(*(self.source.fingerprint(s) for s in self.source.splits()), vocab_key, self.val_fraction)
         return self.cache_dir / f"{self.source.cache_name}-{key}"

@@ -15,7 +15,9 @@ class Block(nn.Module):
     Pre-norm (Xiong et al., 2020) trains without warm-up tricks at depth; drop
     path is stochastic depth (Huang et al., 2016) on each residual branch.
     `bias=False` drops the biases of the projections, MLP and norms (as nanoGPT
-    does); `qkv_bias` governs the query/key/value projection alone.
+    does); `qkv_bias` governs the query/key/value projection alone. `norm_eps` and `activation` (gelu |
+    gelu_tanh) are the numbers a family's pretrained weights were trained with (ViT: 1e-6, exact; GPT-2: 1e-5,
+    tanh).
     """
 
     def __init__(
@@ -32,6 +34,7 @@ class Block(nn.Module):
         rotary: bool = False,
         bias: bool = True,
         norm_eps: float = 1e-6,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
@@ -44,7 +47,7 @@ class Block(nn.Module):
         else:
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
-        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), dropout=dropout, bias=bias)
+        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), dropout=dropout, bias=bias, activation=activation)
         self.drop_path = _drop_path(drop_path)
 
     def forward(

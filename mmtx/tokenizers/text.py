@@ -120,8 +120,11 @@ def build_vocab(
     special_tokens: Sequence[str] = ("<|endoftext|>",),
     min_frequency: int = 2,
     path: str | None = None,
+    name: str | None = None,
 ) -> Vocab:
-    """The vocabulary a `tokenizer.vocab` config asks for, trained on `text` (the training split)."""
+    """The vocabulary a `tokenizer.vocab` config asks for, trained on `text` (the training split), read from a
+    tokenizer.json (`kind=file`, `path`) or a pretrained model's (`kind=hf`, `name`: a Hugging Face model id or
+    a folder saved by `save_pretrained`)."""
     if kind == "bpe":
         lines = text.splitlines(keepends=True)
         chunks = ("".join(lines[i:i + 1000]) for i in range(0, len(lines), 1000))
@@ -132,7 +135,13 @@ def build_vocab(
         if not path:
             raise ConfigError("tokenizer.vocab.kind=file needs tokenizer.vocab.path=/path/to/tokenizer.json")
         return Vocab.from_file(path)
-    raise ConfigError(f"tokenizer.vocab.kind must be bpe, char or file, got {kind!r}")
+    if kind == "hf":
+        if not name:
+            raise ConfigError("tokenizer.vocab.kind=hf needs tokenizer.vocab.name=<a Hugging Face model id or folder>")
+        from mmtx.gpt2 import hf_vocab
+
+        return hf_vocab(name)
+    raise ConfigError(f"tokenizer.vocab.kind must be bpe, char, file or hf, got {kind!r}")
 
 
 class TokenEmbedding(nn.Module):
@@ -166,6 +175,14 @@ class TokenEmbedding(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos"} if self.pos is not None else set()
+
+    def adapt_loaded(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """`init_from`: a position table of a longer context (GPT-2's 1,024) gives its first `max_len` rows, the
+        same numbers at the same positions; anything else does not fit (None)."""
+        if name == "pos" and self.pos is not None and tensor.ndim == 2 and tensor.shape[1] == self.pos.shape[1] \
+                and tensor.shape[0] >= self.max_len:
+            return tensor[:self.max_len]
+        return None
 
     def forward(self, batch: TokenBatch, start: int = 0) -> Tokens:
         ids = batch.tokens  # (B, T) int
