@@ -14,6 +14,10 @@ application: `conf/export.yaml`, `--help`).
 so `init_from=DIR`, `mmtx.eval ckpt=DIR`, `mmtx.generate ckpt=DIR` and `mmtx.predict ckpt=DIR` take it as
 they take a `.ckpt`; `resume=` does not (no optimizer state: start a new run with `init_from=` instead).
 
+`format=onnx` writes an image or audio classifier as `model.onnx` (input tensor to logits, the batch dynamic) and
+`preprocess.json` (input size, normalisation, sample rate, class names), after checking onnxruntime's logits
+against the model's (mmtx.export_onnx).
+
 `format=hf` writes a single-task language model of GPT-2's shape (learned positions, biases, no rotary
 positions) as `transformers` does (config.json, model.safetensors, tokenizer.json and tokenizer_config.json):
 `AutoModelForCausalLM.from_pretrained(DIR)` gives the same logits, `AutoTokenizer.from_pretrained(DIR)` the same
@@ -36,7 +40,7 @@ from mmtx.apps import app_keys, compose_app, hydra_argv
 from mmtx.config import config_dir
 from mmtx.errors import CheckpointError, ConfigError, MissingError, reported
 
-FORMATS = ("safetensors", "hf")
+FORMATS = ("safetensors", "hf", "onnx")
 WEIGHTS, CONFIG, META = "model.safetensors", "config.yaml", "mmtx.json"
 FORMAT_VERSION = 1
 # Checkpoint entries of training only: they do not travel with the weights.
@@ -51,17 +55,19 @@ def _model_state(value: Any) -> Any:
 
 
 def default_out(ckpt: str | Path, format: str = "safetensors") -> Path:
-    """`<run dir>/export/<checkpoint name>` (`...-hf` for format=hf; run dir: the folder that holds checkpoints/)."""
+    """`<run dir>/export/<checkpoint name>` (`...-hf`, `...-onnx` for those formats; run dir: the folder that holds
+    checkpoints/)."""
     path = Path(ckpt).expanduser().resolve()
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return run / "export" / (path.stem + ("-hf" if format == "hf" else ""))
+    return run / "export" / (path.stem + ("" if format == "safetensors" else f"-{format}"))
 
 
 def export(ckpt: str | Path, out: str | Path | None = None, format: str = "safetensors",
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, member: str | None = None) -> Path:
     """Write checkpoint `ckpt`'s model as a folder (see the module's doc) and return the folder. The folder is
     built beside `out` and renamed into place, so an interrupted export leaves no half-written one. `format=hf`:
-    a language model as GPT-2 for `transformers` (mmtx.gpt2)."""
+    a language model as GPT-2 for `transformers` (mmtx.gpt2); `format=onnx`: a classifier (mmtx.export_onnx).
+    `member`: for hf and onnx, the member of a co-training checkpoint to write (safetensors writes them all)."""
     from safetensors.torch import save_file
 
     from mmtx.checkpoint import load_checkpoint
@@ -71,8 +77,18 @@ def export(ckpt: str | Path, out: str | Path | None = None, format: str = "safet
     out = Path(out).expanduser() if out else default_out(ckpt, format)
     if out.exists() and not overwrite:
         raise ConfigError(f"out={out} exists: pass overwrite=true to replace it, or another out=")
+    if member and format == "safetensors":
+        raise ConfigError(f"member={member}: format=safetensors writes every member of a co-training checkpoint; "
+                          "member= is for format=hf and format=onnx")
+    if format == "onnx":
+        from mmtx.export_onnx import save_onnx
+
+        return _write_folder(out, lambda tmp: save_onnx(str(ckpt), tmp, member))
     checkpoint = load_checkpoint(ckpt)
     if format == "hf":
+        from mmtx.checkpoint import member_view
+
+        checkpoint = member_view(checkpoint, member, ckpt)
         from mmtx.gpt2 import hf_config, save_hf
 
         hf_config(checkpoint, str(ckpt))  # what GPT-2 cannot express is named before anything is written
@@ -159,9 +175,12 @@ def load_export(path: str | Path) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig) -> Path:
-    out = export(cfg.ckpt, cfg.get("out"), cfg.format, bool(cfg.overwrite))
+    out = export(cfg.ckpt, cfg.get("out"), cfg.format, bool(cfg.overwrite), cfg.get("member"))
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"exported {cfg.ckpt} -> {out} ({size / 2**20:.1f} MiB: {', '.join(sorted(f.name for f in out.iterdir()))})")
+    if cfg.format == "onnx":
+        check = json.loads((out / "preprocess.json").read_text())["onnx_check"]
+        print(f"onnxruntime {check['onnxruntime']} gives the model's logits to max |delta| {check['max_abs_delta']:.1e}")
     return out
 
 

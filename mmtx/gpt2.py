@@ -149,8 +149,8 @@ def hf_config(checkpoint: dict[str, Any], source: str) -> tuple[Any, dict[str, t
 
     cfg = checkpoint.get("mmtx_config") or {}
     if checkpoint.get("mmtx_members"):
-        raise ConfigError(f"format=hf: {source} is a co-training checkpoint; export it with format=safetensors (or "
-                          "train its language model alone)")
+        raise ConfigError(f"format=hf: {source} is a co-training checkpoint: name its language model with member=NAME "
+                          f"(members: {', '.join(checkpoint['mmtx_members'])})")
     if not str((cfg.get("family") or {}).get("_target_", "")).endswith("LanguageModel"):
         raise ConfigError(f"format=hf writes a language model (GPT-2's shape); {source} is a "
                           f"{cfg.get('task_name')} checkpoint: use format=safetensors")

@@ -1,0 +1,123 @@
+"""`python -m mmtx.export ckpt=... format=onnx`: an image or audio classifier as an ONNX graph, checked in
+onnxruntime against the model it came from (the `onnx` extra: onnx, onnxscript, onnxruntime).
+
+The graph is PyTorch's exporter (`torch.onnx.export(..., dynamo=True)`) applied to the classifier from its input
+tensor to its logits: an image classifier takes `image` (B, 3, H, W), already resized to the run's size and
+normalised with its mean and std; an audio classifier takes `audio` (B, L), mono at the run's sample rate, and
+`lengths` (B,), its log-mel front end inside the graph. The batch (and, for audio, the length) is dynamic.
+`preprocess.json` beside it says how to prepare inputs and names the classes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmtx.batch import AudioBatch, ImageBatch
+from mmtx.errors import CheckpointError, ConfigError, MissingError
+
+TOLERANCE = 1e-4  # max |onnxruntime - torch| on the check inputs, in fp32
+
+
+class ImageGraph(nn.Module):
+    """image (B, 3, H, W), normalised -> logits (B, C)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.task(self.model.backbone, ImageBatch(image))
+
+
+class AudioGraph(nn.Module):
+    """audio (B, L) and lengths (B,) -> logits (B, C)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.model.task(self.model.backbone, AudioBatch(audio, lengths))
+
+
+def _modules():
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch's exporter needs it)
+    except ImportError:
+        raise MissingError("format=onnx needs onnx, onnxscript and onnxruntime: pip install 'mmtx[onnx]'") from None
+    return onnxruntime
+
+
+def graph_and_inputs(model: nn.Module, cfg) -> tuple[nn.Module, dict[str, torch.Tensor], dict, dict[str, Any]]:
+    """The classifier as a graph module, example inputs, their dynamic dimensions, and preprocess.json."""
+    part = model.task
+    classes = list(part.class_names)
+    sample_rate = getattr(part.tokenizer, "sample_rate", None)
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if sample_rate is None:
+        h, w = part.tokenizer.image_size
+        inputs = {"image": torch.randn(2, 3, h, w, generator=generator)}
+        preprocess = {"input": "image", "shape": ["batch", 3, h, w], "image_size": [h, w],
+                      "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+                      "normalise": "RGB pixels / 255, minus mean, divided by std (per channel)", "classes": classes}
+        return ImageGraph(model), inputs, {"image": {0: batch}}, preprocess
+    n_fft = part.tokenizer.n_fft
+    seconds = cfg.data.source.get("max_seconds") or 30.0
+    longest = int(sample_rate * seconds)
+    length = max(n_fft + 1, min(longest, sample_rate))  # one second, at most the longest
+    inputs = {"audio": torch.randn(2, length, generator=generator) * 0.1,
+              "lengths": torch.tensor([length, max(n_fft, length // 2)])}
+    samples = torch.export.Dim("samples", min=n_fft, max=max(longest, n_fft + 2))
+    preprocess = {"input": "audio", "shape": ["batch", "samples"], "sample_rate": sample_rate, "max_seconds": seconds,
+                  "lengths": "the number of real samples of each row (rows are zero-padded to the longest)",
+                  "classes": classes}
+    return AudioGraph(model), inputs, {"audio": {0: batch, 1: samples}, "lengths": {0: batch}}, preprocess
+
+
+def save_onnx(ckpt: str, folder: Path, member: str | None = None) -> float:
+    """Write `ckpt`'s classifier into `folder` (model.onnx, preprocess.json; model.onnx.data too for a model over
+    1.5 GiB); return the check's max |delta|."""
+    import warnings
+
+    from mmtx.predict import load_classifier
+
+    ort = _modules()
+    try:
+        model, cfg = load_classifier(ckpt, "cpu", member)
+    except CheckpointError as err:
+        raise ConfigError(f"format=onnx exports image and audio classifiers: {err}") from None
+    model.float()
+    graph, inputs, dynamic, preprocess = graph_and_inputs(model, cfg)
+    path = folder / "model.onnx"
+    # One file unless protobuf's 2 GiB limit forces the weights beside it (model.onnx.data)
+    external = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, tuple(inputs.values()), str(path), input_names=list(inputs), output_names=["logits"],
+                              dynamic_shapes=dynamic, dynamo=True, verbose=False, external_data=external)
+    except Exception as err:  # the exporter's own errors: this model on this torch is not supported
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"format=onnx: torch {torch.__version__}'s ONNX exporter cannot export {ckpt} ({first}); "
+                          "export it with format=safetensors") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    check = {k: v[:1].clone() for k, v in inputs.items()}  # another batch size than the exported example's
+    delta = 0.0
+    for feed in (inputs, check):
+        with torch.no_grad():
+            want = graph(*feed.values())
+        got = session.run(["logits"], {k: v.numpy() for k, v in feed.items()})[0]
+        delta = max(delta, (torch.from_numpy(got) - want).abs().max().item())
+    if not delta <= TOLERANCE:
+        raise CheckpointError(f"format=onnx: onnxruntime's logits differ from the model's by {delta:.2e} (> {TOLERANCE}) "
+                              f"on {ckpt}; the graph was not kept")
+    preprocess["onnx_check"] = {"max_abs_delta": delta, "onnxruntime": ort.__version__, "torch": torch.__version__}
+    (folder / "preprocess.json").write_text(json.dumps(preprocess, indent=1), encoding="utf-8")
+    return delta
