@@ -57,6 +57,10 @@ def create_hf(name: str) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(name)
     except OSError as err:  # no such folder, not cached and no network, or not a model id
         raise _offline_error(name, err) from None
+    if config.model_type == "whisper":
+        raise ConfigError(f"init_from=hf:{name} is a Whisper model: mmtx converts its weights (mmtx.whisper, tested "
+                          "for parity) but cannot train from them yet (its decoder starts from Whisper's prompt of "
+                          f"special tokens, mmtx's from one BOS token); init_from=hf: maps {SUPPORTED}")
     if config.model_type != "gpt2":
         raise ConfigError(f"init_from=hf:{name} is a {config.model_type} model; this mmtx maps Hugging Face "
                           f"{SUPPORTED} (and timm:<a Vision Transformer>)")
