@@ -53,8 +53,9 @@ def load_model(ckpt: str, device: str = "cpu", member: str | None = None):
             raise CheckpointError(f"checkpoint {ckpt} has no target tokenizer (mmtx_tgt_vocab): it was not written by "
                              "an encoder-decoder training run of mmtx")
         src = Vocab.from_json(checkpoint["mmtx_vocab"]) if "mmtx_vocab" in checkpoint else None
+        specials = OmegaConf.to_container(cfg.data.tgt_specials) if cfg.data.get("tgt_specials") else None
         runtime = seq2seq_runtime(Vocab.from_json(checkpoint["mmtx_tgt_vocab"]), cfg.data.max_src_len,
-                                  cfg.data.max_tgt_len, src, checkpoint.get("mmtx_sample_rate"))
+                                  cfg.data.max_tgt_len, src, checkpoint.get("mmtx_sample_rate"), specials)
     else:
         if "mmtx_vocab" not in checkpoint:
             raise CheckpointError(f"checkpoint {ckpt} has no tokenizer (it was not written by a text task's training run)")

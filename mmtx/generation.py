@@ -9,6 +9,8 @@ a step function and a cache factory (`mmtx.tasks.seq2seq.Seq2Seq.decode` makes t
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -95,25 +97,32 @@ def beam_search(
     max_len: int = 64,
     length_penalty: float = 1.0,
     device=None,
+    prefix: Sequence[int] = (),
 ) -> list[list[int]]:
-    """Batched beam search over a cached decoder; returns the best token ids of each input (no BOS/EOS).
+    """Batched beam search over a cached decoder; returns the best token ids of each input (no BOS, prefix
+    or EOS).
 
-    step(ids (N, t + 1), caches, t) -> logits (N, T, V) whose last position scores token t + 1, for
+    Every hypothesis starts as BOS followed by `prefix` (forced tokens: Whisper's task prompt).
+    step(ids (N, n), caches, t) -> logits (N, T, V) whose last position scores token n, for
     N = batch * beam_size rows, row b * beam_size + k being hypothesis k of input b; `ids` is the
-    whole prefix (a cached step feeds only its last column). `new_caches(N)` makes the caches (each
+    whole sequence so far, of which the caches hold the first t positions (a cached step feeds
+    `ids[:, t:]`: the whole start at t = 0, then one new column a step). `new_caches(N)` makes the caches (each
     with `reorder`; an empty list decodes without caches). Finished hypotheses (which produced `eos_id`) stay in the beam, extended by EOS at no
     cost. Hypotheses are ranked at the end by log-probability / ((5 + length) / 6) ** length_penalty
     (GNMT, Wu et al., 2016). With beam_size=1 this is greedy decoding.
     """
     K = beam_size
     caches = new_caches(batch * K)
-    ids = torch.full((batch * K, 1), bos_id, dtype=torch.long, device=device)
+    start = torch.tensor([bos_id, *prefix], dtype=torch.long, device=device)
+    ids = start.repeat(batch * K, 1)  # (B*K, 1 + len(prefix))
     scores = torch.full((batch, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start as one hypothesis
     finished = torch.zeros(batch * K, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch * K, dtype=torch.long, device=device)
-    for t in range(max_len):
-        logp = step(ids, caches, t)[:, -1].float().log_softmax(-1)  # (B*K, V)
+    cached = 0  # positions the caches hold
+    for _ in range(max_len - len(start) + 1):  # the positions fed stay within max_len
+        logp = step(ids, caches, cached)[:, -1].float().log_softmax(-1)  # (B*K, V)
+        cached = ids.shape[1]
         V = logp.shape[-1]
         eos_only = torch.full_like(logp, float("-inf"))
         eos_only[:, eos_id] = 0.0
@@ -133,6 +142,6 @@ def beam_search(
     best = (scores.view(-1) / penalty).view(batch, K).argmax(-1)  # (B,)
     out = []
     for b in range(batch):
-        row = ids[b * K + best[b], 1:].tolist()
+        row = ids[b * K + best[b], len(start):].tolist()
         out.append(row[: row.index(eos_id)] if eos_id in row else row)
     return out

@@ -21,68 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmtx.errors import CheckpointError, ConfigError, MissingError
+from mmtx.errors import CheckpointError, ConfigError
+from mmtx.hf import offline_error, transformers_module
 
 PREFIX = "tasks.main."
 # GPT-2's activation_function values and the backbone.activation that computes the same numbers
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 SUPPORTED = "hf:<a GPT-2 model, e.g. gpt2, gpt2-medium, distilgpt2, or a folder saved by save_pretrained>"
-
-
-def transformers_module():
-    """`transformers`, or an error that says how to install it (the `pretrained` extra)."""
-    try:
-        import transformers
-    except ImportError:
-        raise MissingError("Hugging Face models (init_from=hf:..., tokenizer.vocab.kind=hf, mmtx.export format=hf) "
-                           "need transformers: pip install 'mmtx[pretrained]'") from None
-    return transformers
-
-
-def _offline_error(name: str, err: Exception) -> MissingError:
-    from huggingface_hub import constants
-
-    return MissingError(
-        f"init_from=hf:{name}: not found as a folder, not in the local Hugging Face cache ({constants.HF_HUB_CACHE}; "
-        f"HF_HOME sets it), and it could not be downloaded ({type(err).__name__}). Download it once where there is "
-        f"a network: python -c \"import transformers as t; t.AutoModelForCausalLM.from_pretrained('{name}'); "
-        f"t.AutoTokenizer.from_pretrained('{name}')\" (then HF_HUB_OFFLINE=1 works), or save it with "
-        "save_pretrained and give the folder: init_from=hf:/path/to/folder")
-
-
-def create_hf(name: str) -> nn.Module:
-    """`GPT2LMHeadModel.from_pretrained(name)` in fp32, after checking from its configuration that it is a GPT-2."""
-    transformers = transformers_module()
-    try:
-        config = transformers.AutoConfig.from_pretrained(name)
-    except OSError as err:  # no such folder, not cached and no network, or not a model id
-        raise _offline_error(name, err) from None
-    if config.model_type == "whisper":
-        raise ConfigError(f"init_from=hf:{name} is a Whisper model: mmtx converts its weights (mmtx.whisper, tested "
-                          "for parity) but cannot train from them yet (its decoder starts from Whisper's prompt of "
-                          f"special tokens, mmtx's from one BOS token); init_from=hf: maps {SUPPORTED}")
-    if config.model_type != "gpt2":
-        raise ConfigError(f"init_from=hf:{name} is a {config.model_type} model; this mmtx maps Hugging Face "
-                          f"{SUPPORTED} (and timm:<a Vision Transformer>)")
-    try:
-        return transformers.GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32).eval()
-    except OSError as err:
-        raise _offline_error(name, err) from None
-
-
-def hf_vocab(name: str):
-    """The tokenizer of Hugging Face model `name` (an id or a folder) as an mmtx `Vocab`."""
-    from mmtx.tokenizers.text import Vocab
-
-    transformers = transformers_module()
-
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-    except OSError as err:
-        raise _offline_error(name, err) from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(f"tokenizer.vocab.name={name}: its tokenizer has no `tokenizers` (fast) form")
-    return Vocab.from_json(tokenizer.backend_tokenizer.to_str())
 
 
 def gpt2_state(model: nn.Module, spec: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
@@ -138,8 +83,14 @@ def gpt2_arch(config: Any, name: str) -> dict[str, Any]:
 def load(spec: str) -> dict[str, Any]:
     """`hf:<name>` as an mmtx checkpoint (see mmtx.pretrained.load_pretrained)."""
     name = spec.split(":", 1)[1]
-    state, arch, positions = gpt2_state(create_hf(name), spec)
-    info = {"spec": spec, "arch": arch, "mean": [], "std": [], "num_classes": None, "max_positions": positions}
+    transformers = transformers_module()
+    try:
+        model = transformers.GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32).eval()
+    except OSError as err:
+        raise offline_error(name, err) from None
+    state, arch, positions = gpt2_state(model, spec)
+    info = {"spec": spec, "arch": arch, "mean": [], "std": [], "num_classes": None,
+            "limits": {"data.block_size": positions}, "task": "gpt2_finetune"}
     return {"state_dict": state, "mmtx_pretrained": info}
 
 

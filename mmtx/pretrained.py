@@ -27,7 +27,8 @@ from mmtx.errors import ConfigError, MissingError
 
 SUPPORTED = ("timm:<a timm Vision Transformer, e.g. vit_tiny_patch16_224.augreg_in21k_ft_in1k, "
              "vit_small_patch16_224.augreg_in21k_ft_in1k, vit_base_patch16_224.augreg2_in21k_ft_in1k> and "
-             "hf:<a Hugging Face GPT-2: gpt2, gpt2-medium, distilgpt2, ... or a save_pretrained folder>")
+             "hf:<a Hugging Face GPT-2 (gpt2, gpt2-medium, distilgpt2, ...) or Whisper (openai/whisper-tiny, ...), "
+             "or a save_pretrained folder>")
 PREFIX = "tasks.main."  # a single-task model's part; init_from maps it to every member of a co-training run
 
 
@@ -44,7 +45,7 @@ def load_pretrained(spec: str, file: str | os.PathLike | None = None) -> dict[st
         if file is not None:
             raise ConfigError(f"finetune.pretrained_file is for init_from=timm:...; for init_from={spec} give the "
                               "folder itself: init_from=hf:/path/to/folder (saved by save_pretrained)")
-        from mmtx.gpt2 import load
+        from mmtx.hf import load
 
         return load(spec)
     model = create_timm(name, file)
@@ -171,13 +172,14 @@ def check_architecture(cfg, source: dict[str, Any]) -> None:
     if wrong:
         found = "; ".join(f"{k}={have} here, {want} in the weights" for k, (have, want) in wrong.items())
         fix = " ".join(f"{k}={want}" for k, (_, want) in wrong.items())
-        start = "gpt2_finetune" if info["spec"].startswith("hf:") else "vit_finetune"
+        start = info.get("task", "vit_finetune")
         raise ConfigError(f"init_from={info['spec']} needs another model than this run's ({found}): add {fix} to the "
                           f"command line, or start from the task {start}")
-    positions, block = info.get("max_positions"), OmegaConf.select(cfg, "data.block_size", default=None)
-    if positions and block and int(block) > positions:
-        raise ConfigError(f"data.block_size={block} is longer than the {positions} positions init_from={info['spec']} "
-                          f"has learned: use data.block_size<={positions}")
+    for key, limit in (info.get("limits") or {}).items():  # context lengths the weights have positions for
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and int(value) > limit:
+            raise ConfigError(f"{key}={value} is longer than the {limit} positions init_from={info['spec']} has "
+                              f"learned: use {key}<={limit}")
     mean, std = OmegaConf.select(cfg, "data.mean", default=None), OmegaConf.select(cfg, "data.std", default=None)
     if info["mean"] and mean is not None and (list(mean) != info["mean"] or list(std) != info["std"]):
         logging.getLogger(__name__).warning(

@@ -7,11 +7,10 @@ decoder (learned positions, cross-attention, the output tied to the token embedd
 have no bias; mmtx's fused projections (`attn.qkv`, `cross_attn.kv`) have one bias vector, whose key part is
 set to zeros, which computes the same thing.
 
-What is here: the weights' conversion and the run configuration they need (`whisper_state`), tested for parity
-(encoder output and decoder logits against transformers in fp32). Not yet: a run from them
-(`init_from=hf:openai/whisper-*`): mmtx's sequence-to-sequence data and decoding start the target from one BOS
-token of the target vocabulary, where Whisper starts from its prompt of special tokens
-(<|startoftranscript|><|en|><|transcribe|><|notimestamps|>) in its own tokenizer.
+`init_from=hf:openai/whisper-tiny` (mmtx.hf) loads it from the Hugging Face cache with
+`WhisperForConditionalGeneration.from_pretrained`; the target is Whisper's own tokenizer
+(`data.tgt_vocab.kind=hf`), started by its prompt of special tokens (`data.tgt_specials`: bos
+<|startoftranscript|>, prefix <|en|> <|transcribe|> <|notimestamps|>, eos <|endoftext|>). Task `whisper_finetune`.
 """
 
 from __future__ import annotations
@@ -22,8 +21,10 @@ import torch
 from torch import nn
 
 from mmtx.errors import ConfigError
+from mmtx.hf import offline_error, transformers_module
 
 PREFIX = "tasks.main."
+SPECIALS = {"bos": "<|startoftranscript|>", "eos": "<|endoftext|>"}  # what data.tgt_specials must name
 
 
 def _fused(parts: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
@@ -110,3 +111,20 @@ def _block(source: dict[str, torch.Tensor], theirs: str, ours: str, state: dict[
     for fc in ("fc1", "fc2"):
         for leaf in ("weight", "bias"):
             state[f"{ours}.mlp.{fc}.{leaf}"] = source.pop(f"{theirs}.{fc}.{leaf}")
+
+
+def load(spec: str) -> dict[str, Any]:
+    """`hf:<a Whisper>` as an mmtx checkpoint (see mmtx.pretrained.load_pretrained)."""
+    name = spec.split(":", 1)[1]
+    transformers = transformers_module()
+    try:
+        model = transformers.WhisperForConditionalGeneration.from_pretrained(name, dtype=torch.float32).eval()
+        rate = transformers.WhisperFeatureExtractor.from_pretrained(name).sampling_rate
+    except OSError as err:
+        raise offline_error(name, err) from None
+    state, arch = whisper_state(model, spec)
+    arch.update({"data.source.sample_rate": rate, "data.tgt_vocab.kind": "hf", "data.tgt_vocab.name": name,
+                 "data.tgt_specials.bos": SPECIALS["bos"], "data.tgt_specials.eos": SPECIALS["eos"]})
+    info = {"spec": spec, "arch": arch, "mean": [], "std": [], "num_classes": None, "task": "whisper_finetune",
+            "limits": {"data.max_tgt_len": model.config.max_target_positions}}
+    return {"state_dict": state, "mmtx_pretrained": info}

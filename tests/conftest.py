@@ -341,3 +341,52 @@ def gpt2_small_run(tmp_path: Path, data_root: Path, reference: Path) -> list[str
     return [*keep, f"init_from=hf:{reference}", f"tokenizer.vocab.name={reference}", "data.source.files=tinyshakespeare/input.txt",
             f"backbone.dim={GPT2_SHAPE['n_embd']}", f"backbone.depth={GPT2_SHAPE['n_layer']}",
             f"backbone.num_heads={GPT2_SHAPE['n_head']}"]
+
+
+WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+WHISPER_SHAPE = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 4,
+                 "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "max_target_positions": 48}
+
+
+def whisper_reference(path: Path) -> Path:
+    """A Whisper with random weights (no network), its feature extractor and a byte-level BPE tokenizer with
+    Whisper's special tokens, saved at `path` by `save_pretrained` (once): the stand-in for openai/whisper-tiny
+    that `init_from=hf:<path>` loads through mmtx's converter. Its shape: WHISPER_SHAPE."""
+    if not (path / "config.json").is_file():
+        import torch
+        import transformers
+
+        from mmtx.tokenizers.text import train_bpe
+
+        vocab = train_bpe([TINY_TEXT, "zero one two three four five six seven eight nine"], vocab_size=300,
+                          special_tokens=WHISPER_SPECIALS)
+        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=vocab.tokenizer, eos_token="<|endoftext|>",
+                                                         pad_token="<|endoftext|>")
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in WHISPER_SPECIALS]
+        torch.manual_seed(0)
+        config = transformers.WhisperConfig(vocab_size=len(vocab), num_mel_bins=80, pad_token_id=ids[0],
+                                            eos_token_id=ids[0], bos_token_id=ids[0], decoder_start_token_id=ids[1],
+                                            **WHISPER_SHAPE)
+        path.mkdir(parents=True, exist_ok=True)
+        transformers.WhisperForConditionalGeneration(config).save_pretrained(path)
+        transformers.WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def whisper_small_run(tmp_path: Path, data_root: Path, reference: Path) -> list[str]:
+    """small_run for whisper_finetune: the reference Whisper at `reference` (weights, tokenizer, shape) on speech
+    manifests of the miniature FSDD clips at <data_root>/fsdd/recordings (written beside them once)."""
+    recordings = data_root / "fsdd" / "recordings"
+    words = {"0": "zero", "1": "one"}
+    for split, takes in (("train", range(3, 20)), ("test", range(3))):
+        lines = [f"recordings/{p.name}\t{words[p.name[0]]}" for p in sorted(recordings.glob("*.wav"))
+                 if int(p.stem.rsplit("_", 1)[1]) in takes and p.name[0] in words]
+        (data_root / "fsdd" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    keep = [a for a in small_run(tmp_path, data_root, "audio") if not a.startswith(("backbone.", "data.source"))]
+    return [*keep, f"init_from=hf:{reference}", f"data.tgt_vocab.name={reference}",
+            "data.source.files.train=fsdd/train.tsv", "data.source.files.test=fsdd/test.tsv", "data.source.max_seconds=1.0",
+            f"backbone.dim={WHISPER_SHAPE['d_model']}", f"backbone.depth={WHISPER_SHAPE['encoder_layers']}",
+            f"backbone.num_heads={WHISPER_SHAPE['encoder_attention_heads']}", "backbone.mlp_ratio=2.0",
+            f"family.decoder.depth={WHISPER_SHAPE['decoder_layers']}", "family.decoder.num_heads=4",
+            "family.decoder.mlp_ratio=2.0", "data.max_tgt_len=16", "family.val_decode_batches=1"]

@@ -7,7 +7,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from conftest import (TINY_TEXT, cotrain_small_run, gpt2_reference, gpt2_small_run, make_image_folder, make_parallel,
-                      pretrained_small_run, small_run, task_modality, timm_reference)
+                      pretrained_small_run, small_run, task_modality, timm_reference, whisper_reference,
+                      whisper_small_run)
 from test_audio import make_tones
 from mmtx import build, compose
 from mmtx.config import config_dir
@@ -37,6 +38,8 @@ def tiny(task: str, tmp_path: Path, data_root: Path) -> list[str]:
     if "members" in cfg:
         return cotrain_small_run(task, tmp_path, data_root)
     if is_pretrained(cfg.init_from) and cfg.init_from.startswith("hf:"):
+        if cfg.family._target_.endswith("Seq2Seq"):
+            return whisper_small_run(tmp_path, data_root, whisper_reference(data_root / "whisper"))
         return gpt2_small_run(tmp_path, data_root, gpt2_reference(data_root / "gpt2"))
     if is_pretrained(cfg.init_from):
         name = cfg.init_from.split(":", 1)[1].split(".", 1)[0]

@@ -163,5 +163,5 @@ def test_the_shipped_task_is_the_model_of_gpt2_small():
 
     small = transformers.GPT2Config()  # the hub's gpt2: 768 wide, 12 layers, 12 heads, gelu_new, eps 1e-5
     source = {"mmtx_pretrained": {"spec": "hf:gpt2", "arch": gpt2_arch(small, "gpt2"), "mean": [], "std": [],
-                                  "max_positions": small.n_positions}}
+                                  "limits": {"data.block_size": small.n_positions}}}
     check_architecture(compose("gpt2_finetune", ["data.source.files=x.txt"]), source)  # no mismatch to name

@@ -44,7 +44,7 @@ CONFIGS = [
     ("vit_cifar", []), ("vit_cifar", ["data=imagefolder"]), ("vit_cifar", ["data=hf_images"]),
     ("gpt_shakespeare_cpu", []), ("gpt_shakespeare_cpu", ["data=text_files"]), ("gpt_shakespeare_cpu", ["data=hf_text"]),
     ("gpt_shakespeare_cpu", ["tokenizer=pretrained"]), ("gpt_shakespeare_cpu", ["tokenizer=bpe"]),
-    ("gpt2_finetune", ["data.source.files=x.txt"]),
+    ("gpt2_finetune", ["data.source.files=x.txt"]), ("whisper_finetune", []),
     ("audio_fsdd", []), ("audio_fsdd", ["data=audio_folder"]), ("audio_fsdd", ["data=hf_audio"]),
     ("asr_fsdd", []), ("asr_fsdd", ["data=speech_manifest"]), ("translate_multi30k_cpu", []),
     ("translate_multi30k_cpu", ["data=parallel_text"]), ("translate_multi30k_cpu", ["data=hf_translation"]),

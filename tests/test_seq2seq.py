@@ -60,7 +60,7 @@ def search(head, memory, mask, beam, max_len=10, length_penalty=1.0):
     mem, msk = memory.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
 
     def step(ids, caches, t):
-        return head(ids[:, -1:], mem, msk, caches, t)
+        return head(ids[:, t:], mem, msk, caches, t)
 
     return beam_search(step, lambda n: head.new_caches(n, 32), 3, BOS, EOS, beam, max_len, length_penalty)
 

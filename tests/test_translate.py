@@ -273,6 +273,6 @@ def test_multi30k_is_found_with_the_data_root_alone(tmp_path, monkeypatch):
 
     dm = build_data(cfg)
     assert {k: len(v["tgt_lengths"]) for k, v in dm.splits.items()} == {"train": 29000, "val": 1014, "test": 1000}
-    assert len(dm.tgt_vocab) == 8000 and dm.special == {"pad_id": 0, "bos_id": 1, "eos_id": 2}
+    assert len(dm.tgt_vocab) == 8000 and dm.special == {"pad_id": 0, "bos_id": 1, "eos_id": 2, "prefix_ids": []}
     assert dm.texts["test"]["src"][0] and dm.texts["test"]["tgt"][0]
 

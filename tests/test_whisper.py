@@ -79,3 +79,74 @@ def test_a_whisper_with_trained_encoder_positions_is_named():
         model.model.encoder.embed_positions.weight.add_(0.5)
     with pytest.raises(ConfigError, match="encoder positions are not Whisper's sinusoids"):
         whisper_state(model, "hf:test-whisper")
+
+
+@pytest.fixture(scope="module")
+def whisper_root(tmp_path_factory):
+    from conftest import whisper_reference
+    from test_audio import make_tones
+
+    root = tmp_path_factory.mktemp("whisper_data")
+    make_tones(root / "fsdd" / "recordings", per_class=(17, 3))
+    return root, whisper_reference(root / "whisper")
+
+
+def test_whisper_finetune_transcribes_as_transformers_greedy_does(whisper_root, tmp_path):
+    """The shipped task, built from its config and initialised from the reference: every tensor loaded, and its
+    greedy transcription after Whisper's prompt the same tokens as transformers' model fed back its own argmax."""
+    from conftest import whisper_small_run
+    from mmtx import build, compose
+    from mmtx.batch import AudioBatch
+    from mmtx.transfer import init_from
+
+    root, ref = whisper_root
+    model, data = build(compose("whisper_finetune", whisper_small_run(tmp_path, root, ref)))
+    table = init_from(model, f"hf:{ref}")
+    assert not table["new"] and not table["skipped"] and not table["unused"]
+    model.eval()
+    part = model.tasks["main"]
+    theirs = transformers.WhisperForConditionalGeneration.from_pretrained(ref).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ref)
+    prompt = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"])
+    assert [part.bos_id, *part.prefix_ids] == prompt
+
+    # training batches: the decoder reads BOS + prompt + text, and learns the text and EOS, not the prompt
+    from mmtx.batch import IGNORE_INDEX
+
+    batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
+    tokens, targets = batch.target.tokens, batch.target.targets
+    assert tokens[:, :4].tolist() == [prompt] * tokens.shape[0]
+    assert (targets[:, :3] == IGNORE_INDEX).all()
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    for row_in, row_out in zip(tokens, targets):
+        learned = row_out[row_out != IGNORE_INDEX].tolist()
+        assert learned[-1] == eos and learned[:-1] == row_in[4:4 + len(learned) - 1].tolist()
+        assert tokenizer.decode(learned[:-1]) in ("zero", "one")
+
+    wave = torch.randn(1, 16000, generator=torch.Generator().manual_seed(2)) * 0.1
+    features = transformers.WhisperFeatureExtractor.from_pretrained(ref)(
+        wave.numpy(), sampling_rate=16000, return_tensors="pt").input_features
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(10):  # transformers' greedy reference: no cache, its own argmax fed back
+            nxt = theirs(input_features=features, decoder_input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    theirs_new = ids[0, len(prompt):].tolist()
+    theirs_new = theirs_new[:theirs_new.index(eos)] if eos in theirs_new else theirs_new
+    ours = part.decode(model.backbone, AudioBatch(wave, torch.tensor([16000])), beam_size=1, max_len=len(prompt) + 9)  # positions: 10 new tokens
+    assert ours[0] == theirs_new
+
+
+def test_a_whisper_run_trains_and_generate_transcribes_from_its_checkpoint(whisper_root, tmp_path):
+    from conftest import whisper_small_run
+    from mmtx import compose
+    from mmtx.generate import main as generate
+    from mmtx.train import train
+
+    root, ref = whisper_root
+    args = [*whisper_small_run(tmp_path, root, ref), "trainer.max_steps=3", "trainer.max_epochs=-1"]
+    summary = train(compose("whisper_finetune", args), run_dir=tmp_path / "run")
+    assert "test/wer" in summary
+    clip = sorted((root / "fsdd" / "recordings").glob("*.wav"))[0]
+    texts = generate([f"ckpt={summary['last_checkpoint']}", f"audio={clip}", "device=cpu"])
+    assert len(texts) == 1 and isinstance(texts[0], str)

@@ -37,32 +37,51 @@ from mmtx.tokenizers.text import Vocab, build_vocab
 log = logging.getLogger(__name__)
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+# The target's special tokens (data.tgt_specials): padding, start, end, and a prefix of forced tokens after the
+# start that the decoder is not trained to predict (Whisper: bos <|startoftranscript|>, prefix <|en|>
+# <|transcribe|> <|notimestamps|>, eos and pad <|endoftext|>).
+SPECIALS = {"pad": PAD, "bos": BOS, "eos": EOS, "prefix": []}
 
 
-def with_specials(spec: dict[str, Any]) -> dict[str, Any]:
-    """A vocabulary spec whose special tokens start with <pad>, <s>, </s> (ids 0, 1, 2 for BPE)."""
+def specials_of(specials: dict[str, Any] | None) -> dict[str, Any]:
+    """data.tgt_specials with the defaults filled in; an unknown key is named."""
+    unknown = sorted(set(specials or {}) - set(SPECIALS))
+    if unknown:
+        raise ConfigError(f"data.tgt_specials: unknown key(s) {unknown}; the keys are {', '.join(SPECIALS)}")
+    return {**SPECIALS, **{k: v for k, v in (specials or {}).items() if v is not None}}
+
+
+def with_specials(spec: dict[str, Any], specials: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A vocabulary spec whose special tokens start with pad, bos, eos and the prefix (ids 0, 1, 2, ... for BPE)."""
+    sp = specials_of(specials)
+    own = list(dict.fromkeys([sp["pad"], sp["bos"], sp["eos"], *sp["prefix"]]))
     spec = dict(spec)
-    extra = [t for t in spec.get("special_tokens") or () if t not in (PAD, BOS, EOS)]
-    spec["special_tokens"] = [PAD, BOS, EOS, *extra]
+    spec["special_tokens"] = [*own, *[t for t in spec.get("special_tokens") or () if t not in own]]
     return spec
 
 
-def special_ids(vocab: Vocab) -> dict[str, int]:
-    ids = {name: vocab.token_id(tok) for name, tok in (("pad_id", PAD), ("bos_id", BOS), ("eos_id", EOS))}
-    missing = [tok for tok, i in zip((PAD, BOS, EOS), ids.values()) if i is None]
+def special_ids(vocab: Vocab, specials: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{pad_id, bos_id, eos_id, prefix_ids} of the target vocabulary; a special token it lacks is named."""
+    sp = specials_of(specials)
+    names = {"pad_id": sp["pad"], "bos_id": sp["bos"], "eos_id": sp["eos"]}
+    ids: dict[str, Any] = {key: vocab.token_id(tok) for key, tok in names.items()}
+    ids["prefix_ids"] = [vocab.token_id(tok) for tok in sp["prefix"]]
+    missing = [tok for tok, i in zip([*names.values(), *sp["prefix"]], [*list(ids.values())[:3], *ids["prefix_ids"]])
+               if i is None]
     if missing:
-        raise DataError(f"the target tokenizer has no special token(s) {missing}; an encoder-decoder needs "
-                         f"{PAD}, {BOS} and {EOS} (add them to its special tokens)")
+        raise DataError(f"the target tokenizer has no special token(s) {missing}; an encoder-decoder needs its "
+                        f"data.tgt_specials ({', '.join(f'{k}={v}' for k, v in sp.items())}) in its vocabulary")
     return ids
 
 
 def seq2seq_runtime(tgt_vocab: Vocab, max_src_len: int, max_tgt_len: int, src_vocab: Vocab | None = None,
-                    sample_rate: int | None = None) -> dict[str, dict[str, Any]]:
+                    sample_rate: int | None = None, specials: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Run-time values of an encoder-decoder: the source tokenizer's vocabulary and length (text) or
-    sample rate (audio); the target vocabulary, its BOS / EOS ids and the decoder's positions (family)."""
+    sample rate (audio); the target vocabulary, its BOS / EOS / prefix ids and the decoder's positions (family)."""
     tokenizer = {"vocab": src_vocab, "max_len": max_src_len} if src_vocab is not None else {"sample_rate": sample_rate}
-    ids = special_ids(tgt_vocab)  # the data pads with pad_id; the decoder needs BOS and EOS
-    family = {"vocab": tgt_vocab, "bos_id": ids["bos_id"], "eos_id": ids["eos_id"], "max_len": max_tgt_len}
+    ids = special_ids(tgt_vocab, specials)  # the data pads with pad_id; the decoder needs BOS, EOS and the prefix
+    family = {"vocab": tgt_vocab, "bos_id": ids["bos_id"], "eos_id": ids["eos_id"], "max_len": max_tgt_len,
+              "prefix_ids": ids["prefix_ids"]}
     return {"tokenizer": tokenizer, "family": family}
 
 
@@ -113,13 +132,15 @@ class Seq2SeqDataModule(CachedSplits):
         fixed_vocab: Vocab | None = None,
         fixed_tgt_vocab: Vocab | None = None,
         seed: int = 0,
+        tgt_specials: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(source, cache_dir, root, batch_size, eval_batch_size, val_fraction, device_resident, seed)
         for key, value in (("max_src_len", max_src_len), ("max_tgt_len", max_tgt_len)):
             if value < 2:
                 raise ConfigError(f"data.{key} must be at least 2, got {value}")
         self.text_source = source.kind == "text"
-        self.tgt_spec = with_specials(tgt_vocab)
+        self.specials = specials_of(tgt_specials)
+        self.tgt_spec = with_specials(tgt_vocab, self.specials)
         self.shared_vocab = shared_vocab and self.text_source
         self.src_spec = dict(src_vocab or tgt_vocab)
         self.fixed = (fixed_vocab, fixed_tgt_vocab)  # the vocabularies of a checkpoint being evaluated
@@ -164,10 +185,14 @@ class Seq2SeqDataModule(CachedSplits):
     def tensors(self, caches: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
         """Token ids of every split (the vocabularies first), the audio as cached, and the strings in `texts`."""
         self.src_vocab, self.tgt_vocab = self._vocabs(caches["train"])
-        self.special = special_ids(self.tgt_vocab)  # fails early on a tokenizer file without them
+        self.special = special_ids(self.tgt_vocab, self.specials)  # fails early on a tokenizer file without them
+        room = self.max_tgt_len - 1 - len(self.special["prefix_ids"])  # BOS and the prefix come first
+        if room < 1:
+            raise ConfigError(f"data.max_tgt_len={self.max_tgt_len} leaves no room for a target after BOS and the "
+                              f"{len(self.special['prefix_ids'])} prefix tokens of data.tgt_specials.prefix")
         splits = {}
         for split, data in caches.items():
-            tgt, cut_tgt = _flatten(self.tgt_vocab.encode_batch(data["tgt"]), self.max_tgt_len - 1)
+            tgt, cut_tgt = _flatten(self.tgt_vocab.encode_batch(data["tgt"]), room)
             tensors = {f"tgt_{k}": v for k, v in tgt.items()}
             if self.text_source:
                 src, cut_src = _flatten(self.src_vocab.encode_batch(data["src"]), self.max_src_len)
@@ -180,8 +205,8 @@ class Seq2SeqDataModule(CachedSplits):
                 sources = list(data.get("names") or packed.get("names") or [""] * len(data["tgt"]))
             if cut_src or cut_tgt:
                 log.warning("%s [%s]: cut %d source(s) to data.max_src_len=%d tokens and %d target(s) to "
-                            "data.max_tgt_len-1=%d tokens", self.source.cache_name, split, cut_src,
-                            self.max_src_len, cut_tgt, self.max_tgt_len - 1)
+                            "%d tokens (data.max_tgt_len less BOS and the prefix)", self.source.cache_name, split,
+                            cut_src, self.max_src_len, cut_tgt, room)
             tensors["rows"] = torch.arange(len(data["tgt"]))
             splits[split] = tensors
             self.texts[split] = {"src": sources, "tgt": list(data["tgt"])}
@@ -195,7 +220,7 @@ class Seq2SeqDataModule(CachedSplits):
     def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
         self.setup()
         return seq2seq_runtime(self.tgt_vocab, self.max_src_len, self.max_tgt_len, self.src_vocab,
-                               getattr(self.source, "sample_rate", None))
+                               getattr(self.source, "sample_rate", None), self.specials)
 
     # -- the device-side data path (loaders: IndexedSplits) ------------------------------
 
@@ -211,10 +236,12 @@ class Seq2SeqDataModule(CachedSplits):
         tgt, inside = gather_padded(store["tgt_ids"], store["tgt_offsets"][index], tgt_len)
         tgt = tgt.long()
         B = tgt.shape[0]
-        bos = torch.full((B, 1), ids["bos_id"], dtype=torch.long, device=tgt.device)
-        tgt_in = torch.cat([bos, tgt.masked_fill(~inside, ids["pad_id"])], 1)  # (B, T+1)
-        tgt_out = torch.cat([tgt.masked_fill(~inside, IGNORE_INDEX), torch.full_like(bos, IGNORE_INDEX)], 1)
-        tgt_out = tgt_out.scatter(1, tgt_len[:, None], ids["eos_id"])  # EOS right after each target
+        start = torch.tensor([ids["bos_id"], *ids["prefix_ids"]], device=tgt.device).expand(B, -1)  # (B, 1+k)
+        k = start.shape[1] - 1
+        tgt_in = torch.cat([start, tgt.masked_fill(~inside, ids["pad_id"])], 1)  # (B, 1+k+T)
+        ignore = torch.full((B, 1), IGNORE_INDEX, dtype=torch.long, device=tgt.device)
+        tgt_out = torch.cat([ignore.expand(B, k), tgt.masked_fill(~inside, IGNORE_INDEX), ignore], 1)  # the prefix
+        tgt_out = tgt_out.scatter(1, tgt_len[:, None] + k, ids["eos_id"])  # is not predicted; EOS after each target
         target = TokenBatch(tgt_in.to(device, non_blocking=True), targets=tgt_out.to(device, non_blocking=True))
         if split == "train":
             return PairBatch(source, target)

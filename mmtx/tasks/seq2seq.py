@@ -76,7 +76,8 @@ class Seq2Seq(TaskPart):
     """Teacher-forced encoder-decoder training with label smoothing, and beam-search decoding.
 
     Batches are `PairBatch`es: the source for the tokenizer (token ids or audio) and the target
-    (`tokens`: BOS + target, `targets`: target + EOS, IGNORE_INDEX at padding). With `tie_embeddings`
+    (`tokens`: BOS [+ prefix] + target, `targets`: target + EOS, IGNORE_INDEX at padding and under the
+    prefix: forced tokens after BOS that are not predicted, such as Whisper's task prompt; `data.tgt_specials`). With `tie_embeddings`
     and one vocabulary for both sides, the source embedding is the target embedding too (itself tied
     to the output layer), as in Vaswani et al. (2017).
 
@@ -94,6 +95,7 @@ class Seq2Seq(TaskPart):
         bos_id: int,
         eos_id: int,
         decoder: dict[str, Any],
+        prefix_ids: Sequence[int] = (),
         max_len: int = 256,
         pos_embed: str = "learned",
         label_smoothing: float = 0.1,
@@ -110,7 +112,7 @@ class Seq2Seq(TaskPart):
         self.tokenizer = tokenizer
         self.decoder = TextDecoder(dim, vocab, decoder, max_len=max_len, pos_embed=pos_embed,
                                    dropout=decoder.get("dropout", 0.0))
-        self.bos_id, self.eos_id = bos_id, eos_id
+        self.bos_id, self.eos_id, self.prefix_ids = bos_id, eos_id, [int(i) for i in prefix_ids]
         self.label_smoothing = label_smoothing
         self.search = {"beam_size": beam_size, "length_penalty": length_penalty, "max_len": max_decode_len}
         self.metrics = nn.ModuleDict({name: text_metric(name) for name in metrics})
@@ -225,7 +227,7 @@ class Seq2Seq(TaskPart):
 
         def step(ids, caches, t):
             if caches:
-                return self.decoder(ids[:, -1:], memory, memory_mask, caches, t)
+                return self.decoder(ids[:, t:], memory, memory_mask, caches, t)
             return self.decoder(ids, memory, memory_mask)
 
         def new_caches(n):
@@ -233,4 +235,4 @@ class Seq2Seq(TaskPart):
 
         lp = self.search["length_penalty"] if length_penalty is None else length_penalty
         return beam_search(step, new_caches, memory.shape[0] // K, self.bos_id, self.eos_id, K, limit, lp,
-                           device=memory.device)
+                           device=memory.device, prefix=self.prefix_ids)

@@ -138,7 +138,7 @@ def build_vocab(
     if kind == "hf":
         if not name:
             raise ConfigError("tokenizer.vocab.kind=hf needs tokenizer.vocab.name=<a Hugging Face model id or folder>")
-        from mmtx.gpt2 import hf_vocab
+        from mmtx.hf import hf_vocab
 
         return hf_vocab(name)
     raise ConfigError(f"tokenizer.vocab.kind must be bpe, char, file or hf, got {kind!r}")
