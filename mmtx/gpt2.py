@@ -27,6 +27,9 @@ from mmtx.hf import offline_error, transformers_module
 PREFIX = "tasks.main."
 # GPT-2's activation_function values and the backbone.activation that computes the same numbers
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+# GPT-2's Conv1D layers and LayerNorms of a block, and mmtx's Block modules that hold them
+LINEARS = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+NORMS = {"ln_1": "norm1", "ln_2": "norm2"}
 SUPPORTED = "hf:<a GPT-2 model, e.g. gpt2, gpt2-medium, distilgpt2, or a folder saved by save_pretrained>"
 
 
@@ -51,13 +54,11 @@ def gpt2_state(model: nn.Module, spec: str) -> tuple[dict[str, torch.Tensor], di
     wte = source.pop("transformer.wte.weight")
     state = {PREFIX + "tokenizer.embed.weight": wte, PREFIX + "head.proj.weight": wte,
              PREFIX + "tokenizer.pos": source.pop("transformer.wpe.weight")}
-    linears = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-    norms = {"ln_1": "norm1", "ln_2": "norm2"}
     for i in range(config.n_layer):
-        for theirs, ours in linears.items():
+        for theirs, ours in LINEARS.items():
             state[f"backbone.blocks.{i}.{ours}.weight"] = source.pop(f"transformer.h.{i}.{theirs}.weight").t()
             state[f"backbone.blocks.{i}.{ours}.bias"] = source.pop(f"transformer.h.{i}.{theirs}.bias")
-        for theirs, ours in norms.items():
+        for theirs, ours in NORMS.items():
             for leaf in ("weight", "bias"):
                 state[f"backbone.blocks.{i}.{ours}.{leaf}"] = source.pop(f"transformer.h.{i}.{theirs}.{leaf}")
     for leaf in ("weight", "bias"):
@@ -137,12 +138,11 @@ def hf_config(checkpoint: dict[str, Any], source: str) -> tuple[Any, dict[str, t
         bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True)
     out = {"transformer.wte.weight": wte, "transformer.wpe.weight": wpe, "lm_head.weight": wte,
            "transformer.ln_f.weight": state["backbone.norm.weight"], "transformer.ln_f.bias": state["backbone.norm.bias"]}
-    linears = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
     for i in range(depth):
-        for theirs, ours in linears.items():
+        for theirs, ours in LINEARS.items():
             out[f"transformer.h.{i}.{theirs}.weight"] = state[f"backbone.blocks.{i}.{ours}.weight"].t()
             out[f"transformer.h.{i}.{theirs}.bias"] = state[f"backbone.blocks.{i}.{ours}.bias"]
-        for theirs, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
+        for theirs, ours in NORMS.items():
             for leaf in ("weight", "bias"):
                 out[f"transformer.h.{i}.{theirs}.{leaf}"] = state[f"backbone.blocks.{i}.{ours}.{leaf}"]
     return config, out
