@@ -147,7 +147,8 @@ class Seq2SeqDataModule(CachedSplits):
         self.max_src_len, self.max_tgt_len = max_src_len, max_tgt_len
         self.src_vocab: Vocab | None = None
         self.tgt_vocab: Vocab | None = None
-        self.special: dict[str, int] = {}
+        self.special: dict[str, Any] = {}
+        self._start: torch.Tensor | None = None  # _start_ids
         self.texts: dict[str, dict[str, list[str]]] = {}
 
     # -- reading and tokenizing ------------------------------------------------------
@@ -186,6 +187,7 @@ class Seq2SeqDataModule(CachedSplits):
         """Token ids of every split (the vocabularies first), the audio as cached, and the strings in `texts`."""
         self.src_vocab, self.tgt_vocab = self._vocabs(caches["train"])
         self.special = special_ids(self.tgt_vocab, self.specials)  # fails early on a tokenizer file without them
+        self._start = None
         room = self.max_tgt_len - 1 - len(self.special["prefix_ids"])  # BOS and the prefix come first
         if room < 1:
             raise ConfigError(f"data.max_tgt_len={self.max_tgt_len} leaves no room for a target after BOS and the "
@@ -224,6 +226,12 @@ class Seq2SeqDataModule(CachedSplits):
 
     # -- the device-side data path (loaders: IndexedSplits) ------------------------------
 
+    def _start_ids(self, device: torch.device) -> torch.Tensor:
+        """BOS and the prefix (1+k,) on `device`, made once per device rather than copied there every batch."""
+        if self._start is None or self._start.device != device:
+            self._start = torch.tensor([self.special["bos_id"], *self.special["prefix_ids"]], device=device)
+        return self._start
+
     def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> PairBatch:
         ids = self.special
         if self.text_source:
@@ -236,7 +244,7 @@ class Seq2SeqDataModule(CachedSplits):
         tgt, inside = gather_padded(store["tgt_ids"], store["tgt_offsets"][index], tgt_len)
         tgt = tgt.long()
         B = tgt.shape[0]
-        start = torch.tensor([ids["bos_id"], *ids["prefix_ids"]], device=tgt.device).expand(B, -1)  # (B, 1+k)
+        start = self._start_ids(tgt.device).expand(B, -1)  # (B, 1+k)
         k = start.shape[1] - 1
         tgt_in = torch.cat([start, tgt.masked_fill(~inside, ids["pad_id"])], 1)  # (B, 1+k+T)
         ignore = torch.full((B, 1), IGNORE_INDEX, dtype=torch.long, device=tgt.device)
