@@ -69,21 +69,21 @@ def run(name: str, args: list[str], work: Path) -> dict:
         summary = json.loads((run_dir / "summary.json").read_text())
         if summary.get("status") == "finished":
             times = json.loads((run_dir / "step_times.json").read_text())
-            wall = float(wall_file.read_text()) if wall_file.is_file() else None
-            return {**summary, "wall_s": wall, "step_times": times}
+            seconds = float(wall_file.read_text()) if wall_file.is_file() else None
+            return {**summary, "wall_s": seconds, "step_times": times}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "mmtx.train", *args, f"hydra.run.dir={run_dir}",
            "+callbacks.step_times._target_=bench_cotrain.StepTimes"]
     t0 = time.perf_counter()
     with open(work / f"{name}.log", "w") as out:
         done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    wall = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}); see {work / f'{name}.log'}")
     summary = json.loads((run_dir / "summary.json").read_text())
     times = json.loads((run_dir / "step_times.json").read_text())
-    wall_file.write_text(f"{wall:.3f}\n")
-    return {**summary, "wall_s": wall, "step_times": times}
+    wall_file.write_text(f"{seconds:.3f}\n")
+    return {**summary, "wall_s": seconds, "step_times": times}
 
 
 def median_step(times: list, member: str = "main", skip: int = 20) -> float:
