@@ -100,6 +100,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 failure = err
         summary = _summary(trainer, run_dir, ckpt_path, test_metrics, failure)
         summary["fit_seconds"] = round(fit_seconds, 1)  # trainer.fit: training and its validations
+        if test_metrics:
+            summary["tested"] = cfg.get("test_ckpt", "best")  # the weights the test/ figures are of
         if trainer.is_global_zero:
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
             _print_summary(summary)
@@ -136,7 +138,8 @@ def _fit(trainer: L.Trainer, model: L.LightningModule, datamodule, ckpt_path: st
 
 
 def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamodule) -> dict[str, float]:
-    """Test the best checkpoint (else the last weights) on the test split, if the data has one."""
+    """Test the best checkpoint (else the last weights; `test_ckpt=last`: the last weights) on the test split, if
+    the data has one."""
     if not cfg.test_after_fit or trainer.fast_dev_run or trainer.interrupted:
         return {}
     if hasattr(datamodule, "has_split") and not datamodule.has_split("test"):
@@ -144,8 +147,8 @@ def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamod
                     "test_after_fit=false silences this)")
         return {}
     best = trainer.checkpoint_callback
-    results = trainer.test(model, datamodule=datamodule, ckpt_path=(best.best_model_path if best else "") or None,
-                           weights_only=True)
+    ckpt = best.best_model_path if best is not None and cfg.get("test_ckpt", "best") == "best" else None  # None: the model as it is
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True)
     return {k: v for member in results for k, v in member.items()}  # one dict per loader (co-training: per member)
 
 
@@ -285,6 +288,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         lines.append(f"status:          diverged at step {summary['global_step']} (see the error below)")
     if summary["best_score"] is not None:
         lines.append(f"best {summary['monitor']}: {summary['best_score']:.4f}")
+    if summary.get("tested") == "last":
+        lines.append("tested:          the weights training ended with (test_ckpt=last)")
     for key, value in summary.items():
         if is_test_metric(key):
             shown = "-" if value is None else f"{value:.4f}"

@@ -62,8 +62,13 @@ def boolean() -> Rule:
     return "true or false", lambda v: isinstance(v, bool)
 
 
+def one_of(*choices: str) -> Rule:
+    return " or ".join(repr(c) for c in choices), lambda v: v in choices
+
+
 RULES: dict[str, Rule] = {
     "seed": integer(0),
+    "test_ckpt": one_of("best", "last"),
     "optim.lr": number(0, low_open=True),
     "optim.weight_decay": number(0),
     "optim.eps": number(0, low_open=True),

@@ -1,5 +1,6 @@
 """EMA of weights and early stopping, the two opt-in callbacks (callbacks.ema, callbacks.early_stopping)."""
 
+import pytest
 import torch
 
 from conftest import TINY_TEXT, folder_run, small_run
@@ -29,13 +30,16 @@ def test_ema_on_a_rotary_language_model(tmp_path):
     _ema_run(cfg, tmp_path / "run")  # the rotary table is a cache, not a buffer that grows: nothing to mismatch
 
 
-def test_ema_on_a_classifier_is_what_eval_scores(image_folder, tmp_path):
+@pytest.mark.parametrize("tested", ["best", "last"])
+def test_ema_on_a_classifier_is_what_eval_scores(tested, image_folder, tmp_path):
     cfg = compose("vit_cifar_cpu", [*folder_run(tmp_path, image_folder), "trainer.max_steps=8",
-                                    "callbacks.ema.enabled=true", "callbacks.ema.decay=0.9"])
+                                    "callbacks.ema.enabled=true", "callbacks.ema.decay=0.9", f"test_ckpt={tested}"])
     summary, ckpt = _ema_run(cfg, tmp_path / "run")
     assert any("running_mean" in k for k in ckpt["state_dict"])  # the conv stem's BatchNorm statistics averaged too
-    # the final test ran on the best checkpoint's averaged weights, as mmtx.eval does from that checkpoint
-    assert abs(evaluate(summary["best_checkpoint"])["test/loss"] - summary["test/loss"]) < 1e-5
+    # the final test ran on the averaged weights of the best checkpoint, or those training ended with, as mmtx.eval
+    # does from that checkpoint
+    assert summary["tested"] == tested
+    assert abs(evaluate(summary[f"{tested}_checkpoint"])["test/loss"] - summary["test/loss"]) < 1e-5
 
 
 def test_ema_decay_warms_up():

@@ -212,3 +212,21 @@ def test_dashboards_get_labelled_samples_grad_norm_and_throughput(logger, image_
         assert "train/grad_norm" in scalars and "train/samples_per_sec" in scalars and "train/loss" in scalars
         assert "final/best_val/acc" in scalars  # beside the config in the hparams view
         assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+
+
+def test_test_ckpt_last_tests_the_weights_training_ended_with(image_folder, tmp_path):
+    """test_ckpt=last: the final test scores the last weights (what last.ckpt holds), not the best checkpoint."""
+    cfg = compose("vit_cifar_cpu", [*folder_run(tmp_path, image_folder), "trainer.max_epochs=3", "test_ckpt=last",
+                                    "callbacks.checkpoint.monitor=epoch", "callbacks.checkpoint.mode=min"])
+    summary = train(cfg, run_dir=tmp_path / "run")  # the "best" checkpoint is the first epoch's
+    assert summary["tested"] == "last" and "epoch000" in summary["best_checkpoint"]
+    assert abs(evaluate(summary["last_checkpoint"])["test/loss"] - summary["test/loss"]) < 1e-5
+    assert abs(evaluate(summary["best_checkpoint"])["test/loss"] - summary["test/loss"]) > 1e-4
+
+
+def test_an_unknown_test_ckpt_is_named():
+    from mmtx.errors import ConfigError
+    from mmtx.validate import validate
+
+    with pytest.raises(ConfigError, match=r"test_ckpt='final' is not valid: test_ckpt must be 'best' or 'last'"):
+        validate(compose("vit_cifar_cpu", ["test_ckpt=final"]))
