@@ -78,7 +78,10 @@ def peak_flops(device: torch.device) -> float | None:
 class Throughput(L.Callback):
     """Log throughput over each window of `window` optimizer steps (wall clock, all ranks together),
     computed by Lightning's `Throughput` meter from totals handed to it once a window (so counting
-    target tokens on the device costs one sync a window, not one a step).
+    target tokens on the device costs one sync a window, not one a step). Windows run across epoch
+    boundaries (an epoch shorter than a window still gets figures) and the clock stops while validation
+    runs. Each window's figures go straight to the loggers at that step, as Lightning's own
+    `LearningRateMonitor` does, so they are never dropped for falling between `log_every_n_steps`.
 
     `train/samples_per_sec` always; for encoder-decoder batches `train/tgt_tokens_per_sec` (target
     tokens that carry loss); for token batches `train/tokens_per_sec` and, where the device's peak is
@@ -93,17 +96,24 @@ class Throughput(L.Callback):
 
     def _reset(self) -> None:
         self._t0: float | None = None
+        self._paused_at: float | None = None
         self._steps = self._samples = self._tokens = 0
         self._seq_len = 0
         self._tgt_tokens: torch.Tensor | int = 0  # summed on the device: no sync per step
         self._tokens_counted = 0  # tokens whose FLOPs the meter has been given
         self._meter = None
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._reset()  # validation time is not training throughput
+        if self._t0 is not None and not trainer.sanity_checking:
+            self._paused_at = time.perf_counter()  # validation time is not training throughput
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._paused_at is not None:  # move the start on by the pause: the meter's clock never runs back
+            self._t0 += time.perf_counter() - self._paused_at
+            self._paused_at = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -122,7 +132,9 @@ class Throughput(L.Callback):
                 self._tgt_tokens = self._tgt_tokens + (member_batch.target.targets != IGNORE_INDEX).sum()
         self._steps += 1
         if self._steps % self.window == 0:
-            pl_module.log_dict(self._window_metrics(now, pl_module), on_step=True, on_epoch=False)
+            metrics = self._window_metrics(now, pl_module)
+            for logger in trainer.loggers:  # rank zero only (Lightning's loggers are)
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def _window_metrics(self, now: float, pl_module: L.LightningModule) -> dict[str, float]:
         tokens = self._tokens or int(self._tgt_tokens)  # one sync a window

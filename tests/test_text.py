@@ -312,3 +312,20 @@ def test_throughput_logs_tokens_per_second_and_mfu_by_its_formula(tmp_path, corp
     assert model.task.tokenizer.pos is None  # rotary positions: no table to leave out of N
     n = sum(p.numel() for p in model.parameters())
     assert model.flops_per_token(T) == 6 * n + 12 * cfg.backbone.depth * cfg.backbone.dim * T
+
+
+def test_throughput_is_logged_when_epochs_are_shorter_than_its_window(tmp_path, corpus):
+    """Windows run across epochs, the clock stops for validation, and the figures reach the logger even
+    when no window ends on a `log_every_n_steps` step (the GPT-2-shape GPU run: 18 batches an epoch, a
+    window of 20, logging every 50 steps, and no figure at all before)."""
+    from conftest import read_metrics
+
+    cfg = compose("gpt_shakespeare", text_run(tmp_path, corpus, "trainer.max_steps=13", "test_after_fit=false",
+                                               "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+                                               "trainer.val_check_interval=null",
+                                               "trainer.check_val_every_n_epoch=1",
+                                               "callbacks.throughput.window=4", "trainer.log_every_n_steps=50"))
+    train(cfg, run_dir=tmp_path / "run")
+    rows = {r["step"]: float(r["train/tokens_per_sec"]) for r in read_metrics(tmp_path / "run")
+            if r.get("train/tokens_per_sec")}
+    assert len(rows) == 3 and all(rate > 0 for rate in rows.values())  # steps 2-5, 6-9, 10-13 over 5 epochs
