@@ -8,14 +8,18 @@ over the seeds, alone and co-trained; the parameters of the co-trained model aga
 up; and the time of a training step by member (median over the run, after its first 20 steps), co-trained
 against alone, from the `StepTimes` callback of this file.
 
-`--transfer` (fsdd only) adds, for every seed, `asr_fsdd` started from that seed's `audio_fsdd` checkpoint
-(`init_from=<audio run>/checkpoints/last.ckpt`, everything else as the single-task asr run) and compares its
-steps to target with the single-task asr run's: the optimizer step of the first validation whose `val/wer` is at
-most `--target` (0.02), from each run's metrics.csv, and each run's final test WER.
+`--transfer` adds, for every seed, `asr_fsdd` started from that seed's `audio_fsdd` checkpoint (fsdd:
+`init_from=<audio run>/checkpoints/last.ckpt`) or from its co-training run's audio member (multimodal:
+`init_from=<cotrain_multimodal run>/checkpoints/last.ckpt finetune.member=audio`, after `asr_fsdd` from scratch
+with the co-training run's backbone), everything else as the single-task asr run, and compares its steps to
+target with the from-scratch asr run's: the optimizer step of the first validation whose `val/wer` is at most
+`--target` (0.02), from each run's metrics.csv, and each run's final test WER.
 
     python scripts/bench_cotrain.py fsdd --root ../shared/data [--seeds 1 2 3]
     python scripts/bench_cotrain.py multimodal --root ../shared/data [--seeds 1 2 3]
     python scripts/bench_cotrain.py fsdd --root ../shared/data --seeds 1 2 3 --transfer
+    python scripts/bench_cotrain.py multimodal --root ../shared/data --seeds 1 --transfer \
+        --transfer-extra optim.lr=2e-4 finetune.new_lr=2e-3     (asr_fsdd from the co-trained audio member)
     python scripts/bench_cotrain.py fsdd --root ../shared/data --seeds 1 2 3 --transfer --work outputs/bench-fsdd \
         --transfer-extra optim.lr=2e-4 finetune.new_lr=2e-3     (a fine-tuning recipe, beside the runs already there)
     python scripts/bench_cotrain.py fsdd --root DIR --seeds 1 --extra trainer.max_steps=40   (a smoke run)
@@ -104,12 +108,17 @@ def steps_to(run_dir: Path, key: str, target: float) -> int | None:
 def alone_overrides(cfg, member: str) -> list[str]:
     """The overrides that make a member's task, trained alone, the member's model: its own overrides and the
     co-training run's backbone."""
+    spec = cfg.members[member]
+    return [*(str(o) for o in spec.get("overrides") or []), *backbone_overrides(cfg)]
+
+
+def backbone_overrides(cfg) -> list[str]:
+    """The co-training run's backbone settings, as overrides of a single-task run."""
     from omegaconf import OmegaConf
 
-    spec = cfg.members[member]
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     keep = ("dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "bias", "rotary", "dropout", "attn_dropout", "drop_path")
-    return [*(str(o) for o in spec.get("overrides") or []), *(f"backbone.{k}={backbone[k]}" for k in keep)]
+    return [f"backbone.{k}={backbone[k]}" for k in keep]
 
 
 def parameters(task: str, overrides: list[str]) -> int:
@@ -135,7 +144,8 @@ def main() -> None:
     parser.add_argument("--root", default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--transfer", action="store_true",
-                        help="fsdd: also asr_fsdd initialised from each seed's audio_fsdd checkpoint")
+                        help="also asr_fsdd initialised from each seed's audio_fsdd checkpoint (fsdd) or from the "
+                             "co-training run's audio member (multimodal)")
     parser.add_argument("--target", type=float, default=0.02, help="--transfer: the val/wer to reach")
     parser.add_argument("--transfer-extra", nargs="*", default=[],
                         help="--transfer: overrides of the transfer run alone (a fine-tuning recipe, e.g. "
@@ -145,8 +155,6 @@ def main() -> None:
                              "are read back, not run again, so seeds and recipes can be added to one table")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (smoke runs only)")
     args = parser.parse_args()
-    if args.transfer and args.which != "fsdd":
-        parser.error("--transfer is for fsdd (asr_fsdd from audio_fsdd)")
     from mmtx import compose
 
     task = f"cotrain_{args.which}"
@@ -155,6 +163,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"benchmark folder: {work}", flush=True)
     recipe = "-".join(o.replace("=", "").replace(".", "").replace("/", "") for o in args.transfer_extra)
+    source = "audio_fsdd" if args.which == "fsdd" else f"{task}'s audio member"
     transfer_name = f"asr-from-audio-{recipe}-seed" if recipe else "asr-from-audio-seed"
     common = [*cli_overrides(work, args.root), *args.extra]
     members = {name: str(spec.task) for name, spec in cfg.members.items()}
@@ -162,6 +171,15 @@ def main() -> None:
     alone: dict[str, list[dict]] = {name: [] for name in members}
     joint: list[dict] = []
     transfer: list[dict] = []
+    scratch: list[dict] = []  # --transfer: asr_fsdd from scratch (fsdd: the asr member alone)
+
+    def transfer_run(name: str, seed: int, init: list[str]) -> dict:
+        r = run(name, ["task=asr_fsdd", f"seed={seed}", *init, *common, *backbone_overrides(cfg), *args.transfer_extra],
+                work)
+        print(f"asr from {source} seed {seed}: {wall(r)} wall, {r['global_step']} steps, test/wer {r['test/wer']:.4f}",
+              flush=True)
+        return r
+
     for seed in args.seeds:
         for name, member_task in members.items():
             r = run(f"{name}-seed{seed}", [f"task={member_task}", f"seed={seed}", *common,
@@ -170,17 +188,21 @@ def main() -> None:
             shown = {k: round(v, 4) for k, v in r.items() if k.startswith("test/")}
             print(f"{name} alone ({member_task}) seed {seed}: {wall(r)} wall, {r['global_step']} steps, {shown}",
                   flush=True)
-        if args.transfer:
+        if args.transfer and args.which == "fsdd":
+            scratch.append(alone["asr"][-1])
             ckpt = work / f"audio-seed{seed}" / "checkpoints" / "last.ckpt"
-            r = run(f"{transfer_name}{seed}", ["task=asr_fsdd", f"seed={seed}", f"init_from={ckpt}", *common,
-                                                 *alone_overrides(cfg, "asr"), *args.transfer_extra], work)
-            transfer.append(r)
-            print(f"asr from audio seed {seed}: {wall(r)} wall, {r['global_step']} steps, "
-                  f"test/wer {r['test/wer']:.4f}", flush=True)
+            transfer.append(transfer_run(f"{transfer_name}{seed}", seed, [f"init_from={ckpt}"]))
         r = run(f"{task}-seed{seed}", [f"task={task}", f"seed={seed}", *common], work)  # paths reach the members
         joint.append(r)
         shown = {k: round(v, 4) for k, v in r.items() if "/test/" in k}
         print(f"{task} seed {seed}: {wall(r)} wall, {r['global_step']} steps, {shown}", flush=True)
+        if args.transfer and args.which == "multimodal":
+            r = run(f"asr-seed{seed}", ["task=asr_fsdd", f"seed={seed}", *common, *backbone_overrides(cfg)], work)
+            scratch.append(r)
+            print(f"asr_fsdd alone seed {seed}: {wall(r)} wall, {r['global_step']} steps, "
+                  f"test/wer {r['test/wer']:.4f}", flush=True)
+            ckpt = work / f"{task}-seed{seed}" / "checkpoints" / "last.ckpt"
+            transfer.append(transfer_run(f"{transfer_name}{seed}", seed, [f"init_from={ckpt}", "finetune.member=audio"]))
 
     print(f"\n{task} over seeds {args.seeds}:")
     for name in members:
@@ -201,18 +223,18 @@ def main() -> None:
         print(f"  wall per run (seeds with every wall time): co-trained {spread([joint[i]['wall_s'] for i in walls])} s; "
               f"members alone added up {spread([sum(alone[n][i]['wall_s'] for n in members) for i in walls])} s")
     if transfer:
-        print(f"  transfer (asr_fsdd from audio_fsdd's checkpoint{', ' + ' '.join(args.transfer_extra) if recipe else ''}), "
+        print(f"  transfer (asr_fsdd from {source}{', ' + ' '.join(args.transfer_extra) if recipe else ''}), "
               f"steps to val/wer <= {args.target}:")
         ratios = []
-        for seed, scratch, warm in zip(args.seeds, alone["asr"], transfer):
+        for seed, cold, warm in zip(args.seeds, scratch, transfer):
             a = steps_to(work / f"asr-seed{seed}", "val/wer", args.target)
             b = steps_to(work / f"{transfer_name}{seed}", "val/wer", args.target)
             if a and b:
                 ratios.append(b / a)
-            print(f"    seed {seed}: from scratch {a} steps (test/wer {scratch['test/wer']:.4f}), from audio_fsdd {b} "
+            print(f"    seed {seed}: from scratch {a} steps (test/wer {cold['test/wer']:.4f}), from {source} {b} "
                   f"steps (test/wer {warm['test/wer']:.4f})" + (f", ratio {b / a:.3f}" if a and b else ""))
         print(f"    steps ratio {spread(ratios) if ratios else 'n/a (a run never reached the target)'}; test/wer "
-              f"from scratch {spread([r['test/wer'] for r in alone['asr']])}, from audio_fsdd "
+              f"from scratch {spread([r['test/wer'] for r in scratch])}, from {source} "
               f"{spread([r['test/wer'] for r in transfer])}")
     n_joint = parameters(task, common)
     n_alone = {name: parameters(members[name], [*common, *alone_overrides(cfg, name)]) for name in members}
