@@ -86,7 +86,8 @@ class Throughput(L.Callback):
     `train/samples_per_sec` always; for encoder-decoder batches `train/tgt_tokens_per_sec` (target
     tokens that carry loss); for token batches `train/tokens_per_sec` and, where the device's peak is
     known and the module can count its FLOPs (`flops_per_token(seq_len)`), `train/mfu`: model FLOPs per
-    second per device over that device's bf16 dense peak.
+    second per device over that device's bf16 dense peak. A co-training run mixes batches of different kinds
+    (images, tokens, pairs) from step to step, so it logs `train/samples_per_sec` alone (all members together).
     """
 
     def __init__(self, window: int = 20) -> None:
@@ -102,6 +103,7 @@ class Throughput(L.Callback):
         self._tgt_tokens: torch.Tensor | int = 0  # summed on the device: no sync per step
         self._tokens_counted = 0  # tokens whose FLOPs the meter has been given
         self._meter = None
+        self._mixed = False  # co-training ({member: batch}): samples only
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
@@ -121,15 +123,15 @@ class Throughput(L.Callback):
             self._t0 = now
             self._meter = LightningThroughput(available_flops=peak_flops(pl_module.device),
                                               world_size=trainer.world_size, window_size=2)
-            self._meter.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
+            self._mixed = isinstance(batch, dict)  # co-training: {member: batch}
+            self._meter.update(time=0.0, batches=0, samples=0, **({} if self._mixed else {"lengths": 0, "flops": 0}))
             return
-        for member_batch in batch.values() if isinstance(batch, dict) else (batch,):  # co-training: {member: batch}
-            self._samples += len(member_batch)
-            if isinstance(member_batch, TokenBatch):
-                self._tokens += member_batch.tokens.numel()
-                self._seq_len = member_batch.tokens.shape[1]
-            elif isinstance(member_batch, PairBatch):
-                self._tgt_tokens = self._tgt_tokens + (member_batch.target.targets != IGNORE_INDEX).sum()
+        self._samples += sum(len(b) for b in batch.values()) if self._mixed else len(batch)
+        if isinstance(batch, TokenBatch):
+            self._tokens += batch.tokens.numel()
+            self._seq_len = batch.tokens.shape[1]
+        elif isinstance(batch, PairBatch):
+            self._tgt_tokens = self._tgt_tokens + (batch.target.targets != IGNORE_INDEX).sum()
         self._steps += 1
         if self._steps % self.window == 0:
             metrics = self._window_metrics(now, pl_module)
@@ -137,6 +139,10 @@ class Throughput(L.Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
 
     def _window_metrics(self, now: float, pl_module: L.LightningModule) -> dict[str, float]:
+        if self._mixed:
+            self._meter.update(time=now - self._t0, batches=self._steps, samples=self._samples)
+            rates = self._meter.compute()
+            return {"train/samples_per_sec": rates.get("samples_per_sec", rates["device/samples_per_sec"])}
         tokens = self._tokens or int(self._tgt_tokens)  # one sync a window
         flops = None
         if self._tokens and self._meter.available_flops and hasattr(pl_module, "flops_per_token"):

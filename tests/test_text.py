@@ -329,3 +329,27 @@ def test_throughput_is_logged_when_epochs_are_shorter_than_its_window(tmp_path, 
     rows = {r["step"]: float(r["train/tokens_per_sec"]) for r in read_metrics(tmp_path / "run")
             if r.get("train/tokens_per_sec")}
     assert len(rows) == 3 and all(rate > 0 for rate in rows.values())  # steps 2-5, 6-9, 10-13 over 5 epochs
+
+
+def test_throughput_of_a_cotraining_mix_logs_samples_per_second():
+    """A co-training run's windows mix token batches with image batches, and some windows hold no token batch at
+    all (cotrain_multimodal stopped there: Lightning's meter needs its lengths to grow every window): samples/s
+    alone, all members together."""
+    from types import SimpleNamespace
+
+    from mmtx.batch import ImageBatch, TokenBatch
+    from mmtx.callbacks import Throughput
+
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append(metrics))
+    trainer = SimpleNamespace(world_size=1, loggers=[logger], global_step=0, sanity_checking=False)
+    module = SimpleNamespace(device=torch.device("cpu"))
+    text = {"text": TokenBatch(tokens=torch.zeros(3, 8, dtype=torch.long))}
+    image = {"image": ImageBatch(image=torch.zeros(5, 3, 4, 4))}
+    meter = Throughput(window=2)
+    meter.on_train_start(trainer, module)
+    for step, batch in enumerate([text, text, image, image, image]):  # windows: text + image, then image alone
+        trainer.global_step = step + 1
+        meter.on_train_batch_end(trainer, module, None, batch, step)
+    assert [set(m) for m in logged] == [{"train/samples_per_sec"}] * 2
+    assert all(m["train/samples_per_sec"] > 0 for m in logged)
