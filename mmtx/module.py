@@ -156,6 +156,19 @@ class MmtxModule(L.LightningModule):
         self.guard.add_loss(loss.detach())
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """A run that reaches `trainer.max_steps` part-way through an epoch validates its final weights.
+
+        Lightning validates at epoch ends and every `val_check_interval`, not when `max_steps` stops training
+        between two of them; the final weights (a co-training run's `max_steps: sum` stops 13% into
+        cotrain_multimodal's sixth epoch, after the cosine schedule's last steps) would then never be a
+        candidate for the best checkpoint, which the test scores. Asking the loop to stop makes it run the
+        validation it runs for early stopping, once, on this step (`_should_check_val_fx`); at an epoch end or
+        a `val_check_interval` step it validates once all the same."""
+        trainer = self._trainer
+        if trainer is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.shared_step(batch, "val", batch_idx)  # co-training: one loader per member, its batches {member: batch}
 

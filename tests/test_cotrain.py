@@ -250,6 +250,10 @@ def test_two_process_cotraining_trains_the_same_member_on_both_ranks(strategy, m
     assert len(norms) == 6 and all(0 < n < float("inf") for n in norms)  # clipped by norm (FSDP: all shards)
     state = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]  # one plain checkpoint, either way
     assert state["backbone.blocks.0.attn.qkv.weight"].shape == (96, 32) and any(k.startswith("tasks.text.") for k in state)
+    # The final step (mid-epoch) is validated, and the language model's samples are drawn from whole weights
+    # (under FSDP its embedding and head are flat shards outside a step).
+    samples = (run / "text" / "samples.tsv").read_text().splitlines()
+    assert len(samples) == 2 and samples[1].startswith("6\t")
 
 
 def test_the_multirun_summary_table_lists_every_member(tmp_path):

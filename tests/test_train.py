@@ -230,3 +230,18 @@ def test_an_unknown_test_ckpt_is_named():
 
     with pytest.raises(ConfigError, match=r"test_ckpt='final' is not valid: test_ckpt must be 'best' or 'last'"):
         validate(compose("vit_cifar_cpu", ["test_ckpt=final"]))
+
+
+def test_a_run_stopped_by_max_steps_mid_epoch_validates_its_final_weights(image_folder, tmp_path):
+    """Lightning validates at epoch ends, not when max_steps ends training part-way through an epoch: the final
+    weights must still be validated, so the best checkpoint (which the test scores) can be them."""
+    cfg = compose("vit_cifar_cpu", [*folder_run(tmp_path, image_folder), "trainer.max_steps=5", "trainer.max_epochs=10",
+                                    "callbacks.checkpoint.monitor=step", "callbacks.checkpoint.mode=max",
+                                    "test_after_fit=false"])
+    summary = train(cfg, run_dir=tmp_path / "run")
+    rows = list(csv.DictReader(open(tmp_path / "run/metrics/version_0/metrics.csv")))
+    validated = sorted(int(r["step"]) for r in rows if r.get("val/acc"))
+    epochs = sorted({int(r["epoch"]) for r in rows if r.get("train/loss")})
+    assert summary["global_step"] == 5 and epochs == [0, 1]  # 3 batches an epoch: step 5 is mid-epoch
+    assert validated == [2, 4]  # the end of epoch 0 (step 3) and the final step, 5 (logged 0-based)
+    assert "step0000005" in summary["best_checkpoint"]

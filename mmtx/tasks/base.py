@@ -65,6 +65,23 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
+@contextlib.contextmanager
+def whole_weights(trainer: L.Trainer | None) -> Iterator[None]:
+    """Run the block with every parameter whole on this rank: under FSDP, a task part that computes outside a
+    training or validation step (a language model's samples at a validation's end) would otherwise meet the
+    flat shards FSDP keeps between forwards. Every rank must enter it (it gathers); a no-op otherwise."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if not isinstance(strategy, FSDPStrategy) or strategy.model is None:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False, recurse=True):
+        yield
+
+
 class TiedOutput(nn.Module):
     """Vocabulary logits from the token embedding matrix itself (Press & Wolf, 2017): the output layer of
     the language model and of the encoder-decoder's decoder, and the one place their weights are tied."""

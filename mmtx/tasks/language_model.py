@@ -16,7 +16,7 @@ from mmtx.batch import IGNORE_INDEX, TokenBatch
 from mmtx.errors import ConfigError
 from mmtx.generation import compute_dtype, generate
 from mmtx.loggers import log_text_table
-from mmtx.tasks.base import StepContext, TaskPart, TiedOutput, evaluating
+from mmtx.tasks.base import StepContext, TaskPart, TiedOutput, evaluating, whole_weights
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,9 @@ class LanguageModel(TaskPart):
         # An own generator, seeded by the step: the samples are reproducible and training's random numbers
         # (data offsets, dropout) are the same with samples on or off.
         generator = torch.Generator(self.tokenizer.embed.weight.device).manual_seed(ctx.global_step)
-        rows = [[ctx.global_step, p, self.complete(ctx.backbone, p, **self.sample, generator=generator)]
-                for p in self.sample_prompts]
+        with whole_weights(ctx.trainer):  # FSDP: the embedding and head are flat shards outside a step
+            rows = [[ctx.global_step, p, self.complete(ctx.backbone, p, **self.sample, generator=generator)]
+                    for p in self.sample_prompts]
         log_text_table(ctx.trainer, f"{ctx.prefix}samples", ["step", "prompt", "text"], rows)
 
     # -- the one generation entry -------------------------------------------------------------
