@@ -23,6 +23,15 @@ target with the from-scratch asr run's: the optimizer step of the first validati
     python scripts/bench_cotrain.py fsdd --root ../shared/data --seeds 1 2 3 --transfer --work outputs/bench-fsdd \
         --transfer-extra optim.lr=2e-4 finetune.new_lr=2e-3     (a fine-tuning recipe, beside the runs already there)
     python scripts/bench_cotrain.py fsdd --root DIR --seeds 1 --extra trainer.max_steps=40   (a smoke run)
+
+`--step-overhead ROUNDS` measures the co-training step against the member's step alone in alternating rounds
+instead (this machine's speed drifts by a third within an hour, so medians of runs made half an hour apart
+carry that drift): every round runs each member alone for `--overhead-steps` steps, then the co-training run
+for that many steps a member, each `python -m mmtx.train` with validation and the test off; printed, per member,
+each round's median step time co-trained / alone (after the first 20 steps of each run) and the median over
+the rounds.
+
+    python scripts/bench_cotrain.py fsdd --root ../shared/data --step-overhead 5
 """
 
 from __future__ import annotations
@@ -138,6 +147,31 @@ def spread(values: list[float]) -> str:
     return f"mean {statistics.mean(values):.4f} (range {min(values):.4f}-{max(values):.4f})"
 
 
+def step_overhead(cfg, task: str, members: dict[str, str], work: Path, common: list[str], rounds: int,
+                  steps: int) -> None:
+    """The co-training step against each member's step alone, in alternating rounds (see the module's text)."""
+    short = ["trainer.max_epochs=-1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+             "test_after_fit=false"]
+    ratios: dict[str, list[float]] = {name: [] for name in members}
+    for i in range(1, rounds + 1):
+        alone = {}
+        for name, member_task in members.items():
+            r = run(f"overhead-r{i}-{name}", [f"task={member_task}", "seed=1", *common, *alone_overrides(cfg, name),
+                                              *short, f"trainer.max_steps={steps}"], work)
+            alone[name] = median_step(r["step_times"])
+        r = run(f"overhead-r{i}-{task}", [f"task={task}", "seed=1", *common, *short, "cotrain.max_steps=null",
+                                          f"trainer.max_steps={steps * len(members)}"], work)
+        for name in members:
+            co = median_step(r["step_times"], name)
+            count = sum(1 for m, _ in r["step_times"][20:] if m == name)
+            ratios[name].append(co / alone[name])
+            print(f"round {i} {name}: alone {alone[name] * 1000:.1f} ms, co-trained {co * 1000:.1f} ms "
+                  f"({count} steps) ratio {co / alone[name]:.3f}", flush=True)
+    for name, values in ratios.items():
+        print(f"{name}: co-trained / alone step time, median over {rounds} rounds {statistics.median(values):.3f} "
+              f"(rounds {', '.join(f'{v:.3f}' for v in values)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=["fsdd", "multimodal"])
@@ -154,6 +188,11 @@ def main() -> None:
                         help="the benchmark's folder (default: a new one in /tmp); runs finished there before "
                              "are read back, not run again, so seeds and recipes can be added to one table")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (smoke runs only)")
+    parser.add_argument("--step-overhead", type=int, default=0, metavar="ROUNDS",
+                        help="measure only the step time co-trained against alone, in this many alternating rounds")
+    parser.add_argument("--overhead-steps", type=int, default=100,
+                        help="--step-overhead: the steps of a member alone in a round (the co-training run: this "
+                             "many per member)")
     args = parser.parse_args()
     from mmtx import compose
 
@@ -172,6 +211,10 @@ def main() -> None:
     joint: list[dict] = []
     transfer: list[dict] = []
     scratch: list[dict] = []  # --transfer: asr_fsdd from scratch (fsdd: the asr member alone)
+
+    if args.step_overhead:
+        step_overhead(cfg, task, members, work, common, args.step_overhead, args.overhead_steps)
+        return
 
     def transfer_run(name: str, seed: int, init: list[str]) -> dict:
         r = run(name, ["task=asr_fsdd", f"seed={seed}", *init, *common, *backbone_overrides(cfg), *args.transfer_extra],
