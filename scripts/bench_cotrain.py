@@ -20,6 +20,8 @@ target with the from-scratch asr run's: the optimizer step of the first validati
     python scripts/bench_cotrain.py fsdd --root ../shared/data --seeds 1 2 3 --transfer
     python scripts/bench_cotrain.py multimodal --root ../shared/data --seeds 1 --transfer \
         --transfer-extra optim.lr=2e-4 finetune.new_lr=2e-3     (asr_fsdd from the co-trained audio member)
+    python scripts/bench_cotrain.py multimodal --root ../shared/data --seeds 1 2 3 --transfer-only \
+        --transfer-extra optim.lr=2e-4 finetune.new_lr=2e-3     (the same without the members alone: the transfer only)
     python scripts/bench_cotrain.py fsdd --root ../shared/data --seeds 1 2 3 --transfer --work outputs/bench-fsdd \
         --transfer-extra optim.lr=2e-4 finetune.new_lr=2e-3     (a fine-tuning recipe, beside the runs already there)
     python scripts/bench_cotrain.py fsdd --root DIR --seeds 1 --extra trainer.max_steps=40   (a smoke run)
@@ -27,9 +29,10 @@ target with the from-scratch asr run's: the optimizer step of the first validati
 `--step-overhead ROUNDS` measures the co-training step against the member's step alone in alternating rounds
 instead (this machine's speed drifts by a third within an hour, so medians of runs made half an hour apart
 carry that drift): every round runs each member alone for `--overhead-steps` steps, then the co-training run
-for that many steps a member, each `python -m mmtx.train` with validation and the test off; printed, per member,
-each round's median step time co-trained / alone (after the first 20 steps of each run) and the median over
-the rounds.
+for that many steps a member, then each member alone again in reverse order, each `python -m mmtx.train` with
+validation and the test off. A member's step alone is the mean of its two runs around the co-training run, so a
+steady drift of the machine's speed cancels. Printed, per member, each round's median step time co-trained /
+alone (after the first 20 steps of each run) and the median and mean over the rounds.
 
     python scripts/bench_cotrain.py fsdd --root ../shared/data --step-overhead 5
 """
@@ -153,23 +156,27 @@ def step_overhead(cfg, task: str, members: dict[str, str], work: Path, common: l
     short = ["trainer.max_epochs=-1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
              "test_after_fit=false"]
     ratios: dict[str, list[float]] = {name: [] for name in members}
+
+    def alone(i: int, name: str, when: str) -> float:
+        r = run(f"overhead-r{i}-{name}-{when}", [f"task={members[name]}", "seed=1", *common,
+                                                 *alone_overrides(cfg, name), *short, f"trainer.max_steps={steps}"], work)
+        return median_step(r["step_times"])
+
     for i in range(1, rounds + 1):
-        alone = {}
-        for name, member_task in members.items():
-            r = run(f"overhead-r{i}-{name}", [f"task={member_task}", "seed=1", *common, *alone_overrides(cfg, name),
-                                              *short, f"trainer.max_steps={steps}"], work)
-            alone[name] = median_step(r["step_times"])
+        before = {name: alone(i, name, "before") for name in members}
         r = run(f"overhead-r{i}-{task}", [f"task={task}", "seed=1", *common, *short, "cotrain.max_steps=null",
                                           f"trainer.max_steps={steps * len(members)}"], work)
+        after = {name: alone(i, name, "after") for name in reversed(members)}
         for name in members:
+            solo = (before[name] + after[name]) / 2  # the runs either side: a steady drift cancels
             co = median_step(r["step_times"], name)
             count = sum(1 for m, _ in r["step_times"][20:] if m == name)
-            ratios[name].append(co / alone[name])
-            print(f"round {i} {name}: alone {alone[name] * 1000:.1f} ms, co-trained {co * 1000:.1f} ms "
-                  f"({count} steps) ratio {co / alone[name]:.3f}", flush=True)
+            ratios[name].append(co / solo)
+            print(f"round {i} {name}: alone {before[name] * 1000:.1f} ms before, {after[name] * 1000:.1f} ms after, "
+                  f"co-trained {co * 1000:.1f} ms ({count} steps) ratio {co / solo:.3f}", flush=True)
     for name, values in ratios.items():
-        print(f"{name}: co-trained / alone step time, median over {rounds} rounds {statistics.median(values):.3f} "
-              f"(rounds {', '.join(f'{v:.3f}' for v in values)})")
+        print(f"{name}: co-trained / alone step time, median over {rounds} rounds {statistics.median(values):.3f}, "
+              f"mean {statistics.mean(values):.3f} (rounds {', '.join(f'{v:.3f}' for v in values)})")
 
 
 def main() -> None:
@@ -180,6 +187,9 @@ def main() -> None:
     parser.add_argument("--transfer", action="store_true",
                         help="also asr_fsdd initialised from each seed's audio_fsdd checkpoint (fsdd) or from the "
                              "co-training run's audio member (multimodal)")
+    parser.add_argument("--transfer-only", action="store_true",
+                        help="only the runs the transfer comparison needs: fsdd, no co-training run; multimodal, no "
+                             "members alone (and so no co-trained against alone table)")
     parser.add_argument("--target", type=float, default=0.02, help="--transfer: the val/wer to reach")
     parser.add_argument("--transfer-extra", nargs="*", default=[],
                         help="--transfer: overrides of the transfer run alone (a fine-tuning recipe, e.g. "
@@ -194,6 +204,7 @@ def main() -> None:
                         help="--step-overhead: the steps of a member alone in a round (the co-training run: this "
                              "many per member)")
     args = parser.parse_args()
+    args.transfer = args.transfer or args.transfer_only
     from mmtx import compose
 
     task = f"cotrain_{args.which}"
@@ -224,7 +235,9 @@ def main() -> None:
         return r
 
     for seed in args.seeds:
-        for name, member_task in members.items():
+        needed = [] if args.transfer_only and args.which == "multimodal" else members  # fsdd: the sources of the transfer
+        for name in needed:
+            member_task = members[name]
             r = run(f"{name}-seed{seed}", [f"task={member_task}", f"seed={seed}", *common,
                                            *alone_overrides(cfg, name)], work)
             alone[name].append(r)
@@ -235,10 +248,11 @@ def main() -> None:
             scratch.append(alone["asr"][-1])
             ckpt = work / f"audio-seed{seed}" / "checkpoints" / "last.ckpt"
             transfer.append(transfer_run(f"{transfer_name}{seed}", seed, [f"init_from={ckpt}"]))
-        r = run(f"{task}-seed{seed}", [f"task={task}", f"seed={seed}", *common], work)  # paths reach the members
-        joint.append(r)
-        shown = {k: round(v, 4) for k, v in r.items() if "/test/" in k}
-        print(f"{task} seed {seed}: {wall(r)} wall, {r['global_step']} steps, {shown}", flush=True)
+        if not (args.transfer_only and args.which == "fsdd"):
+            r = run(f"{task}-seed{seed}", [f"task={task}", f"seed={seed}", *common], work)  # paths reach the members
+            joint.append(r)
+            shown = {k: round(v, 4) for k, v in r.items() if "/test/" in k}
+            print(f"{task} seed {seed}: {wall(r)} wall, {r['global_step']} steps, {shown}", flush=True)
         if args.transfer and args.which == "multimodal":
             r = run(f"asr-seed{seed}", ["task=asr_fsdd", f"seed={seed}", *common, *backbone_overrides(cfg)], work)
             scratch.append(r)
@@ -248,7 +262,7 @@ def main() -> None:
             transfer.append(transfer_run(f"{transfer_name}{seed}", seed, [f"init_from={ckpt}", "finetune.member=audio"]))
 
     print(f"\n{task} over seeds {args.seeds}:")
-    for name in members:
+    for name in members if joint and all(alone.values()) else []:
         keys = sorted(k.removeprefix(metric[name]) for k in joint[0] if k.startswith(metric[name]))
         for key in keys:
             solo = [r[f"test/{key}"] for r in alone[name]]
@@ -261,7 +275,7 @@ def main() -> None:
         c = [median_step(r["step_times"], name) for r in joint]
         print(f"  {name} step time: alone {statistics.mean(a) * 1000:.1f} ms, co-trained {statistics.mean(c) * 1000:.1f} ms "
               f"(ratio {statistics.mean(c) / statistics.mean(a):.3f})")
-    walls = [i for i in range(len(joint)) if None not in (joint[i]["wall_s"], *(alone[n][i]["wall_s"] for n in members))]
+    walls = [i for i in range(len(joint)) if all(alone.values()) and None not in (joint[i]["wall_s"], *(alone[n][i]["wall_s"] for n in members))]
     if walls:
         print(f"  wall per run (seeds with every wall time): co-trained {spread([joint[i]['wall_s'] for i in walls])} s; "
               f"members alone added up {spread([sum(alone[n][i]['wall_s'] for n in members) for i in walls])} s")
