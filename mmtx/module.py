@@ -205,11 +205,13 @@ class MmtxModule(L.LightningModule):
         without being computed a second time. Under FSDP each rank holds a shard: the skip decision is the
         ranks' worst, and the clipping and the logged norm are the FSDP module's (all shards).
         """
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        # The optimizer's parameters, as Lightning's own clipping takes them: walking `self.parameters()` visits
+        # every submodule (a co-training run's other members and their metrics too) and cost 0.3-0.8 ms a step.
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if self.guard.skip_step(norm if scaler is None else None, self.trainer):
-            for p in self.parameters():
+            for p in params:
                 p.grad = None  # the optimizer leaves parameters without gradients as they are
             self.log("train/skipped_steps", float(self.guard.skipped), on_step=True, on_epoch=False)
             return
@@ -219,7 +221,7 @@ class MmtxModule(L.LightningModule):
             # which reduces the shards' norms across ranks (every rank calls it) and returns that global norm.
             norm = self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
         elif gradient_clip_val and by_norm and norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
         else:  # clipping by value (Lightning's, FSDP's included), or none
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         if norm is not None and self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
