@@ -38,6 +38,17 @@ def git_state(path: Path | None = None) -> dict[str, Any]:
     return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
 
 
+def cpu_model() -> str | None:
+    """The processor's name as Linux reports it (`platform.processor()` is empty there), else the platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def run_info(seed: int | None) -> dict[str, Any]:
     import lightning
     import torch
@@ -51,5 +62,9 @@ def run_info(seed: int | None) -> dict[str, Any]:
         "python": platform.python_version(),
         "command": " ".join(sys.argv),
         "host": socket.gethostname(),
+        # Two CPUs that dispatch to different kernels (AVX2, AVX512) round differently, so a long run's figures
+        # can differ between machines with everything else equal. CUDA is left uninitialised here (forked ranks).
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }

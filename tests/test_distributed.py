@@ -73,6 +73,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
 
     info = json.loads((two / "run_info.json").read_text())
     assert info["seed"] == 42 and info["mmtx_version"] and "git_commit" in info and "trainer=ddp" in info["command"]
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and "cpu" in info
     checkpoint = torch.load(two / "checkpoints" / "last.ckpt", weights_only=True)  # plain types only
     assert checkpoint["mmtx_run_info"]["git_commit"] == info["git_commit"]
 
