@@ -35,6 +35,8 @@ steady drift of the machine's speed cancels. Printed, per member, each round's m
 alone (after the first 20 steps of each run) and the median and mean over the rounds.
 
     python scripts/bench_cotrain.py fsdd --root ../shared/data --step-overhead 5
+    python scripts/bench_cotrain.py multimodal --root ../shared/data --step-overhead 3 --work DIR \
+        --cotrain-extra cotrain.schedule=round_robin     (overrides of the co-training runs alone; a new DIR)
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def spread(values: list[float]) -> str:
 
 
 def step_overhead(cfg, task: str, members: dict[str, str], work: Path, common: list[str], rounds: int,
-                  steps: int) -> None:
+                  steps: int, cotrain_extra: list[str], suffix: str) -> None:
     """The co-training step against each member's step alone, in alternating rounds (see the module's text)."""
     short = ["trainer.max_epochs=-1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
              "test_after_fit=false"]
@@ -164,16 +166,21 @@ def step_overhead(cfg, task: str, members: dict[str, str], work: Path, common: l
 
     for i in range(1, rounds + 1):
         before = {name: alone(i, name, "before") for name in members}
-        r = run(f"overhead-r{i}-{task}", [f"task={task}", "seed=1", *common, *short, "cotrain.max_steps=null",
-                                          f"trainer.max_steps={steps * len(members)}"], work)
+        r = run(f"overhead-r{i}-{task}{suffix}", [f"task={task}", "seed=1", *common, *short, "cotrain.max_steps=null",
+                                                  f"trainer.max_steps={steps * len(members)}", *cotrain_extra], work)
         after = {name: alone(i, name, "after") for name in reversed(members)}
         for name in members:
             solo = (before[name] + after[name]) / 2  # the runs either side: a steady drift cancels
             co = median_step(r["step_times"], name)
             count = sum(1 for m, _ in r["step_times"][20:] if m == name)
             ratios[name].append(co / solo)
+            pairs = list(zip(r["step_times"][19:], r["step_times"][20:]))  # (the step before, the step)
+            repeat = [t for (before_m, _), (m, t) in pairs if m == name and before_m == name]
+            switch = [t for (before_m, _), (m, t) in pairs if m == name and before_m != name]
+            split = ", ".join(f"{len(v)} {label} {statistics.median(v) * 1000:.1f} ms"
+                              for label, v in (("after its own step", repeat), ("after another member's", switch)) if v)
             print(f"round {i} {name}: alone {before[name] * 1000:.1f} ms before, {after[name] * 1000:.1f} ms after, "
-                  f"co-trained {co * 1000:.1f} ms ({count} steps) ratio {co / solo:.3f}", flush=True)
+                  f"co-trained {co * 1000:.1f} ms ({count} steps: {split}) ratio {co / solo:.3f}", flush=True)
     for name, values in ratios.items():
         print(f"{name}: co-trained / alone step time, median over {rounds} rounds {statistics.median(values):.3f}, "
               f"mean {statistics.mean(values):.3f} (rounds {', '.join(f'{v:.3f}' for v in values)})")
@@ -198,6 +205,9 @@ def main() -> None:
                         help="the benchmark's folder (default: a new one in /tmp); runs finished there before "
                              "are read back, not run again, so seeds and recipes can be added to one table")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (smoke runs only)")
+    parser.add_argument("--cotrain-extra", nargs="*", default=[],
+                        help="overrides of the co-training runs alone (e.g. cotrain.schedule=round_robin); their folders "
+                             "are <task>-<overrides>-seedS and overhead-rI-<task>-<overrides>")
     parser.add_argument("--step-overhead", type=int, default=0, metavar="ROUNDS",
                         help="measure only the step time co-trained against alone, in this many alternating rounds")
     parser.add_argument("--overhead-steps", type=int, default=100,
@@ -213,6 +223,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"benchmark folder: {work}", flush=True)
     recipe = "-".join(o.replace("=", "").replace(".", "").replace("/", "") for o in args.transfer_extra)
+    joint_suffix = "".join("-" + o.replace("=", "").replace(".", "").replace("/", "") for o in args.cotrain_extra)
     source = "audio_fsdd" if args.which == "fsdd" else f"{task}'s audio member"
     transfer_name = f"asr-from-audio-{recipe}-seed" if recipe else "asr-from-audio-seed"
     common = [*cli_overrides(work, args.root), *args.extra]
@@ -224,7 +235,8 @@ def main() -> None:
     scratch: list[dict] = []  # --transfer: asr_fsdd from scratch (fsdd: the asr member alone)
 
     if args.step_overhead:
-        step_overhead(cfg, task, members, work, common, args.step_overhead, args.overhead_steps)
+        step_overhead(cfg, task, members, work, common, args.step_overhead, args.overhead_steps, args.cotrain_extra,
+                      joint_suffix)
         return
 
     def transfer_run(name: str, seed: int, init: list[str]) -> dict:
@@ -249,7 +261,8 @@ def main() -> None:
             ckpt = work / f"audio-seed{seed}" / "checkpoints" / "last.ckpt"
             transfer.append(transfer_run(f"{transfer_name}{seed}", seed, [f"init_from={ckpt}"]))
         if not (args.transfer_only and args.which == "fsdd"):
-            r = run(f"{task}-seed{seed}", [f"task={task}", f"seed={seed}", *common], work)  # paths reach the members
+            r = run(f"{task}{joint_suffix}-seed{seed}", [f"task={task}", f"seed={seed}", *common, *args.cotrain_extra],
+                    work)  # paths reach the members
             joint.append(r)
             shown = {k: round(v, 4) for k, v in r.items() if "/test/" in k}
             print(f"{task} seed {seed}: {wall(r)} wall, {r['global_step']} steps, {shown}", flush=True)
@@ -258,7 +271,7 @@ def main() -> None:
             scratch.append(r)
             print(f"asr_fsdd alone seed {seed}: {wall(r)} wall, {r['global_step']} steps, "
                   f"test/wer {r['test/wer']:.4f}", flush=True)
-            ckpt = work / f"{task}-seed{seed}" / "checkpoints" / "last.ckpt"
+            ckpt = work / f"{task}{joint_suffix}-seed{seed}" / "checkpoints" / "last.ckpt"
             transfer.append(transfer_run(f"{transfer_name}{seed}", seed, [f"init_from={ckpt}", "finetune.member=audio"]))
 
     print(f"\n{task} over seeds {args.seeds}:")
@@ -293,7 +306,7 @@ def main() -> None:
         print(f"    steps ratio {spread(ratios) if ratios else 'n/a (a run never reached the target)'}; test/wer "
               f"from scratch {spread([r['test/wer'] for r in scratch])}, from {source} "
               f"{spread([r['test/wer'] for r in transfer])}")
-    n_joint = parameters(task, common)
+    n_joint = parameters(task, [*common, *args.cotrain_extra])
     n_alone = {name: parameters(members[name], [*common, *alone_overrides(cfg, name)]) for name in members}
     print(f"  parameters: co-trained {n_joint:,}; alone {', '.join(f'{n} {v:,}' for n, v in n_alone.items())} "
           f"(added up {sum(n_alone.values()):,}; ratio {n_joint / sum(n_alone.values()):.3f})")
