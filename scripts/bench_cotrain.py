@@ -148,6 +148,11 @@ def wall(r: dict) -> str:
     return "read back, no" if r["wall_s"] is None else f"{r['wall_s']:.1f} s"
 
 
+def slug(overrides: list[str]) -> str:
+    """Overrides as part of a folder name: `optim.lr=2e-4 finetune.new_lr=2e-3` -> `optimlr2e-4-finetunenew_lr2e-3`."""
+    return "-".join(o.replace("=", "").replace(".", "").replace("/", "") for o in overrides)
+
+
 def spread(values: list[float]) -> str:
     return f"mean {statistics.mean(values):.4f} (range {min(values):.4f}-{max(values):.4f})"
 
@@ -222,8 +227,8 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix=f"mmtx-bench-{task}-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"benchmark folder: {work}", flush=True)
-    recipe = "-".join(o.replace("=", "").replace(".", "").replace("/", "") for o in args.transfer_extra)
-    joint_suffix = "".join("-" + o.replace("=", "").replace(".", "").replace("/", "") for o in args.cotrain_extra)
+    recipe = slug(args.transfer_extra)
+    joint_suffix = f"-{slug(args.cotrain_extra)}" if args.cotrain_extra else ""
     source = "audio_fsdd" if args.which == "fsdd" else f"{task}'s audio member"
     transfer_name = f"asr-from-audio-{recipe}-seed" if recipe else "asr-from-audio-seed"
     common = [*cli_overrides(work, args.root), *args.extra]
