@@ -153,12 +153,17 @@ def slug(overrides: list[str]) -> str:
     return "-".join(o.replace("=", "").replace(".", "").replace("/", "") for o in overrides)
 
 
+def joint_suffix(cotrain_extra: list[str]) -> str:
+    """What `--cotrain-extra` adds to a co-training run's folder name (nothing without it)."""
+    return f"-{slug(cotrain_extra)}" if cotrain_extra else ""
+
+
 def spread(values: list[float]) -> str:
     return f"mean {statistics.mean(values):.4f} (range {min(values):.4f}-{max(values):.4f})"
 
 
 def step_overhead(cfg, task: str, members: dict[str, str], work: Path, common: list[str], rounds: int,
-                  steps: int, cotrain_extra: list[str], suffix: str) -> None:
+                  steps: int, cotrain_extra: list[str]) -> None:
     """The co-training step against each member's step alone, in alternating rounds (see the module's text)."""
     short = ["trainer.max_epochs=-1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
              "test_after_fit=false"]
@@ -171,8 +176,9 @@ def step_overhead(cfg, task: str, members: dict[str, str], work: Path, common: l
 
     for i in range(1, rounds + 1):
         before = {name: alone(i, name, "before") for name in members}
-        r = run(f"overhead-r{i}-{task}{suffix}", [f"task={task}", "seed=1", *common, *short, "cotrain.max_steps=null",
-                                                  f"trainer.max_steps={steps * len(members)}", *cotrain_extra], work)
+        r = run(f"overhead-r{i}-{task}{joint_suffix(cotrain_extra)}",
+                [f"task={task}", "seed=1", *common, *short, "cotrain.max_steps=null",
+                 f"trainer.max_steps={steps * len(members)}", *cotrain_extra], work)
         after = {name: alone(i, name, "after") for name in reversed(members)}
         for name in members:
             solo = (before[name] + after[name]) / 2  # the runs either side: a steady drift cancels
@@ -228,7 +234,6 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"benchmark folder: {work}", flush=True)
     recipe = slug(args.transfer_extra)
-    joint_suffix = f"-{slug(args.cotrain_extra)}" if args.cotrain_extra else ""
     source = "audio_fsdd" if args.which == "fsdd" else f"{task}'s audio member"
     transfer_name = f"asr-from-audio-{recipe}-seed" if recipe else "asr-from-audio-seed"
     common = [*cli_overrides(work, args.root), *args.extra]
@@ -240,8 +245,7 @@ def main() -> None:
     scratch: list[dict] = []  # --transfer: asr_fsdd from scratch (fsdd: the asr member alone)
 
     if args.step_overhead:
-        step_overhead(cfg, task, members, work, common, args.step_overhead, args.overhead_steps, args.cotrain_extra,
-                      joint_suffix)
+        step_overhead(cfg, task, members, work, common, args.step_overhead, args.overhead_steps, args.cotrain_extra)
         return
 
     def transfer_run(name: str, seed: int, init: list[str]) -> dict:
@@ -266,8 +270,8 @@ def main() -> None:
             ckpt = work / f"audio-seed{seed}" / "checkpoints" / "last.ckpt"
             transfer.append(transfer_run(f"{transfer_name}{seed}", seed, [f"init_from={ckpt}"]))
         if not (args.transfer_only and args.which == "fsdd"):
-            r = run(f"{task}{joint_suffix}-seed{seed}", [f"task={task}", f"seed={seed}", *common, *args.cotrain_extra],
-                    work)  # paths reach the members
+            r = run(f"{task}{joint_suffix(args.cotrain_extra)}-seed{seed}",
+                    [f"task={task}", f"seed={seed}", *common, *args.cotrain_extra], work)  # paths reach the members
             joint.append(r)
             shown = {k: round(v, 4) for k, v in r.items() if "/test/" in k}
             print(f"{task} seed {seed}: {wall(r)} wall, {r['global_step']} steps, {shown}", flush=True)
@@ -276,7 +280,7 @@ def main() -> None:
             scratch.append(r)
             print(f"asr_fsdd alone seed {seed}: {wall(r)} wall, {r['global_step']} steps, "
                   f"test/wer {r['test/wer']:.4f}", flush=True)
-            ckpt = work / f"{task}{joint_suffix}-seed{seed}" / "checkpoints" / "last.ckpt"
+            ckpt = work / f"{task}{joint_suffix(args.cotrain_extra)}-seed{seed}" / "checkpoints" / "last.ckpt"
             transfer.append(transfer_run(f"{transfer_name}{seed}", seed, [f"init_from={ckpt}", "finetune.member=audio"]))
 
     print(f"\n{task} over seeds {args.seeds}:")
