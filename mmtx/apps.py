@@ -45,6 +45,19 @@ def hydra_argv(argv: Sequence[str], own_keys: Sequence[str], verbatim: Sequence[
     return out
 
 
+def check_group_overrides(argv: Sequence[str]) -> None:
+    """`<group>=null` on the command line (`tokenizer=null`) makes Hydra fail with a traceback of its own: refuse
+    it first with one line that says how to drop a group (`~group`) or which choices it has."""
+    root = Path(config_dir())
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+")
+        if sep and "." not in key and (root / key).is_dir() and value.strip() in ("null", "None", "~"):
+            choices = sorted(p.stem for p in (root / key).glob("*.yaml") if not p.stem.startswith("_"))
+            raise ConfigError(f"{arg}: a config group takes no null on the command line; leave {key} out for its "
+                              f"default, drop it with ~{key}, or pick one of conf/{key}/: {', '.join(choices)}")
+
+
 def compose_app(name: str, overrides: Sequence[str]) -> DictConfig:
     """`conf/<name>.yaml` with `overrides`, composed as the command line would (for calls from Python)."""
     from hydra import compose, initialize_config_dir

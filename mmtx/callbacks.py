@@ -3,20 +3,25 @@ weights with a warm-up."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
+import signal
+import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.throughput import Throughput as LightningThroughput
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmtx.batch import IGNORE_INDEX, PairBatch, TokenBatch
-from mmtx.errors import ConfigError
+from mmtx.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +238,89 @@ class LastCheckpoint(L.Callback):
         self._save(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # With several ranks, saving would wait at a barrier for ranks that may be gone.
-        if trainer.world_size == 1 and trainer.state.fn == "fit":
+        if trainer.state.fn != "fit" or isinstance(exception, StorageError):  # a refused write: not again
+            return
+        # With several ranks, saving would wait at a barrier for ranks that may be gone; a stopping signal is the
+        # exception: Lightning stops every rank at the same step (it broadcasts rank 0's signal), all alive.
+        if trainer.world_size == 1 or isinstance(exception, SIGTERMException):
             self._save(trainer, pl_module)
+
+
+# -- the signals a scheduler sends before it kills a job ------------------------------------------------------
+
+# SIGTERM: what SLURM (preemption, time limit), Kubernetes and `kill` send first; SIGUSR1: SLURM's warning before the
+# time limit (`#SBATCH --signal=USR1@120`), after which mmtx requeues the job; SIGUSR2: submitit's (launcher=slurm),
+# whose own handler requeues the job once mmtx has saved.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class StopSignals:
+    """What `stopping_signals` saw: the signal received (its number, or None), and what to do once the run's
+    summary is written (`finish`)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def finish(self, rank_zero: bool) -> None:
+        """After a stopping signal: hand it to the handler that was there before (submitit's requeues the job and
+        exits), or, for SIGUSR1 under SLURM, requeue the job; then exit with 128 + the signal's number (143 for
+        SIGTERM), so that a job script tells a stopped run from a finished one."""
+        if self.signal is None:
+            return
+        handler = self.previous.get(self.signal)
+        if callable(handler):
+            handler(self.signal, None)
+        elif self.signal == signal.SIGUSR1 and rank_zero:
+            requeue_slurm_job()
+        raise SystemExit(128 + self.signal)
+
+
+@contextlib.contextmanager
+def stopping_signals(trainer: L.Trainer) -> Iterator[StopSignals]:
+    """While the block runs (trainer.fit), the stopping signals (`STOP_SIGNALS`) end training cleanly at the end of
+    the step on every rank: Lightning's SIGTERM path (it broadcasts rank 0's flag, so all ranks stop at the same
+    step), then `last.ckpt` saved (`LastCheckpoint.on_exception`, under DDP too). The caller writes the summary
+    (status interrupted, the signal named), then calls `StopSignals.finish`.
+
+    Lightning's own SLURM auto-requeue (which saves an `hpc_ckpt` that a new run folder never finds) is off
+    (`build_trainer`)."""
+    stops = StopSignals()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stops.signal = stops.signal or signum
+        if signum != signal.SIGTERM:  # Lightning handles SIGTERM itself (and its handler calls this one)
+            trainer._signal_connector.received_sigterm = True
+        log.warning("received %s: stopping at the end of this step and saving last.ckpt", signal.Signals(signum).name)
+
+    for signum in STOP_SIGNALS:
+        with contextlib.suppress(ValueError):  # not the main thread: leave the handlers as they are
+            stops.previous[signum] = signal.signal(signum, on_signal)
+    try:
+        yield stops
+    finally:
+        for signum, handler in stops.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def requeue_slurm_job() -> bool:
+    """Put this SLURM job back in the queue (`scontrol requeue`, as Lightning's SLURM plugin does); a new start of
+    the same job script continues the run (`resume=auto`, or a `hydra.run.dir` named by $SLURM_JOB_ID)."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job and os.environ.get("SLURM_ARRAY_TASK_ID") else \
+        os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("could not requeue SLURM job %s: %s", job, err)
+        return False
+    if done.returncode != 0:
+        log.warning("could not requeue SLURM job %s: %s", job, done.stderr.strip())
+        return False
+    log.warning("requeued SLURM job %s: it continues from last.ckpt when it starts again", job)
+    return True
 
 
 class EMA(WeightAveraging):

@@ -115,11 +115,20 @@ def member_view(checkpoint: dict[str, Any], member: str | None, path: str | Path
     return view
 
 
-def find_resume(resume: str | None, output_root: str | Path, task_name: str,
-                exclude: Path | None = None) -> tuple[str | None, dict[str, Any] | None]:
+def find_resume(resume: str | None, output_root: str | Path, task_name: str, exclude: Path | None = None,
+                own: Path | None = None) -> tuple[str | None, dict[str, Any] | None]:
     """The checkpoint to resume from and its contents (loaded once, safely, memory-mapped): (None, None), an
     explicit path, or `auto` (the task's newest last.ckpt). It must belong to `task_name`.
+
+    A run whose own folder `own` already holds a `checkpoints/last.ckpt` (a requeued SLURM job, a job started
+    again in the same `hydra.run.dir`) continues from it, with `resume` null or `auto`: starting afresh would
+    overwrite that run's work at its first save.
     """
+    own_last = Path(own) / "checkpoints" / "last.ckpt" if own is not None else None
+    if resume in (None, "", False, "auto") and own_last is not None and own_last.is_file():
+        log.warning("the run folder %s already holds checkpoints/last.ckpt: continuing that run from it (give the "
+                    "new run another folder to start afresh)", own)
+        resume = str(own_last)
     if resume in (None, "", False):
         return None, None
     if resume == "auto":

@@ -8,6 +8,8 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmtx.errors import StorageError, debug_errors, exit_now, in_cli
+
 # Resolvers the sweep and launcher configs use: the Optuna direction of a checkpoint mode, and a
 # device count for SLURM (trainer.devices=auto means one).
 OmegaConf.register_new_resolver(
@@ -17,6 +19,17 @@ OmegaConf.register_new_resolver(
 
 
 _CLAIMED: dict[str, str] = {}
+_MADE: dict[str, list[Path]] = {}  # a claimed folder -> the parents claim_dir created for it, deepest first
+
+
+def missing_parents(path: str | Path) -> list[Path]:
+    """The ancestors of `path` that do not exist yet, deepest first (what creating it would make)."""
+    out = []
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists() and parent.parent != parent:
+        out.append(parent)
+        parent = parent.parent
+    return out
 
 
 def claim_dir(path: str) -> str:
@@ -24,23 +37,50 @@ def claim_dir(path: str) -> str:
     the folder exists), so two runs started in the same second never share a run folder.
 
     Used by `hydra.run.dir` and `hydra.sweep.dir` (`${mmtx_unique_dir:...}`). The same path asked for
-    again in one process (Hydra resolves the folder more than once) gets the same answer.
+    again in one process (Hydra resolves the folder more than once) gets the same answer. A folder that
+    cannot be made (a read-only or full disk) is a StorageError naming it.
     """
     if path in _CLAIMED:
         return _CLAIMED[path]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    for n in range(10_000):
-        candidate = path if n == 0 else f"{path}_{n}"
-        try:
-            os.mkdir(candidate)
-        except FileExistsError:
-            continue
-        _CLAIMED[path] = candidate
-        return candidate
+    made = missing_parents(path)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        for n in range(10_000):
+            candidate = path if n == 0 else f"{path}_{n}"
+            try:
+                os.mkdir(candidate)
+            except FileExistsError:
+                continue
+            _CLAIMED[path] = candidate
+            _MADE[os.path.abspath(candidate)] = made
+            return candidate
+    except OSError as err:
+        from mmtx.files import write_failure
+
+        failure = write_failure(err, Path(path) / ".", hint="paths.output_root")
+        detail = str(failure) if isinstance(failure, StorageError) else f"{type(err).__name__}: {err}"
+        raise StorageError(f"cannot make the run folder {os.path.abspath(path)}: {detail}") from err
     raise FileExistsError(f"no free run folder name left for {path}")
 
 
-OmegaConf.register_new_resolver("mmtx_unique_dir", claim_dir, replace=True, use_cache=True)
+def claimed_folders(folder: str | Path) -> list[Path]:
+    """[folder, the parents made for it, deepest first] when this process made `folder` (`claim_dir`), else []."""
+    key = os.path.abspath(folder)
+    return [Path(key), *_MADE[key]] if key in _MADE else []
+
+
+def _unique_dir(path: str) -> str:
+    """The `mmtx_unique_dir` resolver: `claim_dir`; from the command line, a folder that cannot be made ends the
+    command with one line (inside Hydra's resolution any exception would become a long traceback)."""
+    try:
+        return claim_dir(path)
+    except StorageError as err:
+        if in_cli() and not debug_errors():
+            exit_now(f"mmtx: error: {err}")
+        raise
+
+
+OmegaConf.register_new_resolver("mmtx_unique_dir", _unique_dir, replace=True, use_cache=True)
 
 
 def config_dir() -> str:

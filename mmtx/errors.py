@@ -3,17 +3,24 @@
 An `MmtxError` is a message for the user: it names the thing at fault (a file, a
 config key, a value) and says how to fix it. Each also derives from the builtin
 a caller would catch (`ValueError`, `FileNotFoundError`, ...). The entry points
-(`mmtx.train`, `mmtx.eval`, `mmtx.generate`) print such an error as one short
-message, without a traceback, and exit with status 1; `MMTX_DEBUG=1` (or Hydra's
-`HYDRA_FULL_ERROR=1`) shows the full traceback instead.
+(`mmtx.train`, `mmtx.eval`, `mmtx.generate`, `mmtx.predict`, `mmtx.export`) print such an
+error as one short message, without a traceback, and exit with status 1; `MMTX_DEBUG=1`
+(or Hydra's `HYDRA_FULL_ERROR=1`) shows the full traceback instead. A disk that is full or
+read-only is such a message too, wherever the write happened.
+
+In a multirun (`-m`), a job that fails prints its message (and, for an error that is not
+mmtx's, its traceback), and the launcher goes on with the next job; the command exits with
+status 1 once every job has run (`run_cli`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
-from typing import Iterator
+import traceback
+from typing import Any, Callable, Iterator
 
 
 class MmtxError(Exception):
@@ -40,6 +47,28 @@ class NonFiniteError(MmtxError, FloatingPointError):
     """Training stopped because its loss or gradients stayed non-finite (NaN or infinity)."""
 
 
+class StorageError(MmtxError, OSError):
+    """A file mmtx must write cannot be written: the disk is full, the file system read-only, the folder not
+    writable. The message names the file and the folder (and, for a full disk, the bytes it needed)."""
+
+
+# The errno values of a file operation the user must make room or permission for (not a bug of mmtx).
+STORAGE_ERRNOS = {errno.ENOSPC: "cannot write it: no space is left on the device holding {folder}",
+                  errno.EDQUOT: "cannot write it: the disk quota of the device holding {folder} is exceeded",
+                  errno.EROFS: "cannot write it: {folder} is on a read-only file system",
+                  errno.EACCES: "permission denied (folder {folder})", errno.EPERM: "permission denied (folder {folder})"}
+
+
+def storage_message(err: OSError) -> str | None:
+    """One line for an OSError of the disk (full, read-only, not permitted) that names the file and the folder;
+    None for any other error."""
+    if err.errno not in STORAGE_ERRNOS or not err.filename:
+        return None
+    path = os.path.abspath(os.fsdecode(err.filename))
+    reason = STORAGE_ERRNOS[err.errno].format(folder=os.path.dirname(path))
+    return f"{path}: {reason}; make room or permission there, or write elsewhere"
+
+
 def debug_errors() -> bool:
     """True when the user asked for full tracebacks (MMTX_DEBUG=1 or HYDRA_FULL_ERROR=1)."""
     return any(os.environ.get(k, "") not in ("", "0") for k in ("MMTX_DEBUG", "HYDRA_FULL_ERROR"))
@@ -47,25 +76,93 @@ def debug_errors() -> bool:
 
 def user_error(err: BaseException) -> MmtxError | None:
     """The MmtxError that `err` is or was raised from (`raise ... from`: Hydra's instantiate wraps what a
-    target raises). An error merely raised while handling one (`__context__`) is a bug of its own, kept whole."""
+    target raises), or a write refused by the disk (a full or read-only file system, anywhere: a logger's file
+    as well as a checkpoint) as a StorageError. An error merely raised while handling one (`__context__`) is a
+    bug of its own, kept whole."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, MmtxError):
             return err
+        if isinstance(err, OSError) and storage_message(err):
+            return StorageError(storage_message(err))
         seen.add(id(err))
         err = err.__cause__
     return None
 
 
+# -- the command line: one line per mistake, and multiruns that survive a bad job ---------------------------
+
+_CLI = {"active": False}  # set by run_cli: the process is an mmtx command, not a Python caller
+_FAILED_JOBS: list[str] = []  # "job N: message" of every job of this process's multirun that failed
+
+
+def in_cli() -> bool:
+    """Whether this process runs an mmtx command (`run_cli`), so that a mistake may end it."""
+    return _CLI["active"]
+
+
+def multirun_job() -> int | None:
+    """The job number when this process runs a job of a Hydra multirun (`-m`), else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return int(HydraConfig.get().job.num)
+    except Exception:  # noqa: BLE001 - not under Hydra
+        return None
+    return None
+
+
+def record_failed_job(description: str) -> None:
+    """Remember a failed job of this multirun: `run_cli` exits with status 1 once the sweep is over."""
+    _FAILED_JOBS.append(description)
+
+
+def failed_jobs() -> list[str]:
+    return list(_FAILED_JOBS)
+
+
+def exit_now(message: str) -> None:
+    """End an mmtx command with `message` on stderr and status 1 (no traceback)."""
+    print(f"{message}\n(set MMTX_DEBUG=1 for the full traceback)", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
 @contextlib.contextmanager
-def reported(program: str) -> Iterator[None]:
+def reported(program: str, on_job_failure: Callable[[str], Any] | None = None) -> Iterator[None]:
     """Run an entry point's body; an MmtxError (however wrapped) ends it with one line on stderr and
-    exit status 1, unless full tracebacks were asked for."""
+    exit status 1, unless full tracebacks were asked for.
+
+    In a job of a multirun, any error (mmtx's or not) ends that job only: its message is printed (with the
+    traceback when it is not mmtx's own), `on_job_failure(message)` records it (mmtx.train writes the job's
+    summary.json), and the launcher goes on with the next job. Ctrl-C and signals still end the sweep."""
     try:
         yield
     except Exception as err:  # noqa: BLE001 - only mmtx's own messages are shortened; the rest re-raise
         found = user_error(err)
+        job = multirun_job()
+        if job is None:
+            if found is None or debug_errors():
+                raise
+            exit_now(f"{program}: error: {found}")
+        message = str(found) if found is not None else f"{type(err).__name__}: {err}"
         if found is None or debug_errors():
-            raise
-        print(f"{program}: error: {found}\n(set MMTX_DEBUG=1 for the full traceback)", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+            traceback.print_exc()
+        print(f"{program}: error in job {job}: {message}\n(job {job} failed; the sweep goes on with its other jobs)",
+              file=sys.stderr, flush=True)
+        record_failed_job(f"job {job}: {message}")
+        if on_job_failure is not None:
+            on_job_failure(message)
+
+
+def run_cli(cli: Callable[[], Any]) -> Any:
+    """Run a Hydra application (`@hydra.main`) as an mmtx command: after a multirun, exit with status 1 if any of
+    its jobs failed (each has run, and printed its error)."""
+    _CLI["active"] = True
+    result = cli()
+    if _FAILED_JOBS:
+        print(f"{len(_FAILED_JOBS)} job(s) of the multirun failed: " + "; ".join(_FAILED_JOBS), file=sys.stderr,
+              flush=True)
+        raise SystemExit(1)
+    return result

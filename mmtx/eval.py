@@ -23,7 +23,7 @@ from omegaconf.errors import ConfigKeyError
 from mmtx.apps import app_keys, compose_app, hydra_argv, passed_through
 from mmtx.checkpoint import load_checkpoint, member_view
 from mmtx.config import config_dir
-from mmtx.errors import ConfigError, DataError, reported
+from mmtx.errors import ConfigError, DataError, reported, run_cli
 from mmtx.validate import validate
 from mmtx.tokenizers.text import Vocab
 from mmtx.wiring import build_data, build_model, resolve_precision
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     its error instead of ending the process."""
     if argv is None:
         sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("eval"), pass_through=True)]
-        return _cli()
+        return run_cli(_cli)
     return _report(compose_app("eval", hydra_argv(argv, app_keys("eval"), pass_through=True)))
 
 

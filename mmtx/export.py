@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -38,7 +39,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmtx.apps import app_keys, compose_app, hydra_argv
 from mmtx.config import config_dir
-from mmtx.errors import CheckpointError, ConfigError, MissingError, reported
+from mmtx.errors import CheckpointError, ConfigError, MissingError, reported, run_cli
+from mmtx.files import check_writable, write_failure
+from mmtx.validate import boolean, one_of, validate
 
 FORMATS = ("safetensors", "hf", "onnx")
 WEIGHTS, CONFIG, META = "model.safetensors", "config.yaml", "mmtx.json"
@@ -67,7 +70,8 @@ def export(ckpt: str | Path, out: str | Path | None = None, format: str = "safet
     """Write checkpoint `ckpt`'s model as a folder (see the module's doc) and return the folder. The folder is
     built beside `out` and renamed into place, so an interrupted export leaves no half-written one. `format=hf`:
     a language model as GPT-2 for `transformers` (mmtx.gpt2); `format=onnx`: a classifier (mmtx.export_onnx).
-    `member`: for hf and onnx, the member of a co-training checkpoint to write (safetensors writes them all)."""
+    `member`: for hf and onnx, the member of a co-training checkpoint to write (safetensors writes them all).
+    `overwrite` replaces only a folder that mmtx.export wrote (its mmtx.json says so), never one that holds `ckpt`."""
     from safetensors.torch import save_file
 
     from mmtx.checkpoint import load_checkpoint
@@ -75,15 +79,18 @@ def export(ckpt: str | Path, out: str | Path | None = None, format: str = "safet
     if format not in FORMATS:
         raise ConfigError(f"format={format}: mmtx.export writes {', '.join(FORMATS)}")
     out = Path(out).expanduser() if out else default_out(ckpt, format)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"out={out} exists: pass overwrite=true to replace it, or another out=")
+    if out.exists():
+        if not overwrite:
+            raise ConfigError(f"out={out} exists: pass overwrite=true to replace it (an earlier export), or another out=")
+        _check_replaceable(out, Path(ckpt))
     if member and format == "safetensors":
         raise ConfigError(f"member={member}: format=safetensors writes every member of a co-training checkpoint; "
                           "member= is for format=hf and format=onnx")
+    check_writable(out.parent, "the folder of out=", hint="out=")  # before the checkpoint is read
     if format == "onnx":
         from mmtx.export_onnx import save_onnx
 
-        return _write_folder(out, lambda tmp: save_onnx(str(ckpt), tmp, member))
+        return _write_folder(out, lambda tmp: (save_onnx(str(ckpt), tmp, member), _mark(tmp, "onnx", ckpt)))
     checkpoint = load_checkpoint(ckpt)
     if format == "hf":
         from mmtx.checkpoint import member_view
@@ -92,7 +99,7 @@ def export(ckpt: str | Path, out: str | Path | None = None, format: str = "safet
         from mmtx.gpt2 import hf_config, save_hf
 
         hf_config(checkpoint, str(ckpt))  # what GPT-2 cannot express is named before anything is written
-        return _write_folder(out, lambda tmp: save_hf(checkpoint, tmp, str(ckpt)))
+        return _write_folder(out, lambda tmp: (save_hf(checkpoint, tmp, str(ckpt)), _mark(tmp, "hf", ckpt)))
     # safetensors stores each tensor once and refuses tensors that share memory (tied embeddings): each is
     # written as its own contiguous copy, and loaded back as separate tensors of the same values.
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in checkpoint["state_dict"].items()}
@@ -113,30 +120,67 @@ def export(ckpt: str | Path, out: str | Path | None = None, format: str = "safet
     return _write_folder(out, write)
 
 
-def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)` fills a new folder beside `out`, which is then renamed into place: an interrupted export
-    leaves no half-written folder, and an existing `out` goes only once the new one is complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def _mark(folder: Path, format: str, ckpt: str | Path) -> None:
+    """The marker of a folder mmtx.export wrote (hf, onnx; a safetensors export's mmtx.json is its own): what
+    `overwrite=true` may replace."""
+    meta = {"format": f"mmtx-{format}", "format_version": FORMAT_VERSION, "source": str(Path(ckpt).expanduser().resolve())}
+    (folder / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def export_format(path: str | Path) -> str | None:
+    """The format of a folder mmtx.export wrote (`mmtx-safetensors`, `mmtx-hf`, `mmtx-onnx`), read from its
+    mmtx.json; None for anything else (a folder mmtx.export did not write, a file, nothing)."""
+    meta = Path(path).expanduser() / META
+    if not meta.is_file():
+        return None
     try:
+        found = json.loads(meta.read_text(encoding="utf-8")).get("format")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return found if isinstance(found, str) and found.startswith("mmtx-") else None
+
+
+def _check_replaceable(out: Path, ckpt: Path) -> None:
+    """`overwrite=true` replaces `out` only if mmtx.export wrote it, and never when it holds the checkpoint."""
+    target, source = out.resolve(), ckpt.expanduser().resolve()
+    if source == target or target in source.parents:
+        raise ConfigError(f"out={out} holds the checkpoint being exported ({ckpt}): replacing it would delete the "
+                          "checkpoint; give another out=")
+    if not out.is_dir() or export_format(out) is None:
+        what = "a file" if not out.is_dir() else f"a folder without mmtx.export's marker ({META})"
+        raise ConfigError(f"out={out} is {what}, not an earlier export: overwrite=true replaces only a folder that "
+                          "mmtx.export wrote; give another out= (or move that one away yourself)")
+
+
+def _write_folder(out: Path, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)` fills a new folder beside `out`, which is then renamed into place: an interrupted export
+    leaves no half-written folder, and an existing `out` (an earlier export: `_check_replaceable`) goes only once
+    the new one is complete. The temporary names are new ones, so nothing that was there is touched."""
+    tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp = out.with_name(f".{out.name}.{tag}.tmp")
+    try:
+        tmp.mkdir()
         write(tmp)
         if out.exists():  # overwrite: the old folder goes only once the new one is complete
-            old = out.with_name(f".{out.name}.{os.getpid()}.old.tmp")
+            old = out.with_name(f".{out.name}.{tag}.old.tmp")
             os.rename(out, old)
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+    except OSError as err:
+        failure = write_failure(err, getattr(err, "filename", None) or out, hint="out=")
+        if failure is err:
+            raise
+        raise failure from err
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # this call's own folder, if the rename did not happen
     return out
 
 
 def is_export(path: str | Path) -> bool:
-    path = Path(path).expanduser()
-    return path.is_dir() and (path / META).is_file()
+    """Whether `path` is a folder mmtx.export wrote (any format: `load_export` names those it cannot read)."""
+    return export_format(path) is not None
 
 
 def load_export(path: str | Path) -> dict[str, Any]:
@@ -146,6 +190,12 @@ def load_export(path: str | Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     path = Path(path).expanduser()
+    found = export_format(path)
+    if found != "mmtx-safetensors":
+        reader = {"mmtx-hf": f"it is a transformers folder: start a run from it with init_from=hf:{path}",
+                  "mmtx-onnx": "it is an ONNX model for onnxruntime"}.get(found or "", "")
+        raise CheckpointError(f"{path} is an mmtx export in format {found}, which mmtx reads back only as "
+                              f"format=safetensors{'; ' + reader if reader else ''}")
     for name in (WEIGHTS, CONFIG, META):
         if not (path / name).is_file():
             raise MissingError(f"{path} is not a complete mmtx export: {name} is missing (write the folder again "
@@ -156,7 +206,7 @@ def load_export(path: str | Path) -> dict[str, Any]:
         state = load_file(str(path / WEIGHTS))
     except (ValueError, OSError, SafetensorError) as err:  # JSON, YAML and safetensors errors
         raise CheckpointError(f"{path} is not a readable mmtx export ({err})") from None
-    if meta.get("format") != "mmtx-safetensors" or meta.get("format_version", 0) > FORMAT_VERSION:
+    if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path / META}: format {meta.get('format')!r} version {meta.get('format_version')} "
                               f"is not one this mmtx reads (mmtx-safetensors <= {FORMAT_VERSION})")
     expected = meta.get("tensors", {})
@@ -175,6 +225,7 @@ def load_export(path: str | Path) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig) -> Path:
+    validate(cfg, {"overwrite": boolean(), "format": one_of(*FORMATS)})
     out = export(cfg.ckpt, cfg.get("out"), cfg.format, bool(cfg.overwrite), cfg.get("member"))
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"exported {cfg.ckpt} -> {out} ({size / 2**20:.1f} MiB: {', '.join(sorted(f.name for f in out.iterdir()))})")
@@ -195,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     its error instead of ending the process."""
     if argv is None:
         sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("export"), verbatim=("ckpt", "out"))]
-        return _cli()
+        return run_cli(_cli)
     return _run(compose_app("export", hydra_argv(argv, app_keys("export"), verbatim=("ckpt", "out"))))
 
 

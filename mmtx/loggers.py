@@ -6,6 +6,8 @@ import netrc
 import os
 from pathlib import Path
 
+from mmtx.files import append_tsv
+
 
 def _has_wandb_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -82,21 +84,12 @@ def log_text_table(trainer, key: str, columns: list[str], rows: list[list], appe
             header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
             body = "".join("| " + " | ".join(_md(v) for v in row) + " |\n" for row in rows)
             logger.experiment.add_text(key, header + body, global_step=trainer.global_step)
-    path = Path(trainer.default_root_dir) / f"{key}.tsv"
-    new = not append or not path.exists()
-    with path.open("a" if append else "w", encoding="utf-8") as f:
-        if new:
-            f.write("\t".join(columns) + "\n")
-        for row in rows:
-            f.write("\t".join(_tsv(v) for v in row) + "\n")
+    # TSV as the csv module writes it (mmtx.files.TSV): a generated text's newlines and tabs are quoted, not lost
+    append_tsv(Path(trainer.default_root_dir) / f"{key}.tsv", columns, rows, append=append)
 
 
 def _md(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", "<br>")
-
-
-def _tsv(value) -> str:
-    return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
 def log_confusion_matrix(trainer, key: str, matrix, class_names: list[str]) -> None:

@@ -11,12 +11,11 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import lightning as L
@@ -24,15 +23,19 @@ from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from mmtx.callbacks import stopping_signals
 from mmtx.checkpoint import check_model_matches, find_resume
-from mmtx.config import config_dir
-from mmtx.cotrain import resolve_cotrain, with_total_steps
+from mmtx.apps import check_group_overrides
+from mmtx.config import claimed_folders, config_dir, missing_parents
+from mmtx.cotrain import is_cotrain, resolve_cotrain, with_total_steps
 from mmtx.cpu import keep_freed_memory
+from mmtx.distributed import die_with_launcher, watch_ranks
 from mmtx.pretrained import check_architecture, is_pretrained, load_pretrained
 from mmtx.transfer import freeze, init_from, report
-from mmtx.files import atomic_write_text
+from mmtx.files import atomic_write_text, check_writable, remove_written
 from mmtx.progress import print_run_header
-from mmtx.errors import ConfigError, NonFiniteError, reported
+from mmtx.errors import (ConfigError, DataError, NonFiniteError, StorageError, multirun_job, reported, run_cli,
+                         user_error)
 from mmtx.runinfo import run_info
 from mmtx.sweep import is_test_metric
 from mmtx.validate import validate
@@ -47,69 +50,155 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train (and test) one run of `cfg` in `run_dir`; return its summary.
 
     `run_dir` defaults to Hydra's output directory for this job. The summary is written (and printed)
-    however fit ends: finished, stopped by Ctrl-C, diverged or crashed; in the last three cases the
-    error is raised again afterwards, so the process exits non-zero.
+    however fit ends: finished, stopped by Ctrl-C or a scheduler's signal, diverged or crashed; in those
+    last cases the error is raised again afterwards, so the process exits non-zero (a signal: 128 + its number).
+    A run that fails before training starts removes the folder it made (and only what it wrote there).
     """
-    validate(cfg)  # values of the main keys, before any data is read
-    cfg = resolve_cotrain(cfg)  # a co-training run: every member's composed config, the checkpoint's monitor
+    run_dir = run_dir or _hydra_run_dir()
+    if run_dir is None:  # called from Python outside a Hydra application: the mistakes first, then this one
+        _checked(cfg)
+        raise ConfigError("train(cfg) outside a Hydra application needs run_dir= (the folder of the run)")
+    run_dir = Path(os.path.abspath(run_dir))
+    made = claimed_folders(run_dir) if run_dir.is_dir() else [run_dir, *missing_parents(run_dir)]
+    with _discarded_if_failing(run_dir, made) as started:
+        cfg = _checked(cfg)
+        check_writable(run_dir, "the run folder", hint="paths.output_root or hydra.run.dir")
+        with _restored_dist_env():
+            return _train(cfg, run_dir, started)
+
+
+def _checked(cfg: DictConfig) -> DictConfig:
+    """The run's configuration with its values checked (before any data is read) and, for a co-training run, every
+    member's composed config and the checkpoint's monitor (`resolve_cotrain`)."""
+    validate(cfg)
+    cfg = resolve_cotrain(cfg)
+    _check_run_keys(cfg)
+    return cfg
+
+
+def _train(cfg: DictConfig, run_dir: Path, started: Callable[[], None]) -> dict[str, Any]:
+    die_with_launcher()  # a rank > 0: ends when rank 0 does
+    if rank_zero_only.rank == 0:
+        watch_ranks(run_dir)  # a rank that dies ends the run at once, named in a message and the summary
+    ckpt_path, resumed = find_resume(cfg.resume, cfg.paths.output_root, cfg.task_name, exclude=run_dir, own=run_dir)
+    pretrained = None
+    if is_pretrained(cfg.get("init_from")):  # timm:<name>: loaded, and checked against this run, before any data
+        pretrained = load_pretrained(cfg.init_from, (cfg.get("finetune") or {}).get("pretrained_file"))
+        check_architecture(cfg, pretrained)
+    info = run_info(cfg.seed)
+    if rank_zero_only.rank == 0:  # other ranks (DDP) share the folder and write nothing here
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=1))
+        if cfg.get("print_config", True):
+            print_run_header(cfg, run_dir)
+    _ranks_share_this_job_dir(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build_data(cfg)
+    cfg = with_total_steps(cfg, datamodule)  # co-training with cotrain.max_steps=sum
+    model = build_model(cfg, datamodule.runtime_kwargs())
+    _transfer(cfg, model, run_dir, pretrained)
+    if resumed is not None:
+        check_model_matches(model, resumed["state_dict"], ckpt_path)
+    model.run_info = info  # stored in every checkpoint
+    wandb_id = resumed.get("mmtx_wandb_id") if resumed is not None else None  # continue that W&B run
+    trainer = build_trainer(cfg, run_dir, wandb_id=wandb_id)
+    _check_steps(cfg, datamodule, trainer.world_size, ckpt_path, resumed)
+    if cfg.get("cpu_keep_freed_memory", True) and trainer.strategy.root_device.type == "cpu":
+        keep_freed_memory()
+    hparams = {**OmegaConf.to_container(cfg, resolve=True), "run_info": info}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hparams)
+
+    started()
+    fit_start = time.perf_counter()
+    with stopping_signals(trainer) as stops:
+        failure = None if cfg.get("eval_only") else _fit(trainer, model, datamodule, ckpt_path)
+    fit_seconds = time.perf_counter() - fit_start
+    test_metrics = {}
+    if failure is None:
+        try:
+            test_metrics = _test(cfg, trainer, model, datamodule)
+        except Exception as err:  # the summary is written all the same
+            failure = err
+    summary = _summary(trainer, run_dir, ckpt_path, test_metrics, failure, stops.signal if failure else None)
+    if cfg.get("eval_only") and failure is None:
+        summary["status"] = "evaluated"
+    summary["fit_seconds"] = round(fit_seconds, 1)  # trainer.fit: training and its validations
+    if test_metrics:
+        summary["tested"] = "initial" if cfg.get("eval_only") else cfg.get("test_ckpt", "best")
+    if trainer.is_global_zero:
+        _print_summary(summary)  # first: a full disk may refuse the file, not the terminal
+        _write_summary(run_dir, summary)
+        _log_final_metrics(trainer, hparams, summary)
+    _finish_wandb(trainer)
+    if failure is not None:
+        stops.finish(trainer.is_global_zero)  # stopped by a scheduler's signal: requeue where asked, exit 128 + it
+        raise failure
+    return summary
+
+
+def _check_run_keys(cfg: DictConfig) -> None:
+    """Mistakes in the run's own keys, named before anything is read."""
     if cfg.get("init_from") and cfg.get("resume"):
         raise ConfigError(f"init_from={cfg.init_from} and resume={cfg.resume} are both set: resume continues a run "
                           "(its weights, optimizer, schedule and data order), init_from starts a new run from a "
                           "checkpoint's weights; keep one (to resume a run that began with init_from, drop init_from)")
-    run_dir = Path(run_dir or _hydra_run_dir())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with _restored_dist_env(), _discarded_if_failing(run_dir) as started:
-        ckpt_path, resumed = find_resume(cfg.resume, cfg.paths.output_root, cfg.task_name, exclude=run_dir)
-        pretrained = None
-        if is_pretrained(cfg.get("init_from")):  # timm:<name>: loaded, and checked against this run, before any data
-            pretrained = load_pretrained(cfg.init_from, (cfg.get("finetune") or {}).get("pretrained_file"))
-            check_architecture(cfg, pretrained)
-        info = run_info(cfg.seed)
-        if rank_zero_only.rank == 0:  # other ranks (DDP) share the folder and write nothing here
-            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=1))
-            if cfg.get("print_config", True):
-                print_run_header(cfg, run_dir)
-        _ranks_share_this_job_dir(run_dir)
-        L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("eval_only") and cfg.get("resume"):
+        raise ConfigError(f"eval_only=true and resume={cfg.resume} are both set: to test a checkpoint, use "
+                          f"python -m mmtx.eval ckpt={cfg.resume}")
+    if is_cotrain(cfg):
+        required = ("backbone", "trainer")
+    else:
+        data = cfg.get("data")
+        if isinstance(data, DictConfig) and "_target_" not in data and "members" in cfg:
+            raise ConfigError(f"task={cfg.task_name} is a co-training task, but members={cfg.members} lists no "
+                              "member: give members its tasks, or train one task alone (e.g. task=audio_fsdd)")
+        required = ("data", "tokenizer", "backbone", "family", "trainer")
+    if not isinstance(cfg.get("optim"), DictConfig):
+        raise ConfigError(f"optim={cfg.get('optim')} leaves the run without optimizer settings: pick one of "
+                          "conf/optim/ (optim=adamw), or drop that override")
+    for group in required:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"{group}={node if node is None else '{...}'} leaves task={cfg.get('task_name')} "
+                              f"without a {group} to build (its settings have no _target_): pick one of conf/{group}/ "
+                              f"(e.g. {group}=<name>), or drop that override")
 
-        datamodule = build_data(cfg)
-        cfg = with_total_steps(cfg, datamodule)  # co-training with cotrain.max_steps=sum
-        model = build_model(cfg, datamodule.runtime_kwargs())
-        _transfer(cfg, model, run_dir, pretrained)
-        if resumed is not None:
-            check_model_matches(model, resumed["state_dict"], ckpt_path)
-        model.run_info = info  # stored in every checkpoint
-        wandb_id = resumed.get("mmtx_wandb_id") if resumed is not None else None  # continue that W&B run
-        trainer = build_trainer(cfg, run_dir, wandb_id=wandb_id)
-        if cfg.get("cpu_keep_freed_memory", True) and trainer.strategy.root_device.type == "cpu":
-            keep_freed_memory()
-        hparams = {**OmegaConf.to_container(cfg, resolve=True), "run_info": info}
-        for logger in trainer.loggers:
-            logger.log_hyperparams(hparams)
 
-        started()
-        fit_start = time.perf_counter()
-        failure = _fit(trainer, model, datamodule, ckpt_path)
-        fit_seconds = time.perf_counter() - fit_start
-        test_metrics = {}
-        if failure is None:
-            try:
-                test_metrics = _test(cfg, trainer, model, datamodule)
-            except Exception as err:  # the summary is written all the same
-                failure = err
-        summary = _summary(trainer, run_dir, ckpt_path, test_metrics, failure)
-        summary["fit_seconds"] = round(fit_seconds, 1)  # trainer.fit: training and its validations
-        if test_metrics:
-            summary["tested"] = cfg.get("test_ckpt", "best")  # the weights the test/ figures are of
-        if trainer.is_global_zero:
-            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
-            _print_summary(summary)
-            _log_final_metrics(trainer, hparams, summary)
-        _finish_wandb(trainer)
-        if failure is not None:
-            raise failure
-    return summary
+def _check_steps(cfg: DictConfig, datamodule, world_size: int, ckpt_path: str | None,
+                 resumed: dict[str, Any] | None) -> None:
+    """Stop before training, naming the cause and the key to change, when the run would take no optimizer step
+    (it would otherwise end "finished" and report its untrained weights)."""
+    if cfg.get("eval_only"):
+        return
+    trainer = cfg.trainer
+    max_steps, max_epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
+    if max_steps == 0:
+        raise ConfigError("trainer.max_steps=0: the run would take no optimizer step and report its untrained weights "
+                          "as a result; set trainer.max_steps > 0, or eval_only=true to only test the initial weights")
+    if max_epochs == 0 and max_steps in (None, -1):
+        raise ConfigError("trainer.max_epochs=0: the run would take no optimizer step; set trainer.max_epochs > 0 "
+                          "(or trainer.max_steps), or eval_only=true to only test the initial weights")
+    batches = datamodule.check_trainable(world_size)  # names an empty split, or one without a full batch
+    limit = trainer.get("limit_train_batches")
+    if limit is not None and not (isinstance(limit, float) and limit == 1.0):
+        kept = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        if kept < 1:
+            raise ConfigError(f"trainer.limit_train_batches={limit} keeps none of the {batches} training batches of an "
+                              "epoch: no optimizer step would be taken; raise it (1.0: all of them)")
+    if resumed is not None:
+        done = int(resumed.get("global_step") or 0)
+        epochs = (((resumed.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {})
+        epochs_done = int(((epochs.get("current") or {}).get("completed")) or 0)
+        if max_steps not in (None, -1) and done >= max_steps:
+            raise ConfigError(f"resume={ckpt_path} is at step {done}, and trainer.max_steps={max_steps}: there is "
+                              "nothing left to train; raise trainer.max_steps to train on (or test the checkpoint "
+                              f"with python -m mmtx.eval ckpt={ckpt_path})")
+        if max_steps in (None, -1) and max_epochs not in (None, -1) and epochs_done >= max_epochs:
+            raise ConfigError(f"resume={ckpt_path} has completed {epochs_done} epochs, and trainer.max_epochs="
+                              f"{max_epochs}: there is nothing left to train; raise trainer.max_epochs to train on (or "
+                              f"test the checkpoint with python -m mmtx.eval ckpt={ckpt_path})")
 
 
 def _transfer(cfg: DictConfig, model: L.LightningModule, run_dir: Path, source: dict[str, Any] | None = None) -> None:
@@ -140,31 +229,43 @@ def _fit(trainer: L.Trainer, model: L.LightningModule, datamodule, ckpt_path: st
 def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamodule) -> dict[str, float]:
     """Test the best checkpoint (else the last weights; `test_ckpt=last`: the last weights) on the test split, if
     the data has one."""
-    if not cfg.test_after_fit or trainer.fast_dev_run or trainer.interrupted:
+    eval_only = bool(cfg.get("eval_only"))
+    if not eval_only and (not cfg.test_after_fit or trainer.fast_dev_run or trainer.interrupted):
         return {}
     if hasattr(datamodule, "has_split") and not datamodule.has_split("test"):
+        if eval_only:
+            raise DataError("eval_only=true: the data has no test split to test the initial weights on")
         log.warning("the data has no test split: skipping the final test (the validation metrics stand; "
                     "test_after_fit=false silences this)")
         return {}
     best = trainer.checkpoint_callback
-    ckpt = best.best_model_path if best is not None and cfg.get("test_ckpt", "best") == "best" else None  # None: the model as it is
+    ckpt = None  # the model as it is
+    if best is not None and cfg.get("test_ckpt", "best") == "best" and not eval_only:
+        ckpt = best.best_model_path
     results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True)
     return {k: v for member in results for k, v in member.items()}  # one dict per loader (co-training: per member)
 
 
 def _summary(trainer: L.Trainer, run_dir: Path, ckpt_path: str | None, test_metrics: dict[str, float],
-             failure: BaseException | None) -> dict[str, Any]:
+             failure: BaseException | None, signum: int | None = None) -> dict[str, Any]:
     best = trainer.checkpoint_callback
     if failure is None:
         status = "finished"
     elif isinstance(failure, NonFiniteError):
         status = "diverged"
-    elif isinstance(failure, (KeyboardInterrupt, SystemExit)):
+    elif isinstance(failure, (KeyboardInterrupt, SystemExit)) or signum is not None:
         status = "interrupted"
     else:
         status = "failed"
+    extra: dict[str, Any] = {}
+    if signum is not None:
+        extra["signal"] = signal.Signals(signum).name
+    elif failure is not None and status != "interrupted":
+        found = user_error(failure)
+        extra["error"] = str(found) if found is not None else f"{type(failure).__name__}: {failure}"
     return {
         "status": status,
+        **extra,
         "run_dir": str(run_dir),
         "monitor": best.monitor if best is not None else None,
         "best_score": _finite(best.best_model_score) if best is not None else None,
@@ -174,6 +275,26 @@ def _summary(trainer: L.Trainer, run_dir: Path, ckpt_path: str | None, test_metr
         "resumed_from": ckpt_path,
         **{k: _finite(v) for k, v in test_metrics.items()},
     }
+
+
+def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """`<run dir>/summary.json`; when the disk refuses it, a warning (the summary was printed already)."""
+    try:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
+    except StorageError as err:
+        log.warning("the run summary was not written: %s", err)
+
+
+def _job_failed(message: str) -> None:
+    """A job of a multirun that failed before it wrote a summary: its folder gets one (status failed, the error),
+    which is its row in the sweep's summary.tsv."""
+    folder = _hydra_run_dir()
+    run_dir = Path(folder) if folder else None
+    if run_dir is None or (run_dir / "summary.json").is_file() or not run_dir.is_dir():
+        return
+    _write_summary(run_dir, {"status": "failed", "error": message, "run_dir": str(run_dir), "monitor": None,
+                             "best_score": None, "best_checkpoint": None, "last_checkpoint": None, "global_step": 0,
+                             "resumed_from": None})
 
 
 def _finite(value: Any) -> float | None:
@@ -224,22 +345,25 @@ def _restored_dist_env():
 
 
 # What a run folder holds before training starts; a run that fails by then leaves no folder behind.
-_STARTUP_FILES = {".hydra", "config.yaml", "run_info.json", "train.log"}
+_STARTUP_FILES = (".hydra", "config.yaml", "run_info.json", "train.log")
 
 
 @contextlib.contextmanager
-def _discarded_if_failing(run_dir: Path):
-    """Remove `run_dir` if the run fails before training starts (missing data, a bad checkpoint) and the
-    folder holds only what was written at start; yields the function that marks the start of training."""
+def _discarded_if_failing(run_dir: Path, made: list[Path]):
+    """If the run fails before training starts (a bad value, missing data, a bad checkpoint), remove what it
+    wrote in `run_dir` and the folders `made` for it (`run_dir` and its new parents, deepest first), each only if
+    nothing else is left in it: never a folder the run did not make, nor a file it did not write. A job of a
+    multirun keeps its folder (its summary.json names the error); yields the function that marks the start of
+    training."""
     state = {"started": False}
     try:
         yield lambda: state.update(started=True)
     except BaseException:
-        leftovers = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
-        if not state["started"] and leftovers <= _STARTUP_FILES and rank_zero_only.rank == 0:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):  # the task's folder too, if this run was its only one
-                run_dir.parent.rmdir()
+        if not state["started"] and rank_zero_only.rank == 0 and multirun_job() is None and run_dir in made:
+            if remove_written(run_dir, _STARTUP_FILES):
+                for parent in made[1:]:
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()  # only while empty
         raise
 
 
@@ -267,10 +391,11 @@ def _ranks_share_this_job_dir(run_dir: Path) -> None:
         hydra_cfg.run.dir = str(run_dir)
 
 
-def _hydra_run_dir() -> str:
+def _hydra_run_dir() -> str | None:
+    """This Hydra job's output folder; None outside a Hydra application."""
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.get().runtime.output_dir
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
 
 
 def _last_checkpoint(run_dir: Path) -> str | None:
@@ -282,7 +407,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     lines = [f"run directory:   {summary['run_dir']}", f"training time:   {summary['fit_seconds']:.1f} s "
              f"({summary['global_step']} steps)"]
     if summary["status"] in ("interrupted", "failed"):
-        lines.append(f"status:          {summary['status']} at step {summary['global_step']} "
+        by = f" by {summary['signal']}" if summary.get("signal") else ""
+        lines.append(f"status:          {summary['status']} at step {summary['global_step']}{by} "
                      f"(continue with resume={summary['last_checkpoint'] or 'auto'})")
     elif summary["status"] == "diverged":
         lines.append(f"status:          diverged at step {summary['global_step']} (see the error below)")
@@ -300,11 +426,22 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    with reported("mmtx.train"):
+def _cli(cfg: DictConfig) -> float:
+    summary = None
+    with reported("mmtx.train", on_job_failure=_job_failed):
         summary = train(cfg)
-    # Returned to Hydra so sweepers (Optuna) can optimise the monitored metric.
-    return summary["best_score"]
+    # Returned to Hydra so sweepers (Optuna) can optimise the monitored metric; NaN marks a failed job (a trial
+    # Optuna records as failed, and the sweep goes on).
+    best = summary.get("best_score") if summary else None
+    return float("nan") if best is None else best
+
+
+def main() -> float | None:
+    """The command line (`python -m mmtx.train`, `mmtx-train`): one run, or a sweep with `-m`, whose exit status
+    is 1 when any of its jobs failed."""
+    with reported("mmtx.train"):
+        check_group_overrides(sys.argv[1:])
+    return run_cli(_cli)
 
 
 if __name__ == "__main__":

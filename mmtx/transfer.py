@@ -20,7 +20,7 @@ from torch import nn
 
 from mmtx.checkpoint import load_checkpoint, member_view
 from mmtx.errors import ConfigError
-from mmtx.files import atomic_write_text
+from mmtx.files import atomic_write_text, tsv_text
 from mmtx.pretrained import is_pretrained, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -97,18 +97,18 @@ def report(result: dict[str, Any], path: str | Path, run_dir: Path | None) -> st
     """The table of `init_from`: one line per tensor (status, name, shapes), after a summary line; saved as
     `<run_dir>/init_from.tsv` and the summary logged."""
     loaded = result["loaded"]
-    lines = ["status\tname\tcheckpoint shape\tmodel shape"]
+    rows = [["status", "name", "checkpoint shape", "model shape"]]
     adapted = {n: (a, b) for n, a, b in result.get("resampled", [])}
-    lines += [f"resampled\t{n}\t{list(adapted[n][0])}\t{list(adapted[n][1])}" if n in adapted else f"loaded\t{n}\t\t"
-              for n in loaded]
-    lines += [f"skipped\t{n}\t{list(a)}\t{list(b)}" for n, a, b in result["skipped"]]
-    lines += [f"new\t{n}\t\t" for n in result["new"]]
-    lines += [f"unused\t{n}\t\t" for n in result["unused"]]
+    rows += [["resampled", n, list(adapted[n][0]), list(adapted[n][1])] if n in adapted else ["loaded", n, "", ""]
+             for n in loaded]
+    rows += [["skipped", n, list(a), list(b)] for n, a, b in result["skipped"]]
+    rows += [["new", n, "", ""] for n in result["new"]]
+    rows += [["unused", n, "", ""] for n in result["unused"]]
     summary = (f"init_from {path}: loaded {len(loaded)} parameter tensors, skipped {len(result['skipped'])} "
                f"(another shape), newly initialised {len(result['new'])}, unused in the checkpoint "
                f"{len(result['unused'])}")
     if run_dir is not None:
-        atomic_write_text(Path(run_dir) / "init_from.tsv", "\n".join(lines) + "\n")
+        atomic_write_text(Path(run_dir) / "init_from.tsv", tsv_text(rows))
         summary += f" (the table: {Path(run_dir) / 'init_from.tsv'})"
     log.info(summary)
     for name, a, b in result["skipped"]:

@@ -66,6 +66,12 @@ def one_of(*choices: str) -> Rule:
     return " or ".join(repr(c) for c in choices), lambda v: v in choices
 
 
+def device() -> Rule:
+    """A device for inference: auto, cpu, cuda or cuda:<index>."""
+    return ("'auto', 'cpu', 'cuda' or 'cuda:<index>'",
+            lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())))
+
+
 RULES: dict[str, Rule] = {
     "seed": integer(0),
     "test_ckpt": one_of("best", "last"),
@@ -117,16 +123,32 @@ RULES: dict[str, Rule] = {
 }
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise a ConfigError naming the first key of `cfg` whose value breaks its rule."""
-    for key, (allowed, test) in RULES.items():
+def _select(cfg: DictConfig | dict, key: str) -> Any:
+    """The value at dotted `key` of a config or a plain dict (a program's arguments), or _ABSENT."""
+    if isinstance(cfg, DictConfig):
         node = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        if node is not _ABSENT and OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"{key} has no value (???): set it, e.g. {key}=...")
+        return node
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def validate(cfg: DictConfig | dict, rules: dict[str, Rule] | None = None) -> None:
+    """Raise a ConfigError naming the first key of `cfg` whose value breaks its rule (`rules`: a program's own,
+    such as mmtx.generate's, on its arguments; default: a training run's, and its cross-key checks)."""
+    for key, (allowed, test) in (RULES if rules is None else rules).items():
+        node = _select(cfg, key)
         if node is _ABSENT:
             continue
-        if OmegaConf.is_missing(cfg, key):
-            raise ConfigError(f"{key} has no value (???): set it, e.g. {key}=...")
         if not test(node):
             raise ConfigError(f"{key}={node!r} is not valid: {key} must be {allowed}")
+    if rules is not None:
+        return
     betas = OmegaConf.select(cfg, "optim.betas", default=None)
     if betas is not None and not (len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optim.betas={list(betas)!r} is not valid: it must be two numbers in [0, 1)")

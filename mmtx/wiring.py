@@ -7,6 +7,7 @@ passed here as keyword arguments.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,9 +31,16 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         return hydra_instantiate(node, **kwargs)
     except InstantiationException as err:
         found = user_error(err)
-        if found is None:
-            raise
-        raise found from None
+        if found is not None:
+            raise found from None
+        cause = err.__cause__
+        if isinstance(cause, TypeError) and re.search(r"unexpected keyword argument|required (positional|keyword)",
+                                                       str(cause)):
+            where = re.search(r"full_key: (\S+)", str(err))
+            key = where.group(1) if where else "the config"
+            raise ConfigError(f"{key}: {cause}: a key under {key} is misspelt, added or missing; compare it with "
+                              f"python -m mmtx.train task=... --cfg job") from None
+        raise
 
 
 def build_data(cfg: DictConfig, **kwargs: Any) -> L.LightningDataModule:
@@ -172,12 +180,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, *
         callbacks.append(ProgressBar() if stdout_is_terminal() else ProgressLog(cfg.trainer.get("log_every_n_steps") or 50))
     if cfg.trainer.get("enable_model_summary", True) is not False:
         callbacks.append(ModelSummary())
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        # mmtx handles SLURM's signals itself (mmtx.callbacks.stopping_signals: last.ckpt, requeue); Lightning's
+        # auto-requeue would save an hpc_ckpt that the requeued job's new run folder never looks for.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     kwargs: dict[str, Any] = dict(
         precision=resolve_precision(cfg.trainer),
         default_root_dir=str(run_dir),
         callbacks=callbacks,
         logger=logger,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
     )
     if is_cotrain(cfg) and cfg.trainer.get("strategy") == "ddp" and cfg.cotrain.schedule != "accumulate":
         # One member a step: the other members' parameters get no gradient that step, which DDP must expect.

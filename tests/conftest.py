@@ -181,8 +181,9 @@ class RecordMembers(L.Callback):
 
 
 class PauseAtStep(L.Callback):
-    """Writes `<run>/paused` and sleeps once training reaches `step`, so a test can kill or interrupt the
-    process at a known point (used through Hydra as `conftest.PauseAtStep`)."""
+    """Writes `<run>/paused` and sleeps once training reaches `step` (until `seconds` pass, or a stopping signal
+    arrives), so a test can kill, interrupt or signal the process at a known point (used through Hydra as
+    `conftest.PauseAtStep`)."""
 
     def __init__(self, step: int, seconds: float = 120.0) -> None:
         self.step, self.seconds = step, seconds
@@ -191,8 +192,10 @@ class PauseAtStep(L.Callback):
         if trainer.global_step == self.step:
             import time
 
-            (Path(trainer.default_root_dir) / "paused").write_text(str(self.step))
-            time.sleep(self.seconds)
+            (Path(trainer.default_root_dir) / f"paused{trainer.global_rank or ''}").write_text(str(self.step))
+            deadline = time.time() + self.seconds
+            while time.time() < deadline and not trainer.received_sigterm:
+                time.sleep(0.05)
 
 
 class FailAtStep(L.Callback):

@@ -17,6 +17,7 @@ from mmtx.cotrain import normalised_score, resolve_cotrain
 from mmtx.data.base import EpochShuffle, index_loader
 from mmtx.data.cotrain import ScheduleLoader, member_sequence
 from mmtx.errors import ConfigError
+from mmtx.files import read_tsv
 from mmtx.train import train
 
 # -- schedules ----------------------------------------------------------------------------------------------
@@ -252,8 +253,8 @@ def test_two_process_cotraining_trains_the_same_member_on_both_ranks(strategy, m
     assert state["backbone.blocks.0.attn.qkv.weight"].shape == (96, 32) and any(k.startswith("tasks.text.") for k in state)
     # The final step (mid-epoch) is validated, and the language model's samples are drawn from whole weights
     # (under FSDP its embedding and head are flat shards outside a step).
-    samples = (run / "text" / "samples.tsv").read_text().splitlines()
-    assert len(samples) == 2 and samples[1].startswith("6\t")
+    samples = read_tsv(run / "text" / "samples.tsv")  # a sample's newlines are inside its quoted field
+    assert len(samples) == 2 and samples[1][0] == "6" and len(samples[1]) == 3
 
 
 def test_the_multirun_summary_table_lists_every_member(tmp_path):

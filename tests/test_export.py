@@ -84,7 +84,7 @@ def test_an_edited_folder_and_misuses_are_named(run, exported, tmp_path):
         export([f"ckpt={run['ckpt']}", f"out={exported}"])
     assert export([f"ckpt={run['ckpt']}", f"out={exported}", "overwrite=true"]) == exported
     assert load_checkpoint(exported)["mmtx_export"]
-    with pytest.raises(ConfigError, match="format=tflite: mmtx.export writes safetensors, hf, onnx"):
+    with pytest.raises(ConfigError, match="format=.tflite. is not valid: format must be .safetensors. or .hf. or .onnx."):
         export([f"ckpt={run['ckpt']}", f"out={tmp_path / 'x'}", "format=tflite"])
     with pytest.raises(ConfigError, match="member=image: format=safetensors writes every member"):
         export([f"ckpt={run['ckpt']}", f"out={tmp_path / 'x'}", "member=image"])
@@ -116,7 +116,7 @@ def test_onnx_export_of_a_member_classifier_labels_as_mmtx_predict_does(run, mix
     from mmtx.predict import main as predict
 
     out = export([f"ckpt={run['ckpt']}", "format=onnx", "member=image", f"out={tmp_path / 'onnx'}"])
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "preprocess.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["mmtx.json", "model.onnx", "preprocess.json"]
     check = json.loads((out / "preprocess.json").read_text())["onnx_check"]
     assert check["max_abs_delta"] <= 1e-4
     images = sorted((mixed_root / "cifar10" / "test").glob("*/*.png"))

@@ -287,3 +287,48 @@ def test_a_truncated_wav_is_skipped_and_counted_not_decoded_short(tmp_path):
     assert decoder.decode(path, str(path)) is None and decoder.bad == [str(path)]
     with pytest.raises(DataError, match=r"clip\.wav: it is truncated: its header declares 5332 frames but it holds 2655"):
         AudioDecoder(8000, on_bad_file="error").decode(path, str(path))
+
+
+# -- 11. a run that would train nothing stops before training, naming the cause ---------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("data.val_fraction=0.999", r"the training split is empty: data.val_fraction=0.999 holds out all 36 of its samples"),
+    ("data.batch_size=64", r"the training split has 29 samples, fewer than data.batch_size=64, .* set data.batch_size=29"),
+    ("trainer.max_steps=0", r"trainer.max_steps=0: the run would take no optimizer step .* eval_only=true"),
+    ("trainer.limit_train_batches=0.1", r"trainer.limit_train_batches=0.1 keeps none of the 3 training batches"),
+])
+def test_a_run_that_would_take_no_step_stops_before_training(image_folder, tmp_path, override, message):
+    proc = cli("mmtx.train", "task=vit_cifar", *folder_run(tmp_path, image_folder), "trainer.max_steps=5", override)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]
+    assert "mmtx run summary" not in proc.stdout  # nothing reported as a result
+    assert not list((tmp_path / "outputs").rglob("summary.json"))
+
+
+def test_eval_only_tests_the_initial_weights_and_a_finished_run_is_not_resumed_to_nothing(image_folder, tmp_path):
+    args = [*folder_run(tmp_path, image_folder), "trainer.max_steps=2", "trainer.limit_val_batches=1"]
+    done = train(compose("vit_cifar", args), run_dir=tmp_path / "done")
+    with pytest.raises(Exception, match=r"resume=.* is at step 2, and trainer.max_steps=2: there is nothing left"):
+        train(compose("vit_cifar", [*args, f"resume={done['last_checkpoint']}"]), run_dir=tmp_path / "again")
+    initial = train(compose("vit_cifar", [*args, f"init_from={done['last_checkpoint']}", "eval_only=true"]),
+                    run_dir=tmp_path / "initial")
+    assert initial["status"] == "evaluated" and initial["global_step"] == 0 and initial["tested"] == "initial"
+    assert initial["test/acc"] == pytest.approx(evaluate(done["last_checkpoint"])["test/acc"])
+    assert not (tmp_path / "initial" / "checkpoints").exists() or not any((tmp_path / "initial" / "checkpoints").iterdir())
+
+
+# -- 12. configuration mistakes are one line ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["task=cotrain_fsdd", "members=null"], r"task=cotrain_fsdd is a co-training task, but members=None lists no member"),
+    (["task=vit_cifar", "tokenizer=null"], r"tokenizer=null: a config group takes no null .* ~tokenizer"),
+    (["task=vit_cifar", "data=imagefolder", "data.source.path=/nowhere", "+data.source.foo=1"],
+     r"data.source: .*unexpected keyword argument 'foo'"),
+    (["task=vit_cifar", "~backbone"], r"leaves task=vit_cifar without a backbone to build"),
+])
+def test_configuration_mistakes_are_one_line(tmp_path, args, message):
+    proc = cli("mmtx.train", *args, f"paths.output_root={tmp_path / 'outputs'}", f"paths.cache_dir={tmp_path / 'c'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists()

@@ -154,7 +154,7 @@ def test_export_hf_names_what_gpt2_cannot_express(data_root, tmp_path):
     with pytest.raises(ConfigError, match=r"backbone.rotary=True.*tokenizer.pos_embed=none.*it needs backbone.rotary=False"):
         export([f"ckpt={summary['last_checkpoint']}", "format=hf", f"out={tmp_path / 'hf'}"])
     assert not (tmp_path / "hf").exists()
-    with pytest.raises(ConfigError, match=r"format=nope: mmtx.export writes safetensors, hf"):
+    with pytest.raises(ConfigError, match=r"format='nope' is not valid: format must be 'safetensors' or 'hf' or 'onnx'"):
         export([f"ckpt={summary['last_checkpoint']}", "format=nope"])
 
 

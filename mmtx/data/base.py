@@ -207,6 +207,27 @@ class IndexedSplits(L.LightningDataModule, abc.ABC):
         """How many samples (index values) `split` has."""
         return len(self.splits[split][self.size_key])
 
+    def check_trainable(self, world_size: int = 1, prefix: str = "data.") -> int:
+        """The full training batches an epoch gives each of `world_size` ranks (training drops a last partial
+        batch); an error naming the cause and the key to change when there are none (an empty training split,
+        fewer samples than a batch). `prefix`: where this data's keys are (a co-training member's)."""
+        self.setup()
+        n = self.num_samples("train") if "train" in self.splits else 0
+        if n == 0:
+            held = getattr(self, "val_fraction", 0) or 0
+            val = self.num_samples("val") if held and "val" in self.splits else 0
+            cause = (f"{prefix}val_fraction={held} holds out all {val} of its samples for validation; lower it" if held
+                     else "the data source has no training samples; check its path")
+            raise DataError(f"the training split is empty: {cause}")
+        per_rank = -(-n // world_size)  # the distributed sampler gives each rank ceil(n / world_size)
+        batches = per_rank // self.batch_size
+        if batches == 0:
+            ranks = f" ({per_rank} for each of {world_size} ranks)" if world_size > 1 else ""
+            raise ConfigError(f"the training split has {n} samples{ranks}, fewer than {prefix}batch_size="
+                              f"{self.batch_size}, and training takes full batches only: no optimizer step would "
+                              f"be taken; set {prefix}batch_size={per_rank} or less (or give it more data)")
+        return batches
+
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
         if split not in self.splits:
             raise DataError(f"the data source has no {split!r} split (it has {sorted(self.splits)})")

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 
 from mmtx.data.base import fit_position, resume_position, set_sampler_epoch
-from mmtx.errors import ConfigError
+from mmtx.errors import ConfigError, DataError
 
 SCHEDULES = ("weighted", "uniform", "round_robin", "accumulate")
 
@@ -80,8 +80,8 @@ class ScheduleLoader:
         self.per_epoch = {name: len(loader) // self.world for name, loader in loaders.items()}
         empty = [name for name, n in self.per_epoch.items() if n == 0]
         if empty:
-            raise ConfigError(f"member(s) {', '.join(empty)} have no full training batch "
-                              "(members.<name>.data.batch_size is larger than the training split)")
+            raise ConfigError(f"member(s) {', '.join(empty)} have no full training batch: their data.batch_size is "
+                              f"larger than their training split (set it in members.{empty[0]}.overrides)")
         self.weights = [sample_weights.get(name) or float(self.per_epoch[name]) for name in self.names]
         counts = list(self.per_epoch.values())
         self.length = max(counts) if schedule == "accumulate" else sum(counts)
@@ -172,6 +172,21 @@ class CoTrainData(L.LightningDataModule):
 
     def _with_split(self, split: str) -> list[str]:
         return [name for name, dm in self.members.items() if not hasattr(dm, "has_split") or dm.has_split(split)]
+
+    def check_trainable(self, world_size: int = 1) -> int:
+        """The training steps of a co-training epoch on each rank; an error naming the member, the cause and the
+        key when a member has no full training batch (as `IndexedSplits.check_trainable`)."""
+        for name, dm in self.members.items():
+            try:
+                dm.check_trainable(1)
+                if len(dm.train_dataloader()) // world_size == 0:
+                    raise ConfigError(f"its {len(dm.train_dataloader())} full training batch(es) of data.batch_size="
+                                      f"{dm.batch_size} do not give each of {world_size} ranks one; lower "
+                                      "data.batch_size")
+            except (ConfigError, DataError) as err:
+                raise type(err)(f"co-training member {name!r}: {err} (a member's keys are set in "
+                                f"members.{name}.overrides, e.g. [data.batch_size=4])") from None
+        return len(self.train_dataloader())
 
     def train_dataloader(self) -> ScheduleLoader:
         loaders = {name: dm.train_dataloader() for name, dm in self.members.items()}
