@@ -36,3 +36,27 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     if not ok:
         log.warning("glibc refused mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, %d); its defaults stay", limit)
     return ok
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take before the kernel runs out (Linux): the smaller of the
+    system's MemAvailable and what its cgroup's limit leaves (a container's, a SLURM job's); None elsewhere."""
+    found = []
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = open(limit_file).read().strip()
+            usage = int(open(usage_file).read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            found.append(max(0, int(limit) - usage))
+        break
+    return min(found) if found else None

@@ -100,9 +100,9 @@ def test_memory_mapped_path_gives_the_same_windows(tmp_path, corpus):
 
 
 def test_cache_is_reused_and_rebuilt_when_the_text_changes(tmp_path, corpus, monkeypatch):
-    reads = []
-    original = TextFiles.decode
-    monkeypatch.setattr(TextFiles, "decode", lambda self, split="all": reads.append(1) or original(self, split))
+    reads = []  # one entry per build of the cache (however many passes over the text a build takes)
+    original = TextDataModule._tokenize
+    monkeypatch.setattr(TextDataModule, "_tokenize", lambda self, folder: reads.append(1) or original(self, folder))
     datamodule(tmp_path, corpus)
     datamodule(tmp_path, corpus)
     assert len(reads) == 1  # reused

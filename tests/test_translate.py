@@ -148,7 +148,8 @@ def test_separate_vocabularies_and_cached_tokenizers(corpus, tmp_path):
     assert dm.src_vocab is not dm.tgt_vocab and len(dm.src_vocab) != len(dm.tgt_vocab)
     assert dm.tgt_vocab.decode(dm.tgt_vocab.encode("Fünf Äpfel")) == "Fünf Äpfel"  # byte-level: any text
     folders = sorted(p for p in (tmp_path / "cache").glob("*-vocab-*") if p.is_dir())
-    assert len(folders) == 1 and {p.name for p in folders[0].iterdir()} == {"src_tokenizer.json", "tgt_tokenizer.json"}
+    assert len(folders) == 1 and {p.name for p in folders[0].iterdir()} == {"src_tokenizer.json", "tgt_tokenizer.json",
+                                                                              "checksums.json"}
     again = datamodule(tmp_path, corpus_source(corpus), shared_vocab=False, src_vocab={**BPE, "vocab_size": 280})
     assert again.tgt_vocab.to_json() == dm.tgt_vocab.to_json()
     assert sorted(p for p in (tmp_path / "cache").glob("*-vocab-*") if p.is_dir()) == folders  # reused, not retrained

@@ -1,26 +1,35 @@
-"""Decode once, reuse afterwards: tensor caches keyed by their source's fingerprint.
+"""Decode once, reuse afterwards: tensor caches keyed by their source's fingerprint, verified on every load.
 
-A cache file holds a dict of tensors and plain values plus the fingerprint of
-the source it was built from. A load whose fingerprint differs (files added,
-removed or modified) rebuilds it. Writes go to a temporary file in the same
-folder and are renamed into place, so an interrupted build never leaves a
+A cache file holds a dict of tensors and plain values, the fingerprint of the source it was built from, and
+the size and SHA-256 checksum of its contents (`mmtx_cache`). A load whose fingerprint differs (files added,
+removed or modified) rebuilds it; so does one whose contents no longer match their checksum (a file damaged or
+truncated on disk), with a warning naming it. A cache folder (a text split's token files, a tokenizer) records
+the size and checksum of every file in `checksums.json` and is verified and rebuilt the same way. Writes go to a
+temporary file or folder in the same place and are renamed into place, so an interrupted build never leaves a
 half-written cache behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import pickle
+import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from mmtx.files import atomic_save, remove_orphans
+from mmtx.files import atomic_save, building_dir, check_writable, remove_orphans
 
 log = logging.getLogger(__name__)
+
+CHECKSUM_KEY = "mmtx_cache"  # {"bytes": the contents' size, "sha256": their checksum} in a cache file
+MANIFEST = "checksums.json"  # {file name: {"bytes", "sha256"}} of every file in a cache folder
+CACHE_HINT = "paths.cache_dir"  # where caches go: the key a message about them names
 
 
 def digest(*parts: Any) -> str:
@@ -32,10 +41,32 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+# -- cache files --------------------------------------------------------------------------------------------
+
+def content_checksum(data: dict[str, Any]) -> dict[str, Any]:
+    """The size and SHA-256 of a cache's contents: every entry but the checksum itself, in key order; a tensor by
+    its dtype, shape and bytes, anything else by its string form."""
+    h, size = hashlib.sha256(), 0
+    for key in sorted(k for k in data if k != CHECKSUM_KEY):
+        value = data[key]
+        h.update(key.encode() + b"\0")
+        if isinstance(value, torch.Tensor):
+            raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            h.update(memoryview(raw))
+            size += raw.nbytes
+        else:
+            text = str(value).encode()
+            h.update(text)
+            size += len(text)
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
 def load_or_build(
     path: str | os.PathLike, fingerprint: str, build: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
-    """Return the cache at `path` if it was built from `fingerprint`, else build and save it.
+    """Return the cache at `path` if it was built from `fingerprint` and its contents match their checksum, else
+    build and save it (a damaged cache is rebuilt with a warning naming it).
 
     A lock file beside the cache makes processes that need the same cache at once (the ranks of
     a torchrun or SLURM job) wait for the one that builds it instead of building it again.
@@ -47,15 +78,16 @@ def load_or_build(
     if cached is not None:
         _report_skipped(path, cached)
         return cached
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path.parent, "the data cache folder", hint=CACHE_HINT)  # before anything is decoded
     with FileLock(str(path) + ".lock"):
         remove_orphans(path)
-        cached = _load(path, fingerprint)  # built by another process while this one waited
+        cached = _load(path, fingerprint, quiet=True)  # built by another process while this one waited
         if cached is not None:
             _report_skipped(path, cached)
             return cached
         data = dict(build(), fingerprint=fingerprint)
-        atomic_save(data, path)
+        data[CHECKSUM_KEY] = content_checksum(data)
+        atomic_save(data, path, hint=CACHE_HINT)
     log.info("cached %s", path)
     return data
 
@@ -69,7 +101,7 @@ def _report_skipped(path: Path, cached: dict[str, Any]) -> None:
                     len(skipped), path, list(skipped)[:3])
 
 
-def _load(path: Path, fingerprint: str) -> dict[str, Any] | None:
+def _load(path: Path, fingerprint: str, quiet: bool = False) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
@@ -81,7 +113,100 @@ def _load(path: Path, fingerprint: str) -> dict[str, Any] | None:
     except Exception as err:  # a truncated or foreign file: rebuild it
         log.warning("cache %s is unreadable (%s); rebuilding it", path, err)
         return None
-    if cached.get("fingerprint") == fingerprint:
-        return cached
-    log.info("source changed since cache %s was built; rebuilding it", path)
+    if not isinstance(cached, dict) or cached.get("fingerprint") != fingerprint:
+        if not quiet:
+            log.info("source changed since cache %s was built; rebuilding it", path)
+        return None
+    recorded = cached.get(CHECKSUM_KEY)
+    if not isinstance(recorded, dict):
+        log.warning("cache %s records no checksum of its contents (an older mmtx wrote it); rebuilding it", path)
+        return None
+    actual = content_checksum(cached)
+    if actual != recorded:
+        log.warning("cache %s does not match the size and checksum recorded when it was built (%s bytes, sha256 %s; "
+                    "now %s bytes, %s): it was damaged or changed on disk; rebuilding it", path, recorded.get("bytes"),
+                    str(recorded.get("sha256"))[:12], actual["bytes"], actual["sha256"][:12])
+        return None
+    return cached
+
+
+# -- cache folders ------------------------------------------------------------------------------------------
+
+def file_checksum(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def seal(folder: Path) -> None:
+    """Record the size and checksum of every file of `folder` in its `checksums.json` (the last file written)."""
+    manifest = {p.name: file_checksum(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a cache folder (a file missing, truncated or changed since `seal`), or None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"it has no readable {MANIFEST} (an older mmtx, or an interrupted copy, wrote it)"
+    for name, recorded in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != recorded.get("bytes"):
+            return f"{name} holds {path.stat().st_size} bytes where {recorded.get('bytes')} were written"
+        if file_checksum(path)["sha256"] != recorded.get("sha256"):
+            return f"{name} does not match the checksum recorded when it was written"
     return None
+
+
+_WHOLE: set[tuple] = set()  # the folders (with their files' sizes and times) this process found whole
+
+
+def _stamp(folder: Path) -> tuple:
+    return (str(folder), *sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()))
+
+
+def verified(folder: Path) -> bool:
+    """Whether the cache folder exists and is whole (checked once a process while its files stay as they were);
+    a damaged one is named in a warning (and rebuilt by `cache_folder`)."""
+    if not folder.is_dir():
+        return False
+    stamp = _stamp(folder)
+    if stamp in _WHOLE:
+        return True
+    problem = damage(folder)
+    if problem:
+        log.warning("cache %s is damaged: %s; rebuilding it", folder, problem)
+        return False
+    _WHOLE.add(stamp)
+    return True
+
+
+@contextlib.contextmanager
+def cache_folder(path: str | os.PathLike) -> Iterator[Path | None]:
+    """Build the cache folder `path` (`mmtx.files.building_dir`: a temporary folder renamed into place, sealed with
+    the checksums of its files), or yield None when a whole one is already there. A damaged one (see `damage`)
+    is moved aside and rebuilt."""
+    path = Path(path)
+    if path.is_dir() and damage(path) is not None:
+        from filelock import FileLock
+
+        with FileLock(str(path) + ".lock"):
+            problem = damage(path) if path.is_dir() else None
+            if problem is not None:  # still damaged now that no other process builds it
+                log.warning("cache %s is damaged: %s; rebuilding it", path, problem)
+                aside = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # an orphan's name: cleared as one
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(path, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+    with building_dir(path, hint=CACHE_HINT) as tmp:
+        if tmp is None:
+            yield None
+            return
+        yield tmp
+        seal(tmp)
+    _WHOLE.add(_stamp(path))  # just built and sealed: whole

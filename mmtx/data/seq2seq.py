@@ -29,9 +29,8 @@ import torch
 from mmtx.batch import IGNORE_INDEX, PairBatch, TokenBatch
 from mmtx.data.audio import audio_batch
 from mmtx.data.base import CachedSplits, gather_padded
-from mmtx.data.cache import digest
+from mmtx.data.cache import cache_folder, digest, verified
 from mmtx.errors import ConfigError, DataError
-from mmtx.files import building_dir
 from mmtx.tokenizers.text import Vocab, build_vocab
 
 log = logging.getLogger(__name__)
@@ -165,14 +164,14 @@ class Seq2SeqDataModule(CachedSplits):
         specs = {"tgt": self.tgt_spec, "src": self.src_spec if self.text_source and not self.shared_vocab else None}
         key = digest(train["fingerprint"], json.dumps(specs, sort_keys=True), self.shared_vocab)
         folder = self.cache_dir / f"{self.source.cache_name}-vocab-{key}"
-        if not (folder / "tgt_tokenizer.json").is_file():
+        if not verified(folder):  # a damaged folder is named, and rebuilt below
             tgt_text = "\n".join(train["tgt"])
             if self.shared_vocab:
                 tgt = build_vocab(text="\n".join(train["src"]) + "\n" + tgt_text, **self.tgt_spec)
             else:
                 tgt = build_vocab(text=tgt_text, **self.tgt_spec)
             src = build_vocab(text="\n".join(train["src"]), **self.src_spec) if specs["src"] else None
-            with building_dir(folder) as tmp:
+            with cache_folder(folder) as tmp:
                 if tmp is not None:  # else: another process built it meanwhile
                     tgt.save(tmp / "tgt_tokenizer.json")
                     if src is not None:

@@ -1,9 +1,11 @@
 """Language-model data: text -> token ids once (a memory-mapped cache), random contiguous windows per batch.
 
 The cache folder holds the trained tokenizer (tokenizer.json), one token file
-per split (uint16 when the vocabulary fits, else int32) and meta.json; it is
-keyed by the source's fingerprint and the vocabulary settings, built in a
-temporary folder and renamed into place. As for every data module
+per split (uint16 when the vocabulary fits, else int32), meta.json and the
+size and checksum of each (checksums.json, verified on every use: a damaged
+cache is rebuilt); it is keyed by the source's fingerprint and the vocabulary
+settings, built in a temporary folder and renamed into place. The text is read,
+tokenized and written a piece at a time, so memory does not grow with it. As for every data module
 (`IndexedSplits`), the DataLoader yields only window indices; `gather` cuts the
 windows out of the split, which lives on the training device.
 """
@@ -12,17 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from mmtx.batch import TokenBatch
 from mmtx.data.base import IndexedSplits, Source
-from mmtx.data.cache import digest
+from mmtx.data.cache import cache_folder, digest, verified
 from mmtx.errors import ConfigError, DataError
-from mmtx.files import building_dir, resolve_root
+from mmtx.files import resolve_root
 from mmtx.tokenizers.text import Vocab, build_vocab
 
 log = logging.getLogger(__name__)
@@ -80,29 +83,53 @@ class TextDataModule(IndexedSplits):
 
     def prepare_data(self) -> None:
         path = self._cache_path()
-        if (path / "meta.json").is_file():
+        if verified(path):  # a cache damaged on disk is named, and rebuilt below
             return
-        texts = {split: self.source.decode(split)["text"] for split in self.source.splits()}
-        if "all" in texts:  # split by position: the first (1 - val_fraction) for training
-            text = texts["all"]
-            cut = int(len(text) * (1 - self.val_fraction))
-            texts = {"train": text[:cut], "val": text[cut:]}
-        # BPE learns its merges from the training split alone; a character vocabulary is the
-        # set of characters of all splits (as nanoGPT's), so validation text is never unknown.
-        vocab_text = "".join(texts.values()) if self.vocab_spec.get("kind") == "char" else texts["train"]
-        vocab = self.fixed_vocab or build_vocab(text=vocab_text, **self.vocab_spec)
+        with cache_folder(path) as tmp:
+            if tmp is not None:  # else: another process built it meanwhile
+                meta = self._tokenize(tmp)
+                log.info("tokenized %s into %s: %s", self.source.cache_name, path, meta["splits"])
+
+    def _texts(self) -> dict[str, Callable[[], Iterator[str]]]:
+        """{split: a function giving its text as a stream of pieces}; a source with one split ("all") is cut by
+        position, the first (1 - val_fraction) of its characters for training (counted in a first pass)."""
+        splits = self.source.splits()
+        if splits != ["all"]:
+            return {split: (lambda split=split: self.source.chunks(split)) for split in splits}
+        total, text = 0, False
+        for piece in self.source.chunks("all"):
+            total += len(piece)
+            text = text or bool(piece.strip())
+        if not text:
+            raise DataError(f"the text of {self.source.cache_name} is empty (data.source)")
+        cut = int(total * (1 - self.val_fraction))
+        return {"train": lambda: _span(self.source.chunks("all"), 0, cut),
+                "val": lambda: _span(self.source.chunks("all"), cut, None)}
+
+    def _tokenize(self, folder: Path) -> dict[str, Any]:
+        """Tokenize every split into `folder` (`<split>.bin`, tokenizer.json, meta.json), a piece at a time: memory
+        stays that of a piece whatever the size of the text."""
+        texts = self._texts()
+        vocab = self.fixed_vocab
+        if vocab is None:
+            # BPE learns its merges from the training split alone; a character vocabulary is the set of characters
+            # of all splits (as nanoGPT's), so validation text is never unknown.
+            kind = self.vocab_spec.get("kind")
+            pieces = (p for split in texts for p in texts[split]()) if kind == "char" else texts["train"]()
+            vocab = build_vocab(text=pieces, **self.vocab_spec)
         dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max + 1 else np.int32
         meta: dict[str, Any] = {"dtype": np.dtype(dtype).name, "vocab_size": len(vocab), "splits": {}}
-        with building_dir(path) as tmp:
-            if tmp is None:  # another process built it meanwhile
-                return
-            for split, text in texts.items():
-                ids = np.asarray(vocab.encode(text), dtype=dtype)
-                ids.tofile(tmp / f"{split}.bin")
-                meta["splits"][split] = {"tokens": int(ids.size), "chars": len(text)}
-            vocab.save(tmp / "tokenizer.json")
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        log.info("tokenized %s into %s: %s", self.source.cache_name, path, meta["splits"])
+        for split, text in texts.items():
+            tokens = chars = 0
+            with open(folder / f"{split}.bin", "wb") as f:
+                for piece in encoding_pieces(text(), safe=vocab.kind != "char"):
+                    ids = vocab.encode_array(piece).astype(dtype)
+                    ids.tofile(f)
+                    tokens, chars = tokens + ids.size, chars + len(piece)
+            meta["splits"][split] = {"tokens": tokens, "chars": chars}
+        vocab.save(folder / "tokenizer.json")
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+        return meta
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -118,6 +145,8 @@ class TextDataModule(IndexedSplits):
                     f"data.block_size={self.block_size} is longer than the {split} split "
                     f"({ids.size} tokens); use a smaller block_size or more text"
                 )
+            if self.device_resident:
+                _check_fits(split, ids.size, path)
             # Resident: one int64 copy (moved to the device once). Otherwise the memory map itself.
             self.splits[split] = {"ids": torch.from_numpy(ids.astype(np.int64)) if self.device_resident else ids}
         self.splits["test"] = self.splits["val"]
@@ -131,7 +160,13 @@ class TextDataModule(IndexedSplits):
 
     def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
         self.setup()
-        return text_runtime(self.vocab, self.block_size, self.chars_per_token)
+        return text_runtime(self.vocab, self.block_size, self.chars_per_token, self.default_prompt())
+
+    def default_prompt(self) -> str:
+        """What a language model on this text continues when no prompt is given: a newline (nanoGPT's) when the
+        vocabulary has one, else the first token of the training text."""
+        self.setup()
+        return default_prompt(self.vocab, [int(self.splits["train"]["ids"][0])])
 
     # -- the device-side data path (loaders, device copy: IndexedSplits) ---------------------
 
@@ -154,7 +189,69 @@ class TextDataModule(IndexedSplits):
         return TokenBatch(tokens=window[:, :-1], targets=window[:, 1:])  # (B, T) each
 
 
-def text_runtime(vocab: Vocab, block_size: int, chars_per_token: float | None = None) -> dict[str, dict[str, Any]]:
-    """Run-time values of a text model: its vocabulary and context length (tokenizer) and characters
-    per token (family)."""
-    return {"tokenizer": {"vocab": vocab, "max_len": block_size}, "family": {"chars_per_token": chars_per_token}}
+def _span(pieces: Iterator[str], start: int, stop: int | None) -> Iterator[str]:
+    """Characters start..stop (stop None: to the end) of the text that `pieces` make up."""
+    pos = 0
+    for piece in pieces:
+        lo, hi = max(start - pos, 0), len(piece) if stop is None else min(stop - pos, len(piece))
+        if lo < hi:
+            yield piece[lo:hi]
+        pos += len(piece)
+        if stop is not None and pos >= stop:
+            return
+
+
+# A boundary no tokenizer's pre-tokenization crosses: before a space between two non-spaces ("a| b": GPT-2's
+# byte-level pieces start with their space), or after a newline between non-spaces ("a\n|b").
+_SAFE_CUT = re.compile(r"(?<=\S)(?= \S)|(?<=\S\n)(?=\S)")
+
+
+def encoding_pieces(pieces: Iterable[str], size: int = 1 << 16, safe: bool = True) -> Iterator[str]:
+    """The text of `pieces` re-cut into pieces of about `size` characters for the tokenizer, which then holds one
+    piece's tokens at a time. With `safe`, cuts fall where the tokenizer would split the whole text anyway (see
+    `_SAFE_CUT`), so the ids are those of encoding the text in one call; a character vocabulary cuts anywhere."""
+    buf = ""
+    for piece in pieces:
+        buf += piece
+        start = 0
+        while len(buf) - start >= 2 * size:
+            cut = start + size
+            if safe:
+                found = _SAFE_CUT.search(buf, cut, start + 2 * size - 1)
+                cut = found.start() if found else cut
+            yield buf[start:cut]
+            start = cut
+        buf = buf[start:]
+    if buf:
+        yield buf
+
+
+def _check_fits(split: str, tokens: int, path: Path) -> None:
+    """A split held in memory (data.device_resident=true) takes 8 bytes a token (int64); refuse one that would not
+    fit in the memory left, naming its size, before the machine runs out."""
+    from mmtx.cpu import available_memory
+    from mmtx.files import size_text
+
+    need, free = tokens * 8, available_memory()
+    if free is not None and need > 0.8 * free:
+        raise DataError(f"the {split} split of {path} is {tokens:,} tokens: held in memory as int64 it takes "
+                        f"{size_text(need)}, more than this machine can spare ({size_text(free)} available); set "
+                        "data.device_resident=false to read it from the memory-mapped cache instead")
+
+
+def default_prompt(vocab: Vocab, first_ids: list[int]) -> str:
+    """A newline when `vocab` encodes one, else the text of `first_ids` (the first token of the training text)."""
+    try:
+        if vocab.encode("\n"):
+            return "\n"
+    except ConfigError:  # a character vocabulary of text without a newline
+        pass
+    return vocab.decode(first_ids)
+
+
+def text_runtime(vocab: Vocab, block_size: int, chars_per_token: float | None = None,
+                 default_prompt: str | None = None) -> dict[str, dict[str, Any]]:
+    """Run-time values of a text model: its vocabulary and context length (tokenizer), characters per token and
+    the prompt its samples continue by default (family)."""
+    return {"tokenizer": {"vocab": vocab, "max_len": block_size},
+            "family": {"chars_per_token": chars_per_token, "default_prompt": default_prompt}}

@@ -1,15 +1,18 @@
 """Where text comes from: local files (a path or a glob) or a Hugging Face `datasets` text dataset.
 
-Text sources have the one source shape (`mmtx.data.base.Source`): `decode(split)` gives `{"text": str}`;
-a source without its own validation text has the one split `all`, which the data module cuts.
+Text sources have the one source shape (`mmtx.data.base.Source`): `decode(split)` gives `{"text": str}`; and,
+for text of any size, `chunks(split)` gives the same text as a stream of pieces (about a mebibyte each, files read
+and decoded as they go), so that memory does not grow with the corpus. A source without its own validation text
+has the one split `all`, which the data module cuts.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mmtx.data.cache import digest
 from mmtx.files import describe_root, resolve_root
@@ -63,31 +66,61 @@ class TextFiles:
         return digest(self.on_decode_error, *stats)
 
     def decode(self, split: str = "all") -> dict[str, Any]:
-        texts = [self._read(f) for f in self.files]
-        text = "\n".join(texts)
+        text = "".join(self.chunks(split))
         if not text.strip():
             raise DataError(f"the text files {[str(f) for f in self.files]} are empty")
         return {"text": text}
 
-    def _read(self, path: Path) -> str:
-        return decode_utf8(path.read_bytes(), path, self.on_decode_error)
+    def chunks(self, split: str = "all", size: int = 1 << 20) -> Iterator[str]:
+        """The files' text, one after the other with a newline between them, in pieces decoded `size` bytes at a
+        time."""
+        for i, path in enumerate(self.files):
+            if i:
+                yield "\n"
+            with open(path, "rb") as f:
+                yield from decode_utf8_stream(iter(lambda: f.read(size), b""), path, self.on_decode_error)
+
+
+def decode_utf8_stream(blocks: Iterator[bytes], path: Path | str, on_decode_error: str = "error") -> Iterator[str]:
+    """The text of the byte `blocks` of `path`, decoded as they come (a character split between two blocks is
+    whole): invalid UTF-8 stops the run naming the file and byte offset (on_decode_error=error), or becomes U+FFFD,
+    counted in one warning (replace), exactly as `bytes.decode(errors="replace")` would."""
+    pending, offset, replaced, first = b"", 0, 0, None
+    block = next(blocks, None)
+    while block is not None:
+        following = next(blocks, None)
+        data, pos, out = pending + block, 0, []
+        while True:
+            try:
+                text, used = codecs.utf_8_decode(data[pos:], "strict", following is None)
+            except UnicodeDecodeError as err:
+                where = offset + pos + err.start
+                if on_decode_error == "error":
+                    raise DataError(
+                        f"{path} is not UTF-8: invalid byte {data[pos + err.start]:#04x} at byte offset {where} "
+                        "(set data.source.on_decode_error=replace to replace such bytes with U+FFFD)"
+                    ) from None
+                out.append(data[pos:pos + err.start].decode("utf-8"))
+                out.append("\ufffd")
+                replaced += 1
+                first = where if first is None else first
+                pos += err.end
+                continue
+            out.append(text)
+            pos += used
+            break
+        pending, offset = data[pos:], offset + pos
+        yield "".join(out)
+        block = following
+    if replaced:
+        log.warning("%s: replaced %d invalid UTF-8 byte sequence(s) with U+FFFD, the first at byte offset %d",
+                    path, replaced, first)
 
 
 def decode_utf8(data: bytes, path: Path | str, on_decode_error: str = "error") -> str:
     """`data` (the bytes of `path`) as text: invalid UTF-8 stops the run naming the file and byte
     offset (on_decode_error=error), or becomes U+FFFD, counted in one warning (replace)."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if on_decode_error == "error":
-            raise DataError(
-                f"{path} is not UTF-8: invalid byte {data[err.start]:#04x} at byte offset {err.start} "
-                "(set data.source.on_decode_error=replace to replace such bytes with U+FFFD)"
-            ) from None
-        text = data.decode("utf-8", errors="replace")
-        log.warning("%s: replaced %d invalid UTF-8 byte sequence(s) with U+FFFD, the first at byte offset %d",
-                    path, text.count("\ufffd") - data.decode("utf-8", "ignore").count("\ufffd"), err.start)
-        return text
+    return "".join(decode_utf8_stream(iter([data]), path, on_decode_error))
 
 
 class HFText:
@@ -133,7 +166,20 @@ class HFText:
         return self._load(self._name(split))._fingerprint
 
     def decode(self, split: str) -> dict[str, Any]:
-        text = self.separator.join(t for t in self._load(self._name(split))[self.text_key] if t)
+        text = "".join(self.chunks(split))
         if self._name(split) == "train" and not text.strip():
             raise DataError(f"dataset {self.path} has no text in its train split")
         return {"text": text}
+
+    def chunks(self, split: str) -> Iterator[str]:
+        """The split's non-empty documents joined by `separator`, a document at a time (the dataset is read from
+        its memory-mapped files as it goes)."""
+        first = True
+        for batch in self._load(self._name(split)).iter(batch_size=1000):
+            for text in batch[self.text_key]:
+                if not text:
+                    continue
+                if not first:
+                    yield self.separator
+                first = False
+                yield text

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
@@ -29,6 +30,8 @@ class Vocab:
     def __init__(self, tokenizer, kind: str) -> None:
         self.tokenizer = tokenizer
         self.kind = kind
+        self._chars: tuple[np.ndarray, np.ndarray] | None = None  # a char vocabulary's (code points, ids), sorted
+        self._added: list[str] | None = None
 
     def __len__(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -43,6 +46,36 @@ class Vocab:
                 "(use tokenizer=bpe, which covers every byte)"
             )
         return ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode(text)` as an int64 array, for long texts: a character vocabulary maps code points through a
+        sorted table (a few bytes a character, where the tokenizers library takes hundreds); other kinds, and
+        text holding a special token, go through the tokenizer."""
+        if self.kind != "char" or any(token in text for token in self._added_tokens()):
+            return np.asarray(self.encode(text), dtype=np.int64)
+        points, ids = self._char_table()
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        where = np.minimum(np.searchsorted(points, codes), len(points) - 1)
+        known = points[where] == codes
+        if not known.all():
+            unseen = sorted({chr(c) for c in codes[~known][:10_000].tolist()})
+            raise ConfigError(
+                f"text has characters the char tokenizer never saw in training: {unseen[:20]} "
+                "(use tokenizer=bpe, which covers every byte)"
+            )
+        return ids[where]
+
+    def _added_tokens(self) -> list[str]:
+        if self._added is None:
+            self._added = [t.content for t in self.tokenizer.get_added_tokens_decoder().values()]
+        return self._added
+
+    def _char_table(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._chars is None:
+            single = sorted((ord(tok), i) for tok, i in self.tokenizer.get_vocab(with_added_tokens=False).items()
+                            if len(tok) == 1)
+            self._chars = (np.array([c for c, _ in single], dtype=np.uint32), np.array([i for _, i in single], dtype=np.int64))
+        return self._chars
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
@@ -100,11 +133,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[st
     return Vocab(tokenizer, "bpe")
 
 
-def train_char(text: str, special_tokens: Sequence[str] = ()) -> Vocab:
-    """One token per character seen in `text` (sorted, as nanoGPT's shakespeare_char), plus <unk> and specials."""
+def train_char(text: str | Iterable[str], special_tokens: Sequence[str] = ()) -> Vocab:
+    """One token per character seen in `text` (a string, or pieces of one: sorted, as nanoGPT's shakespeare_char),
+    plus <unk> and specials."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    chars = sorted(set(text))
+    seen: set[str] = set()
+    for piece in [text] if isinstance(text, str) else text:
+        seen.update(piece)
+    chars = sorted(seen)
     tokens = [*chars, UNK, *[t for t in special_tokens if t not in chars and t != UNK]]
     tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -115,20 +152,21 @@ def train_char(text: str, special_tokens: Sequence[str] = ()) -> Vocab:
 
 def build_vocab(
     kind: str,
-    text: str,
+    text: str | Iterable[str],
     vocab_size: int = 4096,
     special_tokens: Sequence[str] = ("<|endoftext|>",),
     min_frequency: int = 2,
     path: str | None = None,
     name: str | None = None,
 ) -> Vocab:
-    """The vocabulary a `tokenizer.vocab` config asks for, trained on `text` (the training split), read from a
-    tokenizer.json (`kind=file`, `path`) or a pretrained model's (`kind=hf`, `name`: a Hugging Face model id or
-    a folder saved by `save_pretrained`)."""
+    """The vocabulary a `tokenizer.vocab` config asks for, trained on `text` (the training split: a string, or an
+    iterable of pieces of it, read once), read from a tokenizer.json (`kind=file`, `path`) or a pretrained model's
+    (`kind=hf`, `name`: a Hugging Face model id or a folder saved by `save_pretrained`)."""
     if kind == "bpe":
-        lines = text.splitlines(keepends=True)
-        chunks = ("".join(lines[i:i + 1000]) for i in range(0, len(lines), 1000))
-        return train_bpe(chunks, vocab_size, special_tokens, min_frequency)
+        if isinstance(text, str):
+            lines = text.splitlines(keepends=True)
+            text = ("".join(lines[i:i + 1000]) for i in range(0, len(lines), 1000))
+        return train_bpe(text, vocab_size, special_tokens, min_frequency)
     if kind == "char":
         return train_char(text, special_tokens)
     if kind == "file":
