@@ -2,8 +2,8 @@
 (a Hydra application: `conf/predict.yaml`, `--help`).
 
 `inputs` is a file, a folder (searched recursively for images or audio), a glob, or a comma-separated list
-of them. Out comes a TSV, one line per input: path, predicted label, its probability, and the `top_k` most
-likely labels with theirs. Inputs are prepared as the training data was (images: resized to the model's
+of them. Out comes a TSV, one row per input: path, predicted label, its probability, and the `top_k` most
+likely labels with theirs (written with the csv module: a field holding a tab, a newline or a quote is quoted). Inputs are prepared as the training data was (images: resized to the model's
 size, normalised with the run's mean and std; audio: mixed down, resampled, cropped to the run's
 `max_seconds`), batched, on the GPU when there is one. A file that cannot be read is named in a warning
 and skipped (`on_bad_file=error` stops at it instead).
@@ -27,8 +27,9 @@ from mmtx.apps import app_keys, compose_app, hydra_argv
 from mmtx.batch import AudioBatch, ImageBatch
 from mmtx.checkpoint import load_checkpoint, member_view
 from mmtx.config import config_dir
-from mmtx.errors import CheckpointError, ConfigError, DataError, MissingError, reported
-from mmtx.files import atomic_write_text
+from mmtx.errors import CheckpointError, ConfigError, DataError, MissingError, reported, run_cli
+from mmtx.files import atomic_write_text, tsv_text
+from mmtx.validate import device, integer, one_of, validate
 from mmtx.wiring import build_model
 
 log = logging.getLogger("mmtx.predict")
@@ -36,6 +37,7 @@ log = logging.getLogger("mmtx.predict")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 VERBATIM = ("ckpt", "inputs", "output")
+RULES = {"top_k": integer(1), "batch_size": integer(1), "device": device(), "on_bad_file": one_of("skip", "error")}
 
 
 def load_classifier(ckpt: str, device: str, member: str | None = None):
@@ -75,17 +77,14 @@ def list_inputs(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
 
 def image_inputs(paths: list[Path], size: int, cfg: DictConfig, on_bad_file: str) -> tuple[list[Path], ImageBatch]:
     """The readable images, prepared as the training data was: resized, normalised with the run's mean/std."""
-    from PIL import Image
-
-    from mmtx.data.sources import pil_to_tensor
+    from mmtx.data.sources import read_image
 
     kept, tensors = [], []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                tensors.append(pil_to_tensor(image, size))
+            tensors.append(read_image(path, size))
             kept.append(path)
-        except Exception as err:  # PIL raises several kinds for files that are not images
+        except DataError as err:  # not an image, truncated, over Pillow's pixel limit
             if on_bad_file == "error":
                 raise DataError(f"cannot read image {path}: {err} (on_bad_file=skip skips such files)") from None
             log.warning("skipping %s: not a readable image (%s)", path, err)
@@ -105,7 +104,7 @@ def audio_inputs(paths: list[Path], sample_rate: int, cfg: DictConfig, on_bad_fi
     for path in paths:
         wave = decoder.decode(path, str(path))
         if wave is None:
-            log.warning("skipping %s: not a readable audio file", path)
+            log.warning("skipping %s: not a readable audio file (%s)", path, decoder.reasons.get(str(path), "unreadable"))
             continue
         kept.append(path)
         waves.append(wave)
@@ -117,6 +116,8 @@ def audio_inputs(paths: list[Path], sample_rate: int, cfg: DictConfig, on_bad_fi
 def predict(args: dict[str, Any]) -> list[list[str]]:
     """Label every input; the rows of the TSV (header first)."""
     device = args["device"] if args["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: this machine has no CUDA device; use device=cpu (or auto)")
     model, cfg = load_classifier(args["ckpt"], device, args.get("member"))
     part = model.task
     sample_rate = getattr(part.tokenizer, "sample_rate", None)
@@ -142,10 +143,9 @@ def predict(args: dict[str, Any]) -> list[list[str]]:
 
 
 def _run(args: dict[str, Any]) -> list[list[str]]:
-    if args["on_bad_file"] not in ("skip", "error"):
-        raise ConfigError(f"on_bad_file must be skip or error, got {args['on_bad_file']!r}")
+    validate(args, RULES)
     rows = predict(args)
-    text = "\n".join("\t".join(row) for row in rows) + "\n"
+    text = tsv_text(rows)  # a name holding a tab, a newline or a quote is quoted, as the csv module reads it back
     if args["output"] in (None, "", "-"):
         sys.stdout.write(text)
     else:
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[str]] | None:
     """The command line. `argv`: its arguments, from Python: returns the rows, and a mistake raises."""
     if argv is None:
         sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("predict"), verbatim=VERBATIM)]
-        return _cli()
+        return run_cli(_cli)
     return _run(OmegaConf.to_container(compose_app("predict", hydra_argv(argv, app_keys("predict"), verbatim=VERBATIM))))
 
 

@@ -43,6 +43,7 @@ class AudioDecoder:
         self.stereo = 0
         self.cropped = 0
         self.bad: list[str] = []
+        self.reasons: dict[str, str] = {}  # why each bad file was skipped
 
     def decode(self, source: str | Path | bytes, name: str) -> torch.Tensor | None:
         """A mono float32 waveform at `sample_rate`, or None for a skipped file."""
@@ -56,10 +57,14 @@ class AudioDecoder:
             declared = wav_declared_frames(source)
             if declared is not None and data.shape[0] < declared:
                 raise DataError(f"it is truncated: its header declares {declared} frames but it holds {data.shape[0]}")
-        except Exception as err:  # soundfile's LibsndfileError, a truncated header, an empty file
+            finite = np.isfinite(data)
+            if not finite.all():  # a float file can hold NaN or infinity: one clip would poison every batch of it
+                raise DataError(f"it holds {int((~finite).sum())} non-finite samples (NaN or infinity)")
+        except Exception as err:  # soundfile's LibsndfileError, a truncated header, an empty file, NaN samples
             if self.on_bad_file == "error":
                 raise DataError(f"cannot read audio file {name}: {err} (data.source.on_bad_file=skip skips such files)") from err
             self.bad.append(name)
+            self.reasons[name] = str(err)
             return None
         if data.shape[1] > 1:
             self.stereo += 1
@@ -82,7 +87,8 @@ class AudioDecoder:
         if self.cropped:
             log.warning("%s: cropped %d clip(s) to data.source.max_seconds", where, self.cropped)
         if self.bad:
-            log.warning("%s: skipped %d unreadable or empty file(s), e.g. %s", where, len(self.bad), self.bad[:3])
+            log.warning("%s: skipped %d unreadable or empty file(s), e.g. %s", where, len(self.bad),
+                        "; ".join(f"{name} ({self.reasons.get(name, 'unreadable')})" for name in self.bad[:3]))
 
 
 def wav_declared_frames(source: str | Path | bytes) -> int | None:

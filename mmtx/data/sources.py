@@ -6,6 +6,7 @@ knows when to rebuild) and decodes a split into one uint8 tensor.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -30,6 +31,42 @@ def pil_to_tensor(image: Image.Image, size: int | None) -> torch.Tensor:
         image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def read_image(source: str | os.PathLike | io.BytesIO, size: int | None) -> torch.Tensor:
+    """One image file (a path or its bytes) -> uint8 (3, size, size), as `pil_to_tensor`. A file that cannot be
+    decoded is a DataError saying why: not an image, truncated, or larger than Pillow's limit against
+    decompression bombs (`PIL.Image.MAX_IMAGE_PIXELS`, named with its value)."""
+    try:
+        with Image.open(source) as image:
+            return pil_to_tensor(image, size)
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{err} (Pillow's guard against decompression bombs: it refuses images of over twice "
+                        f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+    except Exception as err:  # noqa: BLE001 - PIL's ways of saying "not an image": OSError, SyntaxError, ValueError,
+        raise DataError(f"{type(err).__name__}: {err}") from None  # EOFError, struct.error, ...
+
+
+def decode_images(items: list[tuple[Any, str]], size: int | None, on_bad_file: str, where: str
+                  ) -> tuple[list[torch.Tensor], list[int], list[str]]:
+    """Decode (source, name) image items: (the images, the positions of the items decoded, the names of those
+    skipped). An unreadable item is skipped and counted in one warning naming the first few and why
+    (on_bad_file=skip), or stops the run naming it (error)."""
+    images, kept, bad, reasons = [], [], [], []
+    for i, (item, name) in enumerate(items):
+        try:
+            images.append(read_image(item, size))
+        except DataError as err:
+            if on_bad_file == "error":
+                raise DataError(f"cannot read image {name}: {err} (set data.source.on_bad_file=skip to skip such "
+                                "files)") from None
+            bad.append(name)
+            reasons.append(f"{name} ({err})")
+            continue
+        kept.append(i)
+    if bad:
+        log.warning("skipped %d unreadable file(s) in %s, e.g. %s", len(bad), where, "; ".join(reasons[:3]))
+    return images, kept, bad
 
 
 def stack_images(images: list[torch.Tensor], origin: str, names: list[str] | None = None) -> torch.Tensor:
@@ -111,25 +148,14 @@ class ImageFolder:
         return digest(self.image_size, self.on_bad_file, *((str(p), s, m) for p, _, s, m in files))
 
     def decode(self, split: str) -> dict[str, Any]:
-        images, labels, bad, names = [], [], [], []
-        for path, label, _, _ in self._files(split):
-            try:
-                with Image.open(path) as image:
-                    images.append(pil_to_tensor(image, self.image_size))
-                    names.append(str(path))
-            except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not an image"
-                if self.on_bad_file == "error":
-                    raise DataError(f"cannot read image {path}: {err} (set data.source.on_bad_file=skip to skip such files)") from err
-                bad.append(str(path))
-                continue
-            labels.append(label)
-        if bad:
-            log.warning("skipped %d unreadable file(s) in %s, e.g. %s", len(bad), self.path / split, bad[:3])
+        files = self._files(split)
+        images, kept, bad = decode_images([(path, str(path)) for path, *_ in files], self.image_size,
+                                          self.on_bad_file, str(self.path / split))
         if not images:
             raise MissingError(f"{self.path / split} holds no readable images")
         return {
-            "images": stack_images(images, str(self.path / split), names),
-            "labels": torch.tensor(labels, dtype=torch.long),
+            "images": stack_images(images, str(self.path / split), [str(files[i][0]) for i in kept]),
+            "labels": torch.tensor([files[i][1] for i in kept], dtype=torch.long),
             "classes": self.classes(),
             "skipped": bad,
         }
@@ -235,7 +261,11 @@ class HFImages:
         label_key: str = "label",
         split_names: dict[str, str] | None = None,
         image_size: int | None = None,
+        on_bad_file: str = "skip",
     ) -> None:
+        if on_bad_file not in ("skip", "error"):
+            raise ConfigError(f"data.source.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
+        self.on_bad_file = on_bad_file
         self.path, self.name, self.data_dir = path, name, data_dir
         self.image_key, self.label_key = image_key, label_key
         self.split_names = dict(split_names or {"train": "train", "test": "test"})
@@ -253,7 +283,7 @@ class HFImages:
         return datasets.load_dataset(self.path, self.name, data_dir=self.data_dir, split=self.split_names[split])
 
     def fingerprint(self, split: str) -> str:
-        return digest(self.image_size, self._dataset(split)._fingerprint)
+        return digest(self.image_size, self.on_bad_file, self._dataset(split)._fingerprint)
 
     def decode(self, split: str) -> dict[str, Any]:
         ds = self._dataset(split)
@@ -263,10 +293,18 @@ class HFImages:
         feature = ds.features[self.label_key]
         classes = list(feature.names) if hasattr(feature, "names") else sorted(set(ds[self.label_key]))
         to_index = (lambda v: v) if hasattr(feature, "names") else {c: i for i, c in enumerate(classes)}.__getitem__
-        images = [pil_to_tensor(img, self.image_size) for img in ds[self.image_key]]
-        labels = [to_index(v) for v in ds[self.label_key]]
+        import datasets  # optional integration: loaded only for this source
+
+        raw = ds.cast_column(self.image_key, datasets.Image(decode=False))  # bytes: decoded (and skipped) here
+        items = [(io.BytesIO(r["bytes"]) if r.get("bytes") else r["path"], r.get("path") or f"{self.path}[{split}][{i}]")
+                 for i, r in enumerate(raw[self.image_key])]
+        images, kept, bad = decode_images(items, self.image_size, self.on_bad_file, f"{self.path}[{split}]")
+        if not images:
+            raise MissingError(f"{self.path}[{split}] holds no readable images")
+        labels = ds[self.label_key]
         return {
             "images": stack_images(images, f"{self.path}[{split}]"),
-            "labels": torch.tensor(labels, dtype=torch.long),
+            "labels": torch.tensor([to_index(labels[i]) for i in kept], dtype=torch.long),
             "classes": [str(c) for c in classes],
+            "skipped": bad,
         }
