@@ -30,9 +30,20 @@ from mmtx.data.seq2seq import seq2seq_runtime
 from mmtx.data.text import text_runtime
 from mmtx.tokenizers.text import Vocab
 from mmtx.wiring import build_model
-from mmtx.errors import CheckpointError, ConfigError, MissingError, reported
+from mmtx.errors import CheckpointError, ConfigError, MissingError, reported, run_cli
+from mmtx.files import tsv_text
+from mmtx.validate import boolean, device, integer, number, validate
 
 VERBATIM = ("prompt", "text", "text_file", "audio")  # free text and paths: never parsed by Hydra's grammar
+# The keys of each kind of model (conf/generate.yaml); one of the other kind given on the command line is refused.
+LM_KEYS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "seed")
+SEQ2SEQ_KEYS = ("text", "text_file", "audio", "beam_size", "length_penalty", "max_len", "batch_size")
+RULES = {
+    "max_new_tokens": integer(1), "temperature": number(0), "top_k": integer(0, optional=True),
+    "top_p": number(0, 1, low_open=True, optional=True), "num_samples": integer(1), "seed": integer(0),
+    "use_cache": boolean(), "beam_size": integer(1, optional=True), "length_penalty": number(optional=True),
+    "max_len": integer(2, optional=True), "batch_size": integer(1), "device": device(),
+}
 
 
 def load_model(ckpt: str, device: str = "cpu", member: str | None = None):
@@ -59,7 +70,8 @@ def load_model(ckpt: str, device: str = "cpu", member: str | None = None):
     else:
         if "mmtx_vocab" not in checkpoint:
             raise CheckpointError(f"checkpoint {ckpt} has no tokenizer (it was not written by a text task's training run)")
-        runtime = text_runtime(Vocab.from_json(checkpoint["mmtx_vocab"]), cfg.data.block_size)
+        runtime = text_runtime(Vocab.from_json(checkpoint["mmtx_vocab"]), cfg.data.block_size,
+                               default_prompt=checkpoint.get("mmtx_default_prompt"))
     model = build_model(cfg, runtime)
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval()
@@ -114,6 +126,7 @@ def seq2seq_batch(model, items: list[str], cfg) -> TokenBatch | AudioBatch:
 def run_seq2seq(model, args: dict[str, Any], cfg) -> list[str]:
     items = seq2seq_inputs(model, args)
     search = {k: args[k] for k in ("beam_size", "length_penalty", "max_len") if args[k] is not None}
+    search["use_cache"] = bool(args["use_cache"])
     out: list[str] = []
     size = max(1, int(args["batch_size"]))
     for start in range(0, len(items), size):
@@ -124,14 +137,16 @@ def run_seq2seq(model, args: dict[str, Any], cfg) -> list[str]:
         for item, hyp, skip in zip(chunk, hyps, blank):
             hyp = "" if skip else hyp
             out.append(hyp)
-            print(f"{item}\t{hyp}" if args["audio"] is not None else hyp, flush=True)
+            print(tsv_text([[item, hyp]]).rstrip("\n") if args["audio"] is not None else hyp, flush=True)
     return out
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="generate")
 def _cli(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     with reported("mmtx.generate"):
-        _generate(OmegaConf.to_container(cfg, resolve=True))
+        _generate(OmegaConf.to_container(cfg, resolve=True), given_keys(HydraConfig.get().overrides.task))
 
 
 def main(argv: Sequence[str] | None = None) -> list[str] | None:
@@ -139,24 +154,58 @@ def main(argv: Sequence[str] | None = None) -> list[str] | None:
     error (a ValueError or FileNotFoundError) instead of ending the process."""
     if argv is None:
         sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("generate"), verbatim=VERBATIM)]
-        return _cli()
-    cfg = compose_app("generate", hydra_argv(argv, app_keys("generate"), verbatim=VERBATIM))
-    return _generate(OmegaConf.to_container(cfg, resolve=True))
+        return run_cli(_cli)
+    overrides = hydra_argv(argv, app_keys("generate"), verbatim=VERBATIM)
+    cfg = compose_app("generate", overrides)
+    return _generate(OmegaConf.to_container(cfg, resolve=True), given_keys(overrides))
 
 
-def _generate(args: dict[str, Any]) -> list[str]:
-    device = args["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+def given_keys(overrides: Sequence[str]) -> set[str]:
+    """The keys set on the command line (`key=value`, `+key=value`)."""
+    return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides if "=" in str(o)}
+
+
+def check_args(args: dict[str, Any], given: set[str], seq2seq: bool, ckpt: str) -> None:
+    """Every key given is one this model takes: a language model's keys for an encoder-decoder (or the reverse)
+    are refused, naming the key and the keys the model takes, instead of being ignored."""
+    wrong = sorted(k for k in given if k in (LM_KEYS if seq2seq else SEQ2SEQ_KEYS))
+    if wrong:
+        kind, keys = ("an encoder-decoder", SEQ2SEQ_KEYS) if seq2seq else ("a language model", LM_KEYS)
+        raise ConfigError(f"{wrong[0]}={args[wrong[0]]} does not apply: checkpoint {ckpt} is {kind}, which takes "
+                          f"{', '.join(keys)} (and use_cache, device)")
+    prompt = args.get("prompt")
+    if not seq2seq and prompt is not None and (not isinstance(prompt, str) or prompt == ""):
+        raise ConfigError(f"prompt={prompt!r} is empty: give the text to continue (prompt=...), or leave prompt out "
+                          "to start from the model's default prompt")
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: this machine has no CUDA device; use device=cpu (or auto)")
+    return name
+
+
+def _generate(args: dict[str, Any], given: set[str] = frozenset()) -> list[str]:
+    validate(args, RULES)
+    device = _device(str(args["device"]))
     model = load_model(args["ckpt"], device, args.get("member"))
-    if hasattr(model.task, "translate"):
+    seq2seq = hasattr(model.task, "translate")
+    check_args(args, set(given), seq2seq, args["ckpt"])
+    if seq2seq:
         return run_seq2seq(model, args, OmegaConf.create(model.run_config))
+    prompt = args["prompt"]
+    if prompt is None:
+        if not model.task.sample_prompts:
+            raise ConfigError(f"checkpoint {args['ckpt']} has no default prompt: give one with prompt=...")
+        prompt = model.task.sample_prompts[0]
     generator = torch.Generator(device=device).manual_seed(int(args["seed"]))
     texts = []
     for i in range(int(args["num_samples"])):
         text = model.task.complete(
-            model.backbone, str(args["prompt"]), int(args["max_new_tokens"]), float(args["temperature"]),
-            args["top_k"] or None, args["top_p"], generator=generator,
+            model.backbone, str(prompt), int(args["max_new_tokens"]), float(args["temperature"]),
+            args["top_k"] or None, args["top_p"], generator=generator, use_cache=bool(args["use_cache"]),
         )
         texts.append(text)
         print(text if i == 0 else f"\n---\n{text}", flush=True)

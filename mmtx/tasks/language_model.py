@@ -3,9 +3,10 @@ character, and sampled continuations."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,9 @@ class LanguageModel(TaskPart):
     Metrics: `{stage}/loss` in nats per token (`train/loss`: the mean since it was last logged) and,
     when the data says how many characters a token covers, `val/bpc` and `test/bpc` (loss / ln 2 /
     chars_per_token), comparable across vocabularies. At each validation end, `sample_tokens`
-    continuations of each of `sample_prompts` are logged as a table (`<run dir>/samples.tsv`).
+    continuations of each of `sample_prompts` are logged as a table (`<run dir>/samples.tsv`); with none given,
+    the data's `default_prompt` (a newline when the vocabulary has one, else the training text's first token). A
+    prompt the vocabulary cannot encode is an error naming `family.sample_prompts`, when the model is built.
     """
 
     def __init__(
@@ -55,10 +58,11 @@ class LanguageModel(TaskPart):
         tokenizer: nn.Module,
         dim: int,
         chars_per_token: float | None = None,
-        sample_prompts: Sequence[str] = ("\n",),
+        sample_prompts: Sequence[str] | None = None,
         sample_tokens: int = 200,
         sample_temperature: float = 0.8,
         sample_top_k: int | None = 200,
+        default_prompt: str | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -66,8 +70,34 @@ class LanguageModel(TaskPart):
             raise ConfigError(f"the token embedding is {tokenizer.embed.embedding_dim} wide but backbone.dim={dim}")
         self.head = TiedOutput(tokenizer.embed)
         self.chars_per_token = chars_per_token
-        self.sample_prompts = list(sample_prompts)
+        self.default_prompt = default_prompt
+        self.sample_prompts = self._prompts(sample_prompts)
         self.sample = {"max_new_tokens": sample_tokens, "temperature": sample_temperature, "top_k": sample_top_k}
+
+    def _prompts(self, given: Sequence[str] | None) -> list[str]:
+        """The prompts samples continue: `given` (each checked against the vocabulary now, not at the first
+        validation), else the default prompt (the data's, else a newline the vocabulary can encode), else none."""
+        if given is None:
+            given = [self.default_prompt] if self.default_prompt else []
+            if not given and self.vocab is not None:
+                with contextlib.suppress(ConfigError):
+                    given = ["\n"] if self.vocab.encode("\n") else []
+            return list(given)
+        for prompt in given:
+            if not isinstance(prompt, str) or not prompt:
+                raise ConfigError(f"family.sample_prompts holds {prompt!r}: each prompt must be a non-empty string "
+                                  "(null: a default prompt from the training text)")
+            if self.vocab is not None:
+                try:
+                    self.vocab.encode(prompt)
+                except ConfigError as err:
+                    raise ConfigError(f"family.sample_prompts: the prompt {prompt!r} cannot be encoded: {err} (null: "
+                                      "a default prompt from the training text)") from None
+        return list(given)
+
+    def extra_state(self) -> dict[str, Any]:
+        # The prompt a checkpoint's model continues by default (mmtx.generate without prompt=).
+        return {**super().extra_state(), "mmtx_default_prompt": self.sample_prompts[0] if self.sample_prompts else None}
 
     def attach(self, backbone: nn.Module) -> None:
         if getattr(self.tokenizer, "pos", None) is None and not backbone.rotary:
@@ -118,10 +148,16 @@ class LanguageModel(TaskPart):
     # -- the one generation entry -------------------------------------------------------------
 
     def complete(self, backbone: nn.Module, prompt: str, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None) -> str:
-        """The text of `prompt` continued by the model (sampling; temperature 0 is greedy)."""
+                 top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> str:
+        """The text of `prompt` continued by the model (sampling; temperature 0 is greedy; `use_cache`: with KV
+        caches, else every step runs the whole context, the last `max_len` tokens)."""
         device = self.tokenizer.embed.weight.device
-        ids = torch.tensor([self.vocab.encode(prompt)], device=device)
+        ids = self.vocab.encode(prompt)
+        if not ids:
+            raise ConfigError(f"the prompt {prompt!r} encodes to no token: give a prompt with text in it")
+        ids = torch.tensor([ids], device=device)
         with evaluating(self, backbone):
-            out = generate(CausalLM(self, backbone), ids, max_new_tokens, temperature, top_k, top_p, generator=generator)
+            out = generate(CausalLM(self, backbone), ids, max_new_tokens, temperature, top_k, top_p,
+                           use_cache=use_cache, generator=generator)
         return self.vocab.decode(out[0].tolist())
