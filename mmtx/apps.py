@@ -46,16 +46,27 @@ def hydra_argv(argv: Sequence[str], own_keys: Sequence[str], verbatim: Sequence[
 
 
 def check_group_overrides(argv: Sequence[str]) -> None:
-    """`<group>=null` on the command line (`tokenizer=null`) makes Hydra fail with a traceback of its own: refuse
-    it first with one line that says how to drop a group (`~group`) or which choices it has."""
+    """Refuse, in one line, a config group given on the command line as null (`tokenizer=null`, which makes Hydra
+    fail with a traceback of its own) or as a choice it does not have (`logger=bogus`, which Hydra answers with its
+    search path): the message names the group's choices, and `~group` to drop one. Skipped when the command adds
+    config folders of its own (`--config-dir`, `hydra.searchpath`), whose choices mmtx does not know."""
+    if any(a.startswith(("--config-dir", "-cd", "hydra.searchpath", "+hydra.searchpath")) for a in argv):
+        return
     root = Path(config_dir())
     for arg in argv:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+")
-        if sep and "." not in key and (root / key).is_dir() and value.strip() in ("null", "None", "~"):
-            choices = sorted(p.stem for p in (root / key).glob("*.yaml") if not p.stem.startswith("_"))
+        if not sep or "." in key or not (root / key).is_dir() or re.search(r"[()\[\]{}$*]", value):
+            continue
+        choices = sorted(p.stem for p in (root / key).glob("*.yaml") if not p.stem.startswith("_"))
+        listed = f"conf/{key}/: {', '.join(choices)}"
+        if value.strip() in ("null", "None", "~"):
             raise ConfigError(f"{arg}: a config group takes no null on the command line; leave {key} out for its "
-                              f"default, drop it with ~{key}, or pick one of conf/{key}/: {', '.join(choices)}")
+                              f"default, drop it with ~{key}, or pick one of {listed}")
+        unknown = [v for v in value.split(",") if v.strip() not in choices]  # a sweep lists several
+        if unknown:
+            raise ConfigError(f"{arg}: {unknown[0].strip()!r} is not a choice of the config group {key}; pick one of "
+                              f"{listed}")
 
 
 def compose_app(name: str, overrides: Sequence[str]) -> DictConfig:

@@ -60,3 +60,15 @@ def available_memory() -> int | None:
             found.append(max(0, int(limit) - usage))
         break
     return min(found) if found else None
+
+
+def refuse_if_too_large(need: int, what: str, fix: str) -> None:
+    """Stop, before the machine runs out, when `what` would take `need` bytes of memory and more than 80% of what is
+    left (`available_memory`): a DataError naming its size, the memory available and `fix` (the keys to change)."""
+    from mmtx.errors import DataError
+    from mmtx.files import size_text
+
+    free = available_memory()
+    if free is not None and need > 0.8 * free:
+        raise DataError(f"{what} takes {size_text(need)} of memory, more than this machine can spare "
+                        f"({size_text(free)} available); {fix}")

@@ -135,7 +135,7 @@ def run_seq2seq(model, args: dict[str, Any], cfg) -> list[str]:
         source = seq2seq_batch(model, [c if c.strip() else "." for c in chunk], cfg)
         hyps = model.task.translate(model.backbone, source, **search)
         for item, hyp, skip in zip(chunk, hyps, blank):
-            hyp = "" if skip else hyp
+            hyp = "" if skip else " ".join(hyp.splitlines())  # one line in, one line out, whatever was decoded
             out.append(hyp)
             print(tsv_text([[item, hyp]]).rstrip("\n") if args["audio"] is not None else hyp, flush=True)
     return out

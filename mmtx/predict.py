@@ -28,7 +28,7 @@ from mmtx.batch import AudioBatch, ImageBatch
 from mmtx.checkpoint import load_checkpoint, member_view
 from mmtx.config import config_dir
 from mmtx.errors import CheckpointError, ConfigError, DataError, MissingError, reported, run_cli
-from mmtx.files import atomic_write_text, tsv_text
+from mmtx.files import atomic_write_text, check_writable, tsv_text
 from mmtx.validate import device, integer, one_of, validate
 from mmtx.wiring import build_model
 
@@ -142,8 +142,26 @@ def predict(args: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _check_output(args: dict[str, Any]) -> None:
+    """`output=`, before any work: a file in a writable folder, and not one of the files it would label, nor the
+    checkpoint (writing the table there would replace them)."""
+    if args["output"] in (None, "", "-"):
+        return
+    out = Path(args["output"]).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"output={out} is a folder: give the file to write the table to (e.g. {out / 'labels.tsv'})")
+    target = out.resolve()
+    named = [Path(p.strip()).expanduser().resolve() for p in str(args["inputs"]).split(",") if p.strip()]
+    labelled = target.suffix.lower() in IMAGE_SUFFIXES + AUDIO_SUFFIXES and any(f in target.parents for f in named)
+    if target == Path(args["ckpt"]).expanduser().resolve() or target in named or labelled:
+        raise ConfigError(f"output={out} is the checkpoint or one of the files given to label: writing the table "
+                          "there would replace it; give another output= (e.g. labels.tsv)")
+    check_writable(out.parent, "the folder of output=", hint="output=")
+
+
 def _run(args: dict[str, Any]) -> list[list[str]]:
     validate(args, RULES)
+    _check_output(args)
     rows = predict(args)
     text = tsv_text(rows)  # a name holding a tab, a newline or a quote is quoted, as the csv module reads it back
     if args["output"] in (None, "", "-"):

@@ -112,15 +112,18 @@ def _train(cfg: DictConfig, run_dir: Path, started: Callable[[], None]) -> dict[
 
     started()
     fit_start = time.perf_counter()
-    with stopping_signals(trainer) as stops:
-        failure = None if cfg.get("eval_only") else _fit(trainer, model, datamodule, ckpt_path)
-    fit_seconds = time.perf_counter() - fit_start
     test_metrics = {}
-    if failure is None:
-        try:
-            test_metrics = _test(cfg, trainer, model, datamodule)
-        except Exception as err:  # the summary is written all the same
-            failure = err
+    with stopping_signals(trainer) as stops:  # the final test, too, stops cleanly on a scheduler's signal
+        failure = None if cfg.get("eval_only") else _fit(trainer, model, datamodule, ckpt_path)
+        fit_seconds = time.perf_counter() - fit_start
+        if failure is None and not cfg.get("eval_only"):
+            failure = _trained_nothing(trainer, resumed)
+        if failure is None:
+            try:
+                test_metrics = _test(cfg, trainer, model, datamodule)
+            except (Exception, KeyboardInterrupt, SystemExit) as err:  # the summary is written all the same
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                failure = err
     summary = _summary(trainer, run_dir, ckpt_path, test_metrics, failure, stops.signal if failure else None)
     if cfg.get("eval_only") and failure is None:
         summary["status"] = "evaluated"
@@ -136,6 +139,32 @@ def _train(cfg: DictConfig, run_dir: Path, started: Callable[[], None]) -> dict[
         stops.finish(trainer.is_global_zero)  # stopped by a scheduler's signal: requeue where asked, exit 128 + it
         raise failure
     return summary
+
+
+def _seconds(duration: Any) -> float | None:
+    """Lightning's max_time (DD:HH:MM:SS, or a dict of days/hours/minutes/seconds) in seconds; None if unreadable."""
+    try:
+        if isinstance(duration, str):
+            days, hours, minutes, seconds = (float(x) for x in duration.split(":"))
+            return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+        if isinstance(duration, (dict, DictConfig)):
+            import datetime
+
+            return datetime.timedelta(**{k: float(v) for k, v in dict(duration).items()}).total_seconds()
+    except (ValueError, TypeError):
+        return None
+    return None
+
+
+def _trained_nothing(trainer: L.Trainer, resumed: dict[str, Any] | None) -> BaseException | None:
+    """The error of a fit that ended without an optimizer step that `_check_steps` could foresee (every step
+    skipped, a time limit reached first): such a run is not "finished"."""
+    start = int((resumed or {}).get("global_step") or 0)
+    if trainer.global_step > start:
+        return None
+    return DataError(f"training ended at step {trainer.global_step} without taking an optimizer step (a time limit "
+                     "reached first, a callback that stopped it): its weights are untrained, so it reports no "
+                     "result; check trainer.max_time and the warnings above")
 
 
 def _check_run_keys(cfg: DictConfig) -> None:
@@ -180,6 +209,10 @@ def _check_steps(cfg: DictConfig, datamodule, world_size: int, ckpt_path: str | 
     if max_epochs == 0 and max_steps in (None, -1):
         raise ConfigError("trainer.max_epochs=0: the run would take no optimizer step; set trainer.max_epochs > 0 "
                           "(or trainer.max_steps), or eval_only=true to only test the initial weights")
+    max_time = trainer.get("max_time")
+    if max_time is not None and _seconds(max_time) == 0:
+        raise ConfigError(f"trainer.max_time={max_time}: the run would stop before its first optimizer step; give "
+                          "it time (DD:HH:MM:SS), or null for no limit")
     batches = datamodule.check_trainable(world_size)  # names an empty split, or one without a full batch
     limit = trainer.get("limit_train_batches")
     if limit is not None and not (isinstance(limit, float) and limit == 1.0):

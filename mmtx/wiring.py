@@ -34,12 +34,15 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         if found is not None:
             raise found from None
         cause = err.__cause__
-        if isinstance(cause, TypeError) and re.search(r"unexpected keyword argument|required (positional|keyword)",
-                                                       str(cause)):
+        # What a constructor says about the values it was given (Lightning's Trainer: `devices`, `precision`,
+        # `strategy`, a missing package), or a misspelt key (an unexpected keyword argument): one line naming the
+        # config node. An error of another kind is a bug, and keeps its traceback.
+        if isinstance(cause, (TypeError, ValueError, ImportError)) or type(cause).__name__ == "MisconfigurationException":
             where = re.search(r"full_key: (\S+)", str(err))
             key = where.group(1) if where else "the config"
-            raise ConfigError(f"{key}: {cause}: a key under {key} is misspelt, added or missing; compare it with "
-                              f"python -m mmtx.train task=... --cfg job") from None
+            hint = ("a key under it is misspelt, added or missing; compare it with python -m mmtx.train task=... "
+                    "--cfg job" if "keyword argument" in str(cause) else "change the value named there")
+            raise ConfigError(f"{key}: {str(cause).strip()} ({hint})") from None
         raise
 
 

@@ -180,6 +180,14 @@ class RecordMembers(L.Callback):
         path.write_text(json.dumps(self.steps))
 
 
+class StopAtStart(L.Callback):
+    """Stops training before its first step (used through Hydra as `conftest.StopAtStart`), as a time limit
+    reached during start-up would."""
+
+    def on_train_start(self, trainer, *args) -> None:
+        trainer.should_stop = True
+
+
 class PauseAtStep(L.Callback):
     """Writes `<run>/paused` and sleeps once training reaches `step` (until `seconds` pass, or a stopping signal
     arrives), so a test can kill, interrupt or signal the process at a known point (used through Hydra as

@@ -305,6 +305,16 @@ def test_a_run_that_would_take_no_step_stops_before_training(image_folder, tmp_p
     assert not list((tmp_path / "outputs").rglob("summary.json"))
 
 
+def test_a_fit_that_ended_without_a_step_is_not_finished(image_folder, tmp_path):
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=5",
+                                "+callbacks.stop._target_=conftest.StopAtStart"])
+    with pytest.raises(DataError, match=r"training ended at step 0 without taking an optimizer step"):
+        train(cfg, run_dir=tmp_path / "run")
+    summary = strict_json(tmp_path / "run" / "summary.json")
+    assert summary["status"] == "failed" and "without taking an optimizer step" in summary["error"]
+    assert not any(k.startswith("test/") for k in summary)  # the untrained model's figures are not reported
+
+
 def test_eval_only_tests_the_initial_weights_and_a_finished_run_is_not_resumed_to_nothing(image_folder, tmp_path):
     args = [*folder_run(tmp_path, image_folder), "trainer.max_steps=2", "trainer.limit_val_batches=1"]
     done = train(compose("vit_cifar", args), run_dir=tmp_path / "done")
@@ -325,6 +335,9 @@ def test_eval_only_tests_the_initial_weights_and_a_finished_run_is_not_resumed_t
     (["task=vit_cifar", "data=imagefolder", "data.source.path=/nowhere", "+data.source.foo=1"],
      r"data.source: .*unexpected keyword argument 'foo'"),
     (["task=vit_cifar", "~backbone"], r"leaves task=vit_cifar without a backbone to build"),
+    (["task=vit_cifar", "logger=bogus"], r"'bogus' is not a choice of the config group logger; pick one of conf/logger/"),
+    (["task=vit_cifar", "data=imagefolder", "data.source.path=/nowhere", "data.augment.crop_padding=-1"],
+     r"data.augment.crop_padding=-1 is not valid"),
 ])
 def test_configuration_mistakes_are_one_line(tmp_path, args, message):
     proc = cli("mmtx.train", *args, f"paths.output_root={tmp_path / 'outputs'}", f"paths.cache_dir={tmp_path / 'c'}")

@@ -76,13 +76,30 @@ def test_a_corpus_too_large_for_memory_is_refused_naming_its_size(tmp_path, monk
                         vocab={"kind": "char"}, block_size=8)
     tokens = int(len(TINY_TEXT * 10) * 0.9)
     with pytest.raises(DataError, match=rf"the train split of .* is {tokens:,} tokens: held in memory as int64 it "
-                                        rf"takes {tokens * 8 / 1000:.1f} kB, more than this machine can spare "
+                                        rf"takes {tokens * 8 / 1000:.1f} kB of memory, more than this machine can spare "
                                         r"\(100.0 kB available\); set data.device_resident=false"):
         dm.setup()
     dm = TextDataModule(TextFiles(str(tmp_path / "corpus.txt")), cache_dir=str(tmp_path / "cache"),
                         vocab={"kind": "char"}, block_size=8, device_resident=False)
     dm.setup()  # memory-mapped: any size
     assert len(dm.splits["train"]["ids"]) == tokens
+
+
+def test_image_and_audio_splits_too_large_for_memory_are_refused_before_decoding(tmp_path, monkeypatch):
+    from mmtx.data.audio_sources import AudioFolder
+    from mmtx.data.sources import ImageFolder
+
+    images = ImageFolder(make_image_folder(tmp_path / "images"))
+    clips = AudioFolder(str(tone_folder(tmp_path / "tones")), sample_rate=8000)
+    monkeypatch.setattr("mmtx.cpu.available_memory", lambda: 10_000)
+    monkeypatch.setattr("mmtx.data.sources.decode_images", lambda *a: pytest.fail("decoded before the check"))
+    with pytest.raises(DataError, match=r"images/train \(36 images of 16x16, decoded and stacked\) takes 55.3 kB of "
+                                        r"memory, more than this machine can spare \(10.0 kB available\); set "
+                                        r"data.source.image_size"):
+        images.decode("train")
+    with pytest.raises(DataError, match=r"tones \[train\] \(12 clips, 0.0 hours at 8000 Hz, decoded\) takes 576.0 kB "
+                                        r"of memory, .* lower data.source.max_seconds or data.source.sample_rate"):
+        clips.decode("train")
 
 
 # -- 8. unreadable files are skipped and counted everywhere ----------------------------------------------------

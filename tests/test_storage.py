@@ -97,6 +97,22 @@ def test_export_overwrite_replaces_only_an_earlier_export_never_a_folder_holding
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+def test_predict_never_writes_its_table_over_an_input_or_the_checkpoint(trained, tmp_path):
+    from PIL import Image
+
+    from mmtx.predict import main as predict
+
+    image, ckpt = tmp_path / "a.png", trained / "checkpoints" / "last.ckpt"
+    Image.new("RGB", (16, 16), (90, 90, 90)).save(image)
+    before, weights = image.read_bytes(), ckpt.read_bytes()
+    for inputs, out in ((image, image), (image, ckpt), (tmp_path, tmp_path / "b.png")):
+        with pytest.raises(ConfigError, match=rf"output={re.escape(str(out))} is the checkpoint or one of the files"):
+            predict([f"ckpt={ckpt}", f"inputs={inputs}", f"output={out}", "device=cpu"])
+    with pytest.raises(ConfigError, match=rf"output={re.escape(str(tmp_path))} is a folder"):
+        predict([f"ckpt={ckpt}", f"inputs={image}", f"output={tmp_path}", "device=cpu"])
+    assert image.read_bytes() == before and ckpt.read_bytes() == weights
+
+
 def test_a_run_that_fails_before_training_removes_only_what_it_wrote(image_folder, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -113,6 +113,27 @@ def wav_declared_frames(source: str | Path | bytes) -> int | None:
     return None
 
 
+def check_fits(files: list[Path], sample_rate: int, max_seconds: float | None, where: str) -> None:
+    """Refuse a split whose decoded clips would not fit in memory (float32 while decoding, then the float16 cache:
+    6 bytes a sample at `sample_rate`, each clip cropped to `max_seconds`), naming its size, before decoding it.
+    The clips' lengths come from their headers."""
+    import soundfile as sf
+
+    from mmtx.cpu import refuse_if_too_large
+
+    samples = 0
+    for f in files:
+        try:
+            info = sf.info(str(f))
+        except Exception:  # noqa: BLE001 - unreadable: skipped by the decoder, counted there
+            continue
+        seconds = info.frames / max(1, info.samplerate)
+        samples += int(min(seconds, max_seconds or seconds) * sample_rate)
+    refuse_if_too_large(6 * samples, f"{where} ({len(files):,} clips, {samples / sample_rate / 3600:.1f} hours at "
+                        f"{sample_rate} Hz, decoded)", "lower data.source.max_seconds or data.source.sample_rate, or "
+                        "use fewer clips")
+
+
 def pack(waves: list[torch.Tensor], labels: list[int], classes: list[str], where: str,
          names: list[str] | None = None, skipped: list[str] | None = None) -> dict[str, Any]:
     """Clips of different lengths -> one flat float16 tensor plus offsets and lengths (the cache format);
@@ -207,6 +228,7 @@ class AudioFolder:
         return digest(self.on_bad_file, *((str(f), f.stat().st_size, f.stat().st_mtime_ns, c) for f, c in files))
 
     def decode(self, split: str) -> dict[str, Any]:
+        check_fits([f for f, _ in self._list()[split]], self.sample_rate, self.max_seconds, f"{self.path} [{split}]")
         decoder = AudioDecoder(self.sample_rate, self.max_seconds, self.on_bad_file)
         index = {c: i for i, c in enumerate(self.classes())}
         waves, labels, names = [], [], []

@@ -24,6 +24,7 @@ import json
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
 from mmtx.batch import IGNORE_INDEX, PairBatch, TokenBatch
@@ -84,13 +85,19 @@ def seq2seq_runtime(tgt_vocab: Vocab, max_src_len: int, max_tgt_len: int, src_vo
     return {"tokenizer": tokenizer, "family": family}
 
 
-def _flatten(seqs: list[list[int]], limit: int) -> tuple[dict[str, torch.Tensor], int]:
-    """Token id lists -> flat ids, offsets and lengths, each cut to `limit`; also how many were cut."""
-    cut = sum(len(s) > limit for s in seqs)
-    seqs = [s[:limit] for s in seqs]
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    ids = torch.tensor([i for s in seqs for i in s], dtype=torch.int32)
-    return {"ids": ids, "offsets": torch.cumsum(lengths, 0) - lengths, "lengths": lengths}, cut
+def _encode_flat(vocab: Vocab, texts: list[str], limit: int, batch: int = 4096) -> tuple[dict[str, torch.Tensor], int]:
+    """Texts -> flat int32 ids, offsets and lengths, each sequence cut to `limit`; also how many were cut. Encoded
+    `batch` texts at a time, so the tokenizer's per-token objects never exist for the whole corpus at once."""
+    ids, lengths, cut = [], [], 0
+    for start in range(0, len(texts), batch):
+        for seq in vocab.encode_batch(texts[start:start + batch]):
+            cut += len(seq) > limit
+            seq = seq[:limit]
+            lengths.append(len(seq))
+            ids.append(np.asarray(seq, dtype=np.int32))
+    flat = torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32))
+    lengths = torch.tensor(lengths, dtype=torch.long)
+    return {"ids": flat, "offsets": torch.cumsum(lengths, 0) - lengths, "lengths": lengths}, cut
 
 
 class Seq2SeqDataModule(CachedSplits):
@@ -193,10 +200,10 @@ class Seq2SeqDataModule(CachedSplits):
                               f"{len(self.special['prefix_ids'])} prefix tokens of data.tgt_specials.prefix")
         splits = {}
         for split, data in caches.items():
-            tgt, cut_tgt = _flatten(self.tgt_vocab.encode_batch(data["tgt"]), room)
+            tgt, cut_tgt = _encode_flat(self.tgt_vocab, data["tgt"], room)
             tensors = {f"tgt_{k}": v for k, v in tgt.items()}
             if self.text_source:
-                src, cut_src = _flatten(self.src_vocab.encode_batch(data["src"]), self.max_src_len)
+                src, cut_src = _encode_flat(self.src_vocab, data["src"], self.max_src_len)
                 tensors.update({f"src_{k}": v for k, v in src.items()})
                 sources = list(data["src"])
             else:

@@ -6,6 +6,7 @@ knows when to rebuild) and decodes a split into one uint8 tensor.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -147,8 +148,27 @@ class ImageFolder:
         files = self._files(split)
         return digest(self.image_size, self.on_bad_file, *((str(p), s, m) for p, _, s, m in files))
 
+    def _check_fits(self, split: str, paths: list[Path]) -> None:
+        """Refuse a split whose decoded images would not fit in memory (each decoded, then stacked: twice its
+        uint8 size), naming its size, before decoding it."""
+        from mmtx.cpu import refuse_if_too_large
+
+        if self.image_size is not None:
+            width = height = self.image_size
+        else:  # the images' own size: the first readable one's header
+            width = height = 0
+            for path in paths[:20]:
+                with contextlib.suppress(Exception):
+                    with Image.open(path) as image:
+                        width, height = image.size
+                    break
+        need = 2 * len(paths) * 3 * width * height
+        refuse_if_too_large(need, f"{self.path / split} ({len(paths):,} images of {width}x{height}, decoded and stacked)",
+                            "set data.source.image_size to decode them smaller, or use fewer of them")
+
     def decode(self, split: str) -> dict[str, Any]:
         files = self._files(split)
+        self._check_fits(split, [path for path, *_ in files])
         images, kept, bad = decode_images([(path, str(path)) for path, *_ in files], self.image_size,
                                           self.on_bad_file, str(self.path / split))
         if not images:

@@ -227,16 +227,12 @@ def encoding_pieces(pieces: Iterable[str], size: int = 1 << 16, safe: bool = Tru
 
 
 def _check_fits(split: str, tokens: int, path: Path) -> None:
-    """A split held in memory (data.device_resident=true) takes 8 bytes a token (int64); refuse one that would not
+    """A split held in memory (data.device_resident=true) takes 8 bytes a token (int64): refuse one that would not
     fit in the memory left, naming its size, before the machine runs out."""
-    from mmtx.cpu import available_memory
-    from mmtx.files import size_text
+    from mmtx.cpu import refuse_if_too_large
 
-    need, free = tokens * 8, available_memory()
-    if free is not None and need > 0.8 * free:
-        raise DataError(f"the {split} split of {path} is {tokens:,} tokens: held in memory as int64 it takes "
-                        f"{size_text(need)}, more than this machine can spare ({size_text(free)} available); set "
-                        "data.device_resident=false to read it from the memory-mapped cache instead")
+    refuse_if_too_large(tokens * 8, f"the {split} split of {path} is {tokens:,} tokens: held in memory as int64 it",
+                        "set data.device_resident=false to read it from the memory-mapped cache instead")
 
 
 def default_prompt(vocab: Vocab, first_ids: list[int]) -> str:
