@@ -265,9 +265,13 @@ class StopSignals:
     def finish(self, rank_zero: bool) -> None:
         """After a stopping signal: hand it to the handler that was there before (submitit's requeues the job and
         exits), or, for SIGUSR1 under SLURM, requeue the job; then exit with 128 + the signal's number (143 for
-        SIGTERM), so that a job script tells a stopped run from a finished one."""
+        SIGTERM), so that a job script tells a stopped run from a finished one. Ranks other than 0 exit 0 once they
+        have stopped cleanly: rank 0's status is the run's, and Lightning's launcher takes a rank > 0 that exits
+        non-zero for a crash (and kills the others)."""
         if self.signal is None:
             return
+        if not rank_zero:
+            raise SystemExit(0)
         handler = self.previous.get(self.signal)
         if callable(handler):
             handler(self.signal, None)

@@ -157,8 +157,8 @@ def _seconds(duration: Any) -> float | None:
 
 
 def _trained_nothing(trainer: L.Trainer, resumed: dict[str, Any] | None) -> BaseException | None:
-    """The error of a fit that ended without an optimizer step that `_check_steps` could foresee (every step
-    skipped, a time limit reached first): such a run is not "finished"."""
+    """The error of a fit that ended without an optimizer step, which `_check_steps` could not foresee (a callback
+    that stopped it, a time limit reached during start-up): such a run is not "finished"."""
     start = int((resumed or {}).get("global_step") or 0)
     if trainer.global_step > start:
         return None
