@@ -11,6 +11,8 @@ checkpoint, an unknown key) ends with one line; MMTX_DEBUG=1 shows the traceback
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,17 +25,26 @@ from omegaconf.errors import ConfigKeyError
 from mmtx.apps import app_keys, compose_app, hydra_argv, passed_through
 from mmtx.checkpoint import load_checkpoint, member_view
 from mmtx.config import config_dir
-from mmtx.errors import ConfigError, DataError, reported, run_cli
+from mmtx.errors import ConfigError, DataError, StorageError, reported, run_cli
+from mmtx.files import check_writable
 from mmtx.validate import validate
 from mmtx.tokenizers.text import Vocab
 from mmtx.wiring import build_data, build_model, resolve_precision
 
+log = logging.getLogger("mmtx.eval")
+
 def eval_dir(ckpt: str) -> Path:
-    """Where an evaluation of `ckpt` writes its files: <run dir>/eval (run dir: the folder that holds checkpoints/)."""
+    """Where an evaluation of `ckpt` writes its files: <run dir>/eval (run dir: the folder that holds checkpoints/),
+    checked before any data is read; when that folder cannot be written (a checkpoint on a read-only disk), the
+    same name under $MMTX_OUTPUT_DIR (else ./outputs)/eval/, said in a warning."""
     folder = Path(ckpt).expanduser().resolve().parent
-    out = (folder.parent if folder.name == "checkpoints" else folder) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    run = folder.parent if folder.name == "checkpoints" else folder
+    try:
+        return check_writable(run / "eval", "the evaluation folder")
+    except StorageError as err:
+        elsewhere = Path(os.environ.get("MMTX_OUTPUT_DIR") or "outputs") / "eval" / run.name
+        log.warning("%s; writing the evaluation's files to %s instead", err, elsewhere.resolve())
+        return check_writable(elsewhere, "the evaluation folder", hint="$MMTX_OUTPUT_DIR")
 
 
 def evaluate(ckpt: str, overrides: Sequence[str] | DictConfig = (), member: str | None = None) -> dict[str, Any]:
@@ -52,6 +63,7 @@ def evaluate(ckpt: str, overrides: Sequence[str] | DictConfig = (), member: str 
         raise ConfigError(f"{err.full_key} is not a key of the run stored in {ckpt}: leave it out, or check its "
                           "spelling against that run's config.yaml") from None
     validate(cfg)
+    folder = eval_dir(ckpt)  # before any data is read
     extra = {}
     if "mmtx_vocab" in checkpoint:  # evaluate with exactly the vocabulary the model was trained with
         extra["fixed_vocab"] = Vocab.from_json(checkpoint["mmtx_vocab"])
@@ -65,7 +77,7 @@ def evaluate(ckpt: str, overrides: Sequence[str] | DictConfig = (), member: str 
     quiet_lightning()
     terminal = stdout_is_terminal()
     trainer = L.Trainer(
-        default_root_dir=str(eval_dir(ckpt)),
+        default_root_dir=str(folder),
         callbacks=[ProgressBar()] if terminal else [],
         enable_progress_bar=terminal,
         accelerator=cfg.trainer.accelerator,

@@ -10,7 +10,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mmtx.errors import failed_jobs, record_failed_job
+from mmtx.errors import StorageError, failed_jobs, record_failed_job
 from mmtx.files import atomic_write_text, tsv_text
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,11 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        path = write_sweep_summary(sweep_dir)
+        try:
+            path = write_sweep_summary(sweep_dir)
+        except StorageError as err:  # the jobs' own summary.json files still hold their results
+            log.warning("the sweep summary was not written: %s", err)
+            path = None
         if path is None:
             return
         log.info("sweep summary: %s", path)

@@ -36,14 +36,16 @@ def trained(tmp_path_factory) -> Path:
     return Path(summary["run_dir"])
 
 
-def mount_tmpfs(folder: Path, size: str, read_only: bool = False) -> Path:
-    """A tmpfs of `size` at `folder` (root only: the test skips otherwise)."""
+def mount_tmpfs(folder: Path, size: str, read_only: bool = False, holding: Path | None = None) -> Path:
+    """A tmpfs of `size` at `folder` (root only: the test skips otherwise), holding a copy of `holding`."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small file system needs root; the simulated-error tests cover the rest")
     folder.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    if holding is not None:
+        shutil.copytree(holding, folder / holding.name)
     if read_only:
         (folder / "out").mkdir()
         subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
@@ -54,8 +56,8 @@ def mount_tmpfs(folder: Path, size: str, read_only: bool = False) -> Path:
 def disks(tmp_path):
     mounted = []
 
-    def make(name: str, size: str = "1m", read_only: bool = False) -> Path:
-        mounted.append(mount_tmpfs(tmp_path / name, size, read_only))
+    def make(name: str, size: str = "1m", read_only: bool = False, holding: Path | None = None) -> Path:
+        mounted.append(mount_tmpfs(tmp_path / name, size, read_only, holding))
         return mounted[-1]
 
     yield make
@@ -272,3 +274,12 @@ def test_read_only_folders_are_one_line_before_any_work(trained, image_folder, t
     proc = cli("mmtx.export", f"ckpt={trained / 'checkpoints' / 'last.ckpt'}", f"out={disk / 'out' / 'exported'}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert re.search(rf"the folder of out= {re.escape(str(disk / 'out'))} is not writable: .*read-only", proc.stderr)
+
+
+def test_eval_of_a_checkpoint_on_a_read_only_disk_writes_its_files_elsewhere(trained, tmp_path, disks):
+    disk = disks("zoo", "4m", read_only=True, holding=trained)
+    proc = cli("mmtx.eval", f"ckpt={disk / trained.name / 'checkpoints' / 'last.ckpt'}",
+               env={"MMTX_OUTPUT_DIR": str(tmp_path / "outputs")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test/acc:" in proc.stdout and f"writing the evaluation's files to {tmp_path / 'outputs' / 'eval' / trained.name}" \
+        in proc.stderr
