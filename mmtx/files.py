@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -116,45 +116,42 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_save(obj: Any, path: str | os.PathLike, hint: str = "") -> None:
-    """torch.save to `path` through a temporary file and a rename; a write the disk refuses (full, read-only)
-    is a StorageError naming the file, and the previous `path` stays as it was."""
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path, needed: Callable[[], int], hint: str) -> Iterator[Path]:
+    """Yields the temporary file to write `path`'s new contents to, renamed onto `path` when the block ends; a
+    write the disk refuses is a StorageError (`write_failure`, `needed()`: the bytes it takes), the previous `path`
+    left as it was and the temporary file removed."""
     tmp = _tmp(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
+        yield tmp
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)  # first: the space it took counts as free again
-        failure = write_failure(err, path, tensor_bytes(obj), hint)
+        failure = write_failure(err, path, needed(), hint)
         if failure is err:
             raise
         raise failure from err
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, hint: str = "") -> None:
+    """torch.save to `path` through a temporary file and a rename; a write the disk refuses (full, read-only)
+    is a StorageError naming the file, and the previous `path` stays as it was."""
+    path = Path(path)
+    with _replacing(path, lambda: tensor_bytes(obj), hint) as tmp:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, hint: str = "") -> None:
     """Write `text` to `path` through a temporary file and a rename (a refused write: as `atomic_save`)."""
     path = Path(path)
-    tmp = _tmp(path)
     data = text.encode("utf-8")
-    try:
+    with _replacing(path, lambda: len(data), hint) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        failure = write_failure(err, path, len(data), hint)
-        if failure is err:
-            raise
-        raise failure from err
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 # -- what killed writes leave, and only that ------------------------------------------------------------------

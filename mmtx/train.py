@@ -27,7 +27,7 @@ from mmtx.callbacks import stopping_signals
 from mmtx.checkpoint import check_model_matches, find_resume
 from mmtx.apps import check_group_overrides
 from mmtx.config import claimed_folders, config_dir, missing_parents
-from mmtx.cotrain import is_cotrain, resolve_cotrain, with_total_steps
+from mmtx.cotrain import resolve_cotrain, with_total_steps
 from mmtx.cpu import keep_freed_memory
 from mmtx.distributed import die_with_launcher, watch_ranks
 from mmtx.pretrained import check_architecture, is_pretrained, load_pretrained
@@ -38,7 +38,8 @@ from mmtx.errors import (ConfigError, DataError, NonFiniteError, StorageError, m
                          user_error)
 from mmtx.runinfo import run_info
 from mmtx.sweep import is_test_metric
-from mmtx.validate import validate
+from mmtx.training.preflight import check_steps, trained_nothing
+from mmtx.validate import check_run_keys, validate
 from mmtx.wiring import build_data, build_model, build_trainer
 
 log = logging.getLogger("mmtx.train")
@@ -72,7 +73,7 @@ def _checked(cfg: DictConfig) -> DictConfig:
     member's composed config and the checkpoint's monitor (`resolve_cotrain`)."""
     validate(cfg)
     cfg = resolve_cotrain(cfg)
-    _check_run_keys(cfg)
+    check_run_keys(cfg)
     return cfg
 
 
@@ -103,7 +104,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: Callable[[], None]) -> dict[
     model.run_info = info  # stored in every checkpoint
     wandb_id = resumed.get("mmtx_wandb_id") if resumed is not None else None  # continue that W&B run
     trainer = build_trainer(cfg, run_dir, wandb_id=wandb_id)
-    _check_steps(cfg, datamodule, trainer.world_size, ckpt_path, resumed)
+    check_steps(cfg, datamodule, trainer.world_size, ckpt_path, resumed)
     if cfg.get("cpu_keep_freed_memory", True) and trainer.strategy.root_device.type == "cpu":
         keep_freed_memory()
     hparams = {**OmegaConf.to_container(cfg, resolve=True), "run_info": info}
@@ -117,7 +118,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: Callable[[], None]) -> dict[
         failure = None if cfg.get("eval_only") else _fit(trainer, model, datamodule, ckpt_path)
         fit_seconds = time.perf_counter() - fit_start
         if failure is None and not cfg.get("eval_only"):
-            failure = _trained_nothing(trainer, resumed)
+            failure = trained_nothing(trainer, resumed)
         if failure is None:
             try:
                 test_metrics = _test(cfg, trainer, model, datamodule)
@@ -141,97 +142,12 @@ def _train(cfg: DictConfig, run_dir: Path, started: Callable[[], None]) -> dict[
     return summary
 
 
-def _seconds(duration: Any) -> float | None:
-    """Lightning's max_time (DD:HH:MM:SS, or a dict of days/hours/minutes/seconds) in seconds; None if unreadable."""
-    try:
-        if isinstance(duration, str):
-            days, hours, minutes, seconds = (float(x) for x in duration.split(":"))
-            return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-        if isinstance(duration, (dict, DictConfig)):
-            import datetime
-
-            return datetime.timedelta(**{k: float(v) for k, v in dict(duration).items()}).total_seconds()
-    except (ValueError, TypeError):
-        return None
-    return None
 
 
-def _trained_nothing(trainer: L.Trainer, resumed: dict[str, Any] | None) -> BaseException | None:
-    """The error of a fit that ended without an optimizer step, which `_check_steps` could not foresee (a callback
-    that stopped it, a time limit reached during start-up): such a run is not "finished"."""
-    start = int((resumed or {}).get("global_step") or 0)
-    if trainer.global_step > start:
-        return None
-    return DataError(f"training ended at step {trainer.global_step} without taking an optimizer step (a time limit "
-                     "reached first, a callback that stopped it): its weights are untrained, so it reports no "
-                     "result; check trainer.max_time and the warnings above")
 
 
-def _check_run_keys(cfg: DictConfig) -> None:
-    """Mistakes in the run's own keys, named before anything is read."""
-    if cfg.get("init_from") and cfg.get("resume"):
-        raise ConfigError(f"init_from={cfg.init_from} and resume={cfg.resume} are both set: resume continues a run "
-                          "(its weights, optimizer, schedule and data order), init_from starts a new run from a "
-                          "checkpoint's weights; keep one (to resume a run that began with init_from, drop init_from)")
-    if cfg.get("eval_only") and cfg.get("resume"):
-        raise ConfigError(f"eval_only=true and resume={cfg.resume} are both set: to test a checkpoint, use "
-                          f"python -m mmtx.eval ckpt={cfg.resume}")
-    if is_cotrain(cfg):
-        required = ("backbone", "trainer")
-    else:
-        data = cfg.get("data")
-        if isinstance(data, DictConfig) and "_target_" not in data and "members" in cfg:
-            raise ConfigError(f"task={cfg.task_name} is a co-training task, but members={cfg.members} lists no "
-                              "member: give members its tasks, or train one task alone (e.g. task=audio_fsdd)")
-        required = ("data", "tokenizer", "backbone", "family", "trainer")
-    if not isinstance(cfg.get("optim"), DictConfig):
-        raise ConfigError(f"optim={cfg.get('optim')} leaves the run without optimizer settings: pick one of "
-                          "conf/optim/ (optim=adamw), or drop that override")
-    for group in required:
-        node = cfg.get(group)
-        if not isinstance(node, DictConfig) or "_target_" not in node:
-            raise ConfigError(f"{group}={node if node is None else '{...}'} leaves task={cfg.get('task_name')} "
-                              f"without a {group} to build (its settings have no _target_): pick one of conf/{group}/ "
-                              f"(e.g. {group}=<name>), or drop that override")
 
 
-def _check_steps(cfg: DictConfig, datamodule, world_size: int, ckpt_path: str | None,
-                 resumed: dict[str, Any] | None) -> None:
-    """Stop before training, naming the cause and the key to change, when the run would take no optimizer step
-    (it would otherwise end "finished" and report its untrained weights)."""
-    if cfg.get("eval_only"):
-        return
-    trainer = cfg.trainer
-    max_steps, max_epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
-    if max_steps == 0:
-        raise ConfigError("trainer.max_steps=0: the run would take no optimizer step and report its untrained weights "
-                          "as a result; set trainer.max_steps > 0, or eval_only=true to only test the initial weights")
-    if max_epochs == 0 and max_steps in (None, -1):
-        raise ConfigError("trainer.max_epochs=0: the run would take no optimizer step; set trainer.max_epochs > 0 "
-                          "(or trainer.max_steps), or eval_only=true to only test the initial weights")
-    max_time = trainer.get("max_time")
-    if max_time is not None and _seconds(max_time) == 0:
-        raise ConfigError(f"trainer.max_time={max_time}: the run would stop before its first optimizer step; give "
-                          "it time (DD:HH:MM:SS), or null for no limit")
-    batches = datamodule.check_trainable(world_size)  # names an empty split, or one without a full batch
-    limit = trainer.get("limit_train_batches")
-    if limit is not None and not (isinstance(limit, float) and limit == 1.0):
-        kept = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
-        if kept < 1:
-            raise ConfigError(f"trainer.limit_train_batches={limit} keeps none of the {batches} training batches of an "
-                              "epoch: no optimizer step would be taken; raise it (1.0: all of them)")
-    if resumed is not None:
-        done = int(resumed.get("global_step") or 0)
-        epochs = (((resumed.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {})
-        epochs_done = int(((epochs.get("current") or {}).get("completed")) or 0)
-        if max_steps not in (None, -1) and done >= max_steps:
-            raise ConfigError(f"resume={ckpt_path} is at step {done}, and trainer.max_steps={max_steps}: there is "
-                              "nothing left to train; raise trainer.max_steps to train on (or test the checkpoint "
-                              f"with python -m mmtx.eval ckpt={ckpt_path})")
-        if max_steps in (None, -1) and max_epochs not in (None, -1) and epochs_done >= max_epochs:
-            raise ConfigError(f"resume={ckpt_path} has completed {epochs_done} epochs, and trainer.max_epochs="
-                              f"{max_epochs}: there is nothing left to train; raise trainer.max_epochs to train on (or "
-                              f"test the checkpoint with python -m mmtx.eval ckpt={ckpt_path})")
 
 
 def _transfer(cfg: DictConfig, model: L.LightningModule, run_dir: Path, source: dict[str, Any] | None = None) -> None:

@@ -164,3 +164,30 @@ def validate(cfg: DictConfig | dict, rules: dict[str, Rule] | None = None) -> No
     if _integer(dim) and _integer(heads) and dim % heads:
         raise ConfigError(f"backbone.dim={dim} is not divisible by backbone.num_heads={heads}")
 
+
+def check_run_keys(cfg: DictConfig) -> None:
+    """Mistakes in the run's own keys, named before anything is read."""
+    if cfg.get("init_from") and cfg.get("resume"):
+        raise ConfigError(f"init_from={cfg.init_from} and resume={cfg.resume} are both set: resume continues a run "
+                          "(its weights, optimizer, schedule and data order), init_from starts a new run from a "
+                          "checkpoint's weights; keep one (to resume a run that began with init_from, drop init_from)")
+    if cfg.get("eval_only") and cfg.get("resume"):
+        raise ConfigError(f"eval_only=true and resume={cfg.resume} are both set: to test a checkpoint, use "
+                          f"python -m mmtx.eval ckpt={cfg.resume}")
+    if cfg.get("members"):  # a co-training run (mmtx.cotrain.is_cotrain): each member builds its own parts
+        required = ("backbone", "trainer")
+    else:
+        data = cfg.get("data")
+        if isinstance(data, DictConfig) and "_target_" not in data and "members" in cfg:
+            raise ConfigError(f"task={cfg.task_name} is a co-training task, but members={cfg.members} lists no "
+                              "member: give members its tasks, or train one task alone (e.g. task=audio_fsdd)")
+        required = ("data", "tokenizer", "backbone", "family", "trainer")
+    if not isinstance(cfg.get("optim"), DictConfig):
+        raise ConfigError(f"optim={cfg.get('optim')} leaves the run without optimizer settings: pick one of "
+                          "conf/optim/ (optim=adamw), or drop that override")
+    for group in required:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"{group}={node if node is None else '{...}'} leaves task={cfg.get('task_name')} "
+                              f"without a {group} to build (its settings have no _target_): pick one of conf/{group}/ "
+                              f"(e.g. {group}=<name>), or drop that override")

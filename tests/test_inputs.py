@@ -3,7 +3,6 @@ audio holding NaN, and names with tabs and newlines in the tables mmtx writes.""
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 import subprocess
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from PIL import Image
 
 from conftest import REPO, TINY_TEXT, cli, folder_run, make_image_folder, small_run
