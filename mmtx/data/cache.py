@@ -41,6 +41,17 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+# Caches this process found whole, each with its files' sizes and times: checked once a process (a data module
+# loads a cache in prepare_data and again in setup) while its files stay as they were.
+_WHOLE: set[tuple] = set()
+
+
+def _stamp(path: Path) -> tuple:
+    """A cache file's or folder's identity and its files' sizes and modification times."""
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    return (str(path), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
 # -- cache files --------------------------------------------------------------------------------------------
 
 _BLOCK = 1 << 24  # bytes hashed per thread: large buffers are hashed in parallel blocks (hashlib frees the GIL)
@@ -102,6 +113,7 @@ def load_or_build(
         data = dict(build(), fingerprint=fingerprint)
         data[CHECKSUM_KEY] = content_checksum(data)
         atomic_save(data, path, hint=CACHE_HINT)
+        _WHOLE.add(_stamp(path))  # just written: whole
     log.info("cached %s", path)
     return data
 
@@ -118,6 +130,7 @@ def _report_skipped(path: Path, cached: dict[str, Any]) -> None:
 def _load(path: Path, fingerprint: str, quiet: bool = False) -> dict[str, Any] | None:
     if not path.exists():
         return None
+    stamp = _stamp(path)
     try:
         cached = torch.load(path, map_location="cpu", weights_only=True)  # nothing in the file can run
     except pickle.UnpicklingError as err:  # it needs a Python global: not a cache mmtx wrote
@@ -135,12 +148,15 @@ def _load(path: Path, fingerprint: str, quiet: bool = False) -> dict[str, Any] |
     if not isinstance(recorded, dict):
         log.warning("cache %s records no checksum of its contents (an older mmtx wrote it); rebuilding it", path)
         return None
+    if stamp in _WHOLE:
+        return cached
     actual = content_checksum(cached)
     if actual != recorded:
         log.warning("cache %s does not match the size and checksum recorded when it was built (%s bytes, sha256 %s; "
                     "now %s bytes, %s): it was damaged or changed on disk; rebuilding it", path, recorded.get("bytes"),
                     str(recorded.get("sha256"))[:12], actual["bytes"], actual["sha256"][:12])
         return None
+    _WHOLE.add(stamp)
     return cached
 
 
@@ -182,16 +198,9 @@ def damage(folder: Path) -> str | None:
     return None
 
 
-_WHOLE: set[tuple] = set()  # the folders (with their files' sizes and times) this process found whole
-
-
-def _stamp(folder: Path) -> tuple:
-    return (str(folder), *sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()))
-
-
-def verified(folder: Path) -> bool:
+def verified(folder: Path, quiet: bool = False) -> bool:
     """Whether the cache folder exists and is whole (checked once a process while its files stay as they were);
-    a damaged one is named in a warning (and rebuilt by `cache_folder`)."""
+    a damaged one is named in a warning (unless `quiet`) and rebuilt by `cache_folder`."""
     if not folder.is_dir():
         return False
     stamp = _stamp(folder)
@@ -199,7 +208,8 @@ def verified(folder: Path) -> bool:
         return True
     problem = damage(folder)
     if problem:
-        log.warning("cache %s is damaged: %s; rebuilding it", folder, problem)
+        if not quiet:
+            log.warning("cache %s is damaged: %s; rebuilding it", folder, problem)
         return False
     _WHOLE.add(stamp)
     return True
@@ -208,16 +218,14 @@ def verified(folder: Path) -> bool:
 @contextlib.contextmanager
 def cache_folder(path: str | os.PathLike) -> Iterator[Path | None]:
     """Build the cache folder `path` (`mmtx.files.building_dir`: a temporary folder renamed into place, sealed with
-    the checksums of its files), or yield None when a whole one is already there. A damaged one (see `damage`)
-    is moved aside and rebuilt."""
+    the checksums of its files), or yield None when a whole one is already there (built meanwhile by another
+    process). Call it when `verified(path)` said no: a damaged folder there is moved aside and rebuilt."""
     path = Path(path)
-    if path.is_dir() and damage(path) is not None:
+    if path.is_dir():
         from filelock import FileLock
 
         with FileLock(str(path) + ".lock"):
-            problem = damage(path) if path.is_dir() else None
-            if problem is not None:  # still damaged now that no other process builds it
-                log.warning("cache %s is damaged: %s; rebuilding it", path, problem)
+            if path.is_dir() and not verified(path, quiet=True):  # still damaged now that no other process builds it
                 aside = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # an orphan's name: cleared as one
                 shutil.rmtree(aside, ignore_errors=True)
                 os.rename(path, aside)
