@@ -69,6 +69,18 @@ def check_group_overrides(argv: Sequence[str]) -> None:
                               f"{listed}")
 
 
+def inference_device(name: str) -> str:
+    """The device an inference program (generate, predict) runs on: `auto` is the GPU when there is one; a CUDA
+    device asked for on a machine without one is one line naming `device=`."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: this machine has no CUDA device; use device=cpu (or auto)")
+    return name
+
+
 def compose_app(name: str, overrides: Sequence[str]) -> DictConfig:
     """`conf/<name>.yaml` with `overrides`, composed as the command line would (for calls from Python)."""
     from hydra import compose, initialize_config_dir

@@ -275,7 +275,7 @@ class StopSignals:
         handler = self.previous.get(self.signal)
         if callable(handler):
             handler(self.signal, None)
-        elif self.signal == signal.SIGUSR1 and rank_zero:
+        elif self.signal == signal.SIGUSR1:
             requeue_slurm_job()
         raise SystemExit(128 + self.signal)
 

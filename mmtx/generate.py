@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.utils.rnn import pad_sequence
 
 from mmtx.batch import AudioBatch, TokenBatch
-from mmtx.apps import app_keys, compose_app, hydra_argv
+from mmtx.apps import app_keys, compose_app, hydra_argv, inference_device
 from mmtx.checkpoint import load_checkpoint, member_view
 from mmtx.config import config_dir
 from mmtx.data.audio_sources import AudioDecoder
@@ -179,17 +179,9 @@ def check_args(args: dict[str, Any], given: set[str], seq2seq: bool, ckpt: str) 
                           "to start from the model's default prompt")
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name}: this machine has no CUDA device; use device=cpu (or auto)")
-    return name
-
-
 def _generate(args: dict[str, Any], given: set[str] = frozenset()) -> list[str]:
     validate(args, RULES)
-    device = _device(str(args["device"]))
+    device = inference_device(str(args["device"]))
     model = load_model(args["ckpt"], device, args.get("member"))
     seq2seq = hasattr(model.task, "translate")
     check_args(args, set(given), seq2seq, args["ckpt"])

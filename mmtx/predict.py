@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.utils.rnn import pad_sequence
 
-from mmtx.apps import app_keys, compose_app, hydra_argv
+from mmtx.apps import app_keys, compose_app, hydra_argv, inference_device
 from mmtx.batch import AudioBatch, ImageBatch
 from mmtx.checkpoint import load_checkpoint, member_view
 from mmtx.config import config_dir
@@ -115,9 +115,7 @@ def audio_inputs(paths: list[Path], sample_rate: int, cfg: DictConfig, on_bad_fi
 
 def predict(args: dict[str, Any]) -> list[list[str]]:
     """Label every input; the rows of the TSV (header first)."""
-    device = args["device"] if args["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device}: this machine has no CUDA device; use device=cpu (or auto)")
+    device = inference_device(str(args["device"]))
     model, cfg = load_classifier(args["ckpt"], device, args.get("member"))
     part = model.task
     sample_rate = getattr(part.tokenizer, "sample_rate", None)

@@ -178,9 +178,9 @@ class CoTrainData(L.LightningDataModule):
         key when a member has no full training batch (as `IndexedSplits.check_trainable`)."""
         for name, dm in self.members.items():
             try:
-                dm.check_trainable(1)
-                if len(dm.train_dataloader()) // world_size == 0:
-                    raise ConfigError(f"its {len(dm.train_dataloader())} full training batch(es) of data.batch_size="
+                batches = dm.check_trainable(1)
+                if batches // world_size == 0:
+                    raise ConfigError(f"its {batches} full training batch(es) of data.batch_size="
                                       f"{dm.batch_size} do not give each of {world_size} ranks one; lower "
                                       "data.batch_size")
             except (ConfigError, DataError) as err:

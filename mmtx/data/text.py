@@ -96,11 +96,11 @@ class TextDataModule(IndexedSplits):
         splits = self.source.splits()
         if splits != ["all"]:
             return {split: (lambda split=split: self.source.chunks(split)) for split in splits}
-        total, text = 0, False
+        total, has_text = 0, False
         for piece in self.source.chunks("all"):
             total += len(piece)
-            text = text or bool(piece.strip())
-        if not text:
+            has_text = has_text or bool(piece.strip())
+        if not has_text:
             raise DataError(f"the text of {self.source.cache_name} is empty (data.source)")
         cut = int(total * (1 - self.val_fraction))
         return {"train": lambda: _span(self.source.chunks("all"), 0, cut),
