@@ -39,6 +39,19 @@ class MissingError(MmtxError, FileNotFoundError):
     """A file, folder or data set that is not where mmtx was told to look."""
 
 
+def optional(module: str, extra: str, purpose: str) -> Any:
+    """`module` (a package of one of mmtx's extras), imported; or a `MissingError` that names what needed it
+    and the extra that installs it. Every import of a package that is not a core dependency goes through
+    here, inside the function that needs it (tests/test_packaging.py holds mmtx to that)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        missing = (err.name or module).split(".")[0]
+        raise MissingError(f"{purpose} needs {missing}, which is not installed: pip install 'mmtx[{extra}]'") from None
+
+
 class CheckpointError(MmtxError, ValueError):
     """A checkpoint that mmtx refuses to load (corrupt, foreign, unsafe, or of another task)."""
 

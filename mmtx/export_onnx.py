@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mmtx.batch import AudioBatch, ImageBatch
-from mmtx.errors import CheckpointError, ConfigError, MissingError
+from mmtx.errors import CheckpointError, ConfigError, optional
 
 TOLERANCE = 1e-4  # max |onnxruntime - torch| on the check inputs, in fp32
 
@@ -46,12 +46,9 @@ class AudioGraph(nn.Module):
 
 
 def _modules():
-    try:
-        import onnxruntime
-        import onnxscript  # noqa: F401  (torch's exporter needs it)
-    except ImportError:
-        raise MissingError("format=onnx needs onnx, onnxscript and onnxruntime: pip install 'mmtx[onnx]'") from None
-    return onnxruntime
+    optional("onnx", "onnx", "mmtx.export format=onnx")  # torch's exporter needs onnx and onnxscript
+    optional("onnxscript", "onnx", "mmtx.export format=onnx")
+    return optional("onnxruntime", "onnx", "mmtx.export format=onnx")
 
 
 def graph_and_inputs(model: nn.Module, cfg) -> tuple[nn.Module, dict[str, torch.Tensor], dict, dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmtx.errors import ConfigError, MissingError
+from mmtx.errors import ConfigError, MissingError, optional
 
 SUPPORTED = ("hf:<a GPT-2 (gpt2, gpt2-medium, distilgpt2, ...) or a Whisper (openai/whisper-tiny, -base, -small), "
              "or a folder saved by save_pretrained>")
@@ -13,12 +13,8 @@ SUPPORTED = ("hf:<a GPT-2 (gpt2, gpt2-medium, distilgpt2, ...) or a Whisper (ope
 
 def transformers_module():
     """`transformers`, or an error that says how to install it (the `pretrained` extra)."""
-    try:
-        import transformers
-    except ImportError:
-        raise MissingError("Hugging Face models (init_from=hf:..., tokenizer.vocab.kind=hf, mmtx.export format=hf) "
-                           "need transformers: pip install 'mmtx[pretrained]'") from None
-    return transformers
+    return optional("transformers", "pretrained",
+                    "Hugging Face models (init_from=hf:..., tokenizer.vocab.kind=hf, mmtx.export format=hf)")
 
 
 def offline_error(name: str, err: Exception) -> MissingError:

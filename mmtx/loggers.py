@@ -6,6 +6,7 @@ import netrc
 import os
 from pathlib import Path
 
+from mmtx.errors import optional
 from mmtx.files import append_tsv
 
 
@@ -39,6 +40,7 @@ def wandb(
     with `wandb sync`. `id`: continue that W&B run (a resumed training run passes
     the id stored in its checkpoint, so its curves go on in the same W&B run).
     """
+    optional("wandb", "wandb", "logger=wandb")  # the extra's name when it is missing, not Lightning's message
     from lightning.pytorch.loggers import WandbLogger  # imports wandb: only when this logger is chosen
 
     if offline is None:
@@ -110,8 +112,7 @@ def log_confusion_matrix(trainer, key: str, matrix, class_names: list[str]) -> N
             ax.set_ylabel("true")
             logger.experiment.add_figure(key, fig, global_step=trainer.global_step, close=True)
         elif type(logger).__name__ == "WandbLogger":
-            import wandb
-
+            wandb = optional("wandb", "wandb", "logger=wandb")
             y_true = [i for i, row in enumerate(matrix.tolist()) for j, n in enumerate(row) for _ in range(int(n))]
             preds = [j for i, row in enumerate(matrix.tolist()) for j, n in enumerate(row) for _ in range(int(n))]
             plot = wandb.plot.confusion_matrix(y_true=y_true, preds=preds, class_names=class_names)
@@ -130,8 +131,7 @@ def log_media(trainer, key: str, captions: list[str], images=None, audio=None, s
             if images is not None:
                 logger.log_image(key=key, images=list(images), caption=captions, step=trainer.global_step)
             if audio is not None:
-                import wandb
-
+                wandb = optional("wandb", "wandb", "logger=wandb")
                 clips = [wandb.Audio(a.numpy(), sample_rate=sample_rate, caption=c) for a, c in zip(audio, captions)]
                 logger.experiment.log({key: clips, "trainer/global_step": trainer.global_step})
         elif kind == "TensorBoardLogger":

@@ -23,7 +23,7 @@ import torch
 
 from mmtx.data.cache import digest
 from mmtx.files import describe_root, resolve_root
-from mmtx.errors import ConfigError, DataError, MissingError
+from mmtx.errors import ConfigError, DataError, MissingError, optional
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class HFAudio:
         self.cache_name = f"hfaudio-{Path(path).name}-{digest(path, name, data_dir, sample_rate, max_seconds)}"
 
     def _dataset(self, split: str):
-        import datasets  # optional integration: loaded only for this source
+        datasets = optional("datasets", "datasets", "data=hf_audio (a Hugging Face dataset)")
 
         ds = datasets.load_dataset(self.path, self.name, data_dir=self.data_dir, split=self.split_names[split])
         for key in (self.audio_key, self.label_key):

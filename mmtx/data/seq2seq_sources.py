@@ -32,7 +32,7 @@ from mmtx.data.audio_sources import AudioDecoder, AudioFolder, pack
 from mmtx.data.cache import digest
 from mmtx.files import resolve_root
 from mmtx.data.text_sources import decode_utf8
-from mmtx.errors import ConfigError, DataError, MissingError
+from mmtx.errors import ConfigError, DataError, MissingError, optional
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class HFTranslation:
         self.cache_name = f"hftrans-{Path(path).name}-{digest(path, name, data_dir, data_files, src_lang, tgt_lang)}"
 
     def _load(self, split: str):
-        import datasets  # optional integration: loaded only for this source
+        datasets = optional("datasets", "datasets", "data=hf_translation (a Hugging Face dataset)")
 
         return datasets.load_dataset(self.path, self.name, data_dir=self.data_dir, data_files=self.data_files,
                                      split=self.split_names[split])

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from mmtx.data.cache import digest
 from mmtx.files import describe_root, resolve_root
-from mmtx.errors import ConfigError, DataError, MissingError
+from mmtx.errors import ConfigError, DataError, MissingError, optional
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class HFImages:
         return list(self.split_names)
 
     def _dataset(self, split: str):
-        import datasets  # optional integration: loaded only for this source
+        datasets = optional("datasets", "datasets", "data=hf_images (a Hugging Face dataset)")
 
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise MissingError(f"data.source.data_dir {self.data_dir} does not exist")
@@ -313,7 +313,7 @@ class HFImages:
         feature = ds.features[self.label_key]
         classes = list(feature.names) if hasattr(feature, "names") else sorted(set(ds[self.label_key]))
         to_index = (lambda v: v) if hasattr(feature, "names") else {c: i for i, c in enumerate(classes)}.__getitem__
-        import datasets  # optional integration: loaded only for this source
+        datasets = optional("datasets", "datasets", "data=hf_images (a Hugging Face dataset)")
 
         raw = ds.cast_column(self.image_key, datasets.Image(decode=False))  # bytes: decoded (and skipped) here
         items = [(io.BytesIO(r["bytes"]) if r.get("bytes") else r["path"], r.get("path") or f"{self.path}[{split}][{i}]")

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from mmtx.data.cache import digest
 from mmtx.files import describe_root, resolve_root
-from mmtx.errors import ConfigError, DataError, MissingError
+from mmtx.errors import ConfigError, DataError, MissingError, optional
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class HFText:
         self.cache_name = f"hftext-{Path(path).name}-{digest(path, name, data_dir, data_files, text_key, separator)}"
 
     def _load(self, split: str):
-        import datasets  # optional integration: loaded only for this source
+        datasets = optional("datasets", "datasets", "data=hf_text (a Hugging Face dataset)")
 
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise MissingError(f"data.source.data_dir {self.data_dir} does not exist")
