@@ -6,6 +6,8 @@ import netrc
 import os
 from pathlib import Path
 
+import torch
+
 from mmtx.errors import optional
 from mmtx.files import append_tsv
 
@@ -128,8 +130,8 @@ def log_media(trainer, key: str, captions: list[str], images=None, audio=None, s
     for logger in trainer.loggers:
         kind = type(logger).__name__
         if kind == "WandbLogger":
-            if images is not None:
-                logger.log_image(key=key, images=list(images), caption=captions, step=trainer.global_step)
+            if images is not None:  # uint8 (H, W, C) arrays: wandb truncates float tensors to {0, 1}
+                logger.log_image(key=key, images=list(to_uint8(images)), caption=captions, step=trainer.global_step)
             if audio is not None:
                 wandb = optional("wandb", "wandb", "logger=wandb")
                 clips = [wandb.Audio(a.numpy(), sample_rate=sample_rate, caption=c) for a, c in zip(audio, captions)]
@@ -144,6 +146,13 @@ def log_media(trainer, key: str, captions: list[str], images=None, audio=None, s
                 writer.add_text(key, "\n\n".join(f"{i}: {c}" for i, c in enumerate(captions)), global_step=step)
 
 
+def to_uint8(images):
+    """Images (N, C, H, W) in [0, 1] as uint8 arrays (N, H, W, C), or (N, H, W) for one channel: the form every
+    dashboard shows as it is (floats are scaled by guesses that differ between wandb, TensorBoard and PIL)."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return (pixels[..., 0] if pixels.shape[-1] == 1 else pixels).cpu().numpy()
+
+
 def captioned_grid(images, captions: list[str], columns: int = 8):
     """A matplotlib figure of images (N, C, H, W) in [0, 1] in a grid, each titled with its caption (a caption
     "true A / predicted B" is green when A == B, else red)."""
@@ -155,8 +164,8 @@ def captioned_grid(images, captions: list[str], columns: int = 8):
     fig = Figure(figsize=(1.9 * columns, 2.1 * rows), layout="constrained")
     for i, (image, caption) in enumerate(zip(images, captions)):
         ax = fig.add_subplot(rows, columns, i + 1)
-        pixels = image.permute(1, 2, 0).squeeze(-1).float().numpy()  # (C, H, W) -> (H, W[, C])
-        ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+        pixels = to_uint8(image[None])[0]  # (C, H, W) in [0, 1] -> (H, W[, C]) uint8
+        ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
         true, _, predicted = caption.removeprefix("true ").partition(" / predicted ")
         ax.set_title(caption.replace(" / ", "\n"), fontsize=8, color="black" if not predicted else
                      ("tab:green" if true == predicted else "tab:red"))

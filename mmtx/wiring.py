@@ -160,12 +160,17 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool = True) -> 
     return callbacks
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None):
-    node = cfg.get("logger")
-    if not node or "_target_" not in node:  # logger=none or ~logger
-        return False
-    extra = {"id": wandb_id} if wandb_id and node._target_ == "mmtx.loggers.wandb" else {}
-    return instantiate(node, save_dir=str(run_dir), **extra)
+def build_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None) -> list:
+    """Every logger the run names (`logger=[csv,tensorboard,wandb]` composes each under its own key:
+    `logger.csv`, `logger.tensorboard`, `logger.wandb`), each writing under the run folder. An empty list:
+    logger=none."""
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if not node or "_target_" not in node:
+            continue
+        extra = {"id": wandb_id} if wandb_id and node._target_ == "mmtx.loggers.wandb" else {}
+        loggers.append(instantiate(node, save_dir=str(run_dir), **extra))
+    return loggers
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, **overrides: Any) -> L.Trainer:
@@ -194,7 +199,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, *
         precision=resolve_precision(cfg.trainer),
         default_root_dir=str(run_dir),
         callbacks=callbacks,
-        logger=logger,
+        logger=logger or False,
         plugins=plugins,
     )
     if is_cotrain(cfg) and cfg.trainer.get("strategy") == "ddp" and cfg.cotrain.schedule != "accumulate":

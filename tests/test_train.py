@@ -1,12 +1,14 @@
 """End-to-end runs: the CLI, checkpoints, resume (also after a kill), evaluation, multirun, loggers."""
 
 import csv
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -192,29 +194,63 @@ def test_a_resumed_run_continues_its_wandb_run(image_folder, tmp_path, monkeypat
     assert [p.name.rsplit("-", 1)[-1] for p in (tmp_path / "second" / "wandb").glob("offline-run-*")] == [run_id]
 
 
-@pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
-def test_dashboards_get_labelled_samples_grad_norm_and_throughput(logger, image_folder, tmp_path, monkeypatch):
+def _pixels(source) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(source).convert("RGB")).astype(int)
+
+
+def test_dashboards_show_the_validation_images_and_the_confusion_matrix(image_folder, tmp_path, monkeypatch):
+    """logger=[csv,wandb,tensorboard] runs all three; what each dashboard shows is the input's pixels (W&B: each
+    image exactly; TensorBoard's captioned grid: the inputs' own colours), and the confusion-matrix figure's
+    cells are coloured by the counts in val_confusion.tsv."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), f"logger={logger}", "trainer.max_epochs=2",
-                                "test_after_fit=false", "family.media_samples=4", "callbacks.throughput.window=2"])
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), "logger=[csv,wandb,tensorboard]",
+                                "trainer.max_epochs=2", "test_after_fit=false", "family.media_samples=4",
+                                "callbacks.throughput.window=2"])
     train(cfg, run_dir=tmp_path / "run")
-    if logger == "wandb":
-        run = next((tmp_path / "run" / "wandb").glob("offline-run-*"))
-        images = list((run / "files" / "media" / "images").glob("val_samples_*.png"))
-        assert len(images) == 2  # W&B stores each validation's 4 labelled images as one sprite file
-        assert list(run.glob("*.wandb"))
-    else:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").is_file()
+    inputs = {p: _pixels(p) for p in (image_folder / "train").rglob("*.png")}
 
-        events = EventAccumulator(str(next((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")).parent),
-                                  size_guidance={"images": 0, "scalars": 0, "tensors": 0})
-        events.Reload()
-        assert {"val_samples", "val_confusion"} <= set(events.Tags()["images"])  # figures: captioned grid, matrix
-        scalars = events.Tags()["scalars"]
-        assert "train/grad_norm" in scalars and "train/samples_per_sec" in scalars and "train/loss" in scalars
-        assert "final/best_val/acc" in scalars  # beside the config in the hparams view
-        assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    run = next((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert list(run.glob("*.wandb"))
+    logged = sorted((run / "files" / "media" / "images").glob("val_samples_*.png"))
+    assert len(logged) == 8  # 4 labelled images at each of 2 validations
+    for png in logged:  # each is one of the inputs, pixel for pixel (not a float image truncated to black)
+        source = min(inputs, key=lambda p: np.abs(inputs[p] - _pixels(png)).max())
+        assert np.abs(inputs[source] - _pixels(png)).max() <= 1, png.name
+    shown = {min(inputs, key=lambda p: np.abs(inputs[p] - _pixels(png)).max()).parent.name for png in logged}
+    assert len(shown) >= 2  # stratified: more than one class
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "version_0"),
+                              size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    grid = _pixels(io.BytesIO(events.Images("val_samples")[-1].encoded_image_string)).reshape(-1, 3)
+    drawn = grid[(grid < 250).any(1)]  # not the white background
+    colours = {tuple(c) for image in inputs.values() for c in image.reshape(-1, 3)}
+    assert len(drawn) > 10_000 and np.mean([tuple(c) in colours for c in drawn]) > 0.9
+
+    from matplotlib import colormaps
+
+    matrix = [[int(v) for v in row[1:]] for row in csv.reader(
+        (tmp_path / "run" / "val_confusion.tsv").read_text().splitlines()[1:], delimiter="\t")]
+    figure = _pixels(io.BytesIO(events.Images("val_confusion")[-1].encoded_image_string)).reshape(-1, 3)
+
+    def cells_of(value: float) -> float:
+        colour = np.array([round(x * 255) for x in colormaps["viridis"](value)[:3]])
+        return (np.abs(figure - colour).max(1) <= 2).sum()
+
+    counts = [v for row in matrix for v in row]
+    per_cell = cells_of(1.0) / counts.count(max(counts))  # the pixels of one cell (the largest count's colour)
+    assert abs(cells_of(0.0) / per_cell - counts.count(min(counts))) < 0.3  # as many cells of the least count
+
+    scalars = events.Tags()["scalars"]
+    assert "train/grad_norm" in scalars and "train/samples_per_sec" in scalars and "train/loss" in scalars
+    assert "final/best_val/acc" in scalars  # beside the config in the hparams view
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
 
 
 def test_test_ckpt_last_tests_the_weights_training_ended_with(image_folder, tmp_path):
