@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mmtx.config import config_dir
 from mmtx.errors import ConfigError
@@ -34,6 +34,8 @@ def hydra_argv(argv: Sequence[str], own_keys: Sequence[str], verbatim: Sequence[
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
+        if sep and not arg.startswith(("-", "++", "~", "hydra.", "hydra/", "+hydra")):
+            _check_app_key(key.lstrip("+"), own_keys, pass_through)
         if not sep or arg.startswith(("-", "+", "~", "hydra.", "hydra/")):
             out.append(arg)
         elif key in verbatim and not value.startswith(("'", '"')):
@@ -43,6 +45,20 @@ def hydra_argv(argv: Sequence[str], own_keys: Sequence[str], verbatim: Sequence[
         else:
             out.append(arg)
     return out
+
+
+def _check_app_key(key: str, own_keys: Sequence[str], pass_through: bool) -> None:
+    """An inference program's key that it does not have: one line naming the closest of its keys."""
+    import difflib
+
+    top = key.split(".", 1)[0]
+    if top == "ckpt_path":
+        raise ConfigError(f"{key}: this program takes the checkpoint as ckpt=PATH (Lightning's ckpt_path)")
+    if top in own_keys or pass_through:  # eval: a key of the stored run (checked against it there)
+        return
+    close = difflib.get_close_matches(top, own_keys, n=2, cutoff=0.5)
+    raise ConfigError(f"{key}: not a key of this program; " + (f"did you mean {' or '.join(close)}? " if close else "")
+                      + f"its keys: {', '.join(own_keys)}")
 
 
 def check_group_overrides(argv: Sequence[str]) -> None:
@@ -67,6 +83,102 @@ def check_group_overrides(argv: Sequence[str]) -> None:
         if unknown:
             raise ConfigError(f"{arg}: {unknown[0].strip()!r} is not a choice of the config group {key}; pick one of "
                               f"{listed}")
+
+
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    """Every key of a config, dotted (`optim.lr`), interpolations left unresolved."""
+    keys = []
+    for key in node.keys() if isinstance(node, DictConfig) else []:
+        path = f"{prefix}{key}"
+        keys.append(path)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
+            keys += _dotted_keys(child, f"{path}.")
+    return keys
+
+
+def _takes(target: str, name: str) -> bool:
+    """Whether the class or function `target` (a `_target_`) takes a keyword argument `name`."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        params = inspect.signature(get_object(target)).parameters
+    except Exception:  # noqa: BLE001 - not importable here: leave the key to the constructor's own check
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def unknown_key(cfg: DictConfig, key: str, adding: bool) -> str | None:
+    """Why `key=...` (`+key=...` when `adding`) names nothing `cfg` uses, with the closest existing keys; None when
+    it is fine. A `+key` may add what the node's `_target_` takes as a keyword argument (`+trainer.profiler=simple`),
+    a new entry of `callbacks` (`+callbacks.mine._target_=...`) or a member's setting (checked by co-training)."""
+    import difflib
+
+    if key == "ckpt_path" or key.endswith(".ckpt_path"):
+        return (f"{key}: mmtx calls Lightning's ckpt_path `resume`: resume=PATH/last.ckpt continues that run (its "
+                "weights, optimizer, schedule and data order), resume=auto this task's newest run; init_from=PATH "
+                "starts a new run from a checkpoint's weights")
+    parent, _, leaf = key.rpartition(".")
+    holder = OmegaConf.select(cfg, parent, default=None, throw_on_missing=False) if parent else cfg
+    exists = (isinstance(holder, DictConfig) and leaf in holder.keys()) or (  # keys(): `in` skips ??? values
+        isinstance(holder, ListConfig) and leaf.isdigit() and int(leaf) < len(holder))
+    if exists:
+        return None if not adding else (f"+{key}: {key} is already a key of the run (it is "
+                                         f"{OmegaConf.select(cfg, key, throw_on_missing=False)}); set it without "
+                                         f"the +: {key}=...")
+    if adding:
+        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        if key.startswith("members.") and key.count(".") >= 2:
+            return None  # a member's setting: co-training checks it against the member's own config
+        if key.startswith("callbacks.") and key.count(".") >= 2 and OmegaConf.select(cfg, key.rsplit(".", 1)[0]) is None:
+            return None  # a new callback
+        if isinstance(node, DictConfig) and "_target_" in node and _takes(str(node._target_), leaf):
+            return None
+    known = _dotted_keys(cfg)
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6) or difflib.get_close_matches(
+        leaf, [k.rpartition(".")[2] for k in siblings], n=3, cutoff=0.5)
+    close = [c if "." in c or not parent else f"{parent}.{c}" for c in close]
+    close = [c for c in close if c != parent]
+    hint = f"did you mean {' or '.join(close)}?" if close else (
+        f"{parent or 'the run'} has {', '.join(k.rpartition('.')[2] for k in siblings[:12])}" if siblings else "")
+    target = OmegaConf.select(cfg, f"{parent}._target_", default=None) if parent else None
+    what = f" and {target} takes no {leaf}" if adding and target else ""
+    return (f"{'+' if adding else ''}{key}: not a key of the run{what}; {hint} "
+            "(python -m mmtx.train --cfg job lists every key; ++key=value forces one in)").replace(";  (", " (")
+
+
+
+def check_keys(argv: Sequence[str], compose_run) -> None:
+    """Refuse, in one line, an override on the command line that names no key of the run, also with `+` (which
+    Hydra would add and nothing would read): the message names the closest keys. `compose_run(overrides)`
+    composes the run from the command line's group choices (`task=`, `backbone=`, ...). Skipped with config
+    folders of the user's own (`--config-dir`, `hydra.searchpath`); `++key=value` is never checked."""
+    if any(a.startswith(("--config-dir", "-cd", "hydra.searchpath", "+hydra.searchpath", "--help", "-h",
+                         "--hydra-help", "--info")) for a in argv):
+        return
+    root = Path(config_dir())
+    groups, keys = [], []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith(("-", "++", "~", "hydra.", "hydra/", "+hydra")):
+            continue
+        name = key.lstrip("+")
+        if "." not in name and ((root / name).is_dir() or name == "task"):
+            if re.search(r"[()\[\]{}$*]", value):
+                return  # a sweep function (range(...), glob(...)): the jobs' groups are not known here
+            groups.append(f"{key}={value.split(',')[0]}")
+        else:
+            keys.append((name, key.startswith("+")))
+    if not keys:
+        return
+    cfg = compose_run(groups)
+    for name, adding in keys:
+        problem = unknown_key(cfg, name, adding)
+        if problem:
+            raise ConfigError(problem)
 
 
 def inference_device(name: str) -> str:

@@ -116,9 +116,12 @@ def member_view(checkpoint: dict[str, Any], member: str | None, path: str | Path
 
 
 def find_resume(resume: str | None, output_root: str | Path, task_name: str, exclude: Path | None = None,
-                own: Path | None = None) -> tuple[str | None, dict[str, Any] | None]:
+                own: Path | None = None, job: dict[str, Any] | None = None) -> tuple[str | None, dict[str, Any] | None]:
     """The checkpoint to resume from and its contents (loaded once, safely, memory-mapped): (None, None), an
     explicit path, or `auto` (the task's newest last.ckpt). It must belong to `task_name`.
+
+    `job`: the settings that make this run one job of a sweep (`{"optim.lr": 0.001}`); `auto` then picks only a
+    run whose config.yaml has the same values (the same job of an earlier launch of the sweep), never another job's.
 
     A run whose own folder `own` already holds a `checkpoints/last.ckpt` (a requeued SLURM job, a job started
     again in the same `hydra.run.dir`) continues from it, with `resume` null or `auto`: starting afresh would
@@ -137,6 +140,16 @@ def find_resume(resume: str | None, output_root: str | Path, task_name: str, exc
             p for p in root.glob("**/checkpoints/last.ckpt")
             if exclude is None or exclude.resolve() not in p.resolve().parents
         ]
+        if job and found:
+            differs = {p: _job_difference(p.parent.parent / "config.yaml", job) for p in found}
+            same = [p for p, difference in differs.items() if difference is None]
+            if not same:
+                newest = max(found, key=lambda p: p.stat().st_mtime)
+                raise MissingError(
+                    f"resume=auto in a sweep: none of the {len(found)} earlier run(s) of task {task_name!r} under "
+                    f"{root} is this job (the newest, {newest.parent.parent}, {differs[newest]}); a job resumes only "
+                    "its own run. Drop resume=auto to start this job afresh, or give it resume=PATH/last.ckpt")
+            found = same
         if not found:
             raise MissingError(
                 f"resume=auto: no previous run of task {task_name!r} with a checkpoints/last.ckpt under {root}"
@@ -154,6 +167,23 @@ def find_resume(resume: str | None, output_root: str | Path, task_name: str, exc
             f"task={stored}, or give resume= a checkpoint of {task_name!r}"
         )
     return str(Path(resume).expanduser()), checkpoint
+
+
+def _job_difference(config: Path, job: dict[str, Any]) -> str | None:
+    """None when the run whose resolved configuration is `config` has every value of `job`; else the first
+    that differs, as "has optim.lr=0.001 where this job has 0.0003"."""
+    from omegaconf import OmegaConf
+
+    try:
+        stored = OmegaConf.load(config)
+    except (OSError, ValueError):
+        return "has no readable config.yaml"
+    for key, value in job.items():
+        have = OmegaConf.select(stored, key, default=None)
+        have = OmegaConf.to_container(have) if OmegaConf.is_config(have) else have
+        if have != value:
+            return f"has {key}={have} where this job has {value}"
+    return None
 
 
 def check_model_matches(model: torch.nn.Module, stored: dict[str, torch.Tensor], ckpt_path: str) -> None:

@@ -220,8 +220,13 @@ def own_steps(member: DictConfig, datamodule: Any) -> float:
 
 def with_total_steps(cfg: DictConfig, datamodule: CoTrainData) -> DictConfig:
     """`cotrain.max_steps: sum`: the run trains the sum of the steps its members train alone
-    (`trainer.max_steps`; the epochs then do not bound it)."""
+    (`trainer.max_steps`; the epochs then do not bound it). A `trainer.max_steps` the run sets itself (on the
+    command line: `trainer.max_steps=12`) wins: the sum is derived only where the run leaves it unbounded (-1)."""
     if not is_cotrain(cfg) or cfg.cotrain.get("max_steps") != "sum":
+        return cfg
+    if (cfg.trainer.get("max_steps") or -1) > 0:
+        log.info("co-training for trainer.max_steps=%d steps (set for the run; cotrain.max_steps=sum applies only "
+                 "when trainer.max_steps is -1)", cfg.trainer.max_steps)
         return cfg
     unbounded = [name for name, steps in datamodule.own_steps.items() if steps is None]
     if unbounded:

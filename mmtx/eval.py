@@ -112,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """The command line. `argv`: its arguments, from Python: returns the metrics, and a mistake raises
     its error instead of ending the process."""
     if argv is None:
-        sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("eval"), pass_through=True)]
+        with reported("mmtx.eval"):
+            sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("eval"), pass_through=True)]
         return run_cli(_cli)
     return _report(compose_app("eval", hydra_argv(argv, app_keys("eval"), pass_through=True)))
 

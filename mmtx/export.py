@@ -245,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     """The command line. `argv`: its arguments, from Python: returns the folder written, and a mistake raises
     its error instead of ending the process."""
     if argv is None:
-        sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("export"), verbatim=("ckpt", "out"))]
+        with reported("mmtx.export"):
+            sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("export"), verbatim=("ckpt", "out"))]
         return run_cli(_cli)
     return _run(compose_app("export", hydra_argv(argv, app_keys("export"), verbatim=("ckpt", "out"))))
 

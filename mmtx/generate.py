@@ -153,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> list[str] | None:
     """The command line. `argv`: its arguments, from Python: returns the texts, and a mistake raises its
     error (a ValueError or FileNotFoundError) instead of ending the process."""
     if argv is None:
-        sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("generate"), verbatim=VERBATIM)]
+        with reported("mmtx.generate"):
+            sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("generate"), verbatim=VERBATIM)]
         return run_cli(_cli)
     overrides = hydra_argv(argv, app_keys("generate"), verbatim=VERBATIM)
     cfg = compose_app("generate", overrides)

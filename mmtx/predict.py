@@ -178,7 +178,8 @@ def _cli(cfg: DictConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> list[list[str]] | None:
     """The command line. `argv`: its arguments, from Python: returns the rows, and a mistake raises."""
     if argv is None:
-        sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("predict"), verbatim=VERBATIM)]
+        with reported("mmtx.predict"):
+            sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("predict"), verbatim=VERBATIM)]
         return run_cli(_cli)
     return _run(OmegaConf.to_container(compose_app("predict", hydra_argv(argv, app_keys("predict"), verbatim=VERBATIM))))
 

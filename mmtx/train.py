@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmtx.callbacks import stopping_signals
 from mmtx.checkpoint import check_model_matches, find_resume
-from mmtx.apps import check_group_overrides
-from mmtx.config import claimed_folders, config_dir, missing_parents
+from mmtx.apps import check_group_overrides, check_keys
+from mmtx.config import claimed_folders, compose, config_dir, missing_parents
 from mmtx.cotrain import resolve_cotrain, with_total_steps
 from mmtx.cpu import keep_freed_memory
 from mmtx.distributed import die_with_launcher, watch_ranks
@@ -81,7 +81,8 @@ def _train(cfg: DictConfig, run_dir: Path, started: Callable[[], None]) -> dict[
     die_with_launcher()  # a rank > 0: ends when rank 0 does
     if rank_zero_only.rank == 0:
         watch_ranks(run_dir)  # a rank that dies ends the run at once, named in a message and the summary
-    ckpt_path, resumed = find_resume(cfg.resume, cfg.paths.output_root, cfg.task_name, exclude=run_dir, own=run_dir)
+    ckpt_path, resumed = find_resume(cfg.resume, cfg.paths.output_root, cfg.task_name, exclude=run_dir, own=run_dir,
+                                     job=_sweep_settings(cfg))
     pretrained = None
     if is_pretrained(cfg.get("init_from")):  # timm:<name>: loaded, and checked against this run, before any data
         pretrained = load_pretrained(cfg.init_from, (cfg.get("finetune") or {}).get("pretrained_file"))
@@ -340,6 +341,38 @@ def _ranks_share_this_job_dir(run_dir: Path) -> None:
         hydra_cfg.run.dir = str(run_dir)
 
 
+# Keys a resumed job may change without becoming another job: where it writes, how long it trains, resume itself.
+_NOT_THE_JOB = ("resume", "paths.", "hydra.", "trainer.max_", "callbacks.", "print_config", "test_after_fit")
+
+
+def _sweep_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """In a job of a multirun, the values its command line set (`optim.lr=0.001`; `backbone=small`: each value
+    of the group), as this run resolves them, dotted: what makes it this job and not another. None outside one."""
+    if multirun_job() is None:
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    settings: dict[str, Any] = {}
+    for override in HydraConfig.get().overrides.task:
+        key = override.partition("=")[0].lstrip("+~")
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        leaves = ({f"{key}.{k}": v for k, v in _leaves(value).items()} if isinstance(value, DictConfig)
+                  else {key: value})
+        settings.update({k: v for k, v in leaves.items() if not k.startswith(_NOT_THE_JOB) and k != "task"})
+    return settings
+
+
+def _leaves(node: DictConfig, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in node.keys():
+        value = node[key]
+        if isinstance(value, DictConfig):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
 def _hydra_run_dir() -> str | None:
     """This Hydra job's output folder; None outside a Hydra application."""
     from hydra.core.hydra_config import HydraConfig
@@ -385,11 +418,19 @@ def _cli(cfg: DictConfig) -> float:
     return float("nan") if best is None else best
 
 
+def _compose_groups(groups: list[str]) -> DictConfig:
+    """The run composed from the command line's group choices only (`task=gpt_shakespeare`, `backbone=small`)."""
+    task = next((g.split("=", 1)[1] for g in groups if g.startswith("task=")), None)
+    rest = [g for g in groups if not g.startswith("task=")]
+    return compose(task, rest) if task else compose(overrides=rest)
+
+
 def main() -> float | None:
     """The command line (`python -m mmtx.train`, `mmtx-train`): one run, or a sweep with `-m`, whose exit status
     is 1 when any of its jobs failed."""
     with reported("mmtx.train"):
         check_group_overrides(sys.argv[1:])
+        check_keys(sys.argv[1:], _compose_groups)
     return run_cli(_cli)
 
 

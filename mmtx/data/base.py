@@ -175,6 +175,22 @@ def index_loader(split: str, size: int, batch_size: int, sampler=None, train: bo
                            generator=generator, owner=owner)
 
 
+def subset_order(size: int, labels: torch.Tensor | None, seed: int) -> list[int]:
+    """A seeded order of a split's samples whose every prefix is a fair subset: the classes taken in turn
+    (round robin, each class's samples in a seeded random order) when `labels` (N,) are given, else a seeded
+    permutation. The whole split in this order gives the same figures as in any other."""
+    n = size
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if labels is None or labels.dim() != 1:
+        return order.tolist()
+    shuffled = labels[order]
+    turn = torch.zeros(n, dtype=torch.long)  # each sample's place among its class's samples
+    for c in shuffled.unique():
+        members = shuffled == c
+        turn[members] = torch.arange(int(members.sum()))
+    return order[torch.argsort(turn * (int(labels.max()) + 1) + shuffled, stable=True)].tolist()
+
+
 def hold_out(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed, seeded split of n sample indices: (kept, held out), each sorted; at least one held out."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -235,9 +251,26 @@ class IndexedSplits(L.LightningDataModule, abc.ABC):
         lengths = self.splits[split].get(self.lengths_key)  # variable-length samples: batch similar lengths
         if train:
             sampler = EpochShuffle(size, self.seed, lengths, batch_size)
+        elif self._limited(split, size, batch_size):
+            sampler = subset_order(size, self.splits[split].get("labels"), self.seed)
         else:
             sampler = None if lengths is None else torch.argsort(lengths, descending=True).tolist()
         return index_loader(split, size, batch_size, sampler, train, owner=self, seed=self.seed)
+
+    def _limited(self, split: str, size: int, batch_size: int) -> bool:
+        """Whether the trainer evaluates only part of `split` (`trainer.limit_val_batches` / `limit_test_batches`
+        below the whole): its first batches must then be a fair sample, not the first classes of a split stored
+        in class order. Said in one line, with how many samples the figure is of."""
+        trainer = getattr(self, "trainer", None)  # set by Lightning when the module is attached
+        key = f"limit_{'val' if split == 'val' else 'test'}_batches"
+        limit = getattr(trainer, key, 1.0) if trainer is not None else 1.0
+        batches = -(-size // batch_size)
+        used = limit if isinstance(limit, int) else int(limit * batches)
+        if used >= batches:
+            return False
+        log.info("trainer.%s=%s: the %s figures are of %d of its %d samples, a seeded subset with every class in "
+                 "proportion", key, limit, split, min(size, used * batch_size), size)
+        return True
 
     def has_split(self, split: str) -> bool:
         """Whether the data has this split (a source may have no test split)."""
