@@ -2,9 +2,10 @@
 
 From Python:
 
-    from mmtx import compose, build
-    cfg = compose("vit_cifar", ["backbone=tiny"])   # the composed Hydra config
-    model, datamodule = build(cfg)                   # built, not trained
+    import mmtx
+    cfg = mmtx.compose("vit_cifar", ["backbone=tiny"])   # the composed Hydra config
+    model, datamodule = mmtx.build(cfg)                   # built, not trained
+    model = mmtx.load("outputs/vit_cifar/.../checkpoints/last.ckpt")   # trained: predict(), generate()
 """
 
 __version__ = "0.1.0"
@@ -19,7 +20,11 @@ def __getattr__(name):  # lazy: `import mmtx` stays cheap
         from mmtx.wiring import build
 
         return build
+    if name in ("load", "Model"):
+        from mmtx import checkpoints
+
+        return getattr(checkpoints, name)
     raise AttributeError(name)
 
 
-__all__ = ["compose", "build", "__version__"]
+__all__ = ["compose", "build", "load", "Model", "__version__"]

@@ -215,6 +215,12 @@ def app_keys(name: str) -> list[str]:
     return [k for k in cfg if k not in ("defaults", "hydra")]
 
 
+def app_defaults(name: str) -> dict:
+    """The values `conf/<name>.yaml` gives its own keys (those a call from Python leaves out take these)."""
+    cfg = OmegaConf.load(Path(config_dir()) / f"{name}.yaml")
+    return {k: cfg[k] for k in app_keys(name) if not OmegaConf.is_missing(cfg, k)}
+
+
 def passed_through(cfg: DictConfig, name: str) -> DictConfig:
     """The part of `cfg` that is not a key of `conf/<name>.yaml` (the `++key=value` overrides)."""
     own = set(app_keys(name))

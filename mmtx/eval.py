@@ -29,7 +29,8 @@ from mmtx.errors import ConfigError, DataError, StorageError, reported, run_cli
 from mmtx.files import check_writable
 from mmtx.validate import validate
 from mmtx.tokenizers.text import Vocab
-from mmtx.wiring import build_data, build_model, resolve_precision
+from mmtx.checkpoints.loader import rebuild
+from mmtx.wiring import build_data, resolve_precision
 
 log = logging.getLogger("mmtx.eval")
 
@@ -70,8 +71,7 @@ def evaluate(ckpt: str, overrides: Sequence[str] | DictConfig = (), member: str 
     if "mmtx_tgt_vocab" in checkpoint:  # an encoder-decoder's target side
         extra["fixed_tgt_vocab"] = Vocab.from_json(checkpoint["mmtx_tgt_vocab"])
     datamodule = build_data(cfg, **extra)
-    model = build_model(cfg, datamodule.runtime_kwargs())
-    model.load_state_dict(checkpoint["state_dict"])
+    model = rebuild(checkpoint, cfg, datamodule.runtime_kwargs(), ckpt)  # for the data as configured here
     from mmtx.progress import ProgressBar, quiet_lightning, stdout_is_terminal
 
     quiet_lightning()

@@ -22,14 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.utils.rnn import pad_sequence
 
 from mmtx.batch import AudioBatch, TokenBatch
-from mmtx.apps import app_keys, compose_app, hydra_argv, inference_device
-from mmtx.checkpoint import load_checkpoint, member_view
+from mmtx.apps import app_defaults, app_keys, compose_app, hydra_argv, inference_device
 from mmtx.config import config_dir
 from mmtx.data.audio_sources import AudioDecoder
-from mmtx.data.seq2seq import seq2seq_runtime
-from mmtx.data.text import text_runtime
-from mmtx.tokenizers.text import Vocab
-from mmtx.wiring import build_model
 from mmtx.errors import CheckpointError, ConfigError, MissingError, reported, run_cli
 from mmtx.files import tsv_text
 from mmtx.validate import boolean, device, integer, number, validate
@@ -48,33 +43,15 @@ RULES = {
 
 def load_model(ckpt: str, device: str = "cpu", member: str | None = None):
     """The language model or encoder-decoder stored in `ckpt` (`member`'s, from a co-training run), with its
-    vocabularies, in eval mode on `device`."""
-    checkpoint = member_view(load_checkpoint(ckpt), member, ckpt)
-    cfg = OmegaConf.create(checkpoint["mmtx_config"])
-    family = str(OmegaConf.select(cfg, "family._target_", default=""))
-    if not family:
-        raise CheckpointError(f"checkpoint {ckpt} was written by an mmtx from before task families (no family in "
-                              "its configuration); train it again with this version")
-    if family.endswith("Classification"):
+    vocabularies, in eval mode on `device` (mmtx.load's module)."""
+    from mmtx.checkpoints import load
+
+    model = load(ckpt, member, device)
+    if model.kind == "classification":
         raise CheckpointError(f"checkpoint {ckpt} is a classifier's: label images or audio with "
                               f"python -m mmtx.predict ckpt={ckpt} inputs=PATHS (mmtx.generate continues text, "
                               "translates and transcribes)")
-    if family.endswith("Seq2Seq"):
-        if "mmtx_tgt_vocab" not in checkpoint:
-            raise CheckpointError(f"checkpoint {ckpt} has no target tokenizer (mmtx_tgt_vocab): it was not written by "
-                             "an encoder-decoder training run of mmtx")
-        src = Vocab.from_json(checkpoint["mmtx_vocab"]) if "mmtx_vocab" in checkpoint else None
-        specials = OmegaConf.to_container(cfg.data.tgt_specials) if cfg.data.get("tgt_specials") else None
-        runtime = seq2seq_runtime(Vocab.from_json(checkpoint["mmtx_tgt_vocab"]), cfg.data.max_src_len,
-                                  cfg.data.max_tgt_len, src, checkpoint.get("mmtx_sample_rate"), specials)
-    else:
-        if "mmtx_vocab" not in checkpoint:
-            raise CheckpointError(f"checkpoint {ckpt} has no tokenizer (it was not written by a text task's training run)")
-        runtime = text_runtime(Vocab.from_json(checkpoint["mmtx_vocab"]), cfg.data.block_size,
-                               default_prompt=checkpoint.get("mmtx_default_prompt"))
-    model = build_model(cfg, runtime)
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device).eval()
+    return model.module
 
 
 def sample_rate(model) -> int | None:
@@ -123,7 +100,7 @@ def seq2seq_batch(model, items: list[str], cfg) -> TokenBatch | AudioBatch:
     return AudioBatch(padded, lengths)
 
 
-def run_seq2seq(model, args: dict[str, Any], cfg) -> list[str]:
+def run_seq2seq(model, args: dict[str, Any], cfg, echo: bool = True) -> list[str]:
     items = seq2seq_inputs(model, args)
     search = {k: args[k] for k in ("beam_size", "length_penalty", "max_len") if args[k] is not None}
     search["use_cache"] = bool(args["use_cache"])
@@ -137,7 +114,8 @@ def run_seq2seq(model, args: dict[str, Any], cfg) -> list[str]:
         for item, hyp, skip in zip(chunk, hyps, blank):
             hyp = "" if skip else " ".join(hyp.splitlines())  # one line in, one line out, whatever was decoded
             out.append(hyp)
-            print(tsv_text([[item, hyp]]).rstrip("\n") if args["audio"] is not None else hyp, flush=True)
+            if echo:
+                print(tsv_text([[item, hyp]]).rstrip("\n") if args["audio"] is not None else hyp, flush=True)
     return out
 
 
@@ -182,18 +160,27 @@ def check_args(args: dict[str, Any], given: set[str], seq2seq: bool, ckpt: str) 
 
 def _generate(args: dict[str, Any], given: set[str] = frozenset()) -> list[str]:
     validate(args, RULES)
-    device = inference_device(str(args["device"]))
-    model = load_model(args["ckpt"], device, args.get("member"))
+    model = load_model(args["ckpt"], inference_device(str(args["device"])), args.get("member"))
+    return generate_with(model, args, args["ckpt"], given)
+
+
+def generate_with(model, options: dict[str, Any], ckpt: str, given: set[str] | None = None,
+                  echo: bool = True) -> list[str]:
+    """Generate with a loaded model (`load_model`, `mmtx.load(...).module`): `options` are generate's keys
+    (conf/generate.yaml's values for those left out); `given`: the keys the user set (default: those of
+    `options`), refused when they do not apply to this kind of model. `echo`: print each result as it comes."""
+    args = {**app_defaults("generate"), **options}
+    validate(args, RULES)
     seq2seq = hasattr(model.task, "translate")
-    check_args(args, set(given), seq2seq, args["ckpt"])
+    check_args(args, set(options) if given is None else set(given), seq2seq, ckpt)
     if seq2seq:
-        return run_seq2seq(model, args, OmegaConf.create(model.run_config))
+        return run_seq2seq(model, args, OmegaConf.create(model.run_config), echo)
     prompt = args["prompt"]
     if prompt is None:
         if not model.task.sample_prompts:
-            raise ConfigError(f"checkpoint {args['ckpt']} has no default prompt: give one with prompt=...")
+            raise ConfigError(f"checkpoint {ckpt} has no default prompt: give one with prompt=...")
         prompt = model.task.sample_prompts[0]
-    generator = torch.Generator(device=device).manual_seed(int(args["seed"]))
+    generator = torch.Generator(device=model.device).manual_seed(int(args["seed"]))
     texts = []
     for i in range(int(args["num_samples"])):
         text = model.task.complete(
@@ -201,7 +188,8 @@ def _generate(args: dict[str, Any], given: set[str] = frozenset()) -> list[str]:
             args["top_k"] or None, args["top_p"], generator=generator, use_cache=bool(args["use_cache"]),
         )
         texts.append(text)
-        print(text if i == 0 else f"\n---\n{text}", flush=True)
+        if echo:
+            print(text if i == 0 else f"\n---\n{text}", flush=True)
     return texts
 
 

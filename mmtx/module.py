@@ -91,6 +91,21 @@ class MmtxModule(L.LightningModule):
     gives its outputs and `step(outputs, batch, stage, ctx)` its loss (see `mmtx.tasks.base`).
     """
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, member: str | None = None, **kwargs):
+        """The model a checkpoint of mmtx.train (or a folder of mmtx.export) holds, rebuilt from the run
+        configuration stored in it, in eval mode on `map_location` (a device; default: the CPU), as Lightning's
+        `load_from_checkpoint` is used. `member`: a co-training checkpoint's member. Lightning's other keyword
+        arguments (hparams overrides, strict) do not apply: the stored configuration is the model's."""
+        from mmtx.checkpoints import load
+        from mmtx.errors import ConfigError
+
+        if kwargs:
+            raise ConfigError(f"MmtxModule.load_from_checkpoint takes checkpoint_path, map_location and member "
+                              f"(the model is rebuilt from its stored configuration), not {', '.join(kwargs)}")
+        device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+        return load(checkpoint_path, member, str(device)).module
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -25,12 +25,10 @@ from torch.nn.utils.rnn import pad_sequence
 
 from mmtx.apps import app_keys, compose_app, hydra_argv, inference_device
 from mmtx.batch import AudioBatch, ImageBatch
-from mmtx.checkpoint import load_checkpoint, member_view
 from mmtx.config import config_dir
 from mmtx.errors import CheckpointError, ConfigError, DataError, MissingError, reported, run_cli
 from mmtx.files import atomic_write_text, check_writable, tsv_text
 from mmtx.validate import device, integer, one_of, validate
-from mmtx.wiring import build_model
 
 log = logging.getLogger("mmtx.predict")
 
@@ -42,19 +40,15 @@ RULES = {"top_k": integer(1), "batch_size": integer(1), "device": device(), "on_
 
 def load_classifier(ckpt: str, device: str, member: str | None = None):
     """The classifier stored in `ckpt` (`member`'s, from a co-training run: weights, class names, input
-    geometry), in eval mode on `device`."""
-    checkpoint = member_view(load_checkpoint(ckpt), member, ckpt)
-    cfg = OmegaConf.create(checkpoint["mmtx_config"])
-    family = str(OmegaConf.select(cfg, "family._target_", default=""))
-    if not family.endswith("Classification"):
-        raise CheckpointError(f"checkpoint {ckpt} is not a classifier's ({family or 'no task family'}): mmtx.predict "
-                              "labels images and audio; continue text or translate with mmtx.generate")
-    if "mmtx_runtime" not in checkpoint:
-        raise CheckpointError(f"checkpoint {ckpt} has no mmtx_runtime (input size, classes): it was written by an "
-                              "older mmtx; train it again with this version")
-    model = build_model(cfg, checkpoint["mmtx_runtime"])
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device).eval(), cfg
+    geometry), in eval mode on `device` (mmtx.load's module), and its run configuration."""
+    from mmtx.checkpoints import load
+
+    model = load(ckpt, member, device)
+    if model.kind != "classification":
+        family = model.config.family._target_
+        raise CheckpointError(f"checkpoint {ckpt} is not a classifier's ({family}): mmtx.predict labels images and "
+                              "audio; continue text or translate with mmtx.generate")
+    return model.module, model.config
 
 
 def list_inputs(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
@@ -115,9 +109,14 @@ def audio_inputs(paths: list[Path], sample_rate: int, cfg: DictConfig, on_bad_fi
 
 def predict(args: dict[str, Any]) -> list[list[str]]:
     """Label every input; the rows of the TSV (header first)."""
-    device = inference_device(str(args["device"]))
-    model, cfg = load_classifier(args["ckpt"], device, args.get("member"))
-    part = model.task
+    model, cfg = load_classifier(args["ckpt"], inference_device(str(args["device"])), args.get("member"))
+    return label(model, cfg, args)
+
+
+def label(model, cfg: DictConfig, args: dict[str, Any]) -> list[list[str]]:
+    """Label the files of `args["inputs"]` with a loaded classifier (`mmtx.load(...).module`) and its run
+    configuration `cfg`: the rows of the TSV (header first)."""
+    part, device = model.task, model.device
     sample_rate = getattr(part.tokenizer, "sample_rate", None)
     paths = list_inputs(str(args["inputs"]), AUDIO_SUFFIXES if sample_rate else IMAGE_SUFFIXES)
     k = max(1, min(int(args["top_k"]), len(part.class_names)))

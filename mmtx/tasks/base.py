@@ -161,6 +161,15 @@ class TaskPart(nn.Module, abc.ABC):
             state["mmtx_vocab"] = self.vocab.to_json()
         return state
 
+    @classmethod
+    def runtime_from_checkpoint(cls, checkpoint: dict[str, Any], cfg: Any, path: str) -> dict[str, Any]:
+        """The run-time values (`build_model`'s second argument: vocabulary, classes, input geometry) of a model
+        of this family, from what its checkpoint stored (`extra_state`): how `mmtx.load` rebuilds it without
+        its data. A checkpoint that lacks them is a `CheckpointError` naming `path`."""
+        from mmtx.errors import CheckpointError
+
+        raise CheckpointError(f"checkpoint {path}: the task family {cls.__name__} cannot be rebuilt without its data")
+
     def load_extra_state(self, checkpoint: dict[str, Any]) -> None:
         window = checkpoint.get("mmtx_train_loss_window") or {}
         self._train_loss, self._train_steps = window.get("sum"), int(window.get("steps", 0))

@@ -11,7 +11,7 @@ from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this fun
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mmtx.batch import AudioBatch, ImageBatch, Tokens
-from mmtx.errors import ConfigError
+from mmtx.errors import CheckpointError, ConfigError
 from mmtx.loggers import log_confusion_matrix, log_media
 from mmtx.tasks.base import StepContext, TaskPart
 
@@ -127,6 +127,13 @@ class Classification(TaskPart):
     def predict(self, backbone: nn.Module, batch: ImageBatch | AudioBatch) -> torch.Tensor:
         """Class probabilities (B, num_classes)."""
         return self(backbone, batch).float().softmax(-1)
+
+    @classmethod
+    def runtime_from_checkpoint(cls, checkpoint: dict[str, Any], cfg: Any, path: str) -> dict[str, Any]:
+        if "mmtx_runtime" not in checkpoint:
+            raise CheckpointError(f"checkpoint {path} has no mmtx_runtime (input size, classes): it was written by "
+                                  "an older mmtx; train it again with this version")
+        return checkpoint["mmtx_runtime"]
 
     def extra_state(self) -> dict[str, Any]:
         """The run-time values this part was built with (input geometry, classes), so that a checkpoint alone

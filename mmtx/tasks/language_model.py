@@ -14,7 +14,7 @@ from torch import nn
 
 from mmtx.backbone import scale_residual_init
 from mmtx.batch import IGNORE_INDEX, TokenBatch
-from mmtx.errors import ConfigError
+from mmtx.errors import CheckpointError, ConfigError
 from mmtx.generation import compute_dtype, generate
 from mmtx.loggers import log_text_table
 from mmtx.tasks.base import StepContext, TaskPart, TiedOutput, evaluating, whole_weights
@@ -94,6 +94,17 @@ class LanguageModel(TaskPart):
                     raise ConfigError(f"family.sample_prompts: the prompt {prompt!r} cannot be encoded: {err} (null: "
                                       "a default prompt from the training text)") from None
         return list(given)
+
+    @classmethod
+    def runtime_from_checkpoint(cls, checkpoint: dict[str, Any], cfg: Any, path: str) -> dict[str, Any]:
+        from mmtx.data.text import text_runtime
+        from mmtx.tokenizers.text import Vocab
+
+        if "mmtx_vocab" not in checkpoint:
+            raise CheckpointError(f"checkpoint {path} has no tokenizer (it was not written by a text task's training "
+                                  "run)")
+        return text_runtime(Vocab.from_json(checkpoint["mmtx_vocab"]), cfg.data.block_size,
+                            default_prompt=checkpoint.get("mmtx_default_prompt"))
 
     def extra_state(self) -> dict[str, Any]:
         # The prompt a checkpoint's model continues by default (mmtx.generate without prompt=).

@@ -15,7 +15,7 @@ from torchmetrics.text import CharErrorRate, SacreBLEUScore, WordErrorRate
 
 from mmtx.backbone import Backbone, scale_residual_init
 from mmtx.batch import IGNORE_INDEX, AudioBatch, PairBatch, TokenBatch
-from mmtx.errors import ConfigError
+from mmtx.errors import CheckpointError, ConfigError
 from mmtx.generation import beam_search
 from mmtx.loggers import log_text_table
 from mmtx.tasks.base import StepContext, TaskPart, TiedOutput, evaluating
@@ -193,6 +193,20 @@ class Seq2Seq(TaskPart):
         super().save_files(folder)
         if self.tgt_vocab is not None:
             self.tgt_vocab.save(folder / "tgt_tokenizer.json")
+
+    @classmethod
+    def runtime_from_checkpoint(cls, checkpoint: dict[str, Any], cfg: Any, path: str) -> dict[str, Any]:
+        from omegaconf import OmegaConf
+
+        from mmtx.data.seq2seq import seq2seq_runtime
+
+        if "mmtx_tgt_vocab" not in checkpoint:
+            raise CheckpointError(f"checkpoint {path} has no target tokenizer (mmtx_tgt_vocab): it was not written "
+                                  "by an encoder-decoder training run of mmtx")
+        src = Vocab.from_json(checkpoint["mmtx_vocab"]) if "mmtx_vocab" in checkpoint else None
+        specials = OmegaConf.to_container(cfg.data.tgt_specials) if cfg.data.get("tgt_specials") else None
+        return seq2seq_runtime(Vocab.from_json(checkpoint["mmtx_tgt_vocab"]), cfg.data.max_src_len,
+                               cfg.data.max_tgt_len, src, checkpoint.get("mmtx_sample_rate"), specials)
 
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()

@@ -1,0 +1,121 @@
+"""The Python API: `mmtx.load` gives back each task family's model, whose predict/generate return exactly what
+the command lines print; `MmtxModule.load_from_checkpoint` works as Lightning users expect; bad files and
+co-training checkpoints without a member are the same one-line errors as mmtx.eval's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmtx
+from conftest import TINY_TEXT, cli, folder_run, make_image_folder, make_parallel, small_run
+from mmtx import compose
+from mmtx.errors import CheckpointError, ConfigError
+from mmtx.files import read_tsv
+from mmtx.module import MmtxModule
+from mmtx.train import train
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cls")
+    folder = make_image_folder(tmp / "images")
+    summary = train(compose("vit_cifar", [*folder_run(tmp, folder), "trainer.max_steps=3", "test_after_fit=false"]),
+                    run_dir=tmp / "run")
+    return summary["last_checkpoint"], folder
+
+
+def test_a_classifier_loads_and_predicts_as_the_command_line(classifier, tmp_path):
+    ckpt, folder = classifier
+    model = mmtx.load(ckpt, device="cpu")
+    assert model.kind == "classification" and model.classes == ["cat", "dog", "ship"]
+    assert not model.module.training and model.device.type == "cpu"
+    rows = model.predict(folder / "test", top_k=2)
+    out = tmp_path / "labels.tsv"
+    proc = cli("mmtx.predict", f"ckpt={ckpt}", f"inputs={folder / 'test'}", "top_k=2", f"output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert rows == read_tsv(out) and len(rows) == 13
+    logits = model.module.task.predict(model.module.backbone, _images(folder, model))
+    assert logits.shape == (2, 3)
+
+
+def _images(folder, model):
+    from mmtx.predict import image_inputs
+
+    paths = sorted((folder / "test" / "cat").glob("*.png"))[:2]
+    return image_inputs(paths, model.part.tokenizer.image_size[0], model.config, "error")[1]
+
+
+def test_a_language_model_generates_as_the_command_line(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT)
+    summary = train(compose("gpt_shakespeare_cpu", [*small_run(tmp_path, modality="text"), "data=text_files",
+                                                    f"data.source.files={corpus}", "trainer.max_steps=2",
+                                                    "test_after_fit=false"]), run_dir=tmp_path / "run")
+    model = mmtx.load(summary["last_checkpoint"], device="cpu")
+    assert model.kind == "language_model" and model.classes is None and model.vocab.decode(model.vocab.encode("All")) == "All"
+    texts = model.generate("First", max_new_tokens=12, num_samples=2, seed=3)
+    proc = cli("mmtx.generate", f"ckpt={summary['last_checkpoint']}", "prompt=First", "max_new_tokens=12",
+               "num_samples=2", "seed=3", "device=cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "".join(text + "\n" if i == 0 else f"\n---\n{text}\n" for i, text in enumerate(texts))
+    with pytest.raises(ConfigError, match="beam_size=2 does not apply"):
+        model.generate(beam_size=2)
+    with pytest.raises(ConfigError, match="is a language model: predict labels images and audio"):
+        model.predict("x.png")
+
+
+def test_an_encoder_decoder_translates_as_the_command_line(tmp_path):
+    data = make_parallel(tmp_path / "par")
+    args = [*small_run(tmp_path, modality="text2text"), "data=parallel_text", "trainer.max_steps=2",
+            "test_after_fit=false", "family.val_decode_batches=1"]
+    args += [f"data.source.files.{split}.{side}={data}/{split}.{lang}.gz"
+             for split in ("train", "val") for side, lang in (("src", "en"), ("tgt", "de"))]
+    summary = train(compose("translate_multi30k", args), run_dir=tmp_path / "run")
+    model = mmtx.load(summary["last_checkpoint"], device="cpu")
+    assert model.kind == "seq2seq"
+    sentences = ["A dog runs.", "Two men are talking."]
+    hyps = model.generate(text=sentences, beam_size=2)
+    text_file = tmp_path / "in.txt"
+    text_file.write_text("\n".join(sentences) + "\n")
+    proc = cli("mmtx.generate", f"ckpt={summary['last_checkpoint']}", f"text_file={text_file}", "beam_size=2",
+               "device=cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == hyps and len(hyps) == 2
+
+
+def test_lightning_load_from_checkpoint_and_exports(classifier, tmp_path):
+    ckpt, folder = classifier
+    module = MmtxModule.load_from_checkpoint(ckpt)
+    loaded = mmtx.load(ckpt, device="cpu").module
+    assert isinstance(module, MmtxModule) and not module.training
+    for (name, a), b in zip(module.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    from mmtx.export import main as export
+
+    out = export([f"ckpt={ckpt}", f"out={tmp_path / 'export'}"])
+    assert mmtx.load(out, device="cpu").predict(folder / "test") == mmtx.load(ckpt, device="cpu").predict(folder / "test")
+
+
+def test_bad_files_are_the_errors_eval_gives(tmp_path):
+    from mmtx.eval import evaluate
+
+    not_mmtx = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, not_mmtx)
+    for path in (not_mmtx, tmp_path / "missing.ckpt"):
+        with pytest.raises(Exception) as from_eval:
+            evaluate(str(path))
+        with pytest.raises(type(from_eval.value)) as from_load:
+            mmtx.load(path)
+        assert str(from_load.value) == str(from_eval.value)
+    assert isinstance(from_load.value, FileNotFoundError)
+    with pytest.raises(CheckpointError, match="has no mmtx run configuration"):
+        mmtx.load(not_mmtx)
+    cotrained = tmp_path / "cotrained.ckpt"
+    torch.save({"mmtx_config": {}, "state_dict": {}, "mmtx_members": {"image": {}, "audio": {}}}, cotrained)
+    with pytest.raises(ConfigError) as from_eval:
+        evaluate(str(cotrained))
+    with pytest.raises(ConfigError, match=r"is a co-training run: pick one of its members with member=NAME "
+                                          r"\(members: image, audio\)") as from_load:
+        mmtx.load(cotrained)
+    assert str(from_load.value) == str(from_eval.value)
