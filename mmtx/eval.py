@@ -11,6 +11,10 @@ checkpoint, an unknown key) ends with one line; MMTX_DEBUG=1 shows the traceback
 
 from __future__ import annotations
 
+from mmtx.help import answer_help
+
+answer_help("eval")  # `--help` is answered here, before the imports below (torch, Lightning) take seconds
+
 import logging
 import os
 import sys

@@ -26,6 +26,10 @@ tokens, and `init_from=hf:DIR` reads it back into mmtx (mmtx.gpt2).
 
 from __future__ import annotations
 
+from mmtx.help import answer_help
+
+answer_help("export")  # `--help` is answered here, before the imports below (torch, Lightning) take seconds
+
 import json
 import os
 import shutil

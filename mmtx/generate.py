@@ -10,6 +10,10 @@ A Hydra application: its keys and defaults are `conf/generate.yaml` (`--help` li
 
 from __future__ import annotations
 
+from mmtx.help import answer_help
+
+answer_help("generate")  # `--help` is answered here, before the imports below (torch, Lightning) take seconds
+
 import glob
 import os
 import sys

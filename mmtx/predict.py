@@ -11,6 +11,10 @@ and skipped (`on_bad_file=error` stops at it instead).
 
 from __future__ import annotations
 
+from mmtx.help import answer_help
+
+answer_help("predict")  # `--help` is answered here, before the imports below (torch, Lightning) take seconds
+
 import glob
 import logging
 import os

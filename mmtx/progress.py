@@ -8,6 +8,7 @@ an empty FLOPs column, and none of Lightning's adverts or its own deprecation wa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,17 +33,51 @@ def quiet_lightning() -> None:
     """Drop what Lightning prints that is not the user's business: its advertising tips (litlogger,
     litmodels) and the deprecation warnings it raises about its own use of torch (`LeafSpec`)."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.seed"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoTips) for f in logger.filters):
             logger.addFilter(_NoTips())
 
 
 class _NoTips(logging.Filter):
-    NOISE = ("💡 Tip", "Trainer already configured with model summary callbacks")
+    # Start-up lines that say what the run header already says (or nothing a user acts on).
+    NOISE = ("💡 Tip", "Trainer already configured with model summary callbacks", "GPU available:", "TPU available:",
+             "HPU available:", "Seed set to", "Loading `train_dataloader` to estimate", "`Trainer(limit_",
+             "`Trainer(val_check_interval", "LOCAL_RANK:", "Restoring states from the checkpoint path",
+             "Loaded model weights from the checkpoint", "`Trainer.fit` stopped:")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.NOISE)
+
+
+CONSOLE = logging.getLogger("mmtx.console")  # what the terminal shows, for <run dir>/train.log
+CONSOLE.propagate = False
+
+
+def echo(line: str, to_stdout: bool = True) -> None:
+    """A line of the run's own output (progress, validation results, the summary): printed, and written to
+    <run dir>/train.log while `console_log` holds it open."""
+    if to_stdout:
+        print(line, flush=True)
+    CONSOLE.info(line)
+
+
+@contextlib.contextmanager
+def console_log(run_dir: Path, rank: int = 0):
+    """Append what `echo` shows to <run dir>/train.log (beside Hydra's log records there) while the run runs."""
+    if rank != 0:
+        yield
+        return
+    CONSOLE.setLevel(logging.INFO)
+    handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    CONSOLE.addHandler(handler)
+    try:
+        yield
+    finally:
+        CONSOLE.removeHandler(handler)
+        handler.close()
 
 
 def stdout_is_terminal() -> bool:
@@ -130,10 +165,59 @@ class ProgressBar(RichProgressBar):
         columns = super().configure_columns(trainer)
         return [*columns[:-2], _TimeColumn(self.theme.time), _RateColumn(self.theme.processing_speed)]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loss = SmoothedLoss()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._loss.update(outputs)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        if self._loss.value is not None and "train/loss" in items:  # co-training: the members' own keys stay
+            items["train/loss"] = self._loss.value
         return items
+
+
+class SmoothedLoss:
+    """The training loss as the bar shows it: a running mean (an exponential one, weight 0.05, exact over the
+    first 20 steps) kept on the device, and read back at most twice a second, by a copy that is not waited
+    for (shown at the next read): the training step never waits for the host (the GPU-step rule)."""
+
+    def __init__(self, every_seconds: float = 0.5, weight: float = 0.05) -> None:
+        self.every_seconds, self.weight = every_seconds, weight
+        self.value: float | None = None
+        self._mean = None
+        self._steps = 0
+        self._read_at = 0.0
+        self._pending = None  # (host tensor, CUDA event) of a copy in flight
+
+    def update(self, outputs: Any) -> None:
+        import torch
+
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        loss = loss.detach().float()
+        self._steps += 1
+        weight = max(self.weight, 1.0 / self._steps)
+        self._mean = loss.clone() if self._mean is None else self._mean.lerp_(loss, weight)
+        now = time.monotonic()
+        if now - self._read_at < self.every_seconds:
+            return
+        self._read_at = now
+        if not self._mean.is_cuda:
+            self.value = float(self._mean)
+            return
+        if self._pending is not None and self._pending[1].query():
+            self.value = float(self._pending[0])
+        host = torch.empty((), dtype=torch.float32, pin_memory=True)
+        host.copy_(self._mean, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (host, event)
 
     def _get_train_description(self, current_epoch: int) -> str:
         epochs = total_epochs(self.trainer)
@@ -172,7 +256,8 @@ class ProgressLog(L.Callback):
     `every_n_steps` optimizer steps, and at least every `every_seconds`, one line with the step, the epoch,
     the last logged training loss, the rate and the ETA of the whole run."""
 
-    def __init__(self, every_n_steps: int = 50, every_seconds: float = 120.0) -> None:
+    def __init__(self, every_n_steps: int = 50, every_seconds: float = 120.0, to_stdout: bool = True) -> None:
+        self.to_stdout = to_stdout  # False: train.log only (the terminal has the bar)
         self.every_n_steps = max(1, int(every_n_steps))
         self.every_seconds = every_seconds
         self._start: tuple[float, int] | None = None
@@ -200,7 +285,20 @@ class ProgressLog(L.Callback):
         parts.append(f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.2f} s/step")
         if total:
             parts.append(f"ETA {format_duration((total - step) / rate)}")
-        print("  ".join(parts), flush=True)
+        echo("  ".join(parts), self.to_stdout)
+
+
+class ValidationLine(L.Callback):
+    """One line after each validation, on a terminal and in a pipe or file alike: the step, the epoch and every
+    validation metric (`val/...`; co-training: `<member>/val/...` and `val/score`)."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/") or "/val/" in k}
+        if metrics:
+            shown = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()))
+            echo(f"validation at step {trainer.global_step} (epoch {trainer.current_epoch}): {shown}")
 
 
 class RunTimeEstimate(L.Callback):

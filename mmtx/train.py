@@ -6,6 +6,10 @@ compose config -> seed -> data -> model -> trainer (callbacks, logger) -> fit
 
 from __future__ import annotations
 
+from mmtx.help import answer_help
+
+answer_help("train")  # `--help` is answered here, before the imports below (torch, Lightning) take seconds
+
 import contextlib
 import json
 import logging
@@ -33,7 +37,7 @@ from mmtx.distributed import die_with_launcher, watch_ranks
 from mmtx.pretrained import check_architecture, is_pretrained, load_pretrained
 from mmtx.transfer import freeze, init_from, report
 from mmtx.files import atomic_write_text, check_writable, remove_written
-from mmtx.progress import print_run_header
+from mmtx.progress import console_log, echo, print_run_header, quiet_lightning
 from mmtx.errors import (ConfigError, DataError, NonFiniteError, StorageError, multirun_job, reported, run_cli,
                          user_error)
 from mmtx.runinfo import run_info
@@ -64,7 +68,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     with _discarded_if_failing(run_dir, made) as started:
         cfg = _checked(cfg)
         check_writable(run_dir, "the run folder", hint="paths.output_root or hydra.run.dir")
-        with _restored_dist_env():
+        with _restored_dist_env(), console_log(run_dir, rank_zero_only.rank):  # progress + summary in train.log
             return _train(cfg, run_dir, started)
 
 
@@ -94,6 +98,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: Callable[[], None]) -> dict[
         if cfg.get("print_config", True):
             print_run_header(cfg, run_dir)
     _ranks_share_this_job_dir(run_dir)
+    quiet_lightning()
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_data(cfg)
@@ -192,7 +197,8 @@ def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamod
     ckpt = None  # the model as it is
     if best is not None and cfg.get("test_ckpt", "best") == "best" and not eval_only:
         ckpt = best.best_model_path
-    results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True)
+    # verbose=False: the figures are printed once, in the run summary, not also in Lightning's table
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True, verbose=False)
     return {k: v for member in results for k, v in member.items()}  # one dict per loader (co-training: per member)
 
 
@@ -404,7 +410,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
             lines.append(f"{key}:{' ' * max(1, 15 - len(key))}{shown}")
     lines.append(f"best checkpoint: {summary['best_checkpoint'] or '-'}")
     lines.append(f"last checkpoint: {summary['last_checkpoint'] or '-'}")
-    print("\n".join(["", "mmtx run summary", *("  " + line for line in lines)]), flush=True)
+    echo("\n".join(["", "mmtx run summary", *("  " + line for line in lines)]))
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -176,7 +176,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None) ->
 def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, **overrides: Any) -> L.Trainer:
     """The Lightning Trainer of `cfg.trainer`, with the run's callbacks and logger, atomic checkpoint writes,
     and how progress shows (mmtx.progress): a Rich bar on a terminal, plain log lines in a file or a pipe."""
-    from mmtx.progress import ModelSummary, ProgressBar, ProgressLog, quiet_lightning, stdout_is_terminal
+    from mmtx.progress import ModelSummary, ProgressBar, ProgressLog, ValidationLine, quiet_lightning, stdout_is_terminal
 
     quiet_lightning()
     logger = build_logger(cfg, run_dir, wandb_id)
@@ -184,8 +184,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, *
     if is_cotrain(cfg) and cfg.cotrain.get("best", "mean") == "mean":
         callbacks.insert(0, CoTrainScore(member_settings(cfg, resolved_members(cfg))))
     show_progress = bool(overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar", True)))
-    if show_progress:
-        callbacks.append(ProgressBar() if stdout_is_terminal() else ProgressLog(cfg.trainer.get("log_every_n_steps") or 50))
+    if show_progress:  # a bar on a terminal, lines in a pipe or file; train.log gets the lines either way
+        every = cfg.trainer.get("log_every_n_steps") or 50
+        terminal = stdout_is_terminal()
+        callbacks += [*([ProgressBar()] if terminal else []), ProgressLog(every, to_stdout=not terminal), ValidationLine()]
     if cfg.trainer.get("enable_model_summary", True) is not False:
         callbacks.append(ModelSummary())
     plugins: list[Any] = [AtomicCheckpointIO()]
