@@ -10,15 +10,18 @@ from __future__ import annotations
 import ast
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_TEXT, cli, folder_run, make_image_folder, small_run
+from conftest import ENV, REPO, TINY_TEXT, cli, folder_run, make_image_folder, small_run
 from mmtx import compose
 from mmtx.errors import CheckpointError, ConfigError, DataError, MissingError
 from mmtx.eval import evaluate
-from mmtx.train import train
+from mmtx.apps import check_keys
+from mmtx.train import _compose_groups, train
 
 # -- 7. bad values fail at composition, naming the key ------------------------------------------------------
 
@@ -90,18 +93,39 @@ def test_every_config_key_named_in_a_message_exists():
 
 # -- 9. the README's commands compose ---------------------------------------------------------------------
 
+DOCS = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
 def readme_commands() -> list[tuple[str, list[str]]]:
-    """(module, arguments) of every `python -m mmtx...` command in README.md's code blocks."""
-    text = (REPO / "README.md").read_text()
+    """(module, arguments) of every `python -m mmtx...` command in the code blocks of README.md and the docs
+    site's pages (those with a config folder of the user's own, `--config-dir`, are run by
+    test_a_task_of_your_own_composes_as_the_docs_say)."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].split("&&")[-1]
-            match = re.search(r"-m (mmtx\.\w+)(.*)", line)
-            if match:
-                args = shlex.split(match.group(2))
-                commands.append((match.group(1), args[:args.index(">")] if ">" in args else args))
+    for page in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].split("&&")[-1]
+                match = re.search(r"-m (mmtx\.\w+)(.*)", line)
+                if match and "--config-dir" not in line and "hydra.searchpath" not in line:
+                    args = shlex.split(match.group(2))
+                    commands.append((match.group(1), args[:args.index(">")] if ">" in args else args))
     return commands
+
+
+def test_a_task_of_your_own_composes_as_the_docs_say(tmp_path, image_folder):
+    """docs/custom.md: its task file, in a folder of the user's own, composes with both of its commands."""
+    page = (REPO / "docs" / "custom.md").read_text()
+    task = re.search(r"```yaml\n(.*?)```", page, flags=re.S).group(1).replace("/data/flowers", str(image_folder))
+    (tmp_path / "my_configs" / "task").mkdir(parents=True)
+    (tmp_path / "my_configs" / "task" / "flowers.yaml").write_text(task)
+    lines = [ln for ln in re.findall(r"```bash\n(.*?)```", page, flags=re.S)[0].splitlines() if "mmtx.train" in ln]
+    assert len(lines) == 2
+    for line in lines:
+        args = shlex.split(line.replace("$PWD", str(tmp_path)))[3:]
+        proc = subprocess.run([sys.executable, "-m", "mmtx.train", *args, "--cfg", "job"], cwd=tmp_path,
+                              capture_output=True, text=True, env=ENV, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "task_name: flowers" in proc.stdout and str(image_folder) in proc.stdout
 
 
 def test_every_readme_command_composes():
@@ -117,14 +141,15 @@ def test_every_readme_command_composes():
     assert len([c for c in commands if c[0] == "mmtx.train"]) >= 20
     for module, args in commands:
         if module == "mmtx.train":
-            args = [a for a in args if a not in ("-m", "--cfg", "job")]
+            args = [a for a in args if a not in ("-m", "--cfg", "job", "--help")]
             # a sweep (-m) composes once per job: check its first
             args = [a if "=" not in a or a.split("=", 1)[1].startswith(("{", "[", "'", "tag(")) else
                     a.split("=", 1)[0] + "=" + a.split("=", 1)[1].split(",")[0] for a in args]
-            task = next(a.split("=", 1)[1] for a in args if a.startswith("task="))
+            task = next((a.split("=", 1)[1] for a in args if a.startswith("task=")), "vit_cifar")  # the default
             rest = [a for a in args if not a.startswith("task=") and not a.startswith("hydra.sweeper.params")]
             try:
                 compose(task, rest)
+                check_keys([f"task={task}", *rest], _compose_groups)  # and no key that names nothing
             except Exception as err:
                 raise AssertionError(f"README command `python -m mmtx.train {' '.join(args)}` does not compose: {err}")
             finally:
