@@ -181,6 +181,12 @@ class ProgressBar(RichProgressBar):
         return items
 
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        epochs = total_epochs(self.trainer)
+        description = f"Epoch {current_epoch}" + (f"/{epochs - 1}" if epochs else "")
+        return f"{description:{len(self.validation_description)}}"
+
+
 class SmoothedLoss:
     """The training loss as the bar shows it: a running mean (an exponential one, weight 0.05, exact over the
     first 20 steps) kept on the device, and read back at most twice a second, by a copy that is not waited
@@ -218,11 +224,6 @@ class SmoothedLoss:
         event = torch.cuda.Event()
         event.record()
         self._pending = (host, event)
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        epochs = total_epochs(self.trainer)
-        description = f"Epoch {current_epoch}" + (f"/{epochs - 1}" if epochs else "")
-        return f"{description:{len(self.validation_description)}}"
 
 
 def _mean_rate(task) -> float | None:

@@ -98,3 +98,12 @@ def test_resume_auto_in_a_sweep_resumes_the_same_job(image_folder, tmp_path):
         assert f"resuming from {sweeps[0] / job / 'checkpoints' / 'last.ckpt'}" in said, said[-3000:]
     other = cli("mmtx.train", *args[:-1], "optim.lr=5e-4", "trainer.max_epochs=2", "resume=auto")
     assert other.returncode == 1 and "where this job has 0.0005); a job resumes only its own run" in other.stderr
+
+
+def test_a_validation_interval_longer_than_the_epoch_is_named(image_folder, tmp_path):
+    """Lightning's own refusal is a traceback from inside configure_optimizers; mmtx's names the key and the fix."""
+    cfg = compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=4",
+                                "trainer.val_check_interval=50"])
+    with pytest.raises(ConfigError, match=r"trainer.val_check_interval=50 is more than the \d+ training batches of an "
+                                          r"epoch.*trainer.check_val_every_n_epoch=null"):
+        train(cfg, run_dir=tmp_path / "run")

@@ -172,7 +172,7 @@ def test_other_loggers(logger, image_folder, tmp_path, monkeypatch):
     if logger == "none":
         # no logger's files; the final step's validation writes its confusion matrix as a run file, as any validation does
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "config.yaml", "run_info.json",
-                                                                        "summary.json", "val_confusion.tsv"]
+                                                                        "summary.json", "train.log", "val_confusion.tsv"]
     elif logger == "tensorboard":
         assert list((tmp_path / "run" / "tensorboard").glob("**/events.out.tfevents.*"))
     else:

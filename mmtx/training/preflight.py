@@ -36,6 +36,13 @@ def check_steps(cfg: DictConfig, datamodule, world_size: int, ckpt_path: str | N
         if kept < 1:
             raise ConfigError(f"trainer.limit_train_batches={limit} keeps none of the {batches} training batches of an "
                               "epoch: no optimizer step would be taken; raise it (1.0: all of them)")
+    interval = trainer.get("val_check_interval")
+    kept = batches if limit is None or limit == 1.0 else (min(batches, limit) if isinstance(limit, int)
+                                                          else int(batches * limit))
+    if isinstance(interval, int) and interval > kept and trainer.get("check_val_every_n_epoch") is not None:
+        raise ConfigError(f"trainer.val_check_interval={interval} is more than the {kept} training batches of an epoch, "
+                          f"so no validation would run within one: set it to {kept} or less, or validate every "
+                          f"{interval} steps across epochs with trainer.check_val_every_n_epoch=null")
     if resumed is not None:
         done = int(resumed.get("global_step") or 0)
         epochs = (((resumed.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {})
