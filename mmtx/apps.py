@@ -150,7 +150,6 @@ def unknown_key(cfg: DictConfig, key: str, adding: bool) -> str | None:
             "(python -m mmtx.train --cfg job lists every key; ++key=value forces one in)").replace(";  (", " (")
 
 
-
 def check_keys(argv: Sequence[str], compose_run) -> None:
     """Refuse, in one line, an override on the command line that names no key of the run, also with `+` (which
     Hydra would add and nothing would read): the message names the closest keys. `compose_run(overrides)`
@@ -167,9 +166,10 @@ def check_keys(argv: Sequence[str], compose_run) -> None:
             continue
         name = key.lstrip("+")
         if "." not in name and ((root / name).is_dir() or name == "task"):
-            if re.search(r"[()\[\]{}$*]", value):
+            if re.search(r"[(){}$*]", value):
                 return  # a sweep function (range(...), glob(...)): the jobs' groups are not known here
-            groups.append(f"{key}={value.split(',')[0]}")
+            # a list of choices (logger=[csv,tensorboard]) as it is; a sweep (backbone=tiny,small) by its first
+            groups.append(f"{key}={value if value.startswith('[') else value.split(',')[0]}")
         else:
             keys.append((name, key.startswith("+")))
     if not keys:
