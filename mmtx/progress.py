@@ -9,6 +9,7 @@ an empty FLOPs column, and none of Lightning's adverts or its own deprecation wa
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -123,6 +124,10 @@ def print_run_header(cfg: DictConfig, run_dir: Path) -> None:
             elif len(value) > 1 or not target:
                 branch.add(_leaves({k: v for k, v in value.items() if k != "_target_"}))
     console.print(tree)
+    if CONSOLE.handlers:  # <run dir>/train.log: the same header, as plain text
+        record = Console(no_color=True, width=120, record=True, file=io.StringIO())
+        record.print(tree)
+        CONSOLE.info(record.export_text().rstrip())
 
 
 def _leaves(node: dict[str, Any], prefix: str = "") -> str:
@@ -176,7 +181,8 @@ class ProgressBar(RichProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        if self._loss.value is not None and "train/loss" in items:  # co-training: the members' own keys stay
+        # From the first steps on, not only once the loggers first write; co-training keeps its members' own keys.
+        if self._loss.value is not None and not any(k.endswith("/train/loss") for k in items):
             items["train/loss"] = self._loss.value
         return items
 

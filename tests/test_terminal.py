@@ -60,7 +60,7 @@ def test_a_piped_run_shows_each_validation_once_and_train_log_holds_it(image_fol
         assert noise not in out, noise
     assert proc.stdout.count("test/acc") == 1  # the summary's, not also Lightning's table
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "mmtx run summary" in log and validations[-1] in log
+    assert "mmtx run summary" in log and validations[-1] in log and f"run folder: {tmp_path / 'run'}" in log
     assert [ln for ln in log.splitlines() if ln.startswith("step ")] == \
         [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")] != []
 
