@@ -18,7 +18,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mmtx.checkpoints.generating import generate_with
+from mmtx.checkpoints.labelling import RULES as LABEL_RULES
+from mmtx.checkpoints.labelling import label
 from mmtx.errors import CheckpointError, ConfigError
+from mmtx.validate import validate
 
 
 def rebuild(checkpoint: dict[str, Any], cfg: DictConfig, runtime: dict[str, Any] | None = None,
@@ -91,15 +95,12 @@ class Model:
                 on_bad_file: str = "skip") -> list[list[str]]:
         """Label image or audio files (a file, a folder, a glob, or a list of them), prepared as the training data
         was: the rows of mmtx.predict's TSV, header first (path, label, probability, top_k)."""
-        from mmtx.predict import RULES, label
-        from mmtx.validate import validate
-
         if self.kind != "classification":
             raise ConfigError(f"{self.path} is a {self.kind.replace('_', ' ')}: predict labels images and audio; "
                               "use generate()")
         spec = ",".join(str(p) for p in inputs) if isinstance(inputs, (list, tuple)) else str(inputs)
         args = {"inputs": spec, "top_k": top_k, "batch_size": batch_size, "on_bad_file": on_bad_file}
-        validate(args, {k: v for k, v in RULES.items() if k in args})
+        validate(args, {k: v for k, v in LABEL_RULES.items() if k in args})
         return label(self.module, self.config, args)
 
     def generate(self, prompt: str | None = None, **options: Any) -> list[str]:
@@ -108,8 +109,6 @@ class Model:
         `audio=` (a file, a glob, or a list). `options`: the keys of `python -m mmtx.generate --help`
         (max_new_tokens, temperature, top_k, top_p, num_samples, seed, use_cache; beam_size, length_penalty,
         max_len, batch_size), with its defaults."""
-        from mmtx.generate import generate_with
-
         if self.kind == "classification":
             raise ConfigError(f"{self.path} is a classifier: generate continues text, translates and transcribes; "
                               "use predict()")

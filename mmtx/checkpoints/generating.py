@@ -1,0 +1,144 @@
+"""Generation with a loaded model (`mmtx.load`): a language model continues a prompt, an encoder-decoder
+translates text or transcribes audio, with the keys of `conf/generate.yaml` (`mmtx.generate` is its command line;
+`Model.generate` its Python face). One way each is done, so both give the same results."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import OmegaConf
+from torch.nn.utils.rnn import pad_sequence
+
+from mmtx.apps import app_defaults
+from mmtx.batch import AudioBatch, TokenBatch
+from mmtx.data.audio_sources import AudioDecoder
+from mmtx.errors import ConfigError, MissingError
+from mmtx.files import tsv_text
+from mmtx.validate import boolean, device, integer, number, validate
+
+# The keys of each kind of model (conf/generate.yaml); one of the other kind given on the command line is refused.
+LM_KEYS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "seed")
+SEQ2SEQ_KEYS = ("text", "text_file", "audio", "beam_size", "length_penalty", "max_len", "batch_size")
+RULES = {
+    "max_new_tokens": integer(1), "temperature": number(0), "top_k": integer(0, optional=True),
+    "top_p": number(0, 1, low_open=True, optional=True), "num_samples": integer(1), "seed": integer(0),
+    "use_cache": boolean(), "beam_size": integer(1, optional=True), "length_penalty": number(optional=True),
+    "max_len": integer(2, optional=True), "batch_size": integer(1), "device": device(),
+}
+
+
+def sample_rate(model) -> int | None:
+    return getattr(model.task, "sample_rate", None)
+
+
+def seq2seq_inputs(model, args: dict[str, Any]) -> list[str]:
+    """The texts (a text model) or audio file paths (a speech model) to decode, from the arguments."""
+    audio_model = sample_rate(model) is not None
+    given = [k for k in ("text", "text_file", "audio") if args[k] is not None]
+    if len(given) != 1:
+        want = "audio=FILE|GLOB" if audio_model else "text=TEXT or text_file=FILE"
+        raise ConfigError(f"this checkpoint is an encoder-decoder: give exactly one input, {want}")
+    if audio_model != (given[0] == "audio"):
+        kind = "audio" if audio_model else "text"
+        raise ConfigError(f"this checkpoint's model reads {kind}, but {given[0]}= was given")
+    if given[0] == "text":
+        return [str(args["text"])]
+    if given[0] == "text_file":
+        path = Path(str(args["text_file"])).expanduser()
+        if not path.is_file():
+            raise MissingError(f"text_file {path} does not exist")
+        return path.read_text(encoding="utf-8").splitlines()
+    files: list[str] = []
+    for pattern in str(args["audio"]).split(","):
+        found = sorted(glob.glob(os.path.expanduser(pattern.strip()))) if glob.has_magic(pattern) else [pattern.strip()]
+        if not found or not all(Path(f).is_file() for f in found):
+            raise MissingError(f"no audio file at {pattern.strip()}")
+        files += found
+    return files
+
+
+def seq2seq_batch(model, items: list[str], cfg) -> TokenBatch | AudioBatch:
+    """A batch of sources as the data module makes them: token ids and their mask, or padded audio and lengths."""
+    rate = sample_rate(model)
+    if rate is None:
+        limit = int(cfg.data.max_src_len)
+        seqs = [torch.tensor(model.task.vocab.encode(text.strip())[:limit] or [0]) for text in items]
+    else:
+        decoder = AudioDecoder(rate, cfg.data.source.get("max_seconds"), on_bad_file="error")
+        seqs = [decoder.decode(f, f) for f in items]
+    padded = pad_sequence(seqs, batch_first=True).to(model.device)  # zero-padded (B, S) ids or (B, L) audio
+    lengths = torch.tensor([len(seq) for seq in seqs], device=model.device)
+    if rate is None:
+        return TokenBatch(padded, mask=torch.arange(padded.shape[1], device=model.device) < lengths[:, None])
+    return AudioBatch(padded, lengths)
+
+
+def run_seq2seq(model, args: dict[str, Any], cfg, echo: bool = True) -> list[str]:
+    items = seq2seq_inputs(model, args)
+    search = {k: args[k] for k in ("beam_size", "length_penalty", "max_len") if args[k] is not None}
+    search["use_cache"] = bool(args["use_cache"])
+    out: list[str] = []
+    size = max(1, int(args["batch_size"]))
+    for start in range(0, len(items), size):
+        chunk = items[start:start + size]
+        blank = [not item.strip() for item in chunk]  # an empty line in, an empty line out
+        source = seq2seq_batch(model, [c if c.strip() else "." for c in chunk], cfg)
+        hyps = model.task.translate(model.backbone, source, **search)
+        for item, hyp, skip in zip(chunk, hyps, blank):
+            hyp = "" if skip else " ".join(hyp.splitlines())  # one line in, one line out, whatever was decoded
+            out.append(hyp)
+            if echo:
+                print(tsv_text([[item, hyp]]).rstrip("\n") if args["audio"] is not None else hyp, flush=True)
+    return out
+
+
+def given_keys(overrides: Sequence[str]) -> set[str]:
+    """The keys set on the command line (`key=value`, `+key=value`)."""
+    return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides if "=" in str(o)}
+
+
+def check_args(args: dict[str, Any], given: set[str], seq2seq: bool, ckpt: str) -> None:
+    """Every key given is one this model takes: a language model's keys for an encoder-decoder (or the reverse)
+    are refused, naming the key and the keys the model takes, instead of being ignored."""
+    wrong = sorted(k for k in given if k in (LM_KEYS if seq2seq else SEQ2SEQ_KEYS))
+    if wrong:
+        kind, keys = ("an encoder-decoder", SEQ2SEQ_KEYS) if seq2seq else ("a language model", LM_KEYS)
+        raise ConfigError(f"{wrong[0]}={args[wrong[0]]} does not apply: checkpoint {ckpt} is {kind}, which takes "
+                          f"{', '.join(keys)} (and use_cache, device)")
+    prompt = args.get("prompt")
+    if not seq2seq and prompt is not None and (not isinstance(prompt, str) or prompt == ""):
+        raise ConfigError(f"prompt={prompt!r} is empty: give the text to continue (prompt=...), or leave prompt out "
+                          "to start from the model's default prompt")
+
+
+def generate_with(model, options: dict[str, Any], ckpt: str, given: set[str] | None = None,
+                  echo: bool = True) -> list[str]:
+    """Generate with a loaded model (`load_model`, `mmtx.load(...).module`): `options` are generate's keys
+    (conf/generate.yaml's values for those left out); `given`: the keys the user set (default: those of
+    `options`), refused when they do not apply to this kind of model. `echo`: print each result as it comes."""
+    args = {**app_defaults("generate"), **options}
+    validate(args, RULES)
+    seq2seq = hasattr(model.task, "translate")
+    check_args(args, set(options) if given is None else set(given), seq2seq, ckpt)
+    if seq2seq:
+        return run_seq2seq(model, args, OmegaConf.create(model.run_config), echo)
+    prompt = args["prompt"]
+    if prompt is None:
+        if not model.task.sample_prompts:
+            raise ConfigError(f"checkpoint {ckpt} has no default prompt: give one with prompt=...")
+        prompt = model.task.sample_prompts[0]
+    generator = torch.Generator(device=model.device).manual_seed(int(args["seed"]))
+    texts = []
+    for i in range(int(args["num_samples"])):
+        text = model.task.complete(
+            model.backbone, str(prompt), int(args["max_new_tokens"]), float(args["temperature"]),
+            args["top_k"] or None, args["top_p"], generator=generator, use_cache=bool(args["use_cache"]),
+        )
+        texts.append(text)
+        if echo:
+            print(text if i == 0 else f"\n---\n{text}", flush=True)
+    return texts
