@@ -173,6 +173,11 @@ def run_cli(cli: Callable[[], Any]) -> Any:
     """Run a Hydra application (`@hydra.main`) as an mmtx command: after a multirun, exit with status 1 if any of
     its jobs failed (each has run, and printed its error)."""
     _CLI["active"] = True
+    # A log file the disk refuses (full, read-only) loses its lines quietly, as logging's documentation advises for
+    # production: the one-line error says what happened, not a "--- Logging error ---" traceback per record.
+    import logging
+
+    logging.raiseExceptions = debug_errors()
     result = cli()
     if _FAILED_JOBS:
         print(f"{len(_FAILED_JOBS)} job(s) of the multirun failed: " + "; ".join(_FAILED_JOBS), file=sys.stderr,

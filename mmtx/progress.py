@@ -71,7 +71,7 @@ def console_log(run_dir: Path, rank: int = 0):
         yield
         return
     CONSOLE.setLevel(logging.INFO)
-    handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8", delay=True)
+    handler = _RunLog(Path(run_dir) / "train.log", encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter("%(message)s"))
     CONSOLE.addHandler(handler)
     try:
@@ -79,6 +79,20 @@ def console_log(run_dir: Path, rank: int = 0):
     finally:
         CONSOLE.removeHandler(handler)
         handler.close()
+
+
+class _RunLog(logging.FileHandler):
+    """train.log's copy of the terminal: a disk that refuses it (full, read-only) costs the copy, never the run,
+    nor the one-line message that says what happened (logging would print a traceback of its own per line)."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
 
 
 def stdout_is_terminal() -> bool:
