@@ -94,6 +94,12 @@ class _RunLog(logging.FileHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         self.failed = True
 
+    def close(self) -> None:  # the last flush too: a full disk must not replace the run's own error with its own
+        try:
+            super().close()
+        except OSError:
+            self.failed = True
+
 
 def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()

@@ -283,3 +283,24 @@ def test_eval_of_a_checkpoint_on_a_read_only_disk_writes_its_files_elsewhere(tra
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test/acc:" in proc.stdout and f"writing the evaluation's files to {tmp_path / 'outputs' / 'eval' / trained.name}" \
         in proc.stderr
+
+
+def test_train_log_on_a_full_disk_loses_its_lines_quietly(capsys):
+    """<run>/train.log's copy of the terminal (progress.console_log) on a disk that refuses it: the lines are lost,
+    nothing is raised or printed, so the run's own one-line error stays the only message."""
+    import logging
+
+    from mmtx.progress import CONSOLE, _RunLog, echo
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full (Linux)")
+    handler = _RunLog("/dev/full", encoding="utf-8", delay=True)
+    CONSOLE.addHandler(handler)
+    CONSOLE.setLevel(logging.INFO)
+    try:
+        echo("step 1/2  train/loss 1.0", to_stdout=False)
+        echo("step 2/2  train/loss 0.9", to_stdout=False)
+    finally:
+        CONSOLE.removeHandler(handler)
+        handler.close()
+    assert handler.failed and capsys.readouterr().err == ""
