@@ -179,12 +179,11 @@ def subset_order(size: int, labels: torch.Tensor | None, seed: int) -> list[int]
     """A seeded order of a split's samples whose every prefix is a fair subset: the classes taken in turn
     (round robin, each class's samples in a seeded random order) when `labels` (N,) are given, else a seeded
     permutation. The whole split in this order gives the same figures as in any other."""
-    n = size
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
     if labels is None or labels.dim() != 1:
         return order.tolist()
     shuffled = labels[order]
-    turn = torch.zeros(n, dtype=torch.long)  # each sample's place among its class's samples
+    turn = torch.zeros(size, dtype=torch.long)  # each sample's place among its class's samples
     for c in shuffled.unique():
         members = shuffled == c
         turn[members] = torch.arange(int(members.sum()))
@@ -268,8 +267,8 @@ class IndexedSplits(L.LightningDataModule, abc.ABC):
         used = limit if isinstance(limit, int) else int(limit * batches)
         if used >= batches:
             return False
-        log.info("trainer.%s=%s: the %s figures are of %d of its %d samples, a seeded subset with every class in "
-                 "proportion", key, limit, split, min(size, used * batch_size), size)
+        log.info("trainer.%s=%s: the %s figures are of %d of its %d samples, a seeded subset that takes the classes "
+                 "in turn", key, limit, split, min(size, used * batch_size), size)
         return True
 
     def has_split(self, split: str) -> bool:
