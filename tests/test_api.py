@@ -14,6 +14,7 @@ from mmtx.errors import CheckpointError, ConfigError
 from mmtx.files import read_tsv
 from mmtx.module import MmtxModule
 from mmtx.train import train
+from test_generate_options import lm_run
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +48,7 @@ def _images(folder, model):
 
 
 def test_a_language_model_generates_as_the_command_line(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(TINY_TEXT)
-    summary = train(compose("gpt_shakespeare_cpu", [*small_run(tmp_path, modality="text"), "data=text_files",
-                                                    f"data.source.files={corpus}", "trainer.max_steps=2",
-                                                    "test_after_fit=false"]), run_dir=tmp_path / "run")
+    summary = lm_run(tmp_path, TINY_TEXT)
     model = mmtx.load(summary["last_checkpoint"], device="cpu")
     assert model.kind == "language_model" and model.classes is None and model.vocab.decode(model.vocab.encode("All")) == "All"
     texts = model.generate("First", max_new_tokens=12, num_samples=2, seed=3)
