@@ -80,12 +80,17 @@ def peak_flops(device: torch.device) -> float | None:
     return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
 
 
+def saving_seconds(trainer: L.Trainer) -> float:
+    """The wall time this run's checkpoint IO has spent writing checkpoints (mmtx.checkpoint.AtomicCheckpointIO)."""
+    return float(getattr(trainer.strategy.checkpoint_io, "seconds", 0.0))
+
+
 class Throughput(L.Callback):
     """Log throughput over each window of `window` optimizer steps (wall clock, all ranks together),
     computed by Lightning's `Throughput` meter from totals handed to it once a window (so counting
     target tokens on the device costs one sync a window, not one a step). Windows run across epoch
     boundaries (an epoch shorter than a window still gets figures) and the clock stops while validation
-    runs. Each window's figures go straight to the loggers at that step, as Lightning's own
+    runs and while checkpoints are written (the seconds `AtomicCheckpointIO` spent saving are left out). Each window's figures go straight to the loggers at that step, as Lightning's own
     `LearningRateMonitor` does, so they are never dropped for falling between `log_every_n_steps`.
 
     `train/samples_per_sec` always; for encoder-decoder batches `train/tgt_tokens_per_sec` (target
@@ -103,6 +108,8 @@ class Throughput(L.Callback):
     def _reset(self) -> None:
         self._t0: float | None = None
         self._paused_at: float | None = None
+        self._saving0 = 0.0  # the checkpoint IO's seconds spent saving, at the window clock's start
+        self._saving_paused = 0.0
         self._steps = self._samples = self._tokens = 0
         self._seq_len = 0
         self._tgt_tokens: torch.Tensor | int = 0  # summed on the device: no sync per step
@@ -116,16 +123,18 @@ class Throughput(L.Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._t0 is not None and not trainer.sanity_checking:
             self._paused_at = time.perf_counter()  # validation time is not training throughput
+            self._saving_paused = saving_seconds(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._paused_at is not None:  # move the start on by the pause: the meter's clock never runs back
             self._t0 += time.perf_counter() - self._paused_at
+            self._saving0 += saving_seconds(trainer) - self._saving_paused  # saves in the pause: already out
             self._paused_at = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self._t0 is None:  # the first batch includes start-up costs: start timing after it
-            self._t0 = now
+            self._t0, self._saving0 = now, saving_seconds(trainer)
             self._meter = LightningThroughput(available_flops=peak_flops(pl_module.device),
                                               world_size=trainer.world_size, window_size=2)
             self._mixed = isinstance(batch, dict)  # co-training: {member: batch}
@@ -139,7 +148,7 @@ class Throughput(L.Callback):
             self._tgt_tokens = self._tgt_tokens + (batch.target.targets != IGNORE_INDEX).sum()
         self._steps += 1
         if self._steps % self.window == 0:
-            metrics = self._window_metrics(now, pl_module)
+            metrics = self._window_metrics(now - (saving_seconds(trainer) - self._saving0), pl_module)
             for logger in trainer.loggers:  # rank zero only (Lightning's loggers are)
                 logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -200,8 +209,14 @@ class BestCheckpoint(ModelCheckpoint):
 
 
 class LastCheckpoint(L.Callback):
-    """Keep `<dirpath>/last.ckpt` current: every `every_n_steps` steps, at each epoch end, when training
-    ends, and when it stops on an exception or Ctrl-C (one process; with several ranks Lightning ends them).
+    """Keep `<dirpath>/last.ckpt` current: after each validation (`on_validation`), every `every_n_minutes` of
+    wall time and every `every_n_steps` steps (each when set), when training ends, and when it stops on an
+    exception, Ctrl-C or a scheduler's signal (one process; with several ranks Lightning ends them).
+
+    Not at every epoch end: a full resumable checkpoint (weights and optimizer state: 0.5 GB at GPT-2 small's
+    size) at the end of every short epoch would sit in the training loop's hot path. The wall-time cadence is a
+    host clock, read without touching the device. The time each save takes is kept out of the `Throughput`
+    windows (`AtomicCheckpointIO.seconds`).
 
     Lightning's ModelCheckpoint(save_last=True) writes only when it saves a
     best checkpoint, so its last.ckpt can lag (a run stopped by max_steps
@@ -211,10 +226,14 @@ class LastCheckpoint(L.Callback):
     never replaces it.
     """
 
-    def __init__(self, every_n_steps: int = 1000, dirpath: str | None = None) -> None:
+    def __init__(self, every_n_steps: int | None = None, every_n_minutes: float | None = 30.0,
+                 on_validation: bool = True, dirpath: str | None = None) -> None:
         self.every_n_steps = every_n_steps
+        self.every_n_minutes = every_n_minutes
+        self.on_validation = on_validation
         self.dirpath = dirpath
         self._saved_step = -1
+        self._saved_at = time.monotonic()
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == self._saved_step:
@@ -226,13 +245,25 @@ class LastCheckpoint(L.Callback):
         dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
         trainer.save_checkpoint(dirpath / "last.ckpt", weights_only=False)  # the full state: resumable
         self._saved_step = trainer.global_step
+        self._saved_at = time.monotonic()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._saved_at = time.monotonic()  # the wall-time cadence counts from the start of training
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step
+        by_steps = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        by_time = False
+        if self.every_n_minutes and step % max(1, trainer.log_every_n_steps) == 0:  # looked at on log steps
+            by_time = time.monotonic() - self._saved_at >= 60 * self.every_n_minutes
+            if trainer.world_size > 1:  # saving is collective and clocks differ: rank 0's clock decides for all
+                by_time = bool(trainer.strategy.broadcast(by_time, src=0))
+        if by_steps or by_time:
             self._save(trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer, pl_module)
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.on_validation and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer, pl_module)

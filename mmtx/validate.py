@@ -127,7 +127,9 @@ RULES: dict[str, Rule] = {
     "family.sample_temperature": number(0),
     "family.sample_top_k": integer(0, optional=True),
     "module.max_nonfinite_steps": integer(1),
-    "callbacks.last_checkpoint.every_n_steps": integer(0),
+    "callbacks.last_checkpoint.every_n_steps": integer(0, optional=True),
+    "callbacks.last_checkpoint.every_n_minutes": number(0, low_open=True, optional=True),
+    "callbacks.last_checkpoint.on_validation": boolean(),
 }
 
 
