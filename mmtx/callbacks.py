@@ -82,7 +82,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 def saving_seconds(trainer: L.Trainer) -> float:
     """The wall time this run's checkpoint IO has spent writing checkpoints (mmtx.checkpoint.AtomicCheckpointIO)."""
-    return float(getattr(trainer.strategy.checkpoint_io, "seconds", 0.0))
+    io = getattr(getattr(trainer, "strategy", None), "checkpoint_io", None)  # another IO plugin: not counted
+    return float(getattr(io, "seconds", 0.0))
 
 
 class Throughput(L.Callback):

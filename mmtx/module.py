@@ -28,48 +28,82 @@ class NonFiniteGuard:
     """Skips optimizer steps whose loss or gradient norm is NaN or infinite, as AMP's GradScaler skips
     steps whose gradients overflowed, and stops the run after `max_steps` such steps in a row.
 
-    The decision is one device sync a step (and, with several ranks, one all-reduce of a flag, so that
-    every rank skips the same steps).
+    With a fused optimizer (AdamW's default here) the decision never leaves the device: the optimizer is handed a
+    `found_inf` flag, as a GradScaler hands it, and its kernel leaves the parameters, the moments and the step
+    count as they were; the counters are device tensors, read with the other logged values on log steps and
+    before each validation (`check`), where a run of `max_steps` skipped steps stops the run. Another optimizer
+    needs the decision on the host: one device read a step. With several ranks the flag is all-reduced first,
+    so that every rank skips the same steps.
     """
 
     def __init__(self, max_steps: int = 10) -> None:
         self.max_steps = max_steps
-        self.run = 0  # consecutive skipped steps
-        self.skipped = 0  # all skipped steps of this process
-        self.last_finite: tuple[int, torch.Tensor | None] | None = None  # (step, loss) of the last step taken
         self._loss: torch.Tensor | None = None  # summed over this step's micro-batches
+        # On the device: consecutive skipped steps, all skipped steps, and the step and loss of the last step taken.
+        self._counts: torch.Tensor | None = None  # (run, skipped, last finite step, last finite loss) as float64
+        self._warned_at = 0.0  # the skipped count already warned about
+        self.run = 0  # the host's copy of the counts, as of the last `check`
+        self.skipped = 0
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self._loss = loss if self._loss is None else self._loss + loss
 
-    def skip_step(self, grad_norm: torch.Tensor | None, trainer: L.Trainer) -> bool:
+    def flag(self, grad_norm: torch.Tensor | None, trainer: L.Trainer) -> torch.Tensor | None:
+        """1.0 on the device when this step's loss or gradient norm is not finite, else 0.0 (None: nothing to
+        check); the counters are updated on the device."""
         loss, self._loss = self._loss, None
-        checks = [t.float().reshape(1) for t in (loss, grad_norm) if t is not None]
+        checks = [t.detach().float().reshape(1) for t in (loss, grad_norm) if t is not None]
         if not checks:
-            return False
+            return None
         bad = (~torch.isfinite(torch.cat(checks))).any().float()
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce(bad, reduce_op="max")
-        if not bool(bad):
+        counts = self._counts
+        if counts is None or counts.device != bad.device:
+            counts = torch.zeros(4, dtype=torch.float64, device=bad.device)
+            counts[3] = float("nan")
+        step = counts.new_tensor(trainer.global_step + 1)  # a host-to-device copy: no wait
+        finite_loss = loss.detach().double() if loss is not None else counts[3]
+        ok = 1.0 - bad.double()
+        self._counts = torch.stack([(counts[0] + 1) * (1 - ok), counts[1] + (1 - ok),
+                                    torch.where(ok > 0, step, counts[2]), torch.where(ok > 0, finite_loss, counts[3])])
+        return bad
+
+    def last_skipped(self) -> bool:
+        """Whether the last optimizer step was skipped (a device read: for checkpoint saves, not every step)."""
+        return self._counts is not None and bool(self._counts[0] > 0)
+
+    def skip_step(self, grad_norm: torch.Tensor | None, trainer: L.Trainer) -> bool:
+        """The host's decision (a device read), for an optimizer that cannot take the flag: True to skip."""
+        bad = self.flag(grad_norm, trainer)
+        if bad is None or not bool(bad):
             self.run = 0
-            self.last_finite = (trainer.global_step + 1, loss)  # read only if the run stops: no sync here
             return False
-        self.run += 1
-        self.skipped += 1
-        step = trainer.global_step + 1
-        if self.run == 1:
-            log.warning("step %d: the loss or gradient norm is not finite; skipping this optimizer step "
-                        "(module.max_nonfinite_steps=%d in a row stop the run)", step, self.max_steps)
-        if self.run >= self.max_steps:
-            raise NonFiniteError(self.message(step, trainer))
+        self.check(trainer)
         return True
 
-    def message(self, step: int, trainer: L.Trainer) -> str:
+    def check(self, trainer: L.Trainer) -> float | None:
+        """Read the counters (one transfer): warn at new skips, stop the run after `max_steps` in a row. Returns
+        the number of skipped steps so far (None before the first step)."""
+        if self._counts is None:
+            return None
+        run, skipped, last_step, last_loss = self._counts.tolist()
+        self.run, self.skipped = int(run), int(skipped)
+        if skipped > self._warned_at:
+            log.warning("step %d: %d optimizer step(s) with a loss or gradient norm that is not finite, skipped so "
+                        "far (module.max_nonfinite_steps=%d in a row stop the run)", trainer.global_step,
+                        self.skipped, self.max_steps)
+            self._warned_at = skipped
+        if self.run >= self.max_steps:
+            raise NonFiniteError(self.message(trainer.global_step, trainer, last_step, last_loss))
+        return skipped
+
+    def message(self, step: int, trainer: L.Trainer, last_step: float, last_loss: float) -> str:
         lr = trainer.lightning_module.optim.get("lr")
-        if self.last_finite is None or self.last_finite[1] is None:
+        if last_loss != last_loss:  # NaN: no step had a finite loss
             last = "no step had a finite loss"
         else:
-            last = f"the last finite loss was {float(self.last_finite[1]):.4g}, at step {self.last_finite[0]}"
+            last = f"the last finite loss was {last_loss:.4g}, at step {int(last_step)}"
         return (
             f"training stopped at step {step}: the loss or gradient norm was NaN or infinite for {self.run} "
             f"optimizer steps in a row (module.max_nonfinite_steps={self.max_steps}), each skipped; {last}. "
@@ -77,6 +111,13 @@ class NonFiniteGuard:
             f"optim.warmup_fraction), or overflow in reduced precision (trainer.precision={trainer.precision}: "
             "try trainer.precision=32-true or bf16-mixed)"
         )
+
+
+def _takes_found_inf(optimizer: Any) -> bool:
+    """Whether `optimizer` skips a flagged step on the device (`found_inf`, as a GradScaler sets it): the fused
+    kernels of Adam and AdamW."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper
+    return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
 
 
 SINGLE = "main"  # the member name of a run with one task part
@@ -181,8 +222,19 @@ class MmtxModule(L.LightningModule):
         validation it runs for early stopping, once, on this step (`_should_check_val_fx`); at an epoch end or
         a `val_check_interval` step it validates once all the same."""
         trainer = self._trainer
-        if trainer is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        if trainer is None:
+            return
+        last = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        if last:
             trainer.should_stop = True
+        if last or trainer.global_step % max(1, trainer.log_every_n_steps) == 0:  # a log step: read the guard
+            skipped = self.guard.check(trainer)
+            if skipped:
+                self.log("train/skipped_steps", skipped, on_step=True, on_epoch=False)
+
+    def on_validation_start(self) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.guard.check(self.trainer)  # skipped steps since the last log step count before validating
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.shared_step(batch, "val", batch_idx)  # co-training: one loader per member, its batches {member: batch}
@@ -225,10 +277,12 @@ class MmtxModule(L.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if self.guard.skip_step(norm if scaler is None else None, self.trainer):
+        checked = norm if scaler is None else None
+        if _takes_found_inf(optimizer) and scaler is None:
+            optimizer.found_inf = self.guard.flag(checked, self.trainer)  # the kernel skips a flagged step itself
+        elif self.guard.skip_step(checked, self.trainer):
             for p in params:
                 p.grad = None  # the optimizer leaves parameters without gradients as they are
-            self.log("train/skipped_steps", float(self.guard.skipped), on_step=True, on_epoch=False)
             return
         by_norm = (gradient_clip_algorithm or "norm") == "norm"
         if gradient_clip_val and by_norm and isinstance(self.trainer.strategy, FSDPStrategy):
@@ -244,7 +298,7 @@ class MmtxModule(L.LightningModule):
 
     def weights_are_finite(self) -> bool:
         """True when every parameter is finite and the last optimizer step was not skipped as non-finite."""
-        if self.guard.run:
+        if self.guard.last_skipped():
             return False
         checks = [torch.isfinite(p).all() for p in self.parameters()]
         return bool(torch.stack(checks).all()) if checks else True  # one device sync

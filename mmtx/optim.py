@@ -95,6 +95,8 @@ def build_optimizer(
     for group in groups:
         if group.get("lr") is None:
             group.pop("lr", None)  # the optimizer's lr
+    if fused is None:  # the fused kernel where there is one (CUDA, CPU): one pass, and skips flagged steps itself
+        fused = all(p.device.type in ("cuda", "cpu") for group in groups for p in group["params"])
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup, total_steps, min_lr_ratio)

@@ -236,7 +236,7 @@ class PoisonStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         if trainer.global_step == self.step:
             PoisonStep.seen["after"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
-            PoisonStep.seen["skipped"] = pl_module.guard.skipped
+            PoisonStep.seen["skipped"] = pl_module.guard.check(trainer)  # the counters live on the device
 
 
 def read_metrics(run: Path) -> list[dict]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import sys
+
 import pytest
 import torch
 
+from conftest import REPO
 from mmtx.callbacks import LastCheckpoint, Throughput
 
 
@@ -62,3 +65,17 @@ def test_the_throughput_windows_leave_out_checkpoint_writes(monkeypatch):
         trainer.global_step = step
         meter.on_train_batch_end(trainer, module, None, batch, step)
     assert logged and logged[-1]["train/samples_per_sec"] == pytest.approx(8.0)  # 32 samples in 4 s, not 10 s
+
+
+def test_no_device_read_on_a_step_that_does_not_log(tmp_path):
+    """scripts/count_syncs.py on a tiny language model: its training steps read nothing from the device (a sync on
+    a GPU) except on log steps, the non-finite guard's decision included (fused AdamW takes it as `found_inf`)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from count_syncs import count
+
+    recorder = count("gpt_shakespeare_cpu", steps=12, log_every=4, overrides=[], work=tmp_path)
+    kinds = [recorder.kind(entry) for entry in recorder.steps]
+    assert kinds.count("plain") == 9 and kinds.count("log") == 2 and kinds[-1] == "validate"  # steps 4, 8; 12
+    plain = {site: n for entry in recorder.steps if recorder.kind(entry) == "plain" for site, n in entry["reads"].items()}
+    assert plain == {}, plain
+    assert all(sum(e["reads"].values()) > 0 for e in recorder.steps if recorder.kind(e) != "plain")  # it counts

@@ -149,7 +149,9 @@ class TaskPart(nn.Module, abc.ABC):
         window = step // trainer.log_every_n_steps
         if window <= self._logged_window and step != trainer.max_steps:
             return
-        ctx.log("train/loss", self._train_loss / self._train_steps, on_step=True, on_epoch=False, prog_bar=True)
+        # prog_bar=False: Lightning would read a progress-bar value on every step until the epoch ends (a device
+        # sync a step); the bar shows mmtx.progress.SmoothedLoss instead, read without waiting.
+        ctx.log("train/loss", self._train_loss / self._train_steps, on_step=True, on_epoch=False)
         self._train_loss, self._train_steps, self._logged_window = None, 0, window
 
     def extra_state(self) -> dict[str, Any]:
