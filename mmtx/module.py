@@ -39,8 +39,9 @@ class NonFiniteGuard:
     def __init__(self, max_steps: int = 10) -> None:
         self.max_steps = max_steps
         self._loss: torch.Tensor | None = None  # summed over this step's micro-batches
-        # On the device: consecutive skipped steps, all skipped steps, and the step and loss of the last step taken.
-        self._counts: torch.Tensor | None = None  # (run, skipped, last finite step, last finite loss) as float64
+        # On the device: consecutive skipped steps, all skipped steps, the step and loss of the last step taken, and
+        # the step count (float64).
+        self._counts: torch.Tensor | None = None
         self._warned_at = 0.0  # the skipped count already warned about
         self.run = 0  # the host's copy of the counts, as of the last `check`
         self.skipped = 0
@@ -59,14 +60,15 @@ class NonFiniteGuard:
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce(bad, reduce_op="max")
         counts = self._counts
-        if counts is None or counts.device != bad.device:
-            counts = torch.zeros(4, dtype=torch.float64, device=bad.device)
-            counts[3] = float("nan")
-        step = counts.new_tensor(trainer.global_step + 1)  # a host-to-device copy: no wait
+        if counts is None or counts.device != bad.device:  # once: the step count is kept on the device from here
+            counts = torch.tensor([0.0, 0.0, 0.0, float("nan"), trainer.global_step], dtype=torch.float64,
+                                  device=bad.device)
+        step = counts[4] + 1  # this step's number, counted on the device (a copy from the host would wait)
         finite_loss = loss.detach().double() if loss is not None else counts[3]
         ok = 1.0 - bad.double()
         self._counts = torch.stack([(counts[0] + 1) * (1 - ok), counts[1] + (1 - ok),
-                                    torch.where(ok > 0, step, counts[2]), torch.where(ok > 0, finite_loss, counts[3])])
+                                    torch.where(ok > 0, step, counts[2]), torch.where(ok > 0, finite_loss, counts[3]),
+                                    step])
         return bad
 
     def last_skipped(self) -> bool:
@@ -82,20 +84,25 @@ class NonFiniteGuard:
         self.check(trainer)
         return True
 
-    def check(self, trainer: L.Trainer) -> float | None:
-        """Read the counters (one transfer): warn at new skips, stop the run after `max_steps` in a row. Returns
-        the number of skipped steps so far (None before the first step)."""
+    def counts(self) -> torch.Tensor | None:
+        """The counters on the device: (run, skipped, last finite step, last finite loss, step); None before a step."""
+        return self._counts
+
+    def check(self, trainer: L.Trainer, numbers: list[float] | None = None, step: int | None = None) -> float | None:
+        """Read the counters (one transfer; `numbers`: already read with other values): warn at new skips, stop the
+        run after `max_steps` in a row. Returns the number of skipped steps so far (None before the first step)."""
         if self._counts is None:
             return None
-        run, skipped, last_step, last_loss = self._counts.tolist()
+        run, skipped, last_step, last_loss, _ = numbers if numbers is not None else self._counts.tolist()
+        step = trainer.global_step if step is None else step
         self.run, self.skipped = int(run), int(skipped)
         if skipped > self._warned_at:
             log.warning("step %d: %d optimizer step(s) with a loss or gradient norm that is not finite, skipped so "
-                        "far (module.max_nonfinite_steps=%d in a row stop the run)", trainer.global_step,
+                        "far (module.max_nonfinite_steps=%d in a row stop the run)", step,
                         self.skipped, self.max_steps)
             self._warned_at = skipped
         if self.run >= self.max_steps:
-            raise NonFiniteError(self.message(trainer.global_step, trainer, last_step, last_loss))
+            raise NonFiniteError(self.message(step, trainer, last_step, last_loss))
         return skipped
 
     def message(self, step: int, trainer: L.Trainer, last_step: float, last_loss: float) -> str:
@@ -111,6 +118,13 @@ class NonFiniteGuard:
             f"optim.warmup_fraction), or overflow in reduced precision (trainer.precision={trainer.precision}: "
             "try trainer.precision=32-true or bf16-mixed)"
         )
+
+
+def host_number(value: float) -> torch.Tensor:
+    """A number already read from the device, as the tensor Lightning's `self.log` wants: a float64 scalar on the
+    CPU (a plain float would become a tensor on the model's device, written there and read back). Lightning reading
+    it costs no device sync; scripts/count_syncs.py tells such reads apart by this dtype and device."""
+    return torch.tensor(value, dtype=torch.float64)
 
 
 def _takes_found_inf(optimizer: Any) -> bool:
@@ -168,6 +182,7 @@ class MmtxModule(L.LightningModule):
         self.optim = dict(optim)
         self.run_config = run_config or {}
         self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self._step_values: dict[str, torch.Tensor] = {}  # this step's logged training values, read when it ends
         several = len(self.tasks) > 1
         self._contexts = {name: StepContext(self, f"{name}/" if several else "") for name in self.tasks}
         self._forwards = {name: torch.compile(part) if compile else part for name, part in self.tasks.items()}
@@ -207,6 +222,10 @@ class MmtxModule(L.LightningModule):
             total = loss if total is None else total + loss
         return total
 
+    def log_step_value(self, key: str, value: torch.Tensor) -> None:
+        """Keep a training value (a device tensor) for this step's log line: see `on_train_batch_end`."""
+        self._step_values[key] = value.detach()
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.shared_step(batch, "train", batch_idx)
         self.guard.add_loss(loss.detach())
@@ -224,13 +243,34 @@ class MmtxModule(L.LightningModule):
         trainer = self._trainer
         if trainer is None:
             return
-        last = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
-        if last:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
             trainer.should_stop = True
-        if last or trainer.global_step % max(1, trainer.log_every_n_steps) == 0:  # a log step: read the guard
-            skipped = self.guard.check(trainer)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the step (before the callbacks' on_train_batch_end, which show this step's values):
+        trainer = self.trainer
+        step = trainer.global_step + 1  # this step's number (Lightning counts it once the hook returns)
+        last = trainer.max_steps > 0 and step >= trainer.max_steps
+        if last or step % max(1, trainer.log_every_n_steps) == 0 or self._step_values:
+            self._log_step_values(trainer, step)
+
+    def _log_step_values(self, trainer: L.Trainer, step: int) -> None:
+        """The step's logged training values (train/loss of each part, train/grad_norm) and the guard's counters,
+        read from the device in one transfer, logged as numbers (Lightning then reads nothing itself); the guard
+        warns, counts and stops the run on what it read. On log steps (and, co-trained, where a member logs)."""
+        values, self._step_values = self._step_values, {}
+        counts = self.guard.counts()
+        tensors = [v.double().reshape(1) for v in values.values()] + ([counts] if counts is not None else [])
+        if not tensors:
+            return
+        numbers = torch.cat([t.to(tensors[0].device) for t in tensors]).tolist()  # the one device read
+        for key, number in zip(values, numbers):
+            self.log(key, host_number(number), on_step=True, on_epoch=False)
+        if counts is not None:
+            skipped = self.guard.check(trainer, numbers[len(values):], step)
             if skipped:
-                self.log("train/skipped_steps", skipped, on_step=True, on_epoch=False)
+                self.log("train/skipped_steps", host_number(skipped), on_step=True, on_epoch=False)
 
     def on_validation_start(self) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
@@ -293,8 +333,8 @@ class MmtxModule(L.LightningModule):
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
         else:  # clipping by value (Lightning's, FSDP's included), or none
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        if norm is not None and self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        if norm is not None and (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log_step_value("train/grad_norm", norm)  # this step logs: read with its other values
 
     def weights_are_finite(self) -> bool:
         """True when every parameter is finite and the last optimizer step was not skipped as non-finite."""

@@ -48,6 +48,13 @@ class StepReads(L.Callback):
         return "log" if entry["step"] % self.log_every == 0 else "plain"
 
 
+def _host_number(tensor: torch.Tensor) -> bool:
+    """A value mmtx already read from the device and hands Lightning's `self.log` as a number
+    (`mmtx.module.host_number`: a float64 scalar on the CPU). Reading it is no device read on any machine; on this
+    one, where every tensor is on the CPU, the dtype is what tells it apart from a device value."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float64 and tensor.dim() == 0
+
+
 def _site() -> str:
     """The innermost frame in mmtx, Lightning or torchmetrics: where the read was asked for."""
     frames = traceback.extract_stack()[:-2]
@@ -64,7 +71,8 @@ def counting(recorder: StepReads):
 
     def wrap(name, original):
         def read(self, *args, **kwargs):
-            if recorder.current is not None and not (name == "cpu" and self.device.type == "cpu"):
+            if recorder.current is not None and not (name == "cpu" and self.device.type == "cpu") \
+                    and not _host_number(self):
                 recorder.current["reads"][f"{name} at {_site()}"] += 1
             return original(self, *args, **kwargs)
         return read
@@ -128,6 +136,13 @@ def main() -> None:
             plain.update(entry["reads"])
     print("\nreads on plain steps, by call site:" if plain else "\nno device read on a plain step")
     for site, n in plain.most_common():
+        print(f"  {n:4d}  {site}")
+    logs = collections.Counter()
+    for entry in recorder.steps:
+        if recorder.kind(entry) == "log":
+            logs.update(entry["reads"])
+    print("\nreads on log steps (not validating), by call site:")
+    for site, n in logs.most_common():
         print(f"  {n:4d}  {site}")
 
 

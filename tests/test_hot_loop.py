@@ -69,7 +69,8 @@ def test_the_throughput_windows_leave_out_checkpoint_writes(monkeypatch):
 
 def test_no_device_read_on_a_step_that_does_not_log(tmp_path):
     """scripts/count_syncs.py on a tiny language model: its training steps read nothing from the device (a sync on
-    a GPU) except on log steps, the non-finite guard's decision included (fused AdamW takes it as `found_inf`)."""
+    a GPU) except on log steps, the non-finite guard's decision included (fused AdamW takes it as `found_inf`), and
+    a log step reads its values (train/loss, train/grad_norm, the guard's counters) in one transfer."""
     sys.path.insert(0, str(REPO / "scripts"))
     from count_syncs import count
 
@@ -78,4 +79,6 @@ def test_no_device_read_on_a_step_that_does_not_log(tmp_path):
     assert kinds.count("plain") == 9 and kinds.count("log") == 2 and kinds[-1] == "validate"  # steps 4, 8; 12
     plain = {site: n for entry in recorder.steps if recorder.kind(entry) == "plain" for site, n in entry["reads"].items()}
     assert plain == {}, plain
-    assert all(sum(e["reads"].values()) > 0 for e in recorder.steps if recorder.kind(e) != "plain")  # it counts
+    logs = [entry["reads"] for entry in recorder.steps if recorder.kind(entry) == "log"]
+    assert all(sum(reads.values()) == 1 and "tolist" in next(iter(reads)) for reads in logs), logs  # one batched read
+    assert sum(recorder.steps[-1]["reads"].values()) > 0  # it counts: a validation reads its metrics

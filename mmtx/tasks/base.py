@@ -50,6 +50,11 @@ class StepContext:
         kwargs.setdefault("add_dataloader_idx", False)
         self.module.log(f"{self.prefix}{name}", value, **kwargs)
 
+    def log_step_value(self, name: str, value: torch.Tensor) -> None:
+        """A training value for this step's log line (`{prefix}{name}`), read from the device with the step's other
+        logged values in one transfer when the step ends (`MmtxModule.on_train_batch_end`), not one by one."""
+        self.module.log_step_value(f"{self.prefix}{name}", value)
+
 
 @contextlib.contextmanager
 def evaluating(*modules: nn.Module) -> Iterator[None]:
@@ -149,9 +154,9 @@ class TaskPart(nn.Module, abc.ABC):
         window = step // trainer.log_every_n_steps
         if window <= self._logged_window and step != trainer.max_steps:
             return
-        # prog_bar=False: Lightning would read a progress-bar value on every step until the epoch ends (a device
-        # sync a step); the bar shows mmtx.progress.SmoothedLoss instead, read without waiting.
-        ctx.log("train/loss", self._train_loss / self._train_steps, on_step=True, on_epoch=False)
+        # Not a progress-bar value (Lightning would read it on every step until the epoch ends): the bar shows
+        # mmtx.progress.SmoothedLoss, read without waiting.
+        ctx.log_step_value("train/loss", self._train_loss / self._train_steps)
         self._train_loss, self._train_steps, self._logged_window = None, 0, window
 
     def extra_state(self) -> dict[str, Any]:
