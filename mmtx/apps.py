@@ -132,7 +132,8 @@ def unknown_key(cfg: DictConfig, key: str, adding: bool) -> str | None:
         node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
         if key.startswith("members.") and key.count(".") >= 2:
             return None  # a member's setting: co-training checks it against the member's own config
-        if key.startswith("callbacks.") and key.count(".") >= 2 and OmegaConf.select(cfg, key.rsplit(".", 1)[0]) is None:
+        entry = key.rsplit(".", 1)[0]
+        if key.startswith("callbacks.") and key.count(".") >= 2 and OmegaConf.select(cfg, entry) is None:
             return None  # a new callback
         if isinstance(node, DictConfig) and "_target_" in node and _takes(str(node._target_), leaf):
             return None
