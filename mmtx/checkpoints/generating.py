@@ -45,15 +45,17 @@ def seq2seq_inputs(model, args: dict[str, Any]) -> list[str]:
     if audio_model != (given[0] == "audio"):
         kind = "audio" if audio_model else "text"
         raise ConfigError(f"this checkpoint's model reads {kind}, but {given[0]}= was given")
-    if given[0] == "text":
-        return [str(args["text"])]
+    if given[0] == "text":  # one text (the command line), or a list of them (Model.generate)
+        texts = args["text"]
+        return [str(t) for t in texts] if isinstance(texts, (list, tuple)) else [str(texts)]
     if given[0] == "text_file":
         path = Path(str(args["text_file"])).expanduser()
         if not path.is_file():
             raise MissingError(f"text_file {path} does not exist")
         return path.read_text(encoding="utf-8").splitlines()
     files: list[str] = []
-    for pattern in str(args["audio"]).split(","):
+    audio = args["audio"]
+    for pattern in ([str(a) for a in audio] if isinstance(audio, (list, tuple)) else str(audio).split(",")):
         found = sorted(glob.glob(os.path.expanduser(pattern.strip()))) if glob.has_magic(pattern) else [pattern.strip()]
         if not found or not all(Path(f).is_file() for f in found):
             raise MissingError(f"no audio file at {pattern.strip()}")

@@ -112,11 +112,6 @@ class Model:
         if self.kind == "classification":
             raise ConfigError(f"{self.path} is a classifier: generate continues text, translates and transcribes; "
                               "use predict()")
-        for key in ("text", "audio"):
-            if isinstance(options.get(key), (list, tuple)):
-                if key == "text":
-                    return [out for item in options.pop(key) for out in self.generate(prompt, text=item, **options)]
-                options[key] = ",".join(str(p) for p in options[key])
         if prompt is not None:
             options["prompt"] = prompt
         return generate_with(self.module, options, self.path, echo=False)
