@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import CustomTimeColumn, ProcessingSpeedColumn
@@ -206,7 +207,6 @@ class ProgressBar(RichProgressBar):
             items["train/loss"] = self._loss.value
         return items
 
-
     def _get_train_description(self, current_epoch: int) -> str:
         epochs = total_epochs(self.trainer)
         description = f"Epoch {current_epoch}" + (f"/{epochs - 1}" if epochs else "")
@@ -227,8 +227,6 @@ class SmoothedLoss:
         self._pending = None  # (host tensor, CUDA event) of a copy in flight
 
     def update(self, outputs: Any) -> None:
-        import torch
-
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return
