@@ -68,13 +68,24 @@ def build_data(cfg: DictConfig, **kwargs: Any) -> L.LightningDataModule:
     return datamodule
 
 
+def build_tokenizer(cfg: DictConfig, runtime: dict[str, Any]) -> Any:
+    """The tokenizer of `cfg` for the backbone's width, with its run-time values (the vocabulary, image geometry);
+    a text vocabulary's `pad_to_multiple_of` (a setting of the embedding's rows, not of the vocabulary the data
+    module builds) goes to the embedding."""
+    kwargs = dict(runtime.get("tokenizer", {}))
+    spec = cfg.tokenizer.get("vocab")
+    if isinstance(spec, DictConfig) and spec.get("pad_to_multiple_of") is not None:
+        kwargs["pad_to_multiple_of"] = spec.pad_to_multiple_of
+    return instantiate(cfg.tokenizer, dim=cfg.backbone.dim, **kwargs)
+
+
 def build_part(cfg: DictConfig, runtime: dict[str, Any], tokenizer: Any = None) -> Any:
     """The task part of `cfg` (its family) on a backbone of `cfg.backbone`: its tokenizer (unless given: a
     tokenizer shared with another member), then its head; an encoder-decoder's decoder stack is the
     backbone's spec with the non-null values of `family.decoder` on top."""
     dim = cfg.backbone.dim
     if tokenizer is None:
-        tokenizer = instantiate(cfg.tokenizer, dim=dim, **runtime.get("tokenizer", {}))
+        tokenizer = build_tokenizer(cfg, runtime)
     family: dict[str, Any] = dict(runtime.get("family", {}))
     if "decoder" in cfg.family:
         spec = OmegaConf.to_container(cfg.backbone, resolve=True)
@@ -102,7 +113,7 @@ def build_model(cfg: DictConfig, runtime: dict[str, dict[str, Any]]) -> L.Lightn
         tasks = {name: tasks[name] for name in members}  # the members' order
         loss_weights = {name: s["loss_weight"] for name, s in settings.items()}
     else:
-        tokenizer = instantiate(cfg.tokenizer, dim=cfg.backbone.dim, **runtime.get("tokenizer", {}))
+        tokenizer = build_tokenizer(cfg, runtime)
         backbone = instantiate(cfg.backbone)
         tasks = {SINGLE: build_part(cfg, runtime, tokenizer)}
     module = cfg.get("module") or {}

@@ -66,6 +66,7 @@ def small_run(tmp_path: Path, data_root: Path | None = None, modality: str = "im
         "data.eval_batch_size=16",
         *MODALITY_OVERRIDES[modality],
         "trainer=cpu",
+        "module.compile=false",  # a GPU recipe's (gpt2_small): compiling takes longer than a tiny run
         "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=1",
         f"paths.output_root={tmp_path / 'outputs'}",

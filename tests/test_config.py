@@ -44,6 +44,9 @@ def tiny(task: str, tmp_path: Path, data_root: Path) -> list[str]:
     if is_pretrained(cfg.init_from):
         name = cfg.init_from.split(":", 1)[1].split(".", 1)[0]
         return pretrained_small_run(tmp_path, data_root, timm_reference(data_root / f"{name}.safetensors", name))
+    if cfg.data._target_.startswith("mmtx.data.synthetic."):  # no files: no data root; a small vocabulary
+        return [*small_run(tmp_path, None, task_modality(task)), "data.vocab_size=300", "data.train_tokens=4096",
+                "data.val_tokens=1024"]
     return small_run(tmp_path, data_root, task_modality(task))
 
 

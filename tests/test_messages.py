@@ -51,6 +51,7 @@ CONFIGS = [
     ("audio_fsdd", []), ("audio_fsdd", ["data=audio_folder"]), ("audio_fsdd", ["data=hf_audio"]),
     ("asr_fsdd", []), ("asr_fsdd", ["data=speech_manifest"]), ("translate_multi30k_cpu", []),
     ("translate_multi30k_cpu", ["data=parallel_text"]), ("translate_multi30k_cpu", ["data=hf_translation"]),
+    ("gpt2_small", []), ("vit_cifar", ["data=synthetic_images"]), ("audio_fsdd", ["data=synthetic_audio"]),
 ]
 
 

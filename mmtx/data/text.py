@@ -77,7 +77,9 @@ class TextDataModule(IndexedSplits):
         if self.fixed_vocab is None and self.vocab_spec.get("kind") in ("file", "hf"):
             # A vocabulary read from a file or a model: the cache follows its contents, not its name.
             self.fixed_vocab = build_vocab(text="", **self.vocab_spec)
-        vocab_key = self.fixed_vocab.to_json() if self.fixed_vocab is not None else sorted(self.vocab_spec.items())
+        vocab_key = self.fixed_vocab.to_json() if self.fixed_vocab is not None else sorted(
+            (k, v) for k, v in self.vocab_spec.items() if k != "pad_to_multiple_of")  # the embedding's, not the ids'
+
         key = digest(*(self.source.fingerprint(s) for s in self.source.splits()), vocab_key, self.val_fraction)
         return self.cache_dir / f"{self.source.cache_name}-{key}"
 

@@ -33,7 +33,8 @@ class CausalLM:
     def decode(self, ids: torch.Tensor, caches=None, start: int = 0) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T) at positions start..start+T-1."""
         tokens = self.part.tokenizer(TokenBatch(ids), start=start)
-        return self.part.head(self.backbone(tokens, caches=caches, causal=True))
+        logits = self.part.head(self.backbone(tokens, caches=caches, causal=True))
+        return logits[..., :self.part.tokenizer.vocab_size]  # never a padding row (tokenizer.vocab.pad_to_multiple_of)
 
     def new_caches(self, batch: int, max_len: int):
         p = self.part.tokenizer.embed.weight

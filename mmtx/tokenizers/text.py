@@ -45,6 +45,9 @@ class Vocab:
                 f"text has characters the char tokenizer never saw in training: {unseen[:20]} "
                 "(use tokenizer=bpe, which covers every byte)"
             )
+        if self.kind == "synthetic" and unk is not None and unk in ids:
+            raise ConfigError(f"text {text[:60]!r} has words outside this synthetic vocabulary (data=synthetic_tokens): "
+                              f"its words are t0 to t{unk - 1}, separated by spaces")
         return ids
 
     def encode_array(self, text: str) -> np.ndarray:
@@ -112,7 +115,9 @@ class Vocab:
 
 def _kind_of(tokenizer) -> str:
     model = type(tokenizer.model).__name__
-    return "char" if model == "WordLevel" else model.lower()
+    if model == "WordLevel":  # characters, or the words t0, t1, ... of synthetic ids (mmtx.data.synthetic)
+        return "synthetic" if type(tokenizer.pre_tokenizer).__name__ == "WhitespaceSplit" else "char"
+    return model.lower()
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (), min_frequency: int = 2) -> Vocab:
@@ -158,10 +163,12 @@ def build_vocab(
     min_frequency: int = 2,
     path: str | None = None,
     name: str | None = None,
+    pad_to_multiple_of: int | None = None,
 ) -> Vocab:
     """The vocabulary a `tokenizer.vocab` config asks for, trained on `text` (the training split: a string, or an
     iterable of pieces of it, read once), read from a tokenizer.json (`kind=file`, `path`) or a pretrained model's
-    (`kind=hf`, `name`: a Hugging Face model id or a folder saved by `save_pretrained`)."""
+    (`kind=hf`, `name`: a Hugging Face model id or a folder saved by `save_pretrained`). `pad_to_multiple_of` is the
+    embedding's business (`TokenEmbedding`), not the vocabulary's."""
     if kind == "bpe":
         if isinstance(text, str):
             lines = text.splitlines(keepends=True)
@@ -188,6 +195,9 @@ class TokenEmbedding(nn.Module):
     pos_embed="learned": a (max_len, dim) table added to the embeddings (GPT-2);
     "none": no absolute positions, for a backbone with rotary attention.
     The embedding matrix is shared with the LM head's output layer (tied).
+    pad_to_multiple_of (`tokenizer.vocab.pad_to_multiple_of`): the table gets rows up to the next multiple of it
+    (GPT-2's 50,257 tokens -> 50,304 rows at 64, as nanoGPT pads them), so that the output matmul's width suits
+    the GPU's tiles; the extra ids never occur in the data and are never sampled (`LanguageModel`).
     """
 
     def __init__(
@@ -197,12 +207,19 @@ class TokenEmbedding(nn.Module):
         max_len: int = 1024,
         pos_embed: str = "learned",
         dropout: float = 0.0,
+        pad_to_multiple_of: int | None = None,
     ) -> None:
         super().__init__()
         if pos_embed not in ("learned", "none"):
             raise ConfigError(f"tokenizer.pos_embed must be 'learned' or 'none', got {pos_embed!r}")
         self.vocab = vocab if isinstance(vocab, Vocab) else None  # kept for decoding; not a parameter
-        vocab_size = len(vocab) if isinstance(vocab, Vocab) else vocab
+        vocab_size = self.vocab_size = len(vocab) if isinstance(vocab, Vocab) else vocab  # the ids that occur
+        if pad_to_multiple_of is not None:
+            if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) \
+                    or pad_to_multiple_of <= 0:
+                raise ConfigError(f"tokenizer.vocab.pad_to_multiple_of={pad_to_multiple_of!r} must be a positive "
+                                  "whole number (64 suits GPUs), or null for no padding")
+            vocab_size = -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(max_len, dim)) if pos_embed == "learned" else None
