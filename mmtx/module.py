@@ -8,6 +8,7 @@ metrics are logged as `{member}/{stage}/{name}`.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,54 @@ def _takes_found_inf(optimizer: Any) -> bool:
     return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
 
 
+def compiler_unavailable(device: torch.device) -> str | None:
+    """Why `torch.compile`'s inductor cannot build kernels for `device` (None: it can): on a CPU it needs a C++
+    compiler, on a CUDA GPU Triton and compute capability 7.0 or newer."""
+    import shutil
+
+    if device.type == "cpu":
+        compilers = [os.environ.get("CXX")] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+        if not any(shutil.which(c) for c in compilers):
+            return (f"inductor builds CPU kernels with a C++ compiler and none was found ({', '.join(compilers)} not "
+                    "on PATH): install g++ (apt install g++) or name one in $CXX")
+    elif device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 7:
+            return (f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; inductor's Triton "
+                    "kernels need 7.0 or newer (Volta)")
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "inductor builds GPU kernels with Triton, which is not installed (pip install triton)"
+    elif device.type != "mps":
+        return f"inductor has no backend for a {device.type} device"
+    return None
+
+
+class CompiledOrEager:
+    """`torch.compile(fn)`, which falls back to `fn` itself, with one warning naming the compiler's error, when the
+    first compilation fails (a compiler that cannot build for this machine): the run goes on eagerly, not down."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.compiled = fn, torch.compile(fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is None:
+            return self.fn(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - only the compiler's own errors fall back; the model's are raised
+            from torch._dynamo.exc import BackendCompilerFailed
+
+            if not isinstance(err, BackendCompilerFailed) and type(err).__name__ not in ("InductorError", "CppCompileError"):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            log.warning("module.compile=true: compiling failed (%s: %s); this run continues without compiling",
+                        type(err).__name__, first[:300])
+            self.compiled = None
+            return self.fn(*args, **kwargs)
+
+
 SINGLE = "main"  # the member name of a run with one task part
 
 
@@ -168,6 +217,7 @@ class MmtxModule(L.LightningModule):
         optim: dict[str, Any],
         compile: bool = False,
         max_nonfinite_steps: int = 10,
+        tf32: bool = True,
         run_config: dict[str, Any] | None = None,
         loss_weights: dict[str, float] | None = None,
     ) -> None:
@@ -182,10 +232,33 @@ class MmtxModule(L.LightningModule):
         self.optim = dict(optim)
         self.run_config = run_config or {}
         self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self.tf32 = tf32
         self._step_values: dict[str, torch.Tensor] = {}  # this step's logged training values, read when it ends
         several = len(self.tasks) > 1
         self._contexts = {name: StepContext(self, f"{name}/" if several else "") for name in self.tasks}
-        self._forwards = {name: torch.compile(part) if compile else part for name, part in self.tasks.items()}
+        self._compile = compile  # compiled once the device is known (`setup`), unless the compiler cannot run there
+        self._forwards: dict[str, Any] = dict(self.tasks)  # each part's forward: eager until then
+        self._losses: dict[str, Any] = {name: part.forward_loss for name, part in self.tasks.items()}
+
+    def setup(self, stage: str) -> None:
+        """On the training device, before the first batch: compile every task part's forward and loss into one graph
+        (`module.compile`), or say in one warning why not and run eagerly; float32 matmuls on TF32 tensor cores for a
+        float32 run on a CUDA GPU (`module.tf32`)."""
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        if device.type == "cuda" and self.tf32 and str(trainer.precision if trainer else "") in ("32-true", "32") \
+                and torch.get_float32_matmul_precision() == "highest":
+            torch.set_float32_matmul_precision("high")  # as Lightning advises; bf16-mixed runs do not need it
+            log.info("module.tf32=true: float32 matmuls run on TF32 tensor cores (module.tf32=false: full float32)")
+        if not self._compile or any(isinstance(f, CompiledOrEager) for f in self._losses.values()):
+            return
+        why = compiler_unavailable(device)
+        if why is not None:
+            log.warning("module.compile=true: %s; this run continues without compiling", why)
+            self._compile = False
+            return
+        self._forwards = {name: CompiledOrEager(part) for name, part in self.tasks.items()}
+        self._losses = {name: CompiledOrEager(part.forward_loss) for name, part in self.tasks.items()}
 
     @property
     def task(self) -> TaskPart:
@@ -216,7 +289,11 @@ class MmtxModule(L.LightningModule):
         for name, part, member_batch in self._members(batch):
             ctx = self._contexts[name]
             ctx.batch_idx = batch_idx
-            loss = part.step(self._forwards[name](self.backbone, member_batch), member_batch, stage, ctx)
+            outputs, loss = self._losses[name](self.backbone, member_batch, stage in part.outputs_needed)
+            if loss is None:  # a part that computes its loss in `step`
+                loss = part.step(outputs, member_batch, stage, ctx)
+            else:
+                loss = part.step(outputs, member_batch, stage, ctx, loss=loss)
             if self.loss_weights[name] != 1.0:
                 loss = loss * self.loss_weights[name]
             total = loss if total is None else total + loss

@@ -123,6 +123,7 @@ def build_model(cfg: DictConfig, runtime: dict[str, dict[str, Any]]) -> L.Lightn
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         compile=bool(module.get("compile", False)),
         max_nonfinite_steps=int(module.get("max_nonfinite_steps", 10)),
+        tf32=bool(module.get("tf32", True)),
         run_config=OmegaConf.to_container(cfg, resolve=True),
         loss_weights=loss_weights,
     )

@@ -267,8 +267,9 @@ class IndexedSplits(L.LightningDataModule, abc.ABC):
         used = limit if isinstance(limit, int) else int(limit * batches)
         if used >= batches:
             return False
-        log.info("trainer.%s=%s: the %s figures are of %d of its %d samples, a seeded subset that takes the classes "
-                 "in turn", key, limit, split, min(size, used * batch_size), size)
+        how = "a seeded subset that takes the classes in turn" if "labels" in self.splits[split] else "a seeded subset"
+        log.info("trainer.%s=%s: the %s figures are of %d of its %d samples, %s", key, limit, split,
+                 min(size, used * batch_size), size, how)
         return True
 
     def has_split(self, split: str) -> bool:

@@ -26,9 +26,13 @@ def attention_mask(
     "may attend", or None with `is_causal` set when plain causality suffices
     (so SDPA can use its fused causal kernel).
     """
-    if key_mask is None and (not causal or q_len == k_len or q_len == 1):
-        # q_len == 1 with a cache: the one new query may see every key.
-        return None, causal and q_len == k_len and q_len > 1
+    if key_mask is None:
+        # Branches, not a boolean expression: with dynamic shapes (torch.compile) the lengths are symbols, and SDPA
+        # takes a Python bool, which a branch gives (Dynamo guards on it).
+        if not causal or q_len == 1:  # q_len == 1 with a cache: the one new query may see every key
+            return None, False
+        if q_len == k_len:
+            return None, True
     mask = None
     if key_mask is not None:
         mask = key_mask[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
@@ -125,6 +129,8 @@ class Attention(_MultiHead):
     def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate x (..., T, Dh) at positions start..start+T-1."""
         end = start + x.shape[-2]
+        if torch.compiler.is_compiling():  # a pure function of the shape: no Python state for Dynamo to guard on
+            return apply_rotary(x, rotary_tables(end, self.head_dim, device=x.device)[start:end])
         rope = self._rope
         if rope is None or rope.shape[0] < end or rope.device != x.device:  # (re)compute, covering these positions
             length = end if rope is None else max(end, rope.shape[0] if rope.shape[0] >= end else 2 * rope.shape[0])

@@ -105,7 +105,8 @@ class TaskPart(nn.Module, abc.ABC):
 
     attach(backbone)                        adapt the shared backbone once, when the model is built
     forward(backbone, batch) -> outputs     the model's outputs for a batch (logits)
-    step(outputs, batch, stage, ctx) -> loss
+    loss(outputs, batch) -> loss            the loss alone, a pure function (optional: compiled with the forward)
+    step(outputs, batch, stage, ctx[, loss]) -> loss
                                             the loss, with this task's metrics logged through `ctx.log`
     epoch_end(stage, ctx)                   metrics and media that need the whole epoch
     extra_state() -> dict                   what a checkpoint must carry besides weights (vocabularies)
@@ -131,7 +132,25 @@ class TaskPart(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def step(self, outputs: torch.Tensor, batch: Batch, stage: str, ctx: StepContext) -> torch.Tensor:
-        """The loss of `outputs` for `batch`, this task's metrics logged through `ctx.log`."""
+        """The loss of `outputs` for `batch`, this task's metrics logged through `ctx.log`. A part that defines
+        `loss` is handed it (`loss=`, computed with the forward) and, in the stages not in `outputs_needed`,
+        `outputs=None`."""
+
+    # The stages whose `step` reads the outputs (classification: its accuracy); in the others a part with a `loss`
+    # gets only the loss, and a language model's (B, T, V) logits never leave the compiled graph.
+    outputs_needed: tuple[str, ...] = ("train", "val", "test")
+
+    def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        """The loss of `outputs` for `batch`, with nothing logged: `module.compile` compiles it with the forward
+        into one graph. None (the default): `step` computes the loss itself."""
+        return None
+
+    def forward_loss(self, backbone: nn.Module, batch: Batch, keep_outputs: bool = True):
+        """(outputs, loss) of a batch: what `MmtxModule` runs (compiled under `module.compile`) before `step`. The
+        outputs are None when the loss is all the step needs (`keep_outputs` false)."""
+        outputs = self(backbone, batch)
+        loss = self.loss(outputs, batch)
+        return (outputs if keep_outputs or loss is None else None), loss
 
     def epoch_end(self, stage: str, ctx: StepContext) -> None:
         pass

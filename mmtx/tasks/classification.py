@@ -152,8 +152,9 @@ class Classification(TaskPart):
             return soft_target_cross_entropy(logits, soft, self.label_smoothing)
         return F.cross_entropy(logits.float(), batch.label, label_smoothing=self.label_smoothing)
 
-    def step(self, logits: torch.Tensor, batch: ImageBatch | AudioBatch, stage: str, ctx: StepContext) -> torch.Tensor:
-        loss = self.loss(logits, batch)
+    def step(self, logits: torch.Tensor, batch: ImageBatch | AudioBatch, stage: str, ctx: StepContext,
+             loss: torch.Tensor | None = None) -> torch.Tensor:
+        loss = self.loss(logits, batch) if loss is None else loss
         accuracy = self.acc[f"{stage}_"]
         accuracy(logits.detach(), batch.label)
         if stage != "train":  # predicted labels feed the media and the confusion matrix, not training

@@ -131,9 +131,17 @@ class LanguageModel(TaskPart):
 
     # -- training ---------------------------------------------------------------------------
 
-    def step(self, logits: torch.Tensor, batch: TokenBatch, stage: str, ctx: StepContext) -> torch.Tensor:
+    outputs_needed = ()  # the loss is all a step reads: the logits stay inside the compiled graph
+
+    def loss(self, logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """Mean next-token cross-entropy, in float32 (compiled, the cast fuses into the softmax's kernels: no
+        float32 copy of the (B, T, V) logits is written)."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
+
+    def step(self, logits: torch.Tensor | None, batch: TokenBatch, stage: str, ctx: StepContext,
+             loss: torch.Tensor | None = None) -> torch.Tensor:
         targets = batch.targets  # (B, T)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = self.loss(logits, batch) if loss is None else loss
         if stage == "train":
             self.log_train_loss(loss, ctx)
             return loss

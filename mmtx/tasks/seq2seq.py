@@ -139,14 +139,21 @@ class Seq2Seq(TaskPart):
         memory, memory_mask = self.encode(backbone, batch.source)
         return self.decoder(batch.target.tokens, memory, memory_mask)  # (B, T, V)
 
-    def step(self, logits: torch.Tensor, batch: PairBatch, stage: str, ctx: StepContext) -> torch.Tensor:
-        targets = batch.target.targets
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+    outputs_needed = ()  # decoding at validation runs its own forward passes
+
+    def loss(self, logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+        """Mean (label-smoothed) cross-entropy of the target tokens, in float32."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch.target.targets.flatten(), ignore_index=IGNORE_INDEX,
                                label_smoothing=self.label_smoothing)
-        n = int((targets != IGNORE_INDEX).sum())
+
+    def step(self, logits: torch.Tensor | None, batch: PairBatch, stage: str, ctx: StepContext,
+             loss: torch.Tensor | None = None) -> torch.Tensor:
+        targets = batch.target.targets
+        loss = self.loss(logits, batch) if loss is None else loss
         if stage == "train":
             self.log_train_loss(loss, ctx)
         else:
+            n = int((targets != IGNORE_INDEX).sum())  # a device read: not on a training step
             ctx.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         if stage == "test" or (stage == "val" and self._decode_at_validation(ctx)):
             self._score(ctx.backbone, batch, self.val_beam_size if stage == "val" else None)
