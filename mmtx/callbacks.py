@@ -201,6 +201,15 @@ class BestCheckpoint(ModelCheckpoint):
     as "best" (Lightning would save it, scoring a NaN as the worst value, and a diverged classifier can
     still show a finite accuracy)."""
 
+    @property
+    def state_key(self) -> str:
+        # Lightning names every hook call by it (six a training step); ModelCheckpoint builds it from its settings
+        # each time (a dict's repr). The settings are fixed once the callback is made: built once.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = super().state_key
+        return key
+
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         if not healthy(trainer, trainer.lightning_module):
             log.warning("step %d: not saving a best checkpoint: the model's weights or validation metrics are not "

@@ -220,6 +220,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, *
         # One member a step: the other members' parameters get no gradient that step, which DDP must expect.
         # (Every rank trains the same member at a step: the schedule is seeded alike on every rank.)
         kwargs["strategy"] = "ddp_find_unused_parameters_true"
+    if cfg.trainer.get("profiler") is None:  # +trainer.profiler=simple|advanced|pytorch profiles as Lightning's does
+        from mmtx.module import NoProfiler
+
+        kwargs["profiler"] = NoProfiler()
     kwargs.update(overrides)
     kwargs["enable_progress_bar"] = show_progress and stdout_is_terminal()  # ProgressLog is not a Lightning bar
     return instantiate(cfg.trainer, **kwargs)

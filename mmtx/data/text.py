@@ -182,13 +182,21 @@ class TextDataModule(IndexedSplits):
         starts = index * T  # (B,)
         if split == "train":
             starts = (starts + torch.randint(0, T, starts.shape, device=index.device)).clamp_max(len(ids) - T - 1)
-        offsets = starts[:, None] + torch.arange(T + 1, device=index.device)  # (B, T+1)
+        offsets = starts[:, None] + _positions(T + 1, index.device)  # (B, T+1)
         if isinstance(ids, torch.Tensor):
             window = ids[offsets]
         else:  # the memory map (not device-resident): gather on the CPU, then move
             window = torch.from_numpy(ids[offsets.numpy()].astype(np.int64))
         window = window.to(device, non_blocking=True)
         return TokenBatch(tokens=window[:, :-1], targets=window[:, 1:])  # (B, T) each
+
+
+def _positions(length: int, device: torch.device, _cache: dict = {}) -> torch.Tensor:  # noqa: B006 - the cache
+    """0 .. length-1 on `device`, made once (every batch's windows add it to their starts)."""
+    key = (length, device)
+    if key not in _cache:
+        _cache[key] = torch.arange(length, device=device)
+    return _cache[key]
 
 
 def _span(pieces: Iterator[str], start: int, stop: int | None) -> Iterator[str]:
