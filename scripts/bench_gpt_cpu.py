@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -102,15 +103,18 @@ def full_val_loss(logits_fn, val) -> float:
     return total / count
 
 
-def timed(cmd: list[str], log_path: Path, cwd: Path | None = None) -> float:
-    """Run `cmd` to its end (output to `log_path`); its wall time in seconds."""
+def timed(cmd: list[str], log_path: Path, cwd: Path | None = None) -> tuple[float, float]:
+    """Run `cmd` to its end (output to `log_path`); its wall time in seconds and its peak resident memory in GB
+    (the process's own high-water mark, from the kernel's accounting when it is reaped: `os.wait4`)."""
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - t0
-    if done.returncode:
-        sys.exit(f"{' '.join(cmd)} failed ({done.returncode}); see {log_path}")
-    return seconds
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log_path}")
+    return seconds, usage.ru_maxrss / 1e6  # Linux: kilobytes
 
 
 def mmtx_overrides(root: str, cache: str) -> list[str]:
@@ -160,17 +164,17 @@ def main() -> None:
         if args.only in (None, "peer"):
             out = work / f"peer-{seed}"
             cmd = [sys.executable, "train.py", *NANOGPT_CPU, f"--out_dir={out}"]
-            seconds = timed(cmd, work / f"peer-{seed}.log", cwd=copy)
+            seconds, peak = timed(cmd, work / f"peer-{seed}.log", cwd=copy)
             estimates = nanogpt_estimates((work / f"peer-{seed}.log").read_text())
-            results["peer"].append({"seed": seed, "wall_s": seconds, "estimates": estimates,
+            results["peer"].append({"seed": seed, "wall_s": seconds, "peak_gb": peak, "estimates": estimates,
                                     "full_val_loss": nanogpt_full_val_loss(copy, out / "ckpt.pt")})
         if args.only in (None, "mmtx"):
             run_dir = work / f"mmtx-{seed}"
             cmd = [sys.executable, "-m", "mmtx.train", "task=gpt_shakespeare_cpu", f"seed={seed}",
                    f"hydra.run.dir={run_dir}", *mmtx_overrides(str(root), cache), *args.mmtx_overrides]
-            seconds = timed(cmd, work / f"mmtx-{seed}.log")
+            seconds, peak = timed(cmd, work / f"mmtx-{seed}.log")
             summary = json.loads((run_dir / "summary.json").read_text())
-            results["mmtx"].append({"seed": seed, "wall_s": seconds, "full_val_loss": summary["test/loss"],
+            results["mmtx"].append({"seed": seed, "wall_s": seconds, "peak_gb": peak, "full_val_loss": summary["test/loss"],
                                     "curve": mmtx_val_curve(run_dir)})
     report(results, args.seeds, args.mmtx_overrides)
 
@@ -180,12 +184,14 @@ def report(results: dict[str, list[dict]], seeds: list[int], overrides: list[str
           f"batch {BATCH}, {ITERS} iterations; seeds {seeds}; mmtx overrides {overrides or 'none'}")
     for r in results["peer"]:
         curve = ", ".join(f"{step}: {r['estimates'][step]:.3f}" for step in range(500, ITERS + 1, 500))
-        print(f"peer (nanoGPT train.py) repeat {r['seed']}: {r['wall_s']:.1f} s wall (process), its 20-batch val "
+        print(f"peer (nanoGPT train.py) repeat {r['seed']}: {r['wall_s']:.1f} s wall (process), peak memory "
+              f"{r['peak_gb']:.2f} GB, its 20-batch val "
               f"estimate {r['estimates'][ITERS]:.4f}, full validation loss of its ckpt.pt {r['full_val_loss']:.4f}; "
               f"val estimate by step {{{curve}}}")
     for r in results["mmtx"]:
         curve = ", ".join(f"{step}: {loss:.3f}" for step, loss in r["curve"].items())
-        print(f"mmtx seed {r['seed']}: {r['wall_s']:.1f} s wall (process), full validation loss "
+        print(f"mmtx seed {r['seed']}: {r['wall_s']:.1f} s wall (process), peak memory {r['peak_gb']:.2f} GB, "
+              "full validation loss "
               f"{r['full_val_loss']:.4f}; in-training val/loss by step {{{curve}}}")
     for name, runs in results.items():
         if runs:
@@ -195,6 +201,8 @@ def report(results: dict[str, list[dict]], seeds: list[int], overrides: list[str
     if results["peer"] and results["mmtx"]:
         ratio = sum(r["wall_s"] for r in results["mmtx"]) / sum(r["wall_s"] for r in results["peer"])
         print(f"wall-time ratio mmtx/peer (whole processes, all seeds): {ratio:.3f} (target <= 1.0)")
+        memory = max(r["peak_gb"] for r in results["mmtx"]) / max(r["peak_gb"] for r in results["peer"])
+        print(f"peak memory ratio mmtx/peer (the largest of each): {memory:.3f} (target <= 1.1)")
     print("anchor: nanoGPT's README, validation loss 1.88 (its 20-batch estimate) for this CPU configuration")
 
 

@@ -23,9 +23,27 @@ def test_bench_gpu_smoke_runs_every_part_and_resumes(tmp_path):
     state = json.loads((out / "state.json").read_text())
     failed = {name: part["figures"] for name, part in state["parts"].items() if part["status"] != "done"}
     assert not failed, failed
-    assert set(state["parts"]) == {"vit_cifar", "gpt_60s", "gpt2_mfu", "audio_60s", "translate", "ddp_overhead"}
+    assert list(state["parts"]) == ["gpt2_small", "profile", "vit_cifar", "gpt2_eager", "gpt_60s", "audio_60s",
+                                    "translate", "ddp_overhead"]  # the most informative first
+    assert state["parts"]["gpt2_eager"]["figures"]["compiled / eager"] > 0
     assert state["parts"]["ddp_overhead"]["figures"]["ddp / plain"] > 0
+    gpt2 = state["parts"]["gpt2_small"]["figures"]
+    assert gpt2["mmtx tokens/s"] > 0 and gpt2["nanoGPT"].startswith("not run: --smoke")
+    profiled = state["parts"]["profile"]["figures"]
+    assert profiled["steps profiled"] == 5 and profiled["ms/step (wall)"] > 0 and profiled["gpu busy"] is None
     rows = (out / "figures.md").read_text().splitlines()
-    assert len(rows) == 2 + 6 and all(row.count("|") == 8 for row in rows)
+    assert len(rows) == 2 + 8 and all(row.count("|") == 8 for row in rows)
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
     assert again.returncode == 0 and ": done in" not in again.stdout  # every part was already done
+
+
+def test_bench_gpu_fits_its_parts_to_the_budget():
+    """A part that no longer fits is not started; one bounded by trainer.max_time is shortened to fit."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_gpu
+
+    assert bench_gpu.fit_limit("gpt2_small", 2000) is None  # fits: its own limit
+    assert bench_gpu.fit_limit("gpt2_small", 100) == 0  # does not fit, cannot be shortened
+    assert bench_gpu.fit_limit("vit_cifar", 300) == 300  # shortened: 300 - 90 s of start-up = 3.5 min of training
+    assert "trainer.max_time=00:00:03:30" in bench_gpu.bounded(bench_gpu.PARTS["vit_cifar"][0], 300)
+    assert bench_gpu.fit_limit("vit_cifar", 150) == 0  # under two minutes of training left: not run

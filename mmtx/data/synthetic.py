@@ -68,7 +68,10 @@ class SyntheticTokens(TextDataModule):
         val_tokens: int = 1 << 18,
         device_resident: bool = True,
         seed: int = 0,
+        root: str | None = None,
     ) -> None:
+        """`root` is read by nothing: it is taken so that a command line naming `data.root`, as every other data
+        source's does, runs here too."""
         super(TextDataModule, self).__init__(batch_size, eval_batch_size, device_resident, seed)  # no text source
         specials = [UNK, *[t for t in special_tokens or [] if t != UNK]]
         vocab_size = _positive(vocab_size, "data.vocab_size", "the vocabulary size")
