@@ -156,9 +156,9 @@ def compiler_unavailable(device: torch.device) -> str | None:
         if major < 7:
             return (f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; inductor's Triton "
                     "kernels need 7.0 or newer (Volta)")
-        try:
-            import triton  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:  # torch's CUDA wheels bring it
             return "inductor builds GPU kernels with Triton, which is not installed (pip install triton)"
     elif device.type != "mps":
         return f"inductor has no backend for a {device.type} device"
