@@ -1,5 +1,6 @@
 """`module.compile=true`: each task part's forward and loss in one graph, with no graph break and one graph per
-input shape and mode; a compiler that cannot run is one warning, and the run goes on eagerly."""
+mode (training, evaluation), the sequence lengths symbolic; a compiler that cannot run is one warning, and the run
+goes on eagerly."""
 
 from __future__ import annotations
 
@@ -41,10 +42,7 @@ def data_root(tmp_path_factory):
     return root
 
 
-# Not audio_fsdd: torchaudio's spectrogram checks its arguments with torch.jit.isinstance, which Dynamo skips (a
-# break around the mel front end); computed in the graph instead, inductor (torch 2.11, CPU) failed a stride
-# assertion in the backward of the padded clips' attention with dynamic lengths. Left as it is (docs/benchmarks.md).
-@pytest.mark.parametrize("task", ["gpt_shakespeare_cpu", "vit_cifar_cpu", "translate_multi30k_cpu"])
+@pytest.mark.parametrize("task", ["gpt_shakespeare_cpu", "vit_cifar_cpu", "translate_multi30k_cpu", "audio_fsdd"])
 def test_one_graph_for_training_and_one_for_evaluation_without_a_break(task, traced, data_root, tmp_path):
     """Four training steps and two validations (the sanity check first): Dynamo traces the part's forward_loss
     twice (training, with gradients; evaluation, without) and never breaks a graph. Before: the rotary table, a
@@ -57,7 +55,9 @@ def test_one_graph_for_training_and_one_for_evaluation_without_a_break(task, tra
         args += ["family.val_decode_batches=0", "callbacks.checkpoint.monitor=val/loss", "callbacks.checkpoint.mode=min"]
     train(compose(task, args), run_dir=tmp_path / "run")
     assert sum(traced["graph_break"].values()) == 0, dict(traced["graph_break"])
-    assert traced["stats"]["unique_graphs"] == 2, dict(traced["stats"])
+    # Audio: the stem stacks frames in pairs, and Dynamo guards on the parity of a clip's frame count: at most two
+    # graphs a mode, whatever the lengths.
+    assert traced["stats"]["unique_graphs"] <= (4 if task == "audio_fsdd" else 2), dict(traced["stats"])
 
 
 def test_rotary_positions_give_one_training_graph(traced, data_root, tmp_path):

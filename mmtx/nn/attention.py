@@ -93,6 +93,10 @@ class _MultiHead(nn.Module):
 
     def attend(self, q, k, v, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         """(B, H, T, Dh) queries over (B, H, S, Dh) keys/values -> (B, T, D) projected output."""
+        if attn_mask is not None and attn_mask.dtype == torch.bool and torch.compiler.is_compiling():
+            # Compiled, the mask goes in as the additive float mask SDPA would make of it (the same numbers): torch
+            # 2.11's CPU inductor gave the one SDPA made a static stride in the backward, wrong at the next length.
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
         x = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,

@@ -135,7 +135,7 @@ class MelTokenizer(nn.Module):
         if audio.shape[1] < self.n_fft:
             audio = F.pad(audio, (0, self.n_fft - audio.shape[1]))
         with torch.autocast(audio.device.type, enabled=False):  # the FFT and logs in float32
-            mel = self.mel(audio.float())  # (B, L) -> (B, n_mels, F)
+            mel = self._mel_power(audio.float())  # (B, L) -> (B, n_mels, F)
         x = self._augment(log_mel_normalise(mel)).transpose(1, 2)  # (B, n_mels, F) -> (B, F, n_mels)
         n = x.shape[1]
         if lengths is None:
@@ -144,6 +144,16 @@ class MelTokenizer(nn.Module):
             valid = ((lengths - self.n_fft) // self.hop + 1).clamp(1, n)  # frames inside each clip
         mask = torch.arange(n, device=x.device)[None, :] < valid[:, None]  # (B, F)
         return x * mask[..., None], mask
+
+    def _mel_power(self, audio: torch.Tensor) -> torch.Tensor:
+        """`self.mel(audio)` (torchaudio's MelSpectrogram: power, no centring) computed here from its own window and
+        filterbank: torchaudio's spectrogram checks its arguments with `torch.jit.isinstance`, which torch.compile
+        cannot trace (a graph break); the module stays for its buffers, which checkpoints hold."""
+        spec = self.mel.spectrogram
+        stft = torch.stft(audio, spec.n_fft, spec.hop_length, win_length=spec.win_length, window=spec.window,
+                          center=False, normalized=False, onesided=True, return_complex=True)  # (B, n_freqs, F)
+        power = torch.view_as_real(stft).pow(2).sum(-1)
+        return torch.matmul(power.transpose(-1, -2), self.mel.mel_scale.fb).transpose(-1, -2)  # (B, n_mels, F)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         """SpecAugment's masks on (B, n_mels, F) frames, in training."""
