@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ENTRY_POINTS = ["train", "eval", "generate", "predict", "export"]
+ENTRY_POINTS = ["train", "eval", "generate", "predict", "export", "prepare"]
 SMALL = ["backbone.depth=1", "backbone.dim=32", "backbone.num_heads=2", "data.batch_size=8", "trainer=cpu",
          "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
          "trainer.log_every_n_steps=1"]

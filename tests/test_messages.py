@@ -52,6 +52,7 @@ CONFIGS = [
     ("asr_fsdd", []), ("asr_fsdd", ["data=speech_manifest"]), ("translate_multi30k_cpu", []),
     ("translate_multi30k_cpu", ["data=parallel_text"]), ("translate_multi30k_cpu", ["data=hf_translation"]),
     ("gpt2_small", []), ("vit_cifar", ["data=synthetic_images"]), ("audio_fsdd", ["data=synthetic_audio"]),
+    ("vit_cifar", ["data=streaming", "data.path=shards"]),
 ]
 
 
@@ -171,6 +172,13 @@ def test_every_readme_command_composes():
             from mmtx.export import FORMATS
 
             assert cfg.format in FORMATS, args
+        elif module == "mmtx.prepare":  # its own keys, and a training run's composition of the rest
+            own = [a for a in args if a.split("=", 1)[0] in app_keys("prepare")]
+            assert any(a.startswith("out=") for a in own), args
+            rest = [a for a in args if a not in own]
+            task = next((a.split("=", 1)[1] for a in rest if a.startswith("task=")), "vit_cifar")
+            compose(task, [a for a in rest if not a.startswith("task=")])
+            GlobalHydra.instance().clear()
         else:
             assert module == "mmtx.generate", module
             compose_app("generate", hydra_argv(args, app_keys("generate"), verbatim=VERBATIM))

@@ -14,7 +14,7 @@ import torch
 from conftest import ENV, REPO, cli, folder_run
 from mmtx.progress import SmoothedLoss
 
-PROGRAMS = ["train", "eval", "generate", "predict", "export"]
+PROGRAMS = ["train", "eval", "generate", "predict", "export", "prepare"]
 
 
 @pytest.mark.parametrize("program", PROGRAMS)
@@ -26,8 +26,8 @@ def test_help_is_fast_and_starts_with_usage(program):
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python -m mmtx.{program}"), proc.stdout[:300]
     assert seconds < 10, seconds  # about 0.2 s: nothing heavy is imported (a loaded CI machine gets slack)
     assert "$CONFIG" not in proc.stdout
-    if program != "train":
-        assert f"keys (conf/{program}.yaml):\n  ckpt:" in proc.stdout
+    if program != "train":  # the first of its own keys: the checkpoint, or (prepare) the folder it writes
+        assert f"keys (conf/{program}.yaml):\n  {'out' if program == 'prepare' else 'ckpt'}:" in proc.stdout
 
 
 def test_train_help_lists_the_tasks_with_one_line_each_and_points_to_cfg_job():

@@ -226,8 +226,7 @@ class IndexedSplits(L.LightningDataModule, abc.ABC):
         """The full training batches an epoch gives each of `world_size` ranks (training drops a last partial
         batch); an error naming the cause and the key to change when there are none (an empty training split,
         fewer samples than a batch). `prefix`: where this data's keys are (a co-training member's)."""
-        self.setup()
-        n = self.num_samples("train") if "train" in self.splits else 0
+        n = self.num_samples("train") if self.has_split("train") else 0
         if n == 0:
             held = getattr(self, "val_fraction", 0) or 0
             val = self.num_samples("val") if held and "val" in self.splits else 0

@@ -1,0 +1,74 @@
+"""`python -m mmtx.prepare out=DIR [task=NAME] [data=GROUP] [KEY=VALUE ...]`: write a data source into shards once,
+for `data=streaming` to read (`mmtx.data.streaming`).
+
+The source is the one `python -m mmtx.train` would read with the same `task=`, `data=` and `data.*` keys (composed
+by the same code); `out` and `num_workers` are this program's own keys (`conf/prepare.yaml`). Images so far.
+"""
+
+from __future__ import annotations
+
+from mmtx.help import answer_help
+
+answer_help("prepare")  # `--help` is answered here, before the imports below (torch, Lightning) take seconds
+
+import logging
+import sys
+from typing import Any, Sequence
+
+from mmtx.apps import app_defaults, app_keys
+from mmtx.errors import ConfigError, reported
+
+log = logging.getLogger("mmtx.prepare")
+
+
+def prepare(overrides: Sequence[str], out: str, num_workers: int | None = None) -> dict[str, Any]:
+    """Prepare the data source of the training run `overrides` would compose into shards under `out`; the written
+    description (`mmtx.json`: classes, samples per split)."""
+    from hydra.utils import instantiate
+
+    from mmtx.config import compose
+    from mmtx.data.streaming import prepare_images
+
+    task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "vit_cifar")
+    cfg = compose(task, [o for o in overrides if not o.startswith("task=")])
+    source_cfg = cfg.data.get("source")
+    if source_cfg is None or "_target_" not in source_cfg:
+        raise ConfigError(f"data ({cfg.data._target_}) has no data.source to prepare; give an image source: "
+                          "data=imagefolder data.source.path=<folder>")
+    source = instantiate(source_cfg, _convert_="all")
+    return prepare_images(source, out, num_workers)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The command line: a mistake ends it with one line. `argv`: its arguments, from Python (a mistake raises)."""
+    if argv is not None:
+        return _run(list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with reported("mmtx.prepare"):
+        return _run(sys.argv[1:])
+
+
+def _run(args: list[str]) -> dict[str, Any]:
+    own = {**app_defaults("prepare")}
+    rest = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in app_keys("prepare"):
+            own[key] = value
+        else:
+            rest.append(arg)
+    if "out" not in own or not own["out"]:
+        raise ConfigError("give the folder to write: out=DIR (python -m mmtx.prepare --help)")
+    workers = own.get("num_workers")
+    if workers in (None, "null"):
+        workers = None
+    elif not str(workers).isdigit() or int(workers) < 1:
+        raise ConfigError(f"num_workers={workers}: give a whole number >= 1, or null for the CPU count")
+    meta = prepare(rest, str(own["out"]), int(workers) if workers is not None else None)
+    print(f"prepared {meta['source']} into {own['out']}: {meta['samples']} images of {len(meta['classes'])} "
+          f"classes; train on it with data=streaming data.path={own['out']}", flush=True)
+    return meta
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Data bigger than memory: `python -m mmtx.prepare` writes an image folder into litdata shards once, and
+`data=streaming` trains from them with the same images, the same device-side batch path and a resumable position."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, make_image_folder, small_run
+from mmtx import compose
+from mmtx.checkpoint import load_checkpoint
+from mmtx.errors import ConfigError, DataError, MissingError
+from mmtx.train import train
+
+pytest.importorskip("litdata", reason="the streaming extra (pip install 'mmtx[streaming]') is not installed")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A small PNG ImageFolder (train 36, test 12, three classes, 16x16) and its shards."""
+    from mmtx.prepare import main
+
+    root = tmp_path_factory.mktemp("streaming")
+    folder = make_image_folder(root / "images", classes=("cat", "dog", "ship"), per_class=(12, 4), size=16)
+    meta = main(["data=imagefolder", f"data.source.path={folder}", f"out={root / 'shards'}", "num_workers=2"])
+    return folder, root / "shards", meta
+
+
+def stream_run(tmp_path, shards, *extra):
+    return [*small_run(tmp_path), "data=streaming", f"data.path={shards}", "data.num_workers=0", *extra]
+
+
+def test_prepare_writes_every_split_once(prepared, caplog):
+    from mmtx.prepare import main
+
+    folder, shards, meta = prepared
+    assert meta["samples"] == {"train": 36, "test": 12} and meta["classes"] == ["cat", "dog", "ship"]
+    assert meta["image_size"] == 16 and json.loads((shards / "mmtx.json").read_text()) == meta
+    assert (shards / "train" / "index.json").is_file() and not (shards.parent / "shards.partial").exists()
+    before = {p: p.stat().st_mtime_ns for p in shards.rglob("*") if p.is_file()}
+    with caplog.at_level("INFO"):
+        again = main(["data=imagefolder", f"data.source.path={folder}", f"out={shards}"])
+    assert again == meta and "already prepared" in caplog.text
+    assert before == {p: p.stat().st_mtime_ns for p in shards.rglob("*") if p.is_file()}  # nothing rewritten
+
+
+def test_an_epoch_streamed_holds_the_images_the_cached_path_holds(prepared, tmp_path):
+    from mmtx.data.streaming import StreamingImages
+    from mmtx.wiring import build_data
+
+    folder, shards, _ = prepared
+    cached = build_data(compose("vit_cifar", [*small_run(tmp_path), "data=imagefolder", f"data.source.path={folder}",
+                                              "data.val_fraction=0"]))
+    streamed = StreamingImages(str(shards), batch_size=6, num_workers=0)
+    seen = []
+    for batch in streamed.train_dataloader():
+        seen += [(label, image.numpy().tobytes()) for image, label in zip(batch["images"], batch["labels"].tolist())]
+    train = cached.splits["train"]
+    expected = [(label, image.numpy().tobytes()) for image, label in zip(train["images"], train["labels"].tolist())]
+    assert sorted(seen) == sorted(expected)  # the same pixels and labels, in a shuffled order
+    assert [label for label, _ in seen] != [label for label, _ in expected]
+    batch = streamed.on_after_batch_transfer(streamed.transfer_batch_to_device(
+        next(iter(streamed.val_dataloader())), torch.device("cpu")))
+    assert batch.image.dtype == torch.float32 and batch.image.shape == (6, 3, 16, 16)  # normalised, as cached batches
+
+
+def test_a_streamed_run_trains_and_resumes_where_it_stopped(prepared, tmp_path):
+    """6 + 3 steps resumed equals 9 steps straight through, mid-epoch (6 batches an epoch): the loader's position
+    is in the checkpoint."""
+    _, shards, _ = prepared
+    base = [*stream_run(tmp_path, shards), "task_name=streamed", "test_after_fit=false", "trainer.limit_val_batches=0",
+            "data.augment.crop_padding=0", "data.augment.hflip=false", "callbacks.last_checkpoint.every_n_steps=3",
+            "trainer.max_steps=9", "trainer.deterministic=true", "data.batch_size=6"]
+    straight = train(compose("vit_cifar", base), run_dir=tmp_path / "straight")
+    stop = ["+callbacks.stop._target_=conftest.StopAtStep", "+callbacks.stop.step=4"]
+    cut = train(compose("vit_cifar", [*base, *stop, "callbacks.last_checkpoint.every_n_steps=4"]), run_dir=tmp_path / "cut")
+    assert cut["global_step"] == 4
+    resumed = train(compose("vit_cifar", [*base, f"resume={cut['last_checkpoint']}"]), run_dir=tmp_path / "resumed")
+    a, b = load_checkpoint(straight["last_checkpoint"]), load_checkpoint(resumed["last_checkpoint"])
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_a_folder_that_is_not_prepared_says_how_to_prepare_it(tmp_path):
+    from mmtx.data.streaming import StreamingImages
+
+    with pytest.raises(MissingError, match=r"is not a prepared dataset \(no mmtx.json\): prepare it once with "
+                                           r"python -m mmtx.prepare data=imagefolder"):
+        StreamingImages(str(tmp_path)).setup()
+
+
+def test_prepare_refuses_what_it_cannot_write_and_restarts_what_was_killed(prepared, tmp_path):
+    from mmtx.prepare import main
+
+    folder, _, _ = prepared
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="exists and is not a prepared dataset"):
+        main(["data=imagefolder", f"data.source.path={folder}", f"out={busy}"])
+    killed = tmp_path / "shards.partial"  # what a prepare killed half-way leaves
+    (killed / "train").mkdir(parents=True)
+    (killed / "train" / "chunk-0-0.bin").write_bytes(b"half")
+    meta = main(["data=imagefolder", f"data.source.path={folder}", f"out={tmp_path / 'shards'}", "num_workers=1"])
+    assert meta["samples"]["train"] == 36 and not killed.exists()
+    with pytest.raises(ConfigError, match="cannot be prepared for streaming"):
+        main(["data=synthetic_images", f"out={tmp_path / 'other'}"])
+    with pytest.raises(ConfigError, match="out=DIR"):
+        main(["data=imagefolder", f"data.source.path={folder}"])
+
+
+def test_prepare_is_a_command(prepared, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ENV
+
+    proc = subprocess.run([sys.executable, "-m", "mmtx.prepare", "data=imagefolder", "data.source.path=/nowhere",
+                           f"out={tmp_path / 'x'}"], cwd=REPO, capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "mmtx.prepare: error: image folder /nowhere does not exist (data.source.path)" in proc.stderr
