@@ -221,7 +221,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, *
         # (Every rank trains the same member at a step: the schedule is seeded alike on every rank.)
         kwargs["strategy"] = "ddp_find_unused_parameters_true"
     if cfg.trainer.get("profiler") is None:  # +trainer.profiler=simple|advanced|pytorch profiles as Lightning's does
-        from mmtx.module import NoProfiler
+        from mmtx.training.profiler import NoProfiler
 
         kwargs["profiler"] = NoProfiler()
     kwargs.update(overrides)

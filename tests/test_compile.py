@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY_TEXT, make_parallel, small_run, task_modality
 from mmtx import compose
-from mmtx.module import CompiledOrEager, compiler_unavailable
+from mmtx.training.compiling import CompiledOrEager, compiler_unavailable
 from mmtx.train import train
 
 
@@ -74,7 +74,7 @@ def test_a_missing_compiler_is_one_warning_and_the_run_goes_on(monkeypatch, capl
     assert "no-such-compiler-xyz not on PATH" in compiler_unavailable(torch.device("cpu"))
     args = [*small_run(tmp_path, data_root, "text"), "module.compile=true", "trainer.max_steps=2",
             "trainer.limit_val_batches=0", "test_after_fit=false"]
-    with caplog.at_level(logging.WARNING, logger="mmtx.module"):
+    with caplog.at_level(logging.WARNING, logger="mmtx.training.compiling"):
         summary = train(compose("gpt_shakespeare_cpu", args), run_dir=tmp_path / "run")
     assert summary["global_step"] == 2
     warnings = [r.getMessage() for r in caplog.records if "module.compile=true" in r.getMessage()]
@@ -91,7 +91,7 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_one_warning(monkeypatch,
 
     monkeypatch.setattr(torch, "compile", broken)
     double = CompiledOrEager(lambda x: 2 * x)
-    with caplog.at_level(logging.WARNING, logger="mmtx.module"):
+    with caplog.at_level(logging.WARNING, logger="mmtx.training.compiling"):
         assert double(3) == 6 and double(4) == 8
     assert len(caplog.records) == 1 and "continues without compiling" in caplog.records[0].getMessage()
     model_error = CompiledOrEager(lambda x: 1 / 0)
