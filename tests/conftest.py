@@ -162,6 +162,26 @@ class RecordSamplerIndices(L.Callback):
             path.write_text(json.dumps([int(i) for i in sampler]))
 
 
+class RecordImages(L.Callback):
+    """Writes a fingerprint of every training image this rank sees in epoch 0 (the bytes of its normalised pixels)
+    to `<run>/images_rank<r>.json` (used through Hydra as `conftest.RecordImages` in the streaming DDP test)."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import hashlib
+
+        if trainer.current_epoch == 0:
+            self.seen += [hashlib.sha1(image.cpu().numpy().tobytes()).hexdigest() for image in batch.image]
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        import json
+
+        if trainer.current_epoch == 0:
+            (Path(trainer.default_root_dir) / f"images_rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
+
+
 class RecordMembers(L.Callback):
     """Writes, per training step, the member a co-training run trained and a fingerprint of its batch (the sum
     of its first tensor) to `<run>/members_rank<r>.json` (used through Hydra as `conftest.RecordMembers`)."""

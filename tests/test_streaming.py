@@ -121,3 +121,27 @@ def test_prepare_is_a_command(prepared, tmp_path):
                            f"out={tmp_path / 'x'}"], cwd=REPO, capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "mmtx.prepare: error: image folder /nowhere does not exist (data.source.path)" in proc.stderr
+
+
+def test_two_ddp_ranks_stream_disjoint_halves_of_the_training_split(prepared, tmp_path):
+    """Two processes (gloo): each rank reads its own samples, and together they see every training image once."""
+    import os
+    import subprocess
+    import sys
+
+    _, shards, _ = prepared
+    run = tmp_path / "ddp"
+    args = ["task=vit_cifar", "data=streaming", f"data.path={shards}", "data.num_workers=0", "data.batch_size=6",
+            "data.augment.crop_padding=0", "data.augment.hflip=false", "data.augment.randaugment=null",
+            "backbone.depth=1", "backbone.dim=32", "backbone.num_heads=2", "tokenizer.patch_size=4", "trainer=ddp",
+            "trainer.devices=2", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_epochs=1",
+            "trainer.limit_val_batches=0", "test_after_fit=false", "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}", "+callbacks.record._target_=conftest.RecordImages"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-m", "mmtx.train", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((run / f"images_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 18  # 36 images, 3 batches of 6 a rank
+    assert not set(ranks[0]) & set(ranks[1]) and len(set(ranks[0]) | set(ranks[1])) == 36
+
