@@ -63,6 +63,10 @@ def build_data(cfg: DictConfig, **kwargs: Any) -> L.LightningDataModule:
         return CoTrainData(members, schedule=cfg.cotrain.schedule, seed=cfg.cotrain.seed, sample_weights=weights,
                            own_steps=steps)
     datamodule = instantiate(cfg.data, _convert_="all", **kwargs)
+    if getattr(datamodule, "resident_max_gb", False) is not False:  # a folder of images too large to hold: streamed
+        from mmtx.data.streaming import streamed_if_too_large
+
+        datamodule = streamed_if_too_large(datamodule, OmegaConf.to_container(cfg.data, resolve=True)) or datamodule
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule

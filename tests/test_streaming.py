@@ -145,3 +145,20 @@ def test_two_ddp_ranks_stream_disjoint_halves_of_the_training_split(prepared, tm
     assert len(ranks[0]) == len(ranks[1]) == 18  # 36 images, 3 batches of 6 a rank
     assert not set(ranks[0]) & set(ranks[1]) and len(set(ranks[0]) | set(ranks[1])) == 36
 
+
+def test_a_folder_too_large_to_hold_is_prepared_in_the_cache_and_streamed(prepared, tmp_path, caplog):
+    from mmtx.data.streaming import StreamingImages
+    from mmtx.wiring import build_data
+
+    folder, _, _ = prepared
+    args = [*small_run(tmp_path), "data=imagefolder", f"data.source.path={folder}"]
+    assert not isinstance(build_data(compose("vit_cifar", args)), StreamingImages)  # 36 small images: held
+    with caplog.at_level("INFO", logger="mmtx.data.streaming"):
+        summary = train(compose("vit_cifar", [*args, "data.resident_max_gb=0.00001", "trainer.max_steps=2",
+                                              "test_after_fit=false"]), run_dir=tmp_path / "run")
+    assert summary["global_step"] == 2
+    assert "decodes to 27.6 kB, more than data.resident_max_gb=1e-05: streaming it from shards prepared in" in caplog.text
+    assert list((tmp_path / "cache").glob("imagefolder-*-shards/mmtx.json"))
+    with pytest.raises(ConfigError, match="data.resident_max_gb=0 must be a positive number"):
+        build_data(compose("vit_cifar", [*args, "data.resident_max_gb=0"]))
+

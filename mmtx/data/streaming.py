@@ -94,15 +94,20 @@ def prepare_images(source: Any, out: str | os.PathLike, num_workers: int | None 
     return meta
 
 
-def _first_size(source: Any) -> int:
-    """The side of a source's images when `data.source.image_size` is null: the first training image's, which must
-    be square (the images are decoded at that size; the cached path asks the same of every image)."""
+def _first_dims(source: Any) -> tuple[Path, int, int]:
+    """The first training image of a folder source: (its path, width, height)."""
     from PIL import Image
 
     split = "train" if "train" in source.splits() else source.splits()[0]
     path = source._files(split)[0][0]
     with Image.open(path) as image:
-        width, height = image.size
+        return path, *image.size
+
+
+def _first_size(source: Any) -> int:
+    """The side of a source's images when `data.source.image_size` is null: the first training image's, which must
+    be square (the images are decoded at that size; the cached path asks the same of every image)."""
+    path, width, height = _first_dims(source)
     if width != height:
         raise ConfigError(f"{path} is {width}x{height}: set data.source.image_size=N to prepare every image at NxN "
                           "(resized and centre-cropped, as the cached path does)")
@@ -117,30 +122,34 @@ def _check_space(folder: Path, needed: int) -> None:
                         "free; free space there or give another out=")
 
 
-def _decoder(image_size: int | None, on_bad_file: str):
-    from torchvision.io import ImageReadMode, decode_image
+class _Decode:
+    """A shard's record -> {"image": uint8 (3, H, W), "label"}, in a loader worker (picklable: workers may be
+    spawned). torchvision's decoder (libjpeg-turbo, libpng) gives the pixels Pillow gives, 5x faster on 64 px JPEGs;
+    an image to resize, or one it cannot read, goes through the cached path's own reader."""
 
-    from mmtx.data.sources import read_image
+    def __init__(self, image_size: int | None, on_bad_file: str) -> None:
+        self.image_size, self.on_bad_file = image_size, on_bad_file
 
-    def decode(item: dict[str, Any]) -> dict[str, Any] | None:
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any] | None:
+        from torchvision.io import ImageReadMode, decode_image
+
+        from mmtx.data.sources import read_image
+
+        size = self.image_size
         try:
-            # torchvision's decoder (libjpeg-turbo, libpng) gives the pixels Pillow gives, 5x faster on 64 px JPEGs;
-            # an image to resize, or one it cannot read, goes through the cached path's own reader.
             try:
                 image = decode_image(torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8), ImageReadMode.RGB)
             except RuntimeError:
                 image = None
-            if image is None or (image_size is not None and tuple(image.shape[-2:]) != (image_size, image_size)):
-                image = read_image(io.BytesIO(item["image"]), image_size)
+            if image is None or (size is not None and tuple(image.shape[-2:]) != (size, size)):
+                image = read_image(io.BytesIO(item["image"]), size)
         except DataError as err:
-            if on_bad_file == "error":
+            if self.on_bad_file == "error":
                 raise DataError(f"cannot read image {item['name']}: {err} (set data.on_bad_file=skip to skip such "
                                 "files)") from None
             log.warning("skipped an unreadable image: %s (%s)", item["name"], err)
             return None
         return {"image": image, "label": item["label"]}
-
-    return decode
 
 
 class _Collate:
@@ -186,12 +195,31 @@ def _loader_class(litdata) -> type:
     return _LOADERS[id(litdata)]
 
 
-def _decoding_dataset(litdata, path: str, decode, **kwargs):
-    class Decoding(litdata.StreamingDataset):
-        def __getitem__(self, index):
-            return decode(super().__getitem__(index))
+_DATASETS: dict[str, type] = {}
 
-    return Decoding(path, **kwargs)
+
+def __getattr__(name: str) -> type:
+    """`_DecodingDataset`, made on first use (litdata is optional) and found here by name when a spawned loader
+    worker unpickles its dataset."""
+    if name != "_DecodingDataset":
+        raise AttributeError(name)
+    if name not in _DATASETS:
+        litdata = _litdata()
+
+        class _DecodingDataset(litdata.StreamingDataset):
+            """litdata's dataset, its records decoded by `decode` (a `_Decode`) in the worker that reads them."""
+
+            def __init__(self, *args: Any, decode: _Decode, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.decode = decode
+
+            def __getitem__(self, index):
+                return self.decode(super().__getitem__(index))
+
+        _DecodingDataset.__module__ = __name__
+        _DecodingDataset.__qualname__ = "_DecodingDataset"  # pickled by name: this function makes it again
+        _DATASETS[name] = _DecodingDataset
+    return _DATASETS[name]
 
 
 class StreamingImages(ImageDataModule):
@@ -302,8 +330,8 @@ class StreamingImages(ImageDataModule):
         litdata = _litdata()
         self.setup()
         folder = self._split(split)
-        dataset = _decoding_dataset(litdata, os.path.join(self.path, folder), _decoder(self.image_size[0],
-                                    self.on_bad_file), shuffle=train, seed=self.seed, drop_last=train)
+        dataset = __getattr__("_DecodingDataset")(os.path.join(self.path, folder), shuffle=train, seed=self.seed,
+                                                  drop_last=train, decode=_Decode(self.image_size[0], self.on_bad_file))
         loader = _loader_class(litdata)(dataset, batch_size=batch_size, num_workers=self.num_workers,
                                              collate_fn=_Collate(split), drop_last=train,
                                              persistent_workers=self.num_workers > 0 and train,
@@ -341,3 +369,34 @@ class StreamingImages(ImageDataModule):
         images = batch["images"]
         index = torch.arange(images.shape[0], device=images.device)
         return self.gather(batch["split"], {"images": images, "labels": batch["labels"]}, index, images.device)
+
+
+def streamed_if_too_large(datamodule: ImageDataModule, data_cfg: dict[str, Any]) -> StreamingImages | None:
+    """A `StreamingImages` over shards prepared in the cache folder, when `datamodule`'s training split of a folder
+    would decode to more than `data.resident_max_gb` (null: 80% of the memory available, where the cached path
+    would refuse it); None when it fits (the resident path, and its speed, stay). Said in one line."""
+    from mmtx.cpu import available_memory
+    from mmtx.files import size_text
+
+    source = datamodule.source
+    if not hasattr(source, "_files") or "train" not in source.splits():
+        return None
+    files = source._files("train")
+    width, height = (source.image_size,) * 2 if source.image_size else _first_dims(source)[1:]
+    need = len(files) * 3 * width * height  # uint8, decoded
+    if datamodule.resident_max_gb is not None:
+        budget, why = datamodule.resident_max_gb * 1e9, f"data.resident_max_gb={datamodule.resident_max_gb:g}"
+    else:
+        free = available_memory()
+        if free is None:
+            return None
+        budget, why = 0.8 * free, f"80% of the {size_text(free)} of memory available (data.resident_max_gb=null)"
+    if need <= budget:
+        return None
+    out = Path(datamodule.cache_dir) / f"{source.cache_name}-shards"
+    log.info("data: %s decodes to %s, more than %s: streaming it from shards prepared in %s (once; python -m "
+             "mmtx.prepare does the same ahead of time)", source.path, size_text(need), why, out)
+    meta = prepare_images(source, out)
+    keep = ("batch_size", "eval_batch_size", "mean", "std", "augment", "mixup", "cutmix", "seed", "root")
+    return StreamingImages(str(out), image_size=meta["image_size"], **{k: data_cfg[k] for k in keep if k in data_cfg})
+
