@@ -133,7 +133,7 @@ def main() -> None:
             print(f"round {r + 1} {mode}: {results[mode][-1]['images/s']:.0f} images/s, peak "
                   f"{results[mode][-1]['peak_gb']:.2f} GB (the main process)", flush=True)
     rate = {m: statistics.mean(x["images/s"] for x in v) for m, v in results.items()}
-    print(f"\nmean images/s: " + ", ".join(f"{m} {v:.0f}" for m, v in rate.items()))
+    print("\nmean images/s: " + ", ".join(f"{m} {v:.0f}" for m, v in rate.items()))
     print(f"streamed / torchvision: {rate['streamed'] / rate['torchvision']:.2f} (target >= 1.5); "
           f"streamed / resident: {rate['streamed'] / rate['resident']:.2f}")
 
