@@ -162,3 +162,21 @@ def test_a_folder_too_large_to_hold_is_prepared_in_the_cache_and_streamed(prepar
     with pytest.raises(ConfigError, match="data.resident_max_gb=0 must be a positive number"):
         build_data(compose("vit_cifar", [*args, "data.resident_max_gb=0"]))
 
+
+
+def test_the_shards_in_the_cache_follow_their_folder(prepared, tmp_path):
+    """Streamed on its own (data.resident_max_gb), a folder that changes is prepared again, as the resident cache
+    is rebuilt; a folder prepared by hand (out=) is never replaced."""
+    import shutil
+
+    from mmtx.wiring import build_data
+
+    folder = shutil.copytree(prepared[0], tmp_path / "images")
+    args = [*small_run(tmp_path), "data=imagefolder", f"data.source.path={folder}", "data.resident_max_gb=0.00001"]
+    assert build_data(compose("vit_cifar", args)).num_samples("train") == 36
+    shutil.copy(folder / "train" / "cat" / "000.png", folder / "train" / "cat" / "extra.png")
+    assert build_data(compose("vit_cifar", args)).num_samples("train") == 37
+    from mmtx.prepare import main
+
+    with pytest.raises(DataError, match="holds a dataset prepared from other files"):
+        main(["data=imagefolder", f"data.source.path={folder}", f"out={prepared[1]}"])

@@ -9,8 +9,8 @@ A prepared folder holds one litdata dataset per split (`<out>/<split>/`: `index.
 `mmtx.json`: the modality, the class names, the image size, the sample counts and the source's fingerprint
 (`prepare` does nothing when the source has not changed). Images keep their encoded bytes (a JPEG stays a JPEG:
 ImageNet's 140 GB, not its 190 GB decoded); loader workers decode them to the pixels the cached path decodes
-(torchvision's decoder, the cached path's Pillow reader for an image to resize), and the batch goes through `ImageDataModule`'s device-side
-augmentation and normalisation. litdata gives each DDP rank its own samples and saves the loader's position in
+(torchvision's decoder; the cached path's Pillow reader for an image to resize), and the batch goes through
+`ImageDataModule`'s device-side augmentation and normalisation. litdata gives each DDP rank its own samples and saves the loader's position in
 the checkpoint. Images only, so far; audio, text and pairs are still held in memory (mmtx.data.text memory-maps
 its token files).
 """
@@ -36,7 +36,7 @@ from mmtx.files import atomic_write_text
 log = logging.getLogger(__name__)
 
 META = "mmtx.json"
-FORMAT = 1  # of what `prepare_images` writes; a folder of another format is prepared again
+FORMAT = 1  # of what `prepare_images` writes: part of a prepared folder's fingerprint
 
 
 def _litdata(purpose: str = "data=streaming (shards read by litdata)"):
@@ -49,9 +49,11 @@ def _image_record(item: tuple[str, int]) -> dict[str, Any]:
     return {"image": Path(path).read_bytes(), "label": int(label), "name": str(path)}
 
 
-def prepare_images(source: Any, out: str | os.PathLike, num_workers: int | None = None) -> dict[str, Any]:
+def prepare_images(source: Any, out: str | os.PathLike, num_workers: int | None = None,
+                   replace: bool = False) -> dict[str, Any]:
     """Write every split of an image `source` that lists its files (an ImageFolder) into shards under `out`; the
-    written `mmtx.json` (returned). Idempotent: a folder already prepared from the same files is left as it is. The
+    written `mmtx.json` (returned). Idempotent: a folder already prepared from the same files is left as it is; one
+    prepared from other files is an error, or, with `replace` (mmtx's own cache folder), prepared again. The
     shards are written into `<out>.partial` and moved into place only when every split is done, so a killed
     `prepare` leaves no folder that looks prepared; the next call starts it again."""
     litdata = _litdata("python -m mmtx.prepare (shards written by litdata)")
@@ -67,8 +69,11 @@ def prepare_images(source: Any, out: str | os.PathLike, num_workers: int | None 
         if meta.get("fingerprint") == fingerprint:
             log.info("%s is already prepared from %s (%s)", out, source.path, meta["samples"])
             return meta
-        raise DataError(f"{out} holds a dataset prepared from other files ({meta.get('source')}); give another out= "
-                        "or delete that folder")
+        if not replace:
+            raise DataError(f"{out} holds a dataset prepared from other files ({meta.get('source')}); give another "
+                            "out= or delete that folder")
+        log.info("%s was prepared from files that have changed since: preparing it again", out)
+        shutil.rmtree(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not a prepared dataset (no {META}); give an empty or new folder as out=")
     partial = out.with_name(out.name + ".partial")
@@ -396,7 +401,7 @@ def streamed_if_too_large(datamodule: ImageDataModule, data_cfg: dict[str, Any])
     out = Path(datamodule.cache_dir) / f"{source.cache_name}-shards"
     log.info("data: %s decodes to %s, more than %s: streaming it from shards prepared in %s (once; python -m "
              "mmtx.prepare does the same ahead of time)", source.path, size_text(need), why, out)
-    meta = prepare_images(source, out)
+    meta = prepare_images(source, out, replace=True)  # the cache follows its files, as the resident cache does
     keep = ("batch_size", "eval_batch_size", "mean", "std", "augment", "mixup", "cutmix", "seed", "root")
     return StreamingImages(str(out), image_size=meta["image_size"], **{k: data_cfg[k] for k in keep if k in data_cfg})
 
