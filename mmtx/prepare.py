@@ -18,8 +18,6 @@ from typing import Any, Sequence
 from mmtx.apps import app_defaults, app_keys
 from mmtx.errors import ConfigError, reported
 
-log = logging.getLogger("mmtx.prepare")
-
 
 def prepare(overrides: Sequence[str], out: str, num_workers: int | None = None) -> dict[str, Any]:
     """Prepare the data source of the training run `overrides` would compose into shards under `out`; the written

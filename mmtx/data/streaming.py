@@ -10,8 +10,8 @@ A prepared folder holds one litdata dataset per split (`<out>/<split>/`: `index.
 (`prepare` does nothing when the source has not changed). Images keep their encoded bytes (a JPEG stays a JPEG:
 ImageNet's 140 GB, not its 190 GB decoded); loader workers decode them to the pixels the cached path decodes
 (torchvision's decoder; the cached path's Pillow reader for an image to resize), and the batch goes through
-`ImageDataModule`'s device-side augmentation and normalisation. litdata gives each DDP rank its own samples and saves the loader's position in
-the checkpoint. Images only, so far; audio, text and pairs are still held in memory (mmtx.data.text memory-maps
+`ImageDataModule`'s device-side augmentation and normalisation. litdata gives each DDP rank its own samples and
+saves the loader's position in the checkpoint. Images only, so far; audio, text and pairs are still held in memory (mmtx.data.text memory-maps
 its token files).
 """
 
@@ -79,18 +79,19 @@ def prepare_images(source: Any, out: str | os.PathLike, num_workers: int | None 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # what a killed prepare left
     partial.mkdir(parents=True)
-    _check_space(partial, sum(size for s in splits for _, _, size, _ in source._files(s)))
+    listing = {split: source._files(split) for split in splits}  # one walk of the folder a split
+    _check_space(partial, sum(size for files in listing.values() for _, _, size, _ in files))
     workers = num_workers or max(1, min(8, os.cpu_count() or 1))
     samples = {}
-    for split in splits:
-        files = [(str(path), label) for path, label, _, _ in source._files(split)]
+    for split, found in listing.items():
+        files = [(str(path), label) for path, label, _, _ in found]
         log.info("preparing %s [%s]: %d images into %s", source.path, split, len(files), out / split)
         litdata.optimize(fn=_image_record, inputs=files, output_dir=str(partial / split), chunk_bytes="64MB",
-                         num_workers=min(workers, len(files)), mode="overwrite", verbose=False,
-                         start_method="spawn" if os.name != "posix" else None)
+                         num_workers=min(workers, len(files)), mode="overwrite", verbose=False)
         samples[split] = len(files)
+    first = listing["train" if "train" in listing else splits[0]][0][0]
     meta = {"format": FORMAT, "modality": "image", "classes": list(source.classes()), "samples": samples,
-            "image_size": source.image_size or _first_size(source), "source": str(source.path),
+            "image_size": source.image_size or _square_side(first), "source": str(source.path),
             "fingerprint": fingerprint}
     atomic_write_text(partial / META, json.dumps(meta, indent=1))
     if out.exists():
@@ -99,20 +100,18 @@ def prepare_images(source: Any, out: str | os.PathLike, num_workers: int | None 
     return meta
 
 
-def _first_dims(source: Any) -> tuple[Path, int, int]:
-    """The first training image of a folder source: (its path, width, height)."""
+def _dims(path: Path) -> tuple[int, int]:
+    """An image file's (width, height), from its header."""
     from PIL import Image
 
-    split = "train" if "train" in source.splits() else source.splits()[0]
-    path = source._files(split)[0][0]
     with Image.open(path) as image:
-        return path, *image.size
+        return image.size
 
 
-def _first_size(source: Any) -> int:
-    """The side of a source's images when `data.source.image_size` is null: the first training image's, which must
-    be square (the images are decoded at that size; the cached path asks the same of every image)."""
-    path, width, height = _first_dims(source)
+def _square_side(path: Path) -> int:
+    """The side of a source's images when `data.source.image_size` is null: its first training image's (`path`),
+    which must be square (the images are decoded at that size; the cached path asks the same of every image)."""
+    width, height = _dims(path)
     if width != height:
         raise ConfigError(f"{path} is {width}x{height}: set data.source.image_size=N to prepare every image at NxN "
                           "(resized and centre-cropped, as the cached path does)")
@@ -387,7 +386,7 @@ def streamed_if_too_large(datamodule: ImageDataModule, data_cfg: dict[str, Any])
     if not hasattr(source, "_files") or "train" not in source.splits():
         return None
     files = source._files("train")
-    width, height = (source.image_size,) * 2 if source.image_size else _first_dims(source)[1:]
+    width, height = (source.image_size,) * 2 if source.image_size else _dims(files[0][0])
     need = len(files) * 3 * width * height  # uint8, decoded
     if datamodule.resident_max_gb is not None:
         budget, why = datamodule.resident_max_gb * 1e9, f"data.resident_max_gb={datamodule.resident_max_gb:g}"

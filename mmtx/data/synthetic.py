@@ -88,7 +88,6 @@ class SyntheticTokens(TextDataModule):
         self.vocab_size, self.special_tokens = vocab_size, specials[1:]
         self.ordinary = vocab_size - len(specials)  # the ids drawn: t0 .. t{ordinary - 1}
         self.vocab: Vocab | None = None
-        self.meta = {}
 
     def prepare_data(self) -> None:
         pass  # nothing on disk
@@ -102,7 +101,7 @@ class SyntheticTokens(TextDataModule):
             self.splits[split] = {"ids": torch.randint(0, self.ordinary, (self.sizes[split],), generator=generator)}
         self.splits["test"] = self.splits["val"]
         log.info("synthetic tokens: %s ids of a %d-token vocabulary, windows of %d",
-                 {k: v for k, v in self.sizes.items()}, self.vocab_size, self.block_size)
+                 self.sizes, self.vocab_size, self.block_size)
 
     @property
     def chars_per_token(self) -> None:

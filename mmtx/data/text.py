@@ -79,7 +79,6 @@ class TextDataModule(IndexedSplits):
             self.fixed_vocab = build_vocab(text="", **self.vocab_spec)
         vocab_key = self.fixed_vocab.to_json() if self.fixed_vocab is not None else sorted(
             (k, v) for k, v in self.vocab_spec.items() if k != "pad_to_multiple_of")  # the embedding's, not the ids'
-
         key = digest(*(self.source.fingerprint(s) for s in self.source.splits()), vocab_key, self.val_fraction)
         return self.cache_dir / f"{self.source.cache_name}-{key}"
 
