@@ -264,7 +264,7 @@ class MmtxModule(L.LightningModule):
         return total
 
     def log_step_value(self, key: str, value: torch.Tensor) -> None:
-        """Keep a training value (a device tensor) for this step's log line: see `on_train_batch_end`."""
+        """Keep a training value (a device tensor) for this step's log line: read with the others in `optimizer_step`."""
         self._step_values[key] = value.detach()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

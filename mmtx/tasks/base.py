@@ -52,7 +52,7 @@ class StepContext:
 
     def log_step_value(self, name: str, value: torch.Tensor) -> None:
         """A training value for this step's log line (`{prefix}{name}`), read from the device with the step's other
-        logged values in one transfer when the step ends (`MmtxModule.on_train_batch_end`), not one by one."""
+        logged values in one transfer right after the optimizer step (`MmtxModule.optimizer_step`), not one by one."""
         self.module.log_step_value(f"{self.prefix}{name}", value)
 
 
