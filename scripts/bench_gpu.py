@@ -168,10 +168,10 @@ def card_peak_tflops() -> float | None:
 def run_nanogpt(out: Path, args, limit: int) -> dict:
     """nanoGPT's own bench.py at GPT-2 small's shape with mmtx's batch (its 20 timed steps after 10 of burn-in);
     its MFU re-expressed against this card's peak (bench.py divides by an A100's)."""
-    if not (NANOGPT / "bench.py").is_file():
-        return {"nanoGPT": f"not run: no checkout at {NANOGPT} (git clone https://github.com/karpathy/nanoGPT there)"}
     if args.smoke:
         return {"nanoGPT": "not run: --smoke (bench.py needs a GPU: it calls torch.cuda.synchronize)"}
+    if not (NANOGPT / "bench.py").is_file():
+        return {"nanoGPT": f"not run: no checkout at {NANOGPT} (git clone https://github.com/karpathy/nanoGPT there)"}
     cmd = [sys.executable, "bench.py", "--batch_size=16", "--block_size=1024", "--bias=True", "--real_data=False",
            "--compile=True", "--profile=False"]
     with open(out / "nanogpt.log", "w") as log:
