@@ -6,6 +6,7 @@ import ctypes
 import logging
 import platform
 import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,29 @@ def available_memory() -> int | None:
             found.append(max(0, int(limit) - usage))
         break
     return min(found) if found else None
+
+
+def check_resident_max_gb(value: Any) -> float | None:
+    """`data.resident_max_gb` checked: a positive number of GB, or None (80% of the memory available)."""
+    from mmtx.errors import ConfigError
+
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ConfigError(f"data.resident_max_gb={value!r} must be a positive number of GB, or null for 80% of the "
+                          "memory available")
+    return value
+
+
+def resident_budget(resident_max_gb: float | None) -> tuple[float, str] | None:
+    """The bytes a data set may take held in memory, and why (for the one line that says the data is streamed
+    instead): `data.resident_max_gb` GB when set, else 80% of the memory available; None when unknown."""
+    from mmtx.files import size_text
+
+    if resident_max_gb is not None:
+        return resident_max_gb * 1e9, f"data.resident_max_gb={resident_max_gb:g}"
+    free = available_memory()
+    if free is None:
+        return None
+    return 0.8 * free, f"80% of the {size_text(free)} of memory available (data.resident_max_gb=null)"
 
 
 def refuse_if_too_large(need: int, what: str, fix: str) -> None:

@@ -2,7 +2,9 @@
 for `data=streaming` to read (`mmtx.data.streaming`).
 
 The source is the one `python -m mmtx.train` would read with the same `task=`, `data=` and `data.*` keys (composed
-by the same code); `out` and `num_workers` are this program's own keys (`conf/prepare.yaml`). Images so far.
+by the same code); `out` and `num_workers` are this program's own keys (`conf/prepare.yaml`). Images go into
+litdata shards (`mmtx.data.streaming`, `data=streaming`), text into token files (`mmtx.data.text.prepare_text`,
+`data=streaming_text`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,21 @@ from mmtx.errors import ConfigError, reported
 def prepare(overrides: Sequence[str], out: str, num_workers: int | None = None) -> dict[str, Any]:
     """Prepare the data source of the training run `overrides` would compose into shards under `out`; the written
     description (`mmtx.json`: classes, samples per split)."""
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
 
     from mmtx.config import compose
     from mmtx.data.streaming import prepare_images
+    from mmtx.data.text import StreamingText, TextDataModule, prepare_text
 
     task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "vit_cifar")
     cfg = compose(task, [o for o in overrides if not o.startswith("task=")])
+    target = get_class(cfg.data._target_) if "_target_" in cfg.data else None
+    if isinstance(target, type) and issubclass(target, StreamingText):
+        raise ConfigError(f"data={cfg.data._target_} reads text already prepared (data.path={cfg.data.path}); give "
+                          "the text to prepare: data=text_files data.source.files=<files>")
+    if isinstance(target, type) and issubclass(target, TextDataModule):
+        # Text: tokenized with the task's vocabulary settings (tokenizer.vocab) and validation cut (data.val_fraction).
+        return prepare_text(instantiate(cfg.data, _convert_="all"), out)
     source_cfg = cfg.data.get("source")
     if source_cfg is None or "_target_" not in source_cfg:
         raise ConfigError(f"data ({cfg.data._target_}) has no data.source to prepare; give an image source: "
@@ -63,8 +73,12 @@ def _run(args: list[str]) -> dict[str, Any]:
     elif not str(workers).isdigit() or int(workers) < 1:
         raise ConfigError(f"num_workers={workers}: give a whole number >= 1, or null for the CPU count")
     meta = prepare(rest, str(own["out"]), int(workers) if workers is not None else None)
-    print(f"prepared {meta['source']} into {own['out']}: {meta['samples']} images of {len(meta['classes'])} "
-          f"classes; train on it with data=streaming data.path={own['out']}", flush=True)
+    if meta["modality"] == "text":
+        print(f"prepared {meta['source']} into {own['out']}: {meta['tokens']} tokens ({meta['dtype']}, a vocabulary "
+              f"of {meta['vocab_size']:,}); train on it with data=streaming_text data.path={own['out']}", flush=True)
+    else:
+        print(f"prepared {meta['source']} into {own['out']}: {meta['samples']} images of {len(meta['classes'])} "
+              f"classes; train on it with data=streaming data.path={own['out']}", flush=True)
     return meta
 
 

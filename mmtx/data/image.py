@@ -7,9 +7,9 @@ from typing import Any
 import torch
 
 from mmtx.batch import ImageBatch
+from mmtx.cpu import check_resident_max_gb
 from mmtx.data.augment import BatchAugment
 from mmtx.data.base import LabelledSplits, Source
-from mmtx.errors import ConfigError
 
 
 class ImageDataModule(LabelledSplits):
@@ -42,10 +42,7 @@ class ImageDataModule(LabelledSplits):
     ) -> None:
         super().__init__(source, cache_dir, root, batch_size, eval_batch_size, val_fraction, device_resident, seed)
         # Above this decoded size (GB; None: 80% of the memory available) a folder is streamed instead (build_data).
-        if resident_max_gb is not None and (isinstance(resident_max_gb, bool) or not resident_max_gb > 0):
-            raise ConfigError(f"data.resident_max_gb={resident_max_gb!r} must be a positive number of GB, or null for "
-                              "80% of the memory available")
-        self.resident_max_gb = resident_max_gb
+        self.resident_max_gb = check_resident_max_gb(resident_max_gb)
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255  # normalise uint8 values directly
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
         self.augment = BatchAugment(**(augment or {}))

@@ -379,7 +379,7 @@ def streamed_if_too_large(datamodule: ImageDataModule, data_cfg: dict[str, Any])
     """A `StreamingImages` over shards prepared in the cache folder, when `datamodule`'s training split of a folder
     would decode to more than `data.resident_max_gb` (null: 80% of the memory available, where the cached path
     would refuse it); None when it fits (the resident path, and its speed, stay). Said in one line."""
-    from mmtx.cpu import available_memory
+    from mmtx.cpu import resident_budget
     from mmtx.files import size_text
 
     source = datamodule.source
@@ -388,15 +388,10 @@ def streamed_if_too_large(datamodule: ImageDataModule, data_cfg: dict[str, Any])
     files = source._files("train")
     width, height = (source.image_size,) * 2 if source.image_size else _dims(files[0][0])
     need = len(files) * 3 * width * height  # uint8, decoded
-    if datamodule.resident_max_gb is not None:
-        budget, why = datamodule.resident_max_gb * 1e9, f"data.resident_max_gb={datamodule.resident_max_gb:g}"
-    else:
-        free = available_memory()
-        if free is None:
-            return None
-        budget, why = 0.8 * free, f"80% of the {size_text(free)} of memory available (data.resident_max_gb=null)"
-    if need <= budget:
+    budget = resident_budget(datamodule.resident_max_gb)
+    if budget is None or need <= budget[0]:
         return None
+    why = budget[1]
     out = Path(datamodule.cache_dir) / f"{source.cache_name}-shards"
     log.info("data: %s decodes to %s, more than %s: streaming it from shards prepared in %s (once; python -m "
              "mmtx.prepare does the same ahead of time)", source.path, size_text(need), why, out)

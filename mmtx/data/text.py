@@ -1,11 +1,12 @@
 """Language-model data: text -> token ids once (a memory-mapped cache), random contiguous windows per batch.
 
 The cache folder holds the trained tokenizer (tokenizer.json), one token file
-per split (uint16 when the vocabulary fits, else int32), meta.json and the
+per split (uint16 when the vocabulary fits, else uint32), meta.json and the
 size and checksum of each (checksums.json, verified on every use: a damaged
 cache is rebuilt); it is keyed by the source's fingerprint and the vocabulary
 settings, built in a temporary folder and renamed into place. The text is read,
-tokenized and written a piece at a time, so memory does not grow with it. As for every data module
+tokenized (a batch of pieces at a time, by the tokenizer's threads) and written as it goes, so memory does not grow
+with it. As for every data module
 (`IndexedSplits`), the DataLoader yields only window indices; `gather` cuts the
 windows out of the split, which lives on the training device.
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -22,13 +25,17 @@ import numpy as np
 import torch
 
 from mmtx.batch import TokenBatch
+from mmtx.cpu import check_resident_max_gb
 from mmtx.data.base import IndexedSplits, Source
 from mmtx.data.cache import cache_folder, digest, verified
-from mmtx.errors import ConfigError, DataError
+from mmtx.errors import ConfigError, DataError, MissingError
 from mmtx.files import resolve_root
 from mmtx.tokenizers.text import Vocab, build_vocab
 
 log = logging.getLogger(__name__)
+
+ENCODE_BATCH = 64  # pieces of about 64k characters encoded together, by the tokenizer's threads (4 MB of text)
+NOTE_EVERY = 1 << 28  # characters between two progress lines while tokenizing
 
 
 class TextDataModule(IndexedSplits):
@@ -42,6 +49,9 @@ class TextDataModule(IndexedSplits):
     val_fraction: the last fraction of the text, when the source has no
     validation split (Tiny Shakespeare: the last 10%).
     vocab: the `tokenizer.vocab` settings (kind bpe | char | file | hf, ...).
+    device_resident: hold the token ids in memory (int64, on the training device); a split that would take more
+    than `resident_max_gb` (null: 80% of the memory available) is read from the memory-mapped cache instead, said
+    in one line.
     """
 
     def __init__(
@@ -57,8 +67,10 @@ class TextDataModule(IndexedSplits):
         device_resident: bool = True,
         fixed_vocab: Vocab | None = None,
         seed: int = 0,
+        resident_max_gb: float | None = None,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, device_resident, seed)
+        self.resident_max_gb = check_resident_max_gb(resident_max_gb)
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.source = source
@@ -73,14 +85,17 @@ class TextDataModule(IndexedSplits):
 
     # -- tokenizing once -------------------------------------------------------
 
-    def _cache_path(self) -> Path:
+    def cache_key(self) -> str:
+        """What the token files depend on: the source's files, the vocabulary settings and the validation cut."""
         if self.fixed_vocab is None and self.vocab_spec.get("kind") in ("file", "hf"):
             # A vocabulary read from a file or a model: the cache follows its contents, not its name.
             self.fixed_vocab = build_vocab(text="", **self.vocab_spec)
         vocab_key = self.fixed_vocab.to_json() if self.fixed_vocab is not None else sorted(
             (k, v) for k, v in self.vocab_spec.items() if k != "pad_to_multiple_of")  # the embedding's, not the ids'
-        key = digest(*(self.source.fingerprint(s) for s in self.source.splits()), vocab_key, self.val_fraction)
-        return self.cache_dir / f"{self.source.cache_name}-{key}"
+        return digest(*(self.source.fingerprint(s) for s in self.source.splits()), vocab_key, self.val_fraction)
+
+    def _cache_path(self) -> Path:
+        return self.cache_dir / f"{self.source.cache_name}-{self.cache_key()}"
 
     def prepare_data(self) -> None:
         path = self._cache_path()
@@ -111,6 +126,7 @@ class TextDataModule(IndexedSplits):
         """Tokenize every split into `folder` (`<split>.bin`, tokenizer.json, meta.json), a piece at a time: memory
         stays that of a piece whatever the size of the text."""
         texts = self._texts()
+        next_note = NOTE_EVERY
         vocab = self.fixed_vocab
         if vocab is None:
             # BPE learns its merges from the training split alone; a character vocabulary is the set of characters
@@ -118,15 +134,19 @@ class TextDataModule(IndexedSplits):
             kind = self.vocab_spec.get("kind")
             pieces = (p for split in texts for p in texts[split]()) if kind == "char" else texts["train"]()
             vocab = build_vocab(text=pieces, **self.vocab_spec)
-        dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max + 1 else np.int32
+        dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max + 1 else np.uint32
         meta: dict[str, Any] = {"dtype": np.dtype(dtype).name, "vocab_size": len(vocab), "splits": {}}
         for split, text in texts.items():
             tokens = chars = 0
             with open(folder / f"{split}.bin", "wb") as f:
-                for piece in encoding_pieces(text(), safe=vocab.kind != "char"):
-                    ids = vocab.encode_array(piece).astype(dtype)
-                    ids.tofile(f)
-                    tokens, chars = tokens + ids.size, chars + len(piece)
+                for batch in _batched(encoding_pieces(text(), safe=vocab.kind != "char"), ENCODE_BATCH):
+                    for piece, ids in zip(batch, vocab.encode_arrays(batch)):
+                        ids.astype(dtype).tofile(f)
+                        tokens, chars = tokens + ids.size, chars + len(piece)
+                    if chars >= next_note:
+                        log.info("tokenizing %s [%s]: %s characters, %s tokens", self.source.cache_name, split,
+                                 f"{chars:,}", f"{tokens:,}")
+                        next_note = chars + NOTE_EVERY
             meta["splits"][split] = {"tokens": tokens, "chars": chars}
         vocab.save(folder / "tokenizer.json")
         (folder / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -139,18 +159,33 @@ class TextDataModule(IndexedSplits):
         path = self._cache_path()
         self.meta = json.loads((path / "meta.json").read_text())
         self.vocab = self.fixed_vocab or Vocab.from_file(path / "tokenizer.json")
-        for split in ("train", "val"):
-            ids = np.memmap(path / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
+        maps = {split: np.memmap(path / f"{split}.bin", dtype=self.meta["dtype"], mode="r") for split in ("train", "val")}
+        for split, ids in maps.items():
             if ids.size < self.block_size + 2:
                 raise DataError(
                     f"data.block_size={self.block_size} is longer than the {split} split "
                     f"({ids.size} tokens); use a smaller block_size or more text"
                 )
-            if self.device_resident:
-                _check_fits(split, ids.size, path)
+        if self.device_resident:
+            self.device_resident = self._fits(sum(ids.size for ids in maps.values()), path)
+        for split, ids in maps.items():
             # Resident: one int64 copy (moved to the device once). Otherwise the memory map itself.
             self.splits[split] = {"ids": torch.from_numpy(ids.astype(np.int64)) if self.device_resident else ids}
         self.splits["test"] = self.splits["val"]
+
+    def _fits(self, tokens: int, path: Path) -> bool:
+        """Whether `tokens` ids held in memory as int64 fit `data.resident_max_gb`; if not, one line says that they
+        are read from the memory map instead (still exact, and as fast on the CPU for a model of any size)."""
+        from mmtx.cpu import resident_budget
+        from mmtx.files import size_text
+
+        budget = resident_budget(self.resident_max_gb)
+        if budget is None or tokens * 8 <= budget[0]:
+            return True
+        log.info("data: the %s tokens of %s take %s held in memory as int64, more than %s: reading their windows "
+                 "from the memory-mapped token files instead (data.device_resident=false)", f"{tokens:,}", path,
+                 size_text(tokens * 8), budget[1])
+        return False
 
     # -- what the model needs to know ------------------------------------------------
 
@@ -188,6 +223,126 @@ class TextDataModule(IndexedSplits):
             window = torch.from_numpy(ids[offsets.numpy()].astype(np.int64))
         window = window.to(device, non_blocking=True)
         return TokenBatch(tokens=window[:, :-1], targets=window[:, 1:])  # (B, T) each
+
+
+META = "mmtx.json"  # what a folder written by python -m mmtx.prepare holds, beside its token files
+
+
+def prepare_text(datamodule: TextDataModule, out: str | os.PathLike, replace: bool = False) -> dict[str, Any]:
+    """Tokenize the text of `datamodule` (a `TextDataModule`: its source, vocabulary and validation cut) into `out`
+    for `data=streaming_text`: `train.bin`, `val.bin` (uint16 or uint32 ids), `tokenizer.json`, `meta.json`, the
+    checksums of each and `mmtx.json`; the written `mmtx.json` (returned). Idempotent: a whole folder prepared from
+    the same text and settings is left as it is, a damaged one prepared again; one prepared from other text is an
+    error unless `replace`. Written into a temporary folder renamed into place, so a killed `prepare` leaves no
+    folder that looks prepared (the next call removes its remains and starts again)."""
+    from mmtx.data.cache import seal, verified
+    from mmtx.files import building_dir
+
+    out = Path(out).expanduser().resolve()
+    key = digest(TEXT_FORMAT, datamodule.cache_key())
+    meta_path = out / META
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") != key and not replace:
+            raise DataError(f"{out} holds text prepared from other files or settings ({meta.get('source')}); give "
+                            "another out= or delete that folder")
+        if meta.get("fingerprint") == key and verified(out):
+            log.info("%s is already prepared from %s (%s tokens)", out, meta["source"], meta["tokens"])
+            return meta
+        shutil.rmtree(out)  # damaged (named by verified), or prepared from other text
+    elif out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not a prepared dataset (no {META}); give an empty or new folder as out=")
+    elif out.exists():
+        out.rmdir()  # empty: building_dir renames the finished folder into its place
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_text_space(datamodule, out)
+    with building_dir(out, hint="free space there or give another out=") as tmp:
+        if tmp is None:  # another process prepared it meanwhile
+            return json.loads(meta_path.read_text())
+        info = datamodule._tokenize(tmp)
+        meta = {"format": TEXT_FORMAT, "modality": "text", "source": datamodule.source.cache_name,
+                "tokens": {split: v["tokens"] for split, v in info["splits"].items()}, "dtype": info["dtype"],
+                "vocab_size": info["vocab_size"], "fingerprint": key}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        seal(tmp)
+    return meta
+
+
+TEXT_FORMAT = 1  # of what `prepare_text` writes: part of a prepared folder's fingerprint
+
+
+def _check_text_space(datamodule: TextDataModule, out: Path) -> None:
+    """Refuse to start when the token files of local text files would not fit under `out` (about 2 bytes a
+    character for a character vocabulary, half a byte for a subword one: GPT-2's 4 characters a token, 2 bytes
+    an id), naming the folder and the space."""
+    files = getattr(datamodule.source, "files", None)
+    if not files:
+        return
+    chars = sum(Path(f).stat().st_size for f in files)
+    need = chars * (2 if datamodule.vocab_spec.get("kind") == "char" else 0.5)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise DataError(f"preparing needs about {need / 1e9:.1f} GB in {out.parent} and {free / 1e9:.1f} GB is "
+                        "free; free space there or give another out=")
+
+
+class StreamingText(TextDataModule):
+    """Language-model windows read from token files prepared once (`python -m mmtx.prepare data=text_files ...
+    out=DIR`, `prepare_text`), memory-mapped: a corpus of any size, each DDP rank reading only its own windows
+    (`data=streaming_text data.path=DIR`). Windows, their order and the exact mid-epoch resume are
+    `TextDataModule`'s; the vocabulary is the one the folder was prepared with (its `tokenizer.json`).
+    `device_resident=true` holds the ids in memory instead (when they fit `resident_max_gb`). A folder whose
+    files do not match the checksums written with them is an error naming the file: prepare it again."""
+
+    def __init__(
+        self,
+        path: str,
+        block_size: int = 256,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        device_resident: bool = False,
+        resident_max_gb: float | None = None,
+        seed: int = 0,
+        root: str | None = None,
+        fixed_vocab: Vocab | None = None,
+    ) -> None:
+        super().__init__(source=None, cache_dir="", vocab={}, root=root, block_size=block_size, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, device_resident=device_resident, fixed_vocab=fixed_vocab,
+                         seed=seed, resident_max_gb=resident_max_gb)
+        if str(path).startswith(("s3://", "gs://")):
+            raise ConfigError(f"data.path={path}: prepared text is memory-mapped from a disk; copy the folder to a "
+                              "local or shared disk and give its path")
+        self.path = Path(path).expanduser()
+
+    def _cache_path(self) -> Path:
+        return self.path
+
+    def prepare_data(self) -> None:
+        from mmtx.data.cache import damage, verified
+
+        meta_path = self.path / META
+        if not meta_path.is_file():
+            raise MissingError(f"data.path={self.path} is not prepared text (no {META}): prepare it once with "
+                               f"python -m mmtx.prepare data=text_files data.source.files=<files> out={self.path}")
+        modality = json.loads(meta_path.read_text()).get("modality")
+        if modality != "text":
+            raise ConfigError(f"{self.path} holds {modality} data; data=streaming_text streams text (data=streaming "
+                              "streams images)")
+        if not verified(self.path, quiet=True):
+            raise DataError(f"{self.path} is damaged: {damage(self.path)}; prepare it again (python -m mmtx.prepare "
+                            f"with the same data keys and out={self.path} rebuilds it)")
+
+
+def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+    """`items` in lists of `n` (the last shorter)."""
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _positions(length: int, device: torch.device, _cache: dict = {}) -> torch.Tensor:  # noqa: B006 - the cache

@@ -68,6 +68,13 @@ class Vocab:
             )
         return ids[where]
 
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`encode_array` of each of `texts`, which a BPE or WordPiece vocabulary encodes together in the tokenizers
+        library's threads (every core: set TOKENIZERS_PARALLELISM=false to keep to one)."""
+        if self.kind in ("char", "synthetic") or len(texts) < 2:
+            return [self.encode_array(text) for text in texts]
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
     def _added_tokens(self) -> list[str]:
         if self._added is None:
             self._added = [t.content for t in self.tokenizer.get_added_tokens_decoder().values()]
