@@ -83,7 +83,7 @@ RULES: dict[str, Rule] = {
     "optim.min_lr_ratio": number(0, 1),
     "data.batch_size": integer(1),
     "data.eval_batch_size": integer(1, optional=True),
-    "data.val_fraction": number(0, 1, high_open=True),
+    "data.val_fraction": number(0, 1, high_open=True, optional=True),  # null: data=streaming_text, as prepared
     "data.block_size": integer(1),
     "data.max_src_len": integer(2),
     "data.max_tgt_len": integer(2),

@@ -34,6 +34,22 @@ def make_image_folder(root: Path, classes=("cat", "dog", "ship"), per_class=(12,
     return root
 
 
+def make_imagenet_folder(root: Path, classes: int = 3, per_class: tuple[int, int] = (8, 2), seed: int = 0) -> Path:
+    """ImageNet's layout in miniature: train/<wnid>/<wnid>_<i>.JPEG and val/<wnid>/..., JPEGs of differing sizes
+    (not square), each class its own colour."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for c in range(classes):
+            wnid = f"n{1440764 + c:08d}"
+            folder = root / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = (int(x) for x in rng.integers(36, 60, 2))
+                pixels = np.clip(60 * c + 40 + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", format="JPEG")
+    return root
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from conftest import (TINY_TEXT, cotrain_small_run, gpt2_reference, gpt2_small_run, make_image_folder, make_parallel,
+from conftest import (TINY_TEXT, cotrain_small_run, gpt2_reference, gpt2_small_run, make_image_folder, make_imagenet_folder, make_parallel,
                       pretrained_small_run, small_run, task_modality, timm_reference, whisper_reference,
                       whisper_small_run)
 from test_audio import make_tones
@@ -44,6 +44,23 @@ def tiny(task: str, tmp_path: Path, data_root: Path) -> list[str]:
     if is_pretrained(cfg.init_from):
         name = cfg.init_from.split(":", 1)[1].split(".", 1)[0]
         return pretrained_small_run(tmp_path, data_root, timm_reference(data_root / f"{name}.safetensors", name))
+    if cfg.data._target_ == "mmtx.data.streaming.StreamingImages":  # an ImageNet-style folder, prepared (deit_s)
+        from mmtx.prepare import main
+
+        pytest.importorskip("litdata", reason="the streaming extra (pip install 'mmtx[streaming]') is not installed")
+        shards = data_root / f"shards-{task}"
+        main(["data=imagefolder", f"data.source.path={make_imagenet_folder(data_root / 'imagenet')}",
+              "data.source.image_size=32", f"out={shards}", "num_workers=1"])
+        keep = [o for o in small_run(tmp_path, None, "image") if not o.startswith("data.augment.randaugment")]
+        return [*keep, f"data.path={shards}", "tokenizer.patch_size=16", "data.num_workers=0"]  # the whole recipe's augmentation
+    if cfg.data._target_ == "mmtx.data.text.StreamingText":  # text files tokenized into token files (gpt2_owt)
+        from mmtx.prepare import main
+
+        shards = data_root / f"tokens-{task}"
+        main([f"task={task}", "data=text_files", f"data.source.files={data_root / 'tinyshakespeare' / 'input.txt'}",
+              "tokenizer=bpe", "tokenizer.vocab.vocab_size=300", "data.val_fraction=0.1",
+              f"paths.cache_dir={tmp_path / 'cache'}", f"out={shards}"])
+        return [*small_run(tmp_path, None, task_modality(task)), f"data.path={shards}", "data.val_fraction=null"]
     if cfg.data._target_.startswith("mmtx.data.synthetic."):  # no files: no data root; a small vocabulary
         return [*small_run(tmp_path, None, task_modality(task)), "data.vocab_size=300", "data.train_tokens=4096",
                 "data.val_tokens=1024"]

@@ -12,8 +12,9 @@ from PIL import Image
 from conftest import SHARED_DATA, make_image_folder
 from mmtx.data import ImageDataModule
 from mmtx.data import sources
-from mmtx.data.augment import random_crop_flip
+from mmtx.data.augment import BatchAugment, random_crop_flip, random_resized_crop_flip
 from mmtx.data.sources import HFImages, ImageFolder, cifar10, resolve_root
+from mmtx.errors import ConfigError
 
 
 def datamodule(source, tmp_path, **kw):
@@ -176,6 +177,52 @@ def test_random_crop_flip_is_a_window_of_the_padded_image_or_its_mirror():
     no_flip = random_crop_flip(images, padding=0, flip_p=0.0)
     assert torch.equal(no_flip, images)
     torch.testing.assert_close(random_crop_flip(images, padding=0, flip_p=1.0), images.flip(-1))
+
+
+def test_random_resized_crop_is_a_box_of_the_image_resized_back_or_its_mirror():
+    """Boxes of a quarter of the area (10x10 of 20x20), each resized to 20x20 as F.interpolate (bilinear) resizes
+    it; the whole image unchanged when the box is the image."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (16, 3, 20, 20), dtype=torch.uint8)
+    out = random_resized_crop_flip(images, scale=(0.25, 0.25), ratio=(1.0, 1.0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    flips = offsets = 0
+    for i in range(16):
+        boxes = {(y, x): F.interpolate(images[i:i + 1, :, y:y + 10, x:x + 10].float(), size=(20, 20), mode="bilinear",
+                                       align_corners=False)[0] for y in range(11) for x in range(11)}
+        near = [(k, flip) for k, box in boxes.items() for flip in (False, True)
+                if ((box.flip(-1) if flip else box) - out[i].float()).abs().max() <= 1]
+        assert near, f"sample {i} is not a resized 10x10 box of its image"
+        flips += near[0][1]
+        offsets += near[0][0] != (5, 5)
+    assert 2 < flips < 14 and offsets > 8
+    assert torch.equal(random_resized_crop_flip(images, scale=(1, 1), ratio=(1, 1), flip_p=0.0), images)
+    assert torch.equal(random_resized_crop_flip(images, scale=(1, 1), ratio=(1, 1), flip_p=1.0), images.flip(-1))
+    wide = random_resized_crop_flip(images[:, :, :5], scale=(0.9, 1), ratio=(1.0, 1.0), flip_p=0.0)  # no try fits
+    torch.testing.assert_close(wide.float(), F.interpolate(images[:, :, :5, 7:12].float(), size=(5, 20),
+                                                           mode="bilinear", align_corners=False).round(), atol=1, rtol=0)
+
+
+def test_imagenet_augmentation_settings_are_checked_and_erase_on_the_normalised_batch(image_folder, tmp_path):
+    with pytest.raises(ConfigError, match="data.augment.resized_crop has no key 'size'"):
+        BatchAugment(resized_crop={"size": 224})
+    with pytest.raises(ConfigError, match=r"resized_crop.scale=\[0.0, 1.0\]"):
+        BatchAugment(resized_crop={"scale": [0, 1]})
+    with pytest.raises(ConfigError, match="random_erasing=2 is a probability"):
+        BatchAugment(random_erasing=2)
+    dm = datamodule(ImageFolder(image_folder), tmp_path, augment={
+        "crop_padding": 0, "resized_crop": {"scale": [0.08, 1.0], "ratio": [0.75, 1.333]}, "random_erasing": 1.0})
+    torch.manual_seed(0)
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert batch.image.shape == (4, 3, 16, 16)
+    # Every image has a rectangle of unit normal noise: values no uint8 pixel normalised by mean/std 0.5 gives.
+    grid = (torch.arange(256.0) - 127.5) / 127.5
+    off_grid = (batch.image[..., None] - grid).abs().amin(-1) > 1e-4
+    assert off_grid.flatten(1).any(1).all()
+    val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    assert not ((val.image[..., None] - grid).abs().amin(-1) > 1e-4).any()  # evaluation is neither cropped nor erased
 
 
 def test_batches_are_gathered_and_augmented_on_transfer(image_folder, tmp_path):

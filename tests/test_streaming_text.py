@@ -131,6 +131,12 @@ def test_a_damaged_or_missing_folder_is_named(corpus, tmp_path):
         StreamingText(str(damaged)).setup()
     with pytest.raises(ConfigError, match="memory-mapped from a disk"):
         StreamingText("s3://bucket/owt")
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.2, but .* was prepared with val_fraction=0.1: prepare "
+                                          r"it again with data.val_fraction=0.2"):
+        StreamingText(str(tokens), val_fraction=0.2).setup()
+    same = StreamingText(str(tokens), val_fraction=0.1, block_size=16)
+    same.setup()
+    assert same.num_samples("train") > 0
 
 
 def test_prepare_rebuilds_a_damaged_folder_and_refuses_another_texts(corpus, tmp_path):

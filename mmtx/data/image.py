@@ -92,6 +92,8 @@ class ImageDataModule(LabelledSplits):
             images = self.augment(images)
         mean, std = self._normaliser(device)
         images = images.float().sub_(mean).div_(std)  # mean, std in 0..255 units
+        if train:
+            images = self.augment.erase(images)
         if train and self.mixup is not None:
             images, soft = self.mixup(images, labels)  # soft: (B, num_classes)
             return ImageBatch(images, labels, soft_label=soft)

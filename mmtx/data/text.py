@@ -262,7 +262,8 @@ def prepare_text(datamodule: TextDataModule, out: str | os.PathLike, replace: bo
         info = datamodule._tokenize(tmp)
         meta = {"format": TEXT_FORMAT, "modality": "text", "source": datamodule.source.cache_name,
                 "tokens": {split: v["tokens"] for split, v in info["splits"].items()}, "dtype": info["dtype"],
-                "vocab_size": info["vocab_size"], "fingerprint": key}
+                "vocab_size": info["vocab_size"], "val_fraction": datamodule.val_fraction if
+                datamodule.source.splits() == ["all"] else None, "fingerprint": key}
         (tmp / META).write_text(json.dumps(meta, indent=1))
         seal(tmp)
     return meta
@@ -305,10 +306,12 @@ class StreamingText(TextDataModule):
         seed: int = 0,
         root: str | None = None,
         fixed_vocab: Vocab | None = None,
+        val_fraction: float | None = None,
     ) -> None:
         super().__init__(source=None, cache_dir="", vocab={}, root=root, block_size=block_size, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, device_resident=device_resident, fixed_vocab=fixed_vocab,
-                         seed=seed, resident_max_gb=resident_max_gb)
+                         seed=seed, resident_max_gb=resident_max_gb, val_fraction=val_fraction or 0.1)
+        self.wanted_val_fraction = val_fraction  # None: as prepared
         if str(path).startswith(("s3://", "gs://")):
             raise ConfigError(f"data.path={path}: prepared text is memory-mapped from a disk; copy the folder to a "
                               "local or shared disk and give its path")
@@ -324,10 +327,15 @@ class StreamingText(TextDataModule):
         if not meta_path.is_file():
             raise MissingError(f"data.path={self.path} is not prepared text (no {META}): prepare it once with "
                                f"python -m mmtx.prepare data=text_files data.source.files=<files> out={self.path}")
-        modality = json.loads(meta_path.read_text()).get("modality")
-        if modality != "text":
-            raise ConfigError(f"{self.path} holds {modality} data; data=streaming_text streams text (data=streaming "
-                              "streams images)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("modality") != "text":
+            raise ConfigError(f"{self.path} holds {meta.get('modality')} data; data=streaming_text streams text "
+                              "(data=streaming streams images)")
+        prepared = meta.get("val_fraction")
+        if self.wanted_val_fraction is not None and prepared is not None and self.wanted_val_fraction != prepared:
+            raise ConfigError(f"data.val_fraction={self.wanted_val_fraction}, but {self.path} was prepared with "
+                              f"val_fraction={prepared}: prepare it again with data.val_fraction="
+                              f"{self.wanted_val_fraction} (and another out=), or set data.val_fraction=null")
         if not verified(self.path, quiet=True):
             raise DataError(f"{self.path} is damaged: {damage(self.path)}; prepare it again (python -m mmtx.prepare "
                             f"with the same data keys and out={self.path} rebuilds it)")
