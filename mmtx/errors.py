@@ -95,12 +95,23 @@ def user_error(err: BaseException) -> MmtxError | None:
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, MmtxError):
-            return err
+            return _from_worker(err)
         if isinstance(err, OSError) and storage_message(err):
             return StorageError(storage_message(err))
         seen.add(id(err))
         err = err.__cause__
     return None
+
+
+def _from_worker(err: MmtxError) -> MmtxError:
+    """`err` as raised, when a DataLoader worker raised it: PyTorch re-raises it in the training process with the
+    worker's traceback as its message ("Caught DataError in DataLoader worker process 0. Original Traceback ...");
+    its own message is the traceback's last line."""
+    text = str(err)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return err
+    last = text.rstrip().splitlines()[-1]
+    return type(err)(last.split(": ", 1)[1] if ": " in last else last)
 
 
 # -- the command line: one line per mistake, and multiruns that survive a bad job ---------------------------

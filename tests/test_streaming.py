@@ -180,3 +180,99 @@ def test_the_shards_in_the_cache_follow_their_folder(prepared, tmp_path):
 
     with pytest.raises(DataError, match="holds a dataset prepared from other files"):
         main(["data=imagefolder", f"data.source.path={folder}", f"out={prepared[1]}"])
+
+
+@pytest.fixture(scope="module")
+def small_shards(prepared, tmp_path_factory):
+    """The fixture's images prepared into shards of about 6 images each (several shards a split)."""
+    from mmtx.data.sources import ImageFolder
+    from mmtx.data.streaming import prepare_images
+
+    folder, _, _ = prepared
+    out = tmp_path_factory.mktemp("small") / "shards"
+    meta = prepare_images(ImageFolder(folder), out, num_workers=1, chunk_bytes=6 * 900)
+    assert len(meta["shards"]["train"]) >= 3
+    return out, meta
+
+
+def damaged_copy(shards, tmp_path, how):
+    """A copy of `shards` whose first training shard is truncated or has bytes overwritten (its size kept)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    shard = sorted((copy / "train").glob("chunk-*.bin"))[0]
+    data = bytearray(shard.read_bytes())
+    if how == "truncated":
+        shard.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 2: len(data) // 2 + 200] = bytes(200)
+        shard.write_bytes(bytes(data))
+    return copy, shard
+
+
+def epoch_images(dm):
+    return sum(len(batch["labels"]) for batch in dm.train_dataloader())
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+def test_a_damaged_shard_is_named_and_skipped_with_a_count_or_an_error(small_shards, tmp_path, how, caplog):
+    from mmtx.data.streaming import StreamingImages
+
+    shards, meta = small_shards
+    copy, shard = damaged_copy(shards, tmp_path, how)
+    lost = meta["shards"]["train"][shard.name]
+    strict = StreamingImages(str(copy), batch_size=2, num_workers=0, on_bad_file="error")
+    what = "holds .* bytes where .* were written" if how == "truncated" else "does not match the checksum written"
+    with pytest.raises(DataError, match=f"shard {shard}.*{what}.*prepare the folder again.*data.on_bad_file=skip"):
+        epoch_images(strict)
+    lenient = StreamingImages(str(copy), batch_size=2, num_workers=0, on_bad_file="skip")
+    with caplog.at_level("WARNING"):
+        seen = epoch_images(lenient)
+    assert 0 < seen < 36 and f"shard {shard}" in caplog.text
+    if how == "truncated":  # found before reading: counted, and the epoch's length says so
+        assert lenient.num_samples("train") == seen and "skipping 1 damaged shard" in caplog.text
+    assert lost["bytes"] > 0
+
+
+def test_a_damaged_shard_read_by_a_worker_ends_a_run_with_one_line(small_shards, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ENV
+
+    shards, _ = small_shards
+    copy, shard = damaged_copy(shards, tmp_path, "overwritten")
+    proc = subprocess.run([sys.executable, "-m", "mmtx.train", *stream_run(tmp_path, copy), "data.num_workers=1",
+                           "data.on_bad_file=error", "trainer.max_epochs=1", "data.batch_size=2",
+                           "trainer.limit_val_batches=0", "test_after_fit=false"],
+                          cwd=REPO, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"mmtx.train: error: shard {shard} does not match the checksum written with it" in proc.stderr
+
+
+def test_prepare_again_checks_every_shard_and_rebuilds_a_damaged_folder(prepared, tmp_path, caplog):
+    import shutil
+
+    from mmtx.prepare import main
+
+    folder, shards, meta = prepared
+    copy, shard = damaged_copy(shards, tmp_path, "overwritten")
+    with caplog.at_level("WARNING"):
+        again = main(["data=imagefolder", f"data.source.path={folder}", f"out={copy}"])
+    assert f"shard {shard} does not match the checksum written with it; preparing it again" in caplog.text
+    assert again["samples"] == meta["samples"] and not [p for p in copy.parent.iterdir() if p.name.endswith(".partial")]
+    shutil.rmtree(copy)
+
+
+def test_prepare_notices_shards_litdata_did_not_write(prepared, tmp_path, monkeypatch):
+    import litdata
+
+    from mmtx.prepare import main
+
+    folder, _, _ = prepared
+    monkeypatch.setattr(litdata, "optimize", lambda **kwargs: None)  # its workers failed: nothing written
+    with pytest.raises(DataError, match=r"preparing .*train wrote no readable index.json .*run python -m mmtx.prepare "
+                                        "again"):
+        main(["data=imagefolder", f"data.source.path={folder}", f"out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()

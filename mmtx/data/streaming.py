@@ -17,18 +17,20 @@ its token files).
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmtx.batch import ImageBatch
-from mmtx.data.cache import digest
+from mmtx.data.cache import digest, file_checksum
 from mmtx.data.image import ImageDataModule
 from mmtx.errors import ConfigError, DataError, MissingError, optional
 from mmtx.files import atomic_write_text
@@ -36,7 +38,7 @@ from mmtx.files import atomic_write_text
 log = logging.getLogger(__name__)
 
 META = "mmtx.json"
-FORMAT = 1  # of what `prepare_images` writes: part of a prepared folder's fingerprint
+FORMAT = 2  # of what `prepare_images` writes: part of a prepared folder's fingerprint
 
 
 def _litdata(purpose: str = "data=streaming (shards read by litdata)"):
@@ -44,18 +46,20 @@ def _litdata(purpose: str = "data=streaming (shards read by litdata)"):
 
 
 def _image_record(item: tuple[str, int]) -> dict[str, Any]:
-    """One image as a shard keeps it: its file's bytes as they are, its label and its name (for messages)."""
+    """One image as a shard keeps it: its file's bytes as they are, its label and its name (for messages), as
+    UTF-8 bytes: litdata stores a str that names an image file as that image, decoded again on every read."""
     path, label = item
-    return {"image": Path(path).read_bytes(), "label": int(label), "name": str(path)}
+    return {"image": Path(path).read_bytes(), "label": int(label), "name": str(path).encode()}
 
 
 def prepare_images(source: Any, out: str | os.PathLike, num_workers: int | None = None,
-                   replace: bool = False) -> dict[str, Any]:
+                   replace: bool = False, chunk_bytes: int | str = "64MB") -> dict[str, Any]:
     """Write every split of an image `source` that lists its files (an ImageFolder) into shards under `out`; the
     written `mmtx.json` (returned). Idempotent: a folder already prepared from the same files is left as it is; one
     prepared from other files is an error, or, with `replace` (mmtx's own cache folder), prepared again. The
     shards are written into `<out>.partial` and moved into place only when every split is done, so a killed
-    `prepare` leaves no folder that looks prepared; the next call starts it again."""
+    `prepare` leaves no folder that looks prepared; the next call starts it again. `chunk_bytes`: the size of a
+    shard (litdata's; 64 MB reads well from local disks and object storage alike)."""
     litdata = _litdata("python -m mmtx.prepare (shards written by litdata)")
     if not hasattr(source, "_files"):
         raise ConfigError(f"data.source ({type(source).__name__}) cannot be prepared for streaming: images are "
@@ -66,9 +70,17 @@ def prepare_images(source: Any, out: str | os.PathLike, num_workers: int | None 
     meta_path = out / META
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") == fingerprint:
-            log.info("%s is already prepared from %s (%s)", out, source.path, meta["samples"])
+        damaged = _shard_problems(out, meta, contents=True) if meta.get("fingerprint") == fingerprint else []
+        if meta.get("fingerprint") == fingerprint and not damaged:
+            log.info("%s is already prepared from %s (%s); every shard matches its checksum", out, source.path,
+                     meta["samples"])
             return meta
+        if damaged:
+            log.warning("%s; preparing it again", "; ".join(text for _, _, text in damaged[:3]))
+            replace = True
+        if not replace and meta.get("format") != FORMAT:
+            raise DataError(f"{out} was prepared by another version of mmtx (format {meta.get('format')}, this one "
+                            f"writes {FORMAT}); delete that folder and prepare it again, or give another out=")
         if not replace:
             raise DataError(f"{out} holds a dataset prepared from other files ({meta.get('source')}); give another "
                             "out= or delete that folder")
@@ -82,22 +94,66 @@ def prepare_images(source: Any, out: str | os.PathLike, num_workers: int | None 
     listing = {split: source._files(split) for split in splits}  # one walk of the folder a split
     _check_space(partial, sum(size for files in listing.values() for _, _, size, _ in files))
     workers = num_workers or max(1, min(8, os.cpu_count() or 1))
-    samples = {}
+    samples: dict[str, int] = {}
+    shards: dict[str, dict[str, dict[str, Any]]] = {}  # split -> shard file -> its size and checksum
     for split, found in listing.items():
         files = [(str(path), label) for path, label, _, _ in found]
         log.info("preparing %s [%s]: %d images into %s", source.path, split, len(files), out / split)
-        litdata.optimize(fn=_image_record, inputs=files, output_dir=str(partial / split), chunk_bytes="64MB",
+        litdata.optimize(fn=_image_record, inputs=files, output_dir=str(partial / split), chunk_bytes=chunk_bytes,
                          num_workers=min(workers, len(files)), mode="overwrite", verbose=False)
-        samples[split] = len(files)
+        samples[split] = _check_written(partial / split, len(files))
+        shards[split] = {name: file_checksum(partial / split / name) for name in _chunk_names(partial / split)}
     first = listing["train" if "train" in listing else splits[0]][0][0]
     meta = {"format": FORMAT, "modality": "image", "classes": list(source.classes()), "samples": samples,
             "image_size": source.image_size or _square_side(first), "source": str(source.path),
-            "fingerprint": fingerprint}
+            "fingerprint": fingerprint, "shards": shards}
     atomic_write_text(partial / META, json.dumps(meta, indent=1))
     if out.exists():
         out.rmdir()  # empty (checked above)
     os.replace(partial, out)
     return meta
+
+
+def _chunk_names(folder: Path) -> list[str]:
+    """The shard files of a litdata split folder, in its index's order (litdata's chunk indexes)."""
+    return [c["filename"] for c in json.loads((folder / "index.json").read_text())["chunks"]]
+
+
+def _shard_problems(out: Path, meta: dict[str, Any], contents: bool = False,
+                    splits: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """(split, shard file, what is wrong) for each shard of a prepared folder that is missing or of another size
+    than was written; with `contents`, also each whose bytes no longer match their checksum (reads every shard)."""
+    problems = []
+    for split, files in meta.get("shards", {}).items():
+        if splits is not None and split not in splits:
+            continue
+        for name, recorded in files.items():
+            path = out / split / name
+            if not path.is_file():
+                problems.append((split, name, f"shard {path} is missing"))
+            elif path.stat().st_size != recorded["bytes"]:
+                problems.append((split, name, f"shard {path} holds {path.stat().st_size} bytes where "
+                                              f"{recorded['bytes']} were written (truncated or changed)"))
+            elif contents and file_checksum(path)["sha256"] != recorded["sha256"]:
+                problems.append((split, name, f"shard {path} does not match the checksum written with it"))
+    return problems
+
+
+def _check_written(folder: Path, expected: int) -> int:
+    """The samples litdata's index under `folder` holds, which must be all `expected` (its workers can fail
+    without failing `optimize`: a split would be short, or empty, with nothing said)."""
+    try:
+        chunks = json.loads((folder / "index.json").read_text())["chunks"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"preparing {folder} wrote no readable index.json ({err}); run python -m mmtx.prepare "
+                        "again") from None
+    written = sum(int(c["chunk_size"]) for c in chunks)
+    missing = [c["filename"] for c in chunks if not (folder / c["filename"]).is_file()]
+    if written != expected or missing:
+        raise DataError(f"preparing {folder} wrote {written} of its {expected} samples"
+                        + (f" and its index names missing shards {missing[:3]}" if missing else "")
+                        + "; the log above names what failed; run python -m mmtx.prepare again")
+    return written
 
 
 def _dims(path: Path) -> tuple[int, int]:
@@ -149,11 +205,29 @@ class _Decode:
                 image = read_image(io.BytesIO(item["image"]), size)
         except DataError as err:
             if self.on_bad_file == "error":
-                raise DataError(f"cannot read image {item['name']}: {err} (set data.on_bad_file=skip to skip such "
+                raise DataError(f"cannot read image {_name(item)}: {err} (set data.on_bad_file=skip to skip such "
                                 "files)") from None
-            log.warning("skipped an unreadable image: %s (%s)", item["name"], err)
+            log.warning("skipped an unreadable image: %s (%s)", _name(item), err)
             return None
         return {"image": image, "label": item["label"]}
+
+
+def _name(item: dict[str, Any]) -> str:
+    name = item.get("name", "?")
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _shard_is_whole(path: str, size: int, sha256: str, on_bad_file: str) -> bool:
+    """Whether a shard's bytes are the ones written (size and checksum); if not, a DataError naming it, or with
+    `on_bad_file=skip` a warning (its images are then skipped)."""
+    whole = os.path.getsize(path) == size and file_checksum(Path(path))["sha256"] == sha256
+    if not whole:
+        what = f"shard {path} does not match the checksum written with it"
+        if on_bad_file == "error":
+            raise DataError(f"{what}: prepare the folder again (python -m mmtx.prepare with the same data keys and "
+                            "out=), or set data.on_bad_file=skip to train without it")
+        log.warning("%s: its images are skipped (data.on_bad_file=skip)", what)
+    return whole
 
 
 class _Collate:
@@ -162,8 +236,10 @@ class _Collate:
     def __init__(self, split: str) -> None:
         self.split = split
 
-    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         items = [i for i in items if i is not None]
+        if not items:
+            return None  # every sample skipped (a damaged shard): the loader moves on to the next batch
         return {"images": torch.stack([i["image"] for i in items]),
                 "labels": torch.tensor([i["label"] for i in items], dtype=torch.long), "split": self.split}
 
@@ -192,6 +268,8 @@ def _loader_class(litdata) -> type:
                 self._resumed_yielded = False
                 resumed = self.restore
                 for batch in super().__iter__():
+                    if batch is None:  # every sample of it skipped
+                        continue
                     self._resumed_yielded = resumed
                     yield batch
 
@@ -211,13 +289,24 @@ def __getattr__(name: str) -> type:
         litdata = _litdata()
 
         class _DecodingDataset(litdata.StreamingDataset):
-            """litdata's dataset, its records decoded by `decode` (a `_Decode`) in the worker that reads them."""
+            """litdata's dataset, its records decoded by `decode` (a `_Decode`) in the worker that reads them.
 
-            def __init__(self, *args: Any, decode: _Decode, **kwargs: Any) -> None:
+            `shards`: (path, bytes, sha256) of each chunk, in litdata's chunk order: the worker checks a chunk
+            against them before its first read of it (once a process), and a chunk that fails is an error naming
+            it, or (`on_bad_file=skip`) its samples are skipped (None) with one warning."""
+
+            def __init__(self, *args: Any, decode: _Decode, shards: list[tuple[str, int, str]] | None = None,
+                         **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
-                self.decode = decode
+                self.decode, self.shards, self._whole = decode, shards, {}
 
             def __getitem__(self, index):
+                chunk = getattr(index, "chunk_index", None)
+                if self.shards is not None and chunk is not None:
+                    if chunk not in self._whole:
+                        self._whole[chunk] = _shard_is_whole(*self.shards[chunk], self.decode.on_bad_file)
+                    if not self._whole[chunk]:
+                        return None
                 return self.decode(super().__getitem__(index))
 
         _DecodingDataset.__module__ = __name__
@@ -265,6 +354,7 @@ class StreamingImages(ImageDataModule):
         self.wanted_size = image_size
         self.on_bad_file = on_bad_file
         self.meta: dict[str, Any] = {}
+        self._readable_splits: dict[str, tuple[str, int, list[tuple[str, int, str]]]] = {}
         self._train_loader = None
         self._position: dict[str, Any] | None = None  # a resumed run's loader position, until its loader exists
 
@@ -293,8 +383,49 @@ class StreamingImages(ImageDataModule):
                                f"python -m mmtx.prepare data=imagefolder data.source.path=<image folder> out={self.path}")
         meta = json.loads(meta_path.read_text())
         if meta.get("modality") != "image":
-            raise ConfigError(f"{self.path} holds {meta.get('modality')} data; data=streaming streams images so far")
+            hint = " (data=streaming_text streams text)" if meta.get("modality") == "text" else ""
+            raise ConfigError(f"{self.path} holds {meta.get('modality')} data; data=streaming streams images{hint}")
+        if meta.get("format") != FORMAT:
+            raise DataError(f"{self.path} was prepared by another version of mmtx (format {meta.get('format')}, this "
+                            f"one reads {FORMAT}): prepare it again into a new folder (python -m mmtx.prepare ... out=)")
         return meta
+
+    def _readable(self, folder: str) -> tuple[str, int, list[tuple[str, int, str]]]:
+        """Where litdata reads the split `folder`, its samples and its shards (path, bytes, sha256) in litdata's
+        order. Shards missing or truncated are named: an error, or with `on_bad_file=skip` left out (a folder of
+        links to the others and their index, in a temporary folder), counted in one warning."""
+        if folder in self._readable_splits:
+            return self._readable_splits[folder]
+        root = Path(self.path) / folder
+        index = json.loads((root / "index.json").read_text())
+        recorded = self.meta["shards"][folder]
+        bad = {name: text for _, name, text in _shard_problems(Path(self.path), self.meta, splits=[folder])}
+        where, chunks = str(root), index["chunks"]
+        if bad:
+            first = next(iter(bad.values()))
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            if self.on_bad_file == "error":
+                raise DataError(f"{first}{more}: prepare the folder again (python -m mmtx.prepare with the same data "
+                                f"keys and out={self.path}), or set data.on_bad_file=skip to train without it")
+            chunks = [c for c in chunks if c["filename"] not in bad]
+            view = Path(tempfile.mkdtemp(prefix="mmtx-shards-"))
+            atexit.register(shutil.rmtree, view, True)
+            for c in chunks:
+                os.symlink(root / c["filename"], view / c["filename"])
+            (view / "index.json").write_text(json.dumps({**index, "chunks": chunks}))
+            left = sum(int(c["chunk_size"]) for c in chunks)
+            log.warning("%s%s: skipping %d damaged shard%s of %s, %d of its %d images (data.on_bad_file=skip)", first,
+                        more, len(bad), "s" if len(bad) > 1 else "", root, self.meta["samples"][folder] - left,
+                        self.meta["samples"][folder])
+            if left == 0:
+                raise DataError(f"every shard of {root} is damaged: prepare the folder again (python -m mmtx.prepare "
+                                f"with the same data keys and out={self.path})")
+            where = str(view)
+        samples = sum(int(c["chunk_size"]) for c in chunks)
+        shards = [(str(root / c["filename"]), recorded[c["filename"]]["bytes"], recorded[c["filename"]]["sha256"])
+                  for c in chunks]
+        self._readable_splits[folder] = (where, samples, shards)
+        return self._readable_splits[folder]
 
     @property
     def num_classes(self) -> int:
@@ -316,7 +447,7 @@ class StreamingImages(ImageDataModule):
 
     def num_samples(self, split: str) -> int:
         self.setup()
-        return int(self.meta["samples"][self._split(split)])
+        return self._readable(self._split(split))[1]
 
     def has_split(self, split: str) -> bool:
         self.setup()
@@ -333,9 +464,9 @@ class StreamingImages(ImageDataModule):
     def _loader(self, split: str, batch_size: int, train: bool):
         litdata = _litdata()
         self.setup()
-        folder = self._split(split)
-        dataset = __getattr__("_DecodingDataset")(os.path.join(self.path, folder), shuffle=train, seed=self.seed,
-                                                  drop_last=train, decode=_Decode(self.image_size[0], self.on_bad_file))
+        where, _, shards = self._readable(self._split(split))
+        dataset = __getattr__("_DecodingDataset")(where, shuffle=train, seed=self.seed, drop_last=train,
+                                                  decode=_Decode(self.image_size[0], self.on_bad_file), shards=shards)
         loader = _loader_class(litdata)(dataset, batch_size=batch_size, num_workers=self.num_workers,
                                              collate_fn=_Collate(split), drop_last=train,
                                              persistent_workers=self.num_workers > 0 and train,
