@@ -276,3 +276,81 @@ def test_prepare_notices_shards_litdata_did_not_write(prepared, tmp_path, monkey
                                         "again"):
         main(["data=imagefolder", f"data.source.path={folder}", f"out={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A local S3 (moto's server on a free port) and fake credentials; its endpoint URL."""
+    import socket
+
+    moto_server = pytest.importorskip("moto.server", reason="moto (a dev dependency) is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    import litdata.streaming.downloader as downloader
+
+    # The local server speaks http, which litdata's obstore client refuses unless told (S3 itself is https).
+    monkeypatch.setattr(downloader, "_OBSTORE_CLIENT_OPTIONS", {**downloader._OBSTORE_CLIENT_OPTIONS, "allow_http": "true"})
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def test_a_prepared_folder_copied_to_s3_streams_the_same_images(prepared, s3, tmp_path):
+    import boto3
+
+    from mmtx.data.streaming import StreamingImages
+
+    _, shards, meta = prepared
+    client = boto3.client("s3", endpoint_url=s3)
+    client.create_bucket(Bucket="data")
+    for path in shards.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "data", f"imagenet/{path.relative_to(shards)}")
+    options = {"endpoint_url": s3}
+    remote = StreamingImages("s3://data/imagenet/", batch_size=6, num_workers=0, storage_options=options,
+                             cache_dir=str(tmp_path))
+    local = StreamingImages(str(shards), batch_size=6, num_workers=0)
+    remote.setup()
+    assert remote.meta == meta and remote.num_samples("train") == 36
+
+    def images(dm):
+        return sorted(image.numpy().tobytes() for batch in dm.train_dataloader() for image in batch["images"])
+
+    assert images(remote) == images(local)
+    assert list((tmp_path / "streamed").rglob("chunk-*.bin"))  # downloaded into the cache folder
+
+
+def test_s3_without_credentials_network_or_dataset_is_one_message(s3, monkeypatch, tmp_path):
+    import socket
+
+    import boto3
+
+    from mmtx.data.streaming import StreamingImages
+
+    boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="data")
+    options = {"endpoint_url": s3}
+    with pytest.raises(MissingError, match=r"s3://data/none is not a prepared dataset \(no mmtx.json\): prepare it on "
+                                           r"a disk .*aws s3 sync"):
+        StreamingImages("s3://data/none", storage_options=options).setup()
+    with pytest.raises(MissingError, match="the bucket nobucket does not exist"):
+        StreamingImages("s3://nobucket/x", storage_options=options).setup()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(DataError, match=f"reading s3://data/x/mmtx.json: cannot reach {closed} .*check the network"):
+        StreamingImages("s3://data/x", storage_options={"endpoint_url": closed}).setup()
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigError, match="reading s3://data/x/mmtx.json: no AWS credentials were found; set "
+                                          "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        StreamingImages("s3://data/x", storage_options=options).setup()
+    with pytest.raises(ConfigError, match="from a disk or from S3"):
+        StreamingImages("gs://bucket/x")

@@ -315,6 +315,50 @@ def __getattr__(name: str) -> type:
     return _DATASETS[name]
 
 
+def _remote(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+def read_s3(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The bytes of an object in S3 (or an S3-compatible store: `storage_options.endpoint_url`, as litdata takes
+    it), with one message for what stops it: no credentials, credentials refused, no network, no such object."""
+    boto3 = optional("boto3", "streaming", f"data.path={url.rsplit('/', 1)[0]} (S3, read with boto3)")
+    from botocore.config import Config
+    from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
+                                     PartialCredentialsError)
+
+    bucket, _, key = url[len("s3://"):].partition("/")
+    options = dict(storage_options or {})
+    session = boto3.session.Session()  # its own: the default session keeps the credentials it first found
+    client = session.client("s3", endpoint_url=options.pop("endpoint_url", None),
+                            config=Config(connect_timeout=10, retries={"max_attempts": 2}), **options)
+    where = client.meta.endpoint_url
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except (NoCredentialsError, PartialCredentialsError):
+        raise ConfigError(f"reading {url}: no AWS credentials were found; set AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, a profile of ~/.aws/credentials), or run on a "
+                          "machine with an instance role") from None
+    except EndpointConnectionError as err:
+        raise DataError(f"reading {url}: cannot reach {where} ({err}); check the network, or "
+                        "data.storage_options.endpoint_url for an S3-compatible store") from None
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise MissingError(f"{url.rsplit('/', 1)[0]} is not a prepared dataset (no {url.rsplit('/', 1)[1]}): "
+                               "prepare it on a disk with python -m mmtx.prepare ... out=DIR, then copy DIR there "
+                               "(aws s3 sync DIR s3://...)") from None
+        if code == "NoSuchBucket":
+            raise MissingError(f"reading {url}: the bucket {bucket} does not exist at {where}") from None
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+            raise ConfigError(f"reading {url}: {where} refused the AWS credentials ({code}); check "
+                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and their access to "
+                              f"the bucket {bucket}") from None
+        raise DataError(f"reading {url}: {code or err}") from None
+    except BotoCoreError as err:
+        raise DataError(f"reading {url}: {err}") from None
+
+
 class StreamingImages(ImageDataModule):
     """Labelled images streamed from a prepared folder (`python -m mmtx.prepare`) on a local or shared disk: decoded in
     `num_workers` loader processes, augmented and normalised on the training device as `ImageDataModule` does it.
@@ -323,6 +367,9 @@ class StreamingImages(ImageDataModule):
     DDP rank its own part; validation uses the prepared `val` split, else `test`. A loader's position is saved in
     checkpoints (litdata's `StreamingDataLoader.state_dict`). `image_size`: null keeps the prepared size (the
     source's `image_size`); `on_bad_file`: skip (a warning, the batch one image short) | error.
+    `path` may be an S3 URL (s3://bucket/prefix, the folder copied there as it is): `storage_options` go to boto3's
+    client and litdata's (`endpoint_url` for an S3-compatible store), and the shards are downloaded into
+    `cache_dir`/streamed as they are read (litdata's cache, bounded by its `max_cache_size`).
     """
 
     def __init__(
@@ -340,6 +387,8 @@ class StreamingImages(ImageDataModule):
         on_bad_file: str = "skip",
         seed: int = 0,
         root: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(source=None, cache_dir="", root=root, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          mean=mean, std=std, augment=augment, mixup=mixup, cutmix=cutmix, seed=seed)
@@ -349,7 +398,13 @@ class StreamingImages(ImageDataModule):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers!r} must be a whole number >= 0 (0: load in the training "
                               "process)")
-        self.path = str(path) if str(path).startswith(("s3://", "gs://")) else str(Path(path).expanduser())
+        if str(path).startswith(("gs://", "azure://", "hf://")):
+            raise ConfigError(f"data.path={path}: mmtx streams prepared folders from a disk or from S3 (s3://, and "
+                              "S3-compatible stores through data.storage_options.endpoint_url) so far; copy the folder "
+                              "to one of those")
+        self.path = str(path).rstrip("/") if _remote(str(path)) else str(Path(path).expanduser())
+        self.storage_options = dict(storage_options or {})
+        self.shard_cache = str(Path(cache_dir).expanduser() / "streamed") if cache_dir else None
         self.num_workers = num_workers
         self.wanted_size = image_size
         self.on_bad_file = on_bad_file
@@ -374,14 +429,15 @@ class StreamingImages(ImageDataModule):
         log.info("streaming %s: %s", self.path, self.meta["samples"])
 
     def _read_meta(self) -> dict[str, Any]:
-        if self.path.startswith(("s3://", "gs://")):
-            raise ConfigError(f"data.path={self.path}: streaming from object storage is not supported yet (mmtx reads "
-                              f"{META} from a disk); stream a prepared folder on a local or shared disk")
-        meta_path = Path(self.path) / META
-        if not meta_path.is_file():
-            raise MissingError(f"data.path={self.path} is not a prepared dataset (no {META}): prepare it once with "
-                               f"python -m mmtx.prepare data=imagefolder data.source.path=<image folder> out={self.path}")
-        meta = json.loads(meta_path.read_text())
+        if _remote(self.path):
+            meta = json.loads(read_s3(f"{self.path}/{META}", self.storage_options))
+        else:
+            meta_path = Path(self.path) / META
+            if not meta_path.is_file():
+                raise MissingError(f"data.path={self.path} is not a prepared dataset (no {META}): prepare it once with "
+                                   "python -m mmtx.prepare data=imagefolder data.source.path=<image folder> "
+                                   f"out={self.path}")
+            meta = json.loads(meta_path.read_text())
         if meta.get("modality") != "image":
             hint = " (data=streaming_text streams text)" if meta.get("modality") == "text" else ""
             raise ConfigError(f"{self.path} holds {meta.get('modality')} data; data=streaming streams images{hint}")
@@ -395,6 +451,9 @@ class StreamingImages(ImageDataModule):
         order. Shards missing or truncated are named: an error, or with `on_bad_file=skip` left out (a folder of
         links to the others and their index, in a temporary folder), counted in one warning."""
         if folder in self._readable_splits:
+            return self._readable_splits[folder]
+        if _remote(self.path):  # litdata downloads each shard whole into its cache, and checks its size
+            self._readable_splits[folder] = (f"{self.path}/{folder}", int(self.meta["samples"][folder]), None)
             return self._readable_splits[folder]
         root = Path(self.path) / folder
         index = json.loads((root / "index.json").read_text())
@@ -465,8 +524,10 @@ class StreamingImages(ImageDataModule):
         litdata = _litdata()
         self.setup()
         where, _, shards = self._readable(self._split(split))
+        remote = {"storage_options": self.storage_options, "cache_dir": self.shard_cache} if _remote(where) else {}
         dataset = __getattr__("_DecodingDataset")(where, shuffle=train, seed=self.seed, drop_last=train,
-                                                  decode=_Decode(self.image_size[0], self.on_bad_file), shards=shards)
+                                                  decode=_Decode(self.image_size[0], self.on_bad_file), shards=shards,
+                                                  **remote)
         loader = _loader_class(litdata)(dataset, batch_size=batch_size, num_workers=self.num_workers,
                                              collate_fn=_Collate(split), drop_last=train,
                                              persistent_workers=self.num_workers > 0 and train,
