@@ -1,18 +1,18 @@
 """Data bigger than memory: a source written once into chunked shards (litdata, Lightning's streaming engine), then
-streamed by loader workers from a local or shared folder (object storage, `s3://`, is litdata's too; mmtx does not
-read its `mmtx.json` from there yet).
+streamed by loader workers from a local or shared folder, or from S3.
 
     python -m mmtx.prepare data=imagefolder data.source.path=/data/imagenet out=/shards/imagenet
-    python -m mmtx.train task=vit_cifar data=streaming data.path=/shards/imagenet
+    python -m mmtx.train task=vit_cifar data=streaming data.path=/shards/imagenet      # or s3://bucket/imagenet
 
 A prepared folder holds one litdata dataset per split (`<out>/<split>/`: `index.json` and `chunk-*.bin`) and
-`mmtx.json`: the modality, the class names, the image size, the sample counts and the source's fingerprint
-(`prepare` does nothing when the source has not changed). Images keep their encoded bytes (a JPEG stays a JPEG:
-ImageNet's 140 GB, not its 190 GB decoded); loader workers decode them to the pixels the cached path decodes
-(torchvision's decoder; the cached path's Pillow reader for an image to resize), and the batch goes through
-`ImageDataModule`'s device-side augmentation and normalisation. litdata gives each DDP rank its own samples and
-saves the loader's position in the checkpoint. Images only, so far; audio, text and pairs are still held in memory (mmtx.data.text memory-maps
-its token files).
+`mmtx.json`: the modality, the class names, the image size, the sample counts, each shard's size and checksum and
+the source's fingerprint (`prepare` does nothing when the source has not changed and every shard matches its
+checksum). Images keep their encoded bytes (a JPEG stays a JPEG: ImageNet's 140 GB, not its 190 GB decoded);
+loader workers decode them to the pixels the cached path decodes (torchvision's decoder; the cached path's Pillow
+reader for an image to resize), and the batch goes through `ImageDataModule`'s device-side augmentation and
+normalisation. litdata gives each DDP rank its own samples and saves the loader's position in the checkpoint.
+Images so far; text is tokenized into memory-mapped token files (`mmtx.data.text.prepare_text`); audio and pairs
+are still held in memory.
 """
 
 from __future__ import annotations
