@@ -3,7 +3,7 @@ for `data=streaming` to read (`mmtx.data.streaming`).
 
 The source is the one `python -m mmtx.train` would read with the same `task=`, `data=` and `data.*` keys (composed
 by the same code); `out` and `num_workers` are this program's own keys (`conf/prepare.yaml`). Images go into
-litdata shards (`mmtx.data.streaming`, `data=streaming`), text into token files (`mmtx.data.text.prepare_text`,
+litdata shards (`mmtx.data.streaming`, `data=streaming`), audio too (`data=streaming_audio`), text into token files (`mmtx.data.text.prepare_text`,
 `data=streaming_text`).
 """
 
@@ -27,7 +27,7 @@ def prepare(overrides: Sequence[str], out: str, num_workers: int | None = None) 
     from hydra.utils import get_class, instantiate
 
     from mmtx.config import compose
-    from mmtx.data.streaming import prepare_images
+    from mmtx.data.streaming import prepare_shards
     from mmtx.data.text import StreamingText, TextDataModule, prepare_text
 
     task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "vit_cifar")
@@ -41,10 +41,11 @@ def prepare(overrides: Sequence[str], out: str, num_workers: int | None = None) 
         return prepare_text(instantiate(cfg.data, _convert_="all"), out)
     source_cfg = cfg.data.get("source")
     if source_cfg is None or "_target_" not in source_cfg:
-        raise ConfigError(f"data ({cfg.data._target_}) has no data.source to prepare; give an image source: "
-                          "data=imagefolder data.source.path=<folder>")
+        raise ConfigError(f"data ({cfg.data._target_}) has no data.source to prepare; give an image, audio or text "
+                          "source: data=imagefolder data.source.path=<folder>, data=audio_folder "
+                          "data.source.path=<folder>, data=text_files data.source.files=<files>")
     source = instantiate(source_cfg, _convert_="all")
-    return prepare_images(source, out, num_workers)
+    return prepare_shards(source, out, num_workers)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -77,8 +78,9 @@ def _run(args: list[str]) -> dict[str, Any]:
         print(f"prepared {meta['source']} into {own['out']}: {meta['tokens']} tokens ({meta['dtype']}, a vocabulary "
               f"of {meta['vocab_size']:,}); train on it with data=streaming_text data.path={own['out']}", flush=True)
     else:
-        print(f"prepared {meta['source']} into {own['out']}: {meta['samples']} images of {len(meta['classes'])} "
-              f"classes; train on it with data=streaming data.path={own['out']}", flush=True)
+        what, config = ("images", "streaming") if meta["modality"] == "image" else ("clips", "streaming_audio")
+        print(f"prepared {meta['source']} into {own['out']}: {meta['samples']} {what} of {len(meta['classes'])} "
+              f"classes; train on it with data={config} data.path={own['out']}", flush=True)
     return meta
 
 

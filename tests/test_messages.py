@@ -52,7 +52,9 @@ CONFIGS = [
     ("asr_fsdd", []), ("asr_fsdd", ["data=speech_manifest"]), ("translate_multi30k_cpu", []),
     ("translate_multi30k_cpu", ["data=parallel_text"]), ("translate_multi30k_cpu", ["data=hf_translation"]),
     ("gpt2_small", []), ("vit_cifar", ["data=synthetic_images"]), ("audio_fsdd", ["data=synthetic_audio"]),
-    ("vit_cifar", ["data=streaming", "data.path=shards"]),
+    ("vit_cifar", ["data=streaming", "data.path=shards"]), ("deit_s_imagenet", ["data.path=shards"]),
+    ("vit_cifar", ["data=streaming", "data.path=s3://bucket/x", "+data.storage_options.endpoint_url=https://s3.example"]),
+    ("audio_fsdd", ["data=streaming_audio", "data.path=shards"]), ("gpt2_owt", ["data.path=tokens"]),
 ]
 
 

@@ -186,11 +186,11 @@ def test_the_shards_in_the_cache_follow_their_folder(prepared, tmp_path):
 def small_shards(prepared, tmp_path_factory):
     """The fixture's images prepared into shards of about 6 images each (several shards a split)."""
     from mmtx.data.sources import ImageFolder
-    from mmtx.data.streaming import prepare_images
+    from mmtx.data.streaming import prepare_shards
 
     folder, _, _ = prepared
     out = tmp_path_factory.mktemp("small") / "shards"
-    meta = prepare_images(ImageFolder(folder), out, num_workers=1, chunk_bytes=6 * 900)
+    meta = prepare_shards(ImageFolder(folder), out, num_workers=1, chunk_bytes=6 * 900)
     assert len(meta["shards"]["train"]) >= 3
     return out, meta
 

@@ -7,12 +7,13 @@ streamed by loader workers from a local or shared folder, or from S3.
 A prepared folder holds one litdata dataset per split (`<out>/<split>/`: `index.json` and `chunk-*.bin`) and
 `mmtx.json`: the modality, the class names, the image size, the sample counts, each shard's size and checksum and
 the source's fingerprint (`prepare` does nothing when the source has not changed and every shard matches its
-checksum). Images keep their encoded bytes (a JPEG stays a JPEG: ImageNet's 140 GB, not its 190 GB decoded);
+checksum). Files keep their encoded bytes (a JPEG stays a JPEG: ImageNet's 140 GB, not its 190 GB decoded);
 loader workers decode them to the pixels the cached path decodes (torchvision's decoder; the cached path's Pillow
 reader for an image to resize), and the batch goes through `ImageDataModule`'s device-side augmentation and
 normalisation. litdata gives each DDP rank its own samples and saves the loader's position in the checkpoint.
-Images so far; text is tokenized into memory-mapped token files (`mmtx.data.text.prepare_text`); audio and pairs
-are still held in memory.
+Audio folders the same way (`StreamingAudio`, `data=streaming_audio`: each file's bytes, decoded and resampled
+in the workers); text is tokenized into memory-mapped token files (`mmtx.data.text.prepare_text`); pairs
+(translation, speech-to-text) are still held in memory.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from typing import Any
 
 import torch
 
-from mmtx.batch import ImageBatch
+from mmtx.batch import AudioBatch, ImageBatch
+from mmtx.data.audio import AudioDataModule
 from mmtx.data.cache import digest, file_checksum
 from mmtx.data.image import ImageDataModule
 from mmtx.errors import ConfigError, DataError, MissingError, optional
@@ -38,32 +40,49 @@ from mmtx.files import atomic_write_text
 log = logging.getLogger(__name__)
 
 META = "mmtx.json"
-FORMAT = 2  # of what `prepare_images` writes: part of a prepared folder's fingerprint
+FORMAT = 2  # of what `prepare_shards` writes: part of a prepared folder's fingerprint
 
 
 def _litdata(purpose: str = "data=streaming (shards read by litdata)"):
     return optional("litdata", "streaming", purpose)
 
 
-def _image_record(item: tuple[str, int]) -> dict[str, Any]:
-    """One image as a shard keeps it: its file's bytes as they are, its label and its name (for messages), as
-    UTF-8 bytes: litdata stores a str that names an image file as that image, decoded again on every read."""
+def _file_record(item: tuple[str, int]) -> dict[str, Any]:
+    """One sample as a shard keeps it: its file's bytes as they are (a JPEG stays a JPEG, a FLAC a FLAC), its label
+    and its name (for messages), as UTF-8 bytes: litdata stores a str that names an image file as that image,
+    decoded again on every read."""
     path, label = item
-    return {"image": Path(path).read_bytes(), "label": int(label), "name": str(path).encode()}
+    return {"data": Path(path).read_bytes(), "label": int(label), "name": str(path).encode()}
 
 
-def prepare_images(source: Any, out: str | os.PathLike, num_workers: int | None = None,
+def _listing(source: Any) -> tuple[str, dict[str, list[tuple[str, int, int]]]]:
+    """(modality, {split: [(file, label id, bytes)]}) of a source that lists its files: an image folder
+    (`data=imagefolder`) or an audio folder (`data=audio_folder`, `data=fsdd`); one walk of the folder a split."""
+    from mmtx.data.audio_sources import AudioFolder
+
+    if hasattr(source, "_files"):
+        return "image", {split: [(str(path), label, size) for path, label, size, _ in source._files(split)]
+                         for split in source.splits()}
+    if isinstance(source, AudioFolder):
+        ids = {name: i for i, name in enumerate(source.classes())}
+        return "audio", {split: [(str(f), ids[label], f.stat().st_size) for f, label in files]
+                         for split, files in source._list().items()}
+    raise ConfigError(f"data.source ({type(source).__name__}) cannot be prepared for streaming: images and audio are "
+                      "prepared from a folder (data=imagefolder data.source.path=<folder with train/<class>/...>, or "
+                      "data=audio_folder data.source.path=<folder>)")
+
+
+def prepare_shards(source: Any, out: str | os.PathLike, num_workers: int | None = None,
                    replace: bool = False, chunk_bytes: int | str = "64MB") -> dict[str, Any]:
-    """Write every split of an image `source` that lists its files (an ImageFolder) into shards under `out`; the
+    """Write every split of a `source` that lists its files (an image or audio folder) into shards under `out`; the
     written `mmtx.json` (returned). Idempotent: a folder already prepared from the same files is left as it is; one
     prepared from other files is an error, or, with `replace` (mmtx's own cache folder), prepared again. The
     shards are written into `<out>.partial` and moved into place only when every split is done, so a killed
     `prepare` leaves no folder that looks prepared; the next call starts it again. `chunk_bytes`: the size of a
     shard (litdata's; 64 MB reads well from local disks and object storage alike)."""
     litdata = _litdata("python -m mmtx.prepare (shards written by litdata)")
-    if not hasattr(source, "_files"):
-        raise ConfigError(f"data.source ({type(source).__name__}) cannot be prepared for streaming: images are "
-                          "prepared from a folder (data=imagefolder data.source.path=<folder with train/<class>/...>)")
+    if not hasattr(source, "_files") and type(source).__name__ != "AudioFolder":
+        _listing(source)  # the error naming what can be prepared, before anything is written
     out = Path(out).expanduser().resolve()
     splits = source.splits()
     fingerprint = digest(FORMAT, *(source.fingerprint(s) for s in splits))
@@ -91,22 +110,24 @@ def prepare_images(source: Any, out: str | os.PathLike, num_workers: int | None 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # what a killed prepare left
     partial.mkdir(parents=True)
-    listing = {split: source._files(split) for split in splits}  # one walk of the folder a split
-    _check_space(partial, sum(size for files in listing.values() for _, _, size, _ in files))
+    modality, listing = _listing(source)
+    _check_space(partial, sum(size for files in listing.values() for _, _, size in files))
     workers = num_workers or max(1, min(8, os.cpu_count() or 1))
     samples: dict[str, int] = {}
     shards: dict[str, dict[str, dict[str, Any]]] = {}  # split -> shard file -> its size and checksum
     for split, found in listing.items():
-        files = [(str(path), label) for path, label, _, _ in found]
-        log.info("preparing %s [%s]: %d images into %s", source.path, split, len(files), out / split)
-        litdata.optimize(fn=_image_record, inputs=files, output_dir=str(partial / split), chunk_bytes=chunk_bytes,
+        files = [(path, label) for path, label, _ in found]
+        log.info("preparing %s [%s]: %d files into %s", source.path, split, len(files), out / split)
+        litdata.optimize(fn=_file_record, inputs=files, output_dir=str(partial / split), chunk_bytes=chunk_bytes,
                          num_workers=min(workers, len(files)), mode="overwrite", verbose=False)
         samples[split] = _check_written(partial / split, len(files))
         shards[split] = {name: file_checksum(partial / split / name) for name in _chunk_names(partial / split)}
-    first = listing["train" if "train" in listing else splits[0]][0][0]
-    meta = {"format": FORMAT, "modality": "image", "classes": list(source.classes()), "samples": samples,
-            "image_size": source.image_size or _square_side(first), "source": str(source.path),
-            "fingerprint": fingerprint, "shards": shards}
+    meta = {"format": FORMAT, "modality": modality, "classes": list(source.classes()), "samples": samples,
+            "source": str(source.path), "fingerprint": fingerprint, "shards": shards}
+    if modality == "image":
+        meta["image_size"] = source.image_size or _square_side(listing["train" if "train" in listing else splits[0]][0][0])
+    else:  # decoded by the workers as the cached path decodes: resampled, mixed down, cropped
+        meta.update(sample_rate=source.sample_rate, max_seconds=source.max_seconds)
     atomic_write_text(partial / META, json.dumps(meta, indent=1))
     if out.exists():
         out.rmdir()  # empty (checked above)
@@ -198,11 +219,11 @@ class _Decode:
         size = self.image_size
         try:
             try:
-                image = decode_image(torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8), ImageReadMode.RGB)
+                image = decode_image(torch.frombuffer(bytearray(item["data"]), dtype=torch.uint8), ImageReadMode.RGB)
             except RuntimeError:
                 image = None
             if image is None or (size is not None and tuple(image.shape[-2:]) != (size, size)):
-                image = read_image(io.BytesIO(item["image"]), size)
+                image = read_image(io.BytesIO(item["data"]), size)
         except DataError as err:
             if self.on_bad_file == "error":
                 raise DataError(f"cannot read image {_name(item)}: {err} (set data.on_bad_file=skip to skip such "
@@ -359,39 +380,24 @@ def read_s3(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
         raise DataError(f"reading {url}: {err}") from None
 
 
-class StreamingImages(ImageDataModule):
-    """Labelled images streamed from a prepared folder (`python -m mmtx.prepare`) on a local or shared disk: decoded in
-    `num_workers` loader processes, augmented and normalised on the training device as `ImageDataModule` does it.
+class _Streamed:
+    """What the streamed data modules share: a prepared folder (`python -m mmtx.prepare`) on a disk or in S3, read
+    by `num_workers` loader processes that decode its samples (`_decoder`) into batches (`_collate`).
 
-    Training reads its shards in a seeded random order (litdata's: chunks, then samples within them) and each
-    DDP rank its own part; validation uses the prepared `val` split, else `test`. A loader's position is saved in
-    checkpoints (litdata's `StreamingDataLoader.state_dict`). `image_size`: null keeps the prepared size (the
-    source's `image_size`); `on_bad_file`: skip (a warning, the batch one image short) | error.
-    `path` may be an S3 URL (s3://bucket/prefix, the folder copied there as it is): `storage_options` go to boto3's
-    client and litdata's (`endpoint_url` for an S3-compatible store), and the shards are downloaded into
-    `cache_dir`/streamed as they are read (litdata's cache, bounded by its `max_cache_size`).
+    Training reads the shards in a seeded random order (litdata's: chunks, then samples within them) and each DDP
+    rank its own part; validation uses the prepared `val` split, else `test`. The training loader's position is
+    saved in checkpoints (litdata's `StreamingDataLoader.state_dict`, through the data module's state). Shards are
+    checked (`_readable`, `_shard_is_whole`); `on_bad_file`: skip (a warning with a count) | error. An S3 `path`
+    (s3://bucket/prefix, the folder copied there as it is): `storage_options` go to boto3's client and litdata's
+    (`endpoint_url` for an S3-compatible store), and the shards are downloaded into `cache_dir`/streamed as they are
+    read (litdata's cache, bounded by its `max_cache_size`).
     """
 
-    def __init__(
-        self,
-        path: str,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        image_size: int | None = None,
-        mean: tuple[float, ...] = (0.5, 0.5, 0.5),
-        std: tuple[float, ...] = (0.5, 0.5, 0.5),
-        augment: dict | None = None,
-        mixup: float = 0.0,
-        cutmix: float = 0.0,
-        on_bad_file: str = "skip",
-        seed: int = 0,
-        root: str | None = None,
-        storage_options: dict[str, Any] | None = None,
-        cache_dir: str | None = None,
-    ) -> None:
-        super().__init__(source=None, cache_dir="", root=root, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                         mean=mean, std=std, augment=augment, mixup=mixup, cutmix=cutmix, seed=seed)
+    modality = "image"
+    config_name = "streaming"  # the data= option that streams this modality
+
+    def _init_streamed(self, path: str, num_workers: int, on_bad_file: str, storage_options: dict[str, Any] | None,
+                       cache_dir: str | None) -> None:
         _litdata()  # missing: one line naming the extra, before anything is read
         if on_bad_file not in ("skip", "error"):
             raise ConfigError(f"data.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
@@ -406,10 +412,9 @@ class StreamingImages(ImageDataModule):
         self.storage_options = dict(storage_options or {})
         self.shard_cache = str(Path(cache_dir).expanduser() / "streamed") if cache_dir else None
         self.num_workers = num_workers
-        self.wanted_size = image_size
         self.on_bad_file = on_bad_file
         self.meta: dict[str, Any] = {}
-        self._readable_splits: dict[str, tuple[str, int, list[tuple[str, int, str]]]] = {}
+        self._readable_splits: dict[str, tuple[str, int, list[tuple[str, int, str]] | None]] = {}
         self._train_loader = None
         self._position: dict[str, Any] | None = None  # a resumed run's loader position, until its loader exists
 
@@ -422,10 +427,6 @@ class StreamingImages(ImageDataModule):
         logging.getLogger("litdata").setLevel(logging.WARNING)  # its cache and mmap notes at every loader
         self.meta = self._read_meta()
         self.classes = list(self.meta["classes"])
-        if self.mixup_args["mixup_alpha"] > 0 or self.mixup_args["cutmix_alpha"] > 0:
-            from timm.data import Mixup
-
-            self.mixup = Mixup(**self.mixup_args, label_smoothing=0.0, num_classes=self.num_classes)
         log.info("streaming %s: %s", self.path, self.meta["samples"])
 
     def _read_meta(self) -> dict[str, Any]:
@@ -434,19 +435,23 @@ class StreamingImages(ImageDataModule):
         else:
             meta_path = Path(self.path) / META
             if not meta_path.is_file():
+                source = "data=imagefolder data.source.path=<image folder>" if self.modality == "image" else \
+                    "data=audio_folder data.source.path=<audio folder>"
                 raise MissingError(f"data.path={self.path} is not a prepared dataset (no {META}): prepare it once with "
-                                   "python -m mmtx.prepare data=imagefolder data.source.path=<image folder> "
-                                   f"out={self.path}")
+                                   f"python -m mmtx.prepare {source} out={self.path}")
             meta = json.loads(meta_path.read_text())
-        if meta.get("modality") != "image":
-            hint = " (data=streaming_text streams text)" if meta.get("modality") == "text" else ""
-            raise ConfigError(f"{self.path} holds {meta.get('modality')} data; data=streaming streams images{hint}")
+        modality = meta.get("modality")
+        if modality != self.modality:
+            other = {"image": "data=streaming", "audio": "data=streaming_audio", "text": "data=streaming_text"}
+            hint = f" ({other[modality]} streams {modality})" if modality in other else ""
+            raise ConfigError(f"{self.path} holds {modality} data; data={self.config_name} streams "
+                              f"{self.modality}{hint}")
         if meta.get("format") != FORMAT:
             raise DataError(f"{self.path} was prepared by another version of mmtx (format {meta.get('format')}, this "
                             f"one reads {FORMAT}): prepare it again into a new folder (python -m mmtx.prepare ... out=)")
         return meta
 
-    def _readable(self, folder: str) -> tuple[str, int, list[tuple[str, int, str]]]:
+    def _readable(self, folder: str) -> tuple[str, int, list[tuple[str, int, str]] | None]:
         """Where litdata reads the split `folder`, its samples and its shards (path, bytes, sha256) in litdata's
         order. Shards missing or truncated are named: an error, or with `on_bad_file=skip` left out (a folder of
         links to the others and their index, in a temporary folder), counted in one warning."""
@@ -467,18 +472,18 @@ class StreamingImages(ImageDataModule):
                 raise DataError(f"{first}{more}: prepare the folder again (python -m mmtx.prepare with the same data "
                                 f"keys and out={self.path}), or set data.on_bad_file=skip to train without it")
             chunks = [c for c in chunks if c["filename"] not in bad]
+            left = sum(int(c["chunk_size"]) for c in chunks)
+            if left == 0:
+                raise DataError(f"every shard of {root} is damaged: prepare the folder again (python -m mmtx.prepare "
+                                f"with the same data keys and out={self.path})")
             view = Path(tempfile.mkdtemp(prefix="mmtx-shards-"))
             atexit.register(shutil.rmtree, view, True)
             for c in chunks:
                 os.symlink(root / c["filename"], view / c["filename"])
             (view / "index.json").write_text(json.dumps({**index, "chunks": chunks}))
-            left = sum(int(c["chunk_size"]) for c in chunks)
-            log.warning("%s%s: skipping %d damaged shard%s of %s, %d of its %d images (data.on_bad_file=skip)", first,
+            log.warning("%s%s: skipping %d damaged shard%s of %s, %d of its %d samples (data.on_bad_file=skip)", first,
                         more, len(bad), "s" if len(bad) > 1 else "", root, self.meta["samples"][folder] - left,
                         self.meta["samples"][folder])
-            if left == 0:
-                raise DataError(f"every shard of {root} is damaged: prepare the folder again (python -m mmtx.prepare "
-                                f"with the same data keys and out={self.path})")
             where = str(view)
         samples = sum(int(c["chunk_size"]) for c in chunks)
         shards = [(str(root / c["filename"]), recorded[c["filename"]]["bytes"], recorded[c["filename"]]["sha256"])
@@ -490,19 +495,6 @@ class StreamingImages(ImageDataModule):
     def num_classes(self) -> int:
         self.setup()
         return len(self.classes)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        self.setup()
-        size = self.wanted_size or self.meta.get("image_size")
-        if size is None:
-            raise ConfigError(f"{self.path} was prepared without data.source.image_size, so its images may differ in "
-                              "size: set data.image_size")
-        return (int(size), int(size))
-
-    @property
-    def in_channels(self) -> int:
-        return 3  # decoded as RGB
 
     def num_samples(self, split: str) -> int:
         self.setup()
@@ -520,20 +512,27 @@ class StreamingImages(ImageDataModule):
             raise DataError(f"{self.path} has no {split!r} split (it has {sorted(samples)})")
         return split
 
+    def _decoder(self) -> Any:
+        """What a loader worker turns a shard's record into a sample with (None: skipped)."""
+        raise NotImplementedError
+
+    def _collate(self, split: str) -> Any:
+        """What a loader worker turns decoded samples into a batch with (None: every sample skipped)."""
+        raise NotImplementedError
+
     def _loader(self, split: str, batch_size: int, train: bool):
         litdata = _litdata()
         self.setup()
         where, _, shards = self._readable(self._split(split))
         remote = {"storage_options": self.storage_options, "cache_dir": self.shard_cache} if _remote(where) else {}
         dataset = __getattr__("_DecodingDataset")(where, shuffle=train, seed=self.seed, drop_last=train,
-                                                  decode=_Decode(self.image_size[0], self.on_bad_file), shards=shards,
-                                                  **remote)
+                                                  decode=self._decoder(), shards=shards, **remote)
         loader = _loader_class(litdata)(dataset, batch_size=batch_size, num_workers=self.num_workers,
-                                             collate_fn=_Collate(split), drop_last=train,
-                                             persistent_workers=self.num_workers > 0 and train,
-                                             # its own generator: making an iterator draws a base seed, which from
-                                             # the global one would shift training's random numbers at a resume
-                                             generator=torch.Generator().manual_seed(self.seed))
+                                        collate_fn=self._collate(split), drop_last=train,
+                                        persistent_workers=self.num_workers > 0 and train,
+                                        # its own generator: making an iterator draws a base seed, which from the
+                                        # global one would shift training's random numbers at a resume
+                                        generator=torch.Generator().manual_seed(self.seed))
         if train:
             self._train_loader = loader
             self._resume_position()
@@ -555,8 +554,67 @@ class StreamingImages(ImageDataModule):
             self._position = None
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int = 0) -> Any:
-        return {"images": batch["images"].to(device, non_blocking=True),
-                "labels": batch["labels"].to(device, non_blocking=True), "split": batch["split"]}
+        if not isinstance(batch, dict):
+            return batch
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class StreamingImages(_Streamed, ImageDataModule):
+    """Labelled images streamed from a prepared folder (`_Streamed`): decoded in `num_workers` loader processes,
+    augmented and normalised on the training device as `ImageDataModule` does it. `image_size`: null keeps the
+    prepared size (the source's `image_size`); `on_bad_file=skip` leaves an unreadable image out of its batch."""
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        image_size: int | None = None,
+        mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+        std: tuple[float, ...] = (0.5, 0.5, 0.5),
+        augment: dict | None = None,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        on_bad_file: str = "skip",
+        seed: int = 0,
+        root: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        ImageDataModule.__init__(self, source=None, cache_dir="", root=root, batch_size=batch_size,
+                                 eval_batch_size=eval_batch_size, mean=mean, std=std, augment=augment, mixup=mixup,
+                                 cutmix=cutmix, seed=seed)
+        self._init_streamed(path, num_workers, on_bad_file, storage_options, cache_dir)
+        self.wanted_size = image_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.meta:
+            return
+        _Streamed.setup(self, stage)
+        if self.mixup_args["mixup_alpha"] > 0 or self.mixup_args["cutmix_alpha"] > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(**self.mixup_args, label_smoothing=0.0, num_classes=self.num_classes)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        self.setup()
+        size = self.wanted_size or self.meta.get("image_size")
+        if size is None:
+            raise ConfigError(f"{self.path} was prepared without data.source.image_size, so its images may differ in "
+                              "size: set data.image_size")
+        return (int(size), int(size))
+
+    @property
+    def in_channels(self) -> int:
+        return 3  # decoded as RGB
+
+    def _decoder(self) -> _Decode:
+        return _Decode(self.image_size[0], self.on_bad_file)
+
+    def _collate(self, split: str) -> _Collate:
+        return _Collate(split)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> ImageBatch:
         """The decoded batch -> an ImageBatch, augmented (training) and normalised on the device."""
@@ -565,6 +623,88 @@ class StreamingImages(ImageDataModule):
         images = batch["images"]
         index = torch.arange(images.shape[0], device=images.device)
         return self.gather(batch["split"], {"images": images, "labels": batch["labels"]}, index, images.device)
+
+
+class _DecodeAudio:
+    """A shard's record -> {"audio": float16 (L,), "label"}, in a loader worker: decoded, mixed down, resampled and
+    cropped as the cached path decodes a clip (`AudioDecoder`), and rounded to float16 as the cache holds it."""
+
+    def __init__(self, sample_rate: int, max_seconds: float | None, on_bad_file: str) -> None:
+        self.sample_rate, self.max_seconds, self.on_bad_file = sample_rate, max_seconds, on_bad_file
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any] | None:
+        from mmtx.data.audio_sources import AudioDecoder
+
+        name = _name(item)
+        decoder = AudioDecoder(self.sample_rate, self.max_seconds, self.on_bad_file)
+        try:
+            wave = decoder.decode(item["data"], name)
+        except DataError as err:  # on_bad_file=error; its key is data.on_bad_file here
+            raise DataError(str(err).replace("data.source.on_bad_file", "data.on_bad_file")) from None
+        if wave is None:
+            log.warning("skipped an unreadable clip: %s (%s)", name, decoder.reasons.get(name, "unreadable"))
+            return None
+        return {"audio": wave.to(torch.float16), "label": item["label"]}
+
+
+class _CollateAudio:
+    """Decoded clips -> {"audio": (B, L) float16 zero-padded to the longest, "lengths", "labels", "split"}."""
+
+    def __init__(self, split: str) -> None:
+        self.split = split
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+        items = [i for i in items if i is not None]
+        if not items:
+            return None
+        lengths = torch.tensor([len(i["audio"]) for i in items], dtype=torch.long)
+        audio = torch.zeros(len(items), int(lengths.max()), dtype=torch.float16)
+        for row, item in enumerate(items):
+            audio[row, : len(item["audio"])] = item["audio"]
+        return {"audio": audio, "lengths": lengths, "labels": torch.tensor([i["label"] for i in items]),
+                "split": self.split}
+
+
+class StreamingAudio(_Streamed, AudioDataModule):
+    """Labelled clips streamed from a prepared folder (`_Streamed`; `python -m mmtx.prepare data=audio_folder ...`):
+    each file's bytes as they were (WAV, FLAC), decoded, resampled to the prepared `sample_rate` and cropped to its
+    `max_seconds` in the loader workers, padded into `AudioBatch`es as the cached path pads them
+    (`data=streaming_audio data.path=DIR`). `on_bad_file=skip` leaves an unreadable clip out of its batch."""
+
+    modality = "audio"
+    config_name = "streaming_audio"
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        on_bad_file: str = "skip",
+        seed: int = 0,
+        root: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        AudioDataModule.__init__(self, source=None, cache_dir="", root=root, batch_size=batch_size,
+                                 eval_batch_size=eval_batch_size, seed=seed)
+        self._init_streamed(path, num_workers, on_bad_file, storage_options, cache_dir)
+
+    @property
+    def sample_rate(self) -> int:
+        self.setup()
+        return int(self.meta["sample_rate"])
+
+    def _decoder(self) -> _DecodeAudio:
+        return _DecodeAudio(self.sample_rate, self.meta.get("max_seconds"), self.on_bad_file)
+
+    def _collate(self, split: str) -> _CollateAudio:
+        return _CollateAudio(split)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> AudioBatch:
+        if not isinstance(batch, dict):
+            return batch
+        return AudioBatch(audio=batch["audio"].float(), lengths=batch["lengths"], label=batch["labels"])
 
 
 def streamed_if_too_large(datamodule: ImageDataModule, data_cfg: dict[str, Any]) -> StreamingImages | None:
@@ -587,7 +727,7 @@ def streamed_if_too_large(datamodule: ImageDataModule, data_cfg: dict[str, Any])
     out = Path(datamodule.cache_dir) / f"{source.cache_name}-shards"
     log.info("data: %s decodes to %s, more than %s: streaming it from shards prepared in %s (once; python -m "
              "mmtx.prepare does the same ahead of time)", source.path, size_text(need), why, out)
-    meta = prepare_images(source, out, replace=True)  # the cache follows its files, as the resident cache does
+    meta = prepare_shards(source, out, replace=True)  # the cache follows its files, as the resident cache does
     keep = ("batch_size", "eval_batch_size", "mean", "std", "augment", "mixup", "cutmix", "seed", "root")
     return StreamingImages(str(out), image_size=meta["image_size"], **{k: data_cfg[k] for k in keep if k in data_cfg})
 
