@@ -278,3 +278,28 @@ def test_the_end_of_run_summary_prints_every_member(cotrained, capsys):
     _print_summary(cotrained)
     printed = capsys.readouterr().out
     assert re.search(r"image/test/acc:\s+\d\.\d{4}", printed) and re.search(r"text/test/loss:\s+\d\.\d{4}", printed)
+
+
+def test_a_streamed_member_cotrains_and_resumes_exactly(mixed_root, tmp_path):
+    """The image member streamed from shards (litdata's loader, its own epochs seeded): 10 steps straight equal
+    4 + 6 resumed, across several of the member's epochs."""
+    pytest.importorskip("litdata", reason="the streaming extra (pip install 'mmtx[streaming]') is not installed")
+    from mmtx.prepare import main
+
+    shards = tmp_path / "shards"
+    main(["data=imagefolder", f"data.source.path={mixed_root / 'cifar10'}", f"out={shards}", "num_workers=1"])
+    streamed = f"'data=streaming','data.path={shards}','data.num_workers=0',"
+    base = [a.replace("members.image.overrides=[", f"members.image.overrides=[{streamed}")
+            for a in image_and_text(tmp_path, mixed_root, "trainer.max_steps=10", "trainer.max_epochs=-1",
+                                    "trainer.limit_val_batches=0", "test_after_fit=false",
+                                    "callbacks.last_checkpoint.every_n_steps=4", "cotrain.schedule=uniform")]
+    assert any(a.startswith("members.image.overrides=['data=streaming'") for a in base)
+    straight = train(compose("cotrain_multimodal", base), run_dir=tmp_path / "straight")
+    stop = ["+callbacks.stop._target_=conftest.StopAtStep", "+callbacks.stop.step=4"]
+    cut = train(compose("cotrain_multimodal", [*base, *stop]), run_dir=tmp_path / "cut")
+    resumed = train(compose("cotrain_multimodal", [*base, f"resume={cut['last_checkpoint']}"]),
+                    run_dir=tmp_path / "resumed")
+    assert cut["global_step"] == 4 and resumed["global_step"] == 10
+    a, b = (load_checkpoint(s["last_checkpoint"])["state_dict"] for s in (straight, resumed))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)

@@ -40,10 +40,17 @@ def member_sequence(schedule: str, weights: list[float], length: int, seed: int,
     return torch.multinomial(probs, length, replacement=True, generator=generator)
 
 
+def streamed(loader: Any) -> bool:
+    """Whether `loader` is litdata's (`data=streaming`): it gives each DDP rank its own samples and counts only
+    that rank's batches in its length, where an index loader gives every rank every batch."""
+    return any(cls.__name__ == "StreamingDataLoader" for cls in type(loader).__mro__)
+
+
 class _MemberStream:
     """One member's training index batches, one member epoch after the next (its own seeded shuffle each),
     starting `done` batches in (so a resumed run continues where it stopped); under DDP every rank takes
-    every `world`-th batch of the epoch."""
+    every `world`-th batch of the epoch, or, from a streamed member (litdata's loader), the batches of its own
+    shards."""
 
     def __init__(self, loader, done: int, per_epoch: int, rank: int, world: int) -> None:
         self.loader, self.per_epoch, self.rank, self.world = loader, per_epoch, rank, world
@@ -53,6 +60,10 @@ class _MemberStream:
             next(self._iterator)
 
     def _epoch_batches(self) -> Iterator[Any]:
+        if streamed(self.loader):  # litdata's: each rank reads its own shards; its epoch seeds the order
+            self.loader.restore = False
+            self.loader.current_epoch = self.epoch  # its iterator counts it up by one, as at every epoch
+            return itertools.islice(iter(self.loader), self.per_epoch)
         set_sampler_epoch(self.loader, self.epoch)
         batches = itertools.islice(iter(self.loader), self.rank, None, self.world)
         return itertools.islice(batches, self.per_epoch)
@@ -77,7 +88,7 @@ class ScheduleLoader:
         self.owner, self.loaders, self.schedule, self.seed = owner, loaders, schedule, int(seed)
         self.names = list(loaders)
         self.rank, self.world = _rank_and_world(owner)
-        self.per_epoch = {name: len(loader) // self.world for name, loader in loaders.items()}
+        self.per_epoch = {name: len(loader) // (1 if streamed(loader) else self.world) for name, loader in loaders.items()}
         empty = [name for name, n in self.per_epoch.items() if n == 0]
         if empty:
             raise ConfigError(f"member(s) {', '.join(empty)} have no full training batch: their data.batch_size is "
