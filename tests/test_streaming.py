@@ -354,3 +354,21 @@ def test_s3_without_credentials_network_or_dataset_is_one_message(s3, monkeypatc
         StreamingImages("s3://data/x", storage_options=options).setup()
     with pytest.raises(ConfigError, match="from a disk or from S3"):
         StreamingImages("gs://bucket/x")
+
+
+def test_a_task_written_for_a_folder_streams_at_its_image_size(prepared, tmp_path, caplog):
+    """vit_finetune sets data.source.image_size=224 and data.val_fraction: streamed, its images are resized to 224
+    (prepared at 16) and it validates on the prepared test split, said in one line."""
+    from mmtx.wiring import build_data
+
+    _, shards, _ = prepared
+    with caplog.at_level("INFO"):
+        dm = build_data(compose("vit_finetune", [f"paths.cache_dir={tmp_path}", "data=streaming", f"data.path={shards}",
+                                                 "data.num_workers=0", "data.batch_size=4"]))
+    assert dm.image_size == (224, 224) and "data.val_fraction=0.1 does not apply to data=streaming" in caplog.text
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())))
+    assert batch.image.shape == (4, 3, 224, 224)
+    with pytest.raises(ConfigError, match=r"data.source.on_bad_file does not apply to data=streaming .*python -m "
+                                          r"mmtx.prepare data=imagefolder data.source.on_bad_file=\.\.\."):
+        build_data(compose("vit_finetune", [f"paths.cache_dir={tmp_path}", "data=streaming", f"data.path={shards}",
+                                            "+data.source.on_bad_file=skip"]))

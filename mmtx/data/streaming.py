@@ -581,12 +581,23 @@ class StreamingImages(_Streamed, ImageDataModule):
         root: str | None = None,
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | None = None,
+        source: dict[str, Any] | None = None,
+        val_fraction: float | None = None,
     ) -> None:
         ImageDataModule.__init__(self, source=None, cache_dir="", root=root, batch_size=batch_size,
                                  eval_batch_size=eval_batch_size, mean=mean, std=std, augment=augment, mixup=mixup,
                                  cutmix=cutmix, seed=seed)
         self._init_streamed(path, num_workers, on_bad_file, storage_options, cache_dir)
-        self.wanted_size = image_size
+        # A task written for a folder (vit_finetune) sets data.source.image_size and data.val_fraction: the first is
+        # the size its model takes (images prepared at another are resized to it), the second has no folder to cut.
+        other = sorted(set(source or {}) - {"image_size"})
+        if other:
+            raise ConfigError(f"data.source.{other[0]} does not apply to data=streaming (a prepared folder); set it "
+                              f"when preparing (python -m mmtx.prepare data=imagefolder data.source.{other[0]}=...)")
+        self.wanted_size = image_size or (source or {}).get("image_size")
+        if val_fraction:
+            log.info("data.val_fraction=%s does not apply to data=streaming: it validates on the prepared folder's "
+                     "val split, else its test split", val_fraction)
 
     def setup(self, stage: str | None = None) -> None:
         if self.meta:
