@@ -73,17 +73,29 @@ def check_resident_max_gb(value: Any) -> float | None:
     return value
 
 
-def resident_budget(resident_max_gb: float | None) -> tuple[float, str] | None:
+def resident_budget(resident_max_gb: float | None, gpu: bool = False,
+                    processes: int = 1) -> tuple[float, str] | None:
     """The bytes a data set may take held in memory, and why (for the one line that says the data is streamed
-    instead): `data.resident_max_gb` GB when set, else 80% of the memory available; None when unknown."""
+    instead): `data.resident_max_gb` GB when set; else 80% of the memory available, shared by the `processes` of a
+    machine that each hold a copy (DDP's ranks), and, where the data is to live on a GPU (`gpu`), at most half of
+    its free memory (the model, its gradients and optimizer state and the activations need the rest); None when
+    unknown."""
     from mmtx.files import size_text
 
     if resident_max_gb is not None:
         return resident_max_gb * 1e9, f"data.resident_max_gb={resident_max_gb:g}"
+    budgets = []
     free = available_memory()
-    if free is None:
-        return None
-    return 0.8 * free, f"80% of the {size_text(free)} of memory available (data.resident_max_gb=null)"
+    if free is not None:
+        shared = f", shared by {processes} processes" if processes > 1 else ""
+        budgets.append((0.8 * free / processes,
+                        f"80% of the {size_text(free)} of memory available{shared} (data.resident_max_gb=null)"))
+    if gpu:
+        import torch
+
+        gpu_free, _ = torch.cuda.mem_get_info()
+        budgets.append((0.5 * gpu_free, f"half the {size_text(gpu_free)} of GPU memory free (data.resident_max_gb=null)"))
+    return min(budgets) if budgets else None
 
 
 def refuse_if_too_large(need: int, what: str, fix: str) -> None:

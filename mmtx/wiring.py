@@ -63,13 +63,32 @@ def build_data(cfg: DictConfig, **kwargs: Any) -> L.LightningDataModule:
         return CoTrainData(members, schedule=cfg.cotrain.schedule, seed=cfg.cotrain.seed, sample_weights=weights,
                            own_steps=steps)
     datamodule = instantiate(cfg.data, _convert_="all", **kwargs)
-    if getattr(datamodule, "resident_max_gb", False) is not False:  # a folder of images too large to hold: streamed
+    if getattr(datamodule, "resident_max_gb", False) is not False:  # data too large to hold is streamed
+        datamodule.resident_gpu, datamodule.resident_processes = resident_placement(cfg)
         from mmtx.data.streaming import streamed_if_too_large
 
         datamodule = streamed_if_too_large(datamodule, OmegaConf.to_container(cfg.data, resolve=True)) or datamodule
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
+
+
+def resident_placement(cfg: DictConfig) -> tuple[bool, int]:
+    """Where a device-resident data set of the run `cfg` lives: (on a CUDA GPU, copies in the machine's memory):
+    the trainer's accelerator (auto: a GPU when there is one) and its processes on this machine (one a device)."""
+    import torch
+
+    trainer = cfg.get("trainer") or {}
+    accelerator = str(trainer.get("accelerator", "auto"))
+    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, int) and devices > 0:
+        processes = devices
+    elif not isinstance(devices, str) and hasattr(devices, "__len__"):  # a list of device ids
+        processes = len(devices)
+    else:  # auto, -1: every GPU, or one process on the CPU
+        processes = torch.cuda.device_count() if gpu else 1
+    return gpu, max(1, processes)
 
 
 def build_tokenizer(cfg: DictConfig, runtime: dict[str, Any]) -> Any:

@@ -189,3 +189,23 @@ def test_two_ddp_ranks_read_their_own_windows_of_streamed_text(corpus, tmp_path)
     windows = (json.loads((tokens / "mmtx.json").read_text())["tokens"]["train"] - 1) // 16
     assert len(rank0) == len(rank1) == -(-windows // 2)  # an odd count is made even by repeating one window
     assert len(set(rank0) & set(rank1)) <= windows % 2 and set(rank0) | set(rank1) == set(range(windows))
+
+
+def test_the_budget_counts_the_gpu_and_the_processes_that_hold_a_copy(corpus, tmp_path, monkeypatch, caplog):
+    """On a GPU the resident ids live there: at most half its free memory (here 1 kB: memory-mapped instead); and
+    each of a machine's DDP processes holds its own copy in memory."""
+    from mmtx.cpu import resident_budget
+    from mmtx.wiring import build_data, resident_placement
+
+    root, _, _ = corpus
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *args: (1000, 80_000))
+    with caplog.at_level("INFO"):
+        data = build_data(compose("gpt_shakespeare_cpu", text_run(tmp_path, root, "trainer.accelerator=auto")))
+    assert not data.device_resident and "of GPU memory free (data.resident_max_gb=null)" in caplog.text
+    assert resident_placement(compose("gpt_shakespeare_cpu", ["trainer.accelerator=cpu"])) == (False, 1)
+    assert resident_placement(compose("gpt_shakespeare_cpu", ["trainer=ddp", "trainer.devices=4"]))[1] == 4
+    monkeypatch.setattr("mmtx.cpu.available_memory", lambda: 8e9)
+    budget, why = resident_budget(None, gpu=False, processes=4)
+    assert budget == 0.8 * 8e9 / 4 and "shared by 4 processes" in why
+    assert resident_budget(2.5, gpu=True, processes=4)[0] == 2.5e9  # a budget set by hand is the budget

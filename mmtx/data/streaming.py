@@ -731,7 +731,8 @@ def streamed_if_too_large(datamodule: ImageDataModule, data_cfg: dict[str, Any])
     files = source._files("train")
     width, height = (source.image_size,) * 2 if source.image_size else _dims(files[0][0])
     need = len(files) * 3 * width * height  # uint8, decoded
-    budget = resident_budget(datamodule.resident_max_gb)
+    budget = resident_budget(datamodule.resident_max_gb, getattr(datamodule, "resident_gpu", False),
+                             getattr(datamodule, "resident_processes", 1))
     if budget is None or need <= budget[0]:
         return None
     why = budget[1]

@@ -179,7 +179,8 @@ class TextDataModule(IndexedSplits):
         from mmtx.cpu import resident_budget
         from mmtx.files import size_text
 
-        budget = resident_budget(self.resident_max_gb)
+        budget = resident_budget(self.resident_max_gb, getattr(self, "resident_gpu", False),
+                                 getattr(self, "resident_processes", 1))
         if budget is None or tokens * 8 <= budget[0]:
             return True
         log.info("data: the %s tokens of %s take %s held in memory as int64, more than %s: reading their windows "
