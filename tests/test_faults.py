@@ -207,6 +207,41 @@ def test_a_run_killed_mid_epoch_resumes_on_exactly_the_same_samples(tmp_path):
     assert {s: expected[s] for s in got} == got  # bit-identical losses
 
 
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_a_streamed_run_killed_mid_epoch_resumes_on_exactly_the_same_samples(modality, image_folder, tmp_path):
+    """The same on data streamed from a prepared folder: images from litdata's shards read by a loader worker (its
+    position in the checkpoint), text from memory-mapped token files."""
+    from mmtx.prepare import main
+
+    if modality == "image":
+        pytest.importorskip("litdata", reason="the streaming extra (pip install 'mmtx[streaming]') is not installed")
+        task, shards = "vit_cifar", tmp_path / "shards"
+        main(["data=imagefolder", f"data.source.path={image_folder}", f"out={shards}", "num_workers=1"])
+        args = [*small_run(tmp_path), "data=streaming", f"data.path={shards}", "data.num_workers=1",
+                "backbone.dropout=0.1", "trainer.max_steps=12", "test_after_fit=false", "trainer.limit_val_batches=1",
+                "callbacks.last_checkpoint.every_n_steps=5"]  # 36 images, 4 batches an epoch
+    else:
+        task, tokens, text_args = "gpt_shakespeare_cpu", tmp_path / "tokens", lm_args(tmp_path)
+        main(["task=gpt_shakespeare_cpu", text_args[text_args.index("data=text_files") + 1], f"out={tokens}",
+              "data=text_files", f"paths.cache_dir={tmp_path / 'cache'}"])
+        args = [a for a in text_args if not a.startswith(("data=", "data.source."))]
+        args += ["data=streaming_text", f"data.path={tokens}"]
+    straight = train(compose(task, args), run_dir=tmp_path / "straight")
+    task_dir = tmp_path / "outputs" / task
+    proc = start("mmtx.train", f"task={task}", *args, "+callbacks.pause._target_=conftest.PauseAtStep",
+                 "+callbacks.pause.step=7")
+    wait_for("*/paused", task_dir, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = next(task_dir.glob("*/checkpoints/last.ckpt"))
+    assert load_checkpoint(killed)["global_step"] == 5
+    resumed = train(compose(task, [*args, "resume=auto"]), run_dir=task_dir / "resumed")
+    assert resumed["resumed_from"] == str(killed) and resumed["global_step"] == 12
+    expected, got = losses(Path(straight["run_dir"])), losses(task_dir / "resumed")
+    assert sorted(got) == list(range(5, 12))
+    assert {s: expected[s] for s in got} == got  # bit-identical losses
+
+
 def test_resume_at_an_epoch_end_starts_the_next_epoch(image_folder, tmp_path):
     # 29 training images, batch 8: 3 batches an epoch; checkpoints every 3 steps fall on epoch ends.
     base = [*folder_run(tmp_path, image_folder), "test_after_fit=false", "trainer.limit_val_batches=0",
