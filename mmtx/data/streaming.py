@@ -19,14 +19,16 @@ in the workers); text is tokenized into memory-mapped token files (`mmtx.data.te
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -118,8 +120,9 @@ def prepare_shards(source: Any, out: str | os.PathLike, num_workers: int | None 
     for split, found in listing.items():
         files = [(path, label) for path, label, _ in found]
         log.info("preparing %s [%s]: %d files into %s", source.path, split, len(files), out / split)
-        litdata.optimize(fn=_file_record, inputs=files, output_dir=str(partial / split), chunk_bytes=chunk_bytes,
-                         num_workers=min(workers, len(files)), mode="overwrite", verbose=False)
+        with _progress(partial / split, sum(size for _, _, size in found), f"prepare [{split}]"):
+            litdata.optimize(fn=_file_record, inputs=files, output_dir=str(partial / split), chunk_bytes=chunk_bytes,
+                             num_workers=min(workers, len(files)), mode="overwrite", verbose=False)
         samples[split] = _check_written(partial / split, len(files))
         shards[split] = {name: file_checksum(partial / split / name) for name in _chunk_names(partial / split)}
     meta = {"format": FORMAT, "modality": modality, "classes": list(source.classes()), "samples": samples,
@@ -133,6 +136,30 @@ def prepare_shards(source: Any, out: str | os.PathLike, num_workers: int | None 
         out.rmdir()  # empty (checked above)
     os.replace(partial, out)
     return meta
+
+
+@contextlib.contextmanager
+def _progress(folder: Path, total: int, what: str) -> Iterator[None]:
+    """A progress bar (on a terminal) of the shard bytes written under `folder` against `total`, the files' bytes,
+    polled once a second while litdata's workers write them (its own bars interleave with its workers' notes)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=what, unit="B", unit_scale=True, disable=None, leave=False)
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(1.0):
+            written = sum(f.stat().st_size for f in folder.glob("*.bin") if f.is_file()) if folder.is_dir() else 0
+            bar.update(max(0, min(written, total) - bar.n))
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        bar.close()
 
 
 def _chunk_names(folder: Path) -> list[str]:

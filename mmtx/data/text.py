@@ -133,6 +133,8 @@ class TextDataModule(IndexedSplits):
             # of all splits (as nanoGPT's), so validation text is never unknown.
             kind = self.vocab_spec.get("kind")
             pieces = (p for split in texts for p in texts[split]()) if kind == "char" else texts["train"]()
+            log.info("training the %s vocabulary of %s on its text (one pass; then the text is tokenized, with a "
+                     "line every %s characters)", kind, self.source.cache_name, f"{NOTE_EVERY:,}")
             vocab = build_vocab(text=pieces, **self.vocab_spec)
         dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max + 1 else np.uint32
         meta: dict[str, Any] = {"dtype": np.dtype(dtype).name, "vocab_size": len(vocab), "splits": {}}
