@@ -2,9 +2,9 @@
 for `data=streaming` to read (`mmtx.data.streaming`).
 
 The source is the one `python -m mmtx.train` would read with the same `task=`, `data=` and `data.*` keys (composed
-by the same code); `out` and `num_workers` are this program's own keys (`conf/prepare.yaml`). Images go into
-litdata shards (`mmtx.data.streaming`, `data=streaming`), audio too (`data=streaming_audio`), text into token files (`mmtx.data.text.prepare_text`,
-`data=streaming_text`).
+by the same code); `out` and `num_workers` are this program's own keys (`conf/prepare.yaml`). Images and audio go
+into litdata shards (`mmtx.data.streaming`: `data=streaming`, `data=streaming_audio`), text into token files
+(`mmtx.data.text.prepare_text`: `data=streaming_text`).
 """
 
 from __future__ import annotations

@@ -75,13 +75,15 @@ def _listing(source: Any) -> tuple[str, dict[str, list[tuple[str, int, int]]]]:
 
 
 def prepare_shards(source: Any, out: str | os.PathLike, num_workers: int | None = None,
-                   replace: bool = False, chunk_bytes: int | str = "64MB") -> dict[str, Any]:
+                   replace: bool = False, chunk_bytes: int | str = "64MB", verify: bool = True) -> dict[str, Any]:
     """Write every split of a `source` that lists its files (an image or audio folder) into shards under `out`; the
     written `mmtx.json` (returned). Idempotent: a folder already prepared from the same files is left as it is; one
     prepared from other files is an error, or, with `replace` (mmtx's own cache folder), prepared again. The
     shards are written into `<out>.partial` and moved into place only when every split is done, so a killed
     `prepare` leaves no folder that looks prepared; the next call starts it again. `chunk_bytes`: the size of a
-    shard (litdata's; 64 MB reads well from local disks and object storage alike)."""
+    shard (litdata's; 64 MB reads well from local disks and object storage alike). `verify`: on a folder already
+    prepared, check every shard's checksum (reads them all; without it, their sizes: the loader workers check each
+    shard's checksum as they first read it)."""
     litdata = _litdata("python -m mmtx.prepare (shards written by litdata)")
     if not hasattr(source, "_files") and type(source).__name__ != "AudioFolder":
         _listing(source)  # the error naming what can be prepared, before anything is written
@@ -91,7 +93,7 @@ def prepare_shards(source: Any, out: str | os.PathLike, num_workers: int | None 
     meta_path = out / META
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        damaged = _shard_problems(out, meta, contents=True) if meta.get("fingerprint") == fingerprint else []
+        damaged = _shard_problems(out, meta, contents=verify) if meta.get("fingerprint") == fingerprint else []
         if meta.get("fingerprint") == fingerprint and not damaged:
             log.info("%s is already prepared from %s (%s); every shard matches its checksum", out, source.path,
                      meta["samples"])
@@ -766,7 +768,8 @@ def streamed_if_too_large(datamodule: ImageDataModule, data_cfg: dict[str, Any])
     out = Path(datamodule.cache_dir) / f"{source.cache_name}-shards"
     log.info("data: %s decodes to %s, more than %s: streaming it from shards prepared in %s (once; python -m "
              "mmtx.prepare does the same ahead of time)", source.path, size_text(need), why, out)
-    meta = prepare_shards(source, out, replace=True)  # the cache follows its files, as the resident cache does
+    meta = prepare_shards(source, out, replace=True, verify=False)  # the cache follows its files, as the resident
+    # cache does; its shards' sizes are checked at every start, their checksums by the workers that read them
     keep = ("batch_size", "eval_batch_size", "mean", "std", "augment", "mixup", "cutmix", "seed", "root")
     return StreamingImages(str(out), image_size=meta["image_size"], **{k: data_cfg[k] for k in keep if k in data_cfg})
 

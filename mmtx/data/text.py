@@ -177,7 +177,7 @@ class TextDataModule(IndexedSplits):
 
     def _fits(self, tokens: int, path: Path) -> bool:
         """Whether `tokens` ids held in memory as int64 fit `data.resident_max_gb`; if not, one line says that they
-        are read from the memory map instead (still exact, and as fast on the CPU for a model of any size)."""
+        are read from the memory map instead (the same windows in the same order, gathered on the CPU)."""
         from mmtx.cpu import resident_budget
         from mmtx.files import size_text
 
@@ -333,7 +333,7 @@ class StreamingText(TextDataModule):
         meta = json.loads(meta_path.read_text())
         if meta.get("modality") != "text":
             raise ConfigError(f"{self.path} holds {meta.get('modality')} data; data=streaming_text streams text "
-                              "(data=streaming streams images)")
+                              "(data=streaming streams images, data=streaming_audio audio)")
         prepared = meta.get("val_fraction")
         if self.wanted_val_fraction is not None and prepared is not None and self.wanted_val_fraction != prepared:
             raise ConfigError(f"data.val_fraction={self.wanted_val_fraction}, but {self.path} was prepared with "
