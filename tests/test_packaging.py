@@ -91,7 +91,7 @@ def test_the_all_extra_holds_every_user_extra():
 
 
 def test_dev_installs_test_tools_only():
-    assert EXTRAS["dev"] == {"pytest", "pytest-xdist"}
+    assert EXTRAS["dev"] == {"pytest", "pytest-xdist", "moto"}  # moto: a local S3 for the streaming tests
 
 
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch, tmp_path):

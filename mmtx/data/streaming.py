@@ -373,9 +373,16 @@ def read_s3(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """The bytes of an object in S3 (or an S3-compatible store: `storage_options.endpoint_url`, as litdata takes
     it), with one message for what stops it: no credentials, credentials refused, no network, no such object."""
     boto3 = optional("boto3", "streaming", f"data.path={url.rsplit('/', 1)[0]} (S3, read with boto3)")
-    from botocore.config import Config
-    from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
-                                     PartialCredentialsError)
+    botocore = optional("botocore", "streaming", f"data.path={url.rsplit('/', 1)[0]} (S3, read with boto3)")
+    import importlib
+
+    for sub in ("config", "exceptions"):  # submodules of the package found just above
+        importlib.import_module(f"botocore.{sub}")
+    Config = botocore.config.Config
+    BotoCoreError, ClientError = botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError
+    EndpointConnectionError = botocore.exceptions.EndpointConnectionError
+    NoCredentialsError = botocore.exceptions.NoCredentialsError
+    PartialCredentialsError = botocore.exceptions.PartialCredentialsError
 
     bucket, _, key = url[len("s3://"):].partition("/")
     options = dict(storage_options or {})
