@@ -36,6 +36,12 @@ def prepare(overrides: Sequence[str], out: str, num_workers: int | None = None) 
     if isinstance(target, type) and issubclass(target, StreamingText):
         raise ConfigError(f"data={cfg.data._target_} reads text already prepared (data.path={cfg.data.path}); give "
                           "the text to prepare: data=text_files data.source.files=<files>")
+    from mmtx.data.seq2seq import Seq2SeqDataModule
+    from mmtx.data.streaming import StreamingPairs, prepare_pairs
+
+    if isinstance(target, type) and issubclass(target, Seq2SeqDataModule) and not issubclass(target, StreamingPairs):
+        # Pairs: tokenized with the task's vocabulary settings, as a training run in memory tokenizes them.
+        return prepare_pairs(instantiate(cfg.data, _convert_="all"), out, num_workers)
     if isinstance(target, type) and issubclass(target, TextDataModule):
         # Text: tokenized with the task's vocabulary settings (tokenizer.vocab) and validation cut (data.val_fraction).
         return prepare_text(instantiate(cfg.data, _convert_="all"), out)
@@ -74,7 +80,10 @@ def _run(args: list[str]) -> dict[str, Any]:
     elif not str(workers).isdigit() or int(workers) < 1:
         raise ConfigError(f"num_workers={workers}: give a whole number >= 1, or null for the CPU count")
     meta = prepare(rest, str(own["out"]), int(workers) if workers is not None else None)
-    if meta["modality"] == "text":
+    if meta["modality"] == "pairs":
+        print(f"prepared {meta['source']} into {own['out']}: {meta['samples']} pairs; train on it with "
+              f"data=streaming_pairs data.path={own['out']}", flush=True)
+    elif meta["modality"] == "text":
         print(f"prepared {meta['source']} into {own['out']}: {meta['tokens']} tokens ({meta['dtype']}, a vocabulary "
               f"of {meta['vocab_size']:,}); train on it with data=streaming_text data.path={own['out']}", flush=True)
     else:

@@ -85,8 +85,8 @@ RULES: dict[str, Rule] = {
     "data.eval_batch_size": integer(1, optional=True),
     "data.val_fraction": number(0, 1, high_open=True, optional=True),  # null: data=streaming_text, as prepared
     "data.block_size": integer(1),
-    "data.max_src_len": integer(2),
-    "data.max_tgt_len": integer(2),
+    "data.max_src_len": integer(2, optional=True),  # null: data=streaming_pairs, as prepared
+    "data.max_tgt_len": integer(2, optional=True),
     "data.mixup": number(0),
     "data.augment.crop_padding": integer(0),
     "data.augment.hflip": boolean(),

@@ -55,6 +55,7 @@ CONFIGS = [
     ("vit_cifar", ["data=streaming", "data.path=shards"]), ("deit_s_imagenet", ["data.path=shards"]),
     ("vit_cifar", ["data=streaming", "data.path=s3://bucket/x", "+data.storage_options.endpoint_url=https://s3.example"]),
     ("audio_fsdd", ["data=streaming_audio", "data.path=shards"]), ("gpt2_owt", ["data.path=tokens"]),
+    ("translate_multi30k_cpu", ["data=streaming_pairs", "data.path=shards"]),
 ]
 
 

@@ -12,8 +12,9 @@ loader workers decode them to the pixels the cached path decodes (torchvision's 
 reader for an image to resize), and the batch goes through `ImageDataModule`'s device-side augmentation and
 normalisation. litdata gives each DDP rank its own samples and saves the loader's position in the checkpoint.
 Audio folders the same way (`StreamingAudio`, `data=streaming_audio`: each file's bytes, decoded and resampled
-in the workers); text is tokenized into memory-mapped token files (`mmtx.data.text.prepare_text`); pairs
-(translation, speech-to-text) are still held in memory.
+in the workers), translation pairs as token ids with their vocabularies (`StreamingPairs`, `data=streaming_pairs`);
+text is tokenized into memory-mapped token files (`mmtx.data.text.prepare_text`). Speech-to-text pairs are still
+held in memory.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from mmtx.batch import AudioBatch, ImageBatch
 from mmtx.data.audio import AudioDataModule
 from mmtx.data.cache import digest, file_checksum
 from mmtx.data.image import ImageDataModule
+from mmtx.data.seq2seq import Seq2SeqDataModule
 from mmtx.errors import ConfigError, DataError, MissingError, optional
 from mmtx.files import atomic_write_text
 
@@ -462,7 +464,7 @@ class _Streamed:
             return
         logging.getLogger("litdata").setLevel(logging.WARNING)  # its cache and mmap notes at every loader
         self.meta = self._read_meta()
-        self.classes = list(self.meta["classes"])
+        self.classes = list(self.meta.get("classes", []))
         log.info("streaming %s: %s", self.path, self.meta["samples"])
 
     def _read_meta(self) -> dict[str, Any]:
@@ -471,14 +473,16 @@ class _Streamed:
         else:
             meta_path = Path(self.path) / META
             if not meta_path.is_file():
-                source = "data=imagefolder data.source.path=<image folder>" if self.modality == "image" else \
-                    "data=audio_folder data.source.path=<audio folder>"
+                source = {"image": "data=imagefolder data.source.path=<image folder>",
+                          "audio": "data=audio_folder data.source.path=<audio folder>",
+                          "pairs": "data=parallel_text data.source.files=..."}[self.modality]
                 raise MissingError(f"data.path={self.path} is not a prepared dataset (no {META}): prepare it once with "
                                    f"python -m mmtx.prepare {source} out={self.path}")
             meta = json.loads(meta_path.read_text())
         modality = meta.get("modality")
         if modality != self.modality:
-            other = {"image": "data=streaming", "audio": "data=streaming_audio", "text": "data=streaming_text"}
+            other = {"image": "data=streaming", "audio": "data=streaming_audio", "text": "data=streaming_text",
+                     "pairs": "data=streaming_pairs"}
             hint = f" ({other[modality]} streams {modality})" if modality in other else ""
             raise ConfigError(f"{self.path} holds {modality} data; data={self.config_name} streams "
                               f"{self.modality}{hint}")
@@ -752,6 +756,216 @@ class StreamingAudio(_Streamed, AudioDataModule):
         if not isinstance(batch, dict):
             return batch
         return AudioBatch(audio=batch["audio"].float(), lengths=batch["lengths"], label=batch["labels"])
+
+
+class _PairRecords:
+    """Pairs `start .. start + PAIRS_A_TASK` of a split as shard records (litdata's `fn`, a generator): the source's
+    and target's token ids (int32 bytes, as `Seq2SeqDataModule` made them: cut to the lengths set, the target
+    without BOS, prefix and EOS) and both strings (the references metrics are computed against)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], texts: dict[str, list[str]]) -> None:
+        self.arrays = {k: tensors[k].numpy() for k in ("src_ids", "src_offsets", "src_lengths", "tgt_ids",
+                                                      "tgt_offsets", "tgt_lengths", "rows")}
+        self.texts = texts
+
+    def __call__(self, start: int):
+        a = self.arrays
+        for i in range(start, min(start + PAIRS_A_TASK, len(a["rows"]))):
+            row = int(a["rows"][i])
+            src = a["src_ids"][a["src_offsets"][i]:a["src_offsets"][i] + a["src_lengths"][i]]
+            tgt = a["tgt_ids"][a["tgt_offsets"][i]:a["tgt_offsets"][i] + a["tgt_lengths"][i]]
+            yield {"src": src.astype("<i4").tobytes(), "tgt": tgt.astype("<i4").tobytes(),
+                   "src_text": self.texts["src"][row].encode(), "tgt_text": self.texts["tgt"][row].encode()}
+
+
+PAIRS_A_TASK = 4096
+
+
+def prepare_pairs(datamodule: Any, out: str | os.PathLike, num_workers: int | None = None,
+                  replace: bool = False) -> dict[str, Any]:
+    """Write the sentence pairs of a text-to-text `Seq2SeqDataModule` (translation) into shards under `out`, once:
+    its vocabularies trained (or read) and its pairs tokenized as for training in memory, then each split's pairs
+    as token ids and strings, and the tokenizers beside them (`data=streaming_pairs` reads them). Idempotent and
+    atomic as `prepare_shards`. Speech-to-text pairs are not streamed yet."""
+    litdata = _litdata("python -m mmtx.prepare (shards written by litdata)")
+    if not datamodule.text_source:
+        raise ConfigError("speech-to-text pairs cannot be prepared for streaming yet; translation pairs can "
+                          "(data=multi30k, data=parallel_text)")
+    source = datamodule.source
+    out = Path(out).expanduser().resolve()
+    specs = {"tgt": datamodule.tgt_spec, "src": datamodule.src_spec, "shared": datamodule.shared_vocab,
+             "max": [datamodule.max_src_len, datamodule.max_tgt_len], "specials": datamodule.specials,
+             "val_fraction": datamodule.val_fraction, "seed": datamodule.seed if datamodule.val_fraction else None}
+    fingerprint = digest(FORMAT, *(source.fingerprint(s) for s in source.splits()), json.dumps(specs, sort_keys=True))
+    meta_path = out / META
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        damaged = _shard_problems(out, meta, contents=True) if meta.get("fingerprint") == fingerprint else []
+        if meta.get("fingerprint") == fingerprint and not damaged:
+            log.info("%s is already prepared from %s (%s); every shard matches its checksum", out,
+                     source.cache_name, meta["samples"])
+            return meta
+        if not damaged and not replace:
+            raise DataError(f"{out} holds a dataset prepared from other files or settings ({meta.get('source')}); "
+                            "give another out= or delete that folder")
+        if damaged:
+            log.warning("%s; preparing it again", "; ".join(text for _, _, text in damaged[:3]))
+        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not a prepared dataset (no {META}); give an empty or new folder as out=")
+    datamodule.prepare_data()
+    datamodule.setup()
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    splits = [s for s in ("train", "val", "test") if s in datamodule.splits
+              and not (s == "val" and datamodule.val_from == "test")]  # validation on test: the test split's shards
+    samples: dict[str, int] = {}
+    shards: dict[str, dict[str, dict[str, Any]]] = {}
+    for split in splits:
+        tensors = datamodule.splits[split]
+        n = len(tensors["rows"])
+        texts = datamodule.texts["train" if split == "val" and datamodule.val_from == "train" else split]
+        log.info("preparing %s [%s]: %d pairs into %s", source.cache_name, split, n, out / split)
+        litdata.optimize(fn=_PairRecords(tensors, texts), inputs=list(range(0, n, PAIRS_A_TASK)),
+                         output_dir=str(partial / split), chunk_bytes="64MB",
+                         num_workers=max(1, min(num_workers or 1, -(-n // PAIRS_A_TASK))), mode="overwrite",
+                         verbose=False)
+        samples[split] = _check_written(partial / split, n)
+        shards[split] = {name: file_checksum(partial / split / name) for name in _chunk_names(partial / split)}
+    datamodule.tgt_vocab.save(partial / "tgt_tokenizer.json")
+    if not datamodule.shared_vocab:
+        datamodule.src_vocab.save(partial / "src_tokenizer.json")
+    meta = {"format": FORMAT, "modality": "pairs", "source": source.cache_name, "samples": samples,
+            "shared_vocab": datamodule.shared_vocab, "max_src_len": datamodule.max_src_len,
+            "max_tgt_len": datamodule.max_tgt_len, "tgt_specials": datamodule.specials, "fingerprint": fingerprint,
+            "shards": shards}
+    atomic_write_text(partial / META, json.dumps(meta, indent=1))
+    if out.exists():
+        out.rmdir()
+    os.replace(partial, out)
+    return meta
+
+
+class _DecodePair:
+    """A shard's record -> {"src", "tgt": int32 ids, "src_text", "tgt_text"} (nothing to skip: ids, not files;
+    `on_bad_file` is for damaged shards)."""
+
+    def __init__(self, on_bad_file: str) -> None:
+        self.on_bad_file = on_bad_file
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {"src": torch.frombuffer(bytearray(item["src"]), dtype=torch.int32),
+                "tgt": torch.frombuffer(bytearray(item["tgt"]), dtype=torch.int32),
+                "src_text": item["src_text"].decode(), "tgt_text": item["tgt_text"].decode()}
+
+
+class _CollatePairs:
+    """Pairs -> flat ids with offsets and lengths for each side (the in-memory path's layout) and the strings."""
+
+    def __init__(self, split: str) -> None:
+        self.split = split
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+        items = [i for i in items if i is not None]
+        if not items:
+            return None
+        batch: dict[str, Any] = {"split": self.split}
+        for side in ("src", "tgt"):
+            lengths = torch.tensor([len(i[side]) for i in items], dtype=torch.long)
+            batch[f"{side}_ids"] = torch.cat([i[side] for i in items])
+            batch[f"{side}_offsets"] = torch.cumsum(lengths, 0) - lengths
+            batch[f"{side}_lengths"] = lengths
+            batch[f"{side}_texts"] = [i[f"{side}_text"] for i in items]
+        return batch
+
+
+class StreamingPairs(_Streamed, Seq2SeqDataModule):
+    """Translation pairs streamed from a prepared folder (`_Streamed`; `python -m mmtx.prepare data=multi30k ...`):
+    token ids made once with the vocabularies the folder holds, batched into the in-memory path's `PairBatch`es
+    (`data=streaming_pairs data.path=DIR`). Batches are drawn in litdata's order, not grouped by length."""
+
+    modality = "pairs"
+    config_name = "streaming_pairs"
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        on_bad_file: str = "error",
+        seed: int = 0,
+        root: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
+        fixed_vocab: Any = None,
+        fixed_tgt_vocab: Any = None,
+        max_src_len: int | None = None,
+        max_tgt_len: int | None = None,
+    ) -> None:
+        from mmtx.data.base import IndexedSplits
+
+        IndexedSplits.__init__(self, batch_size, eval_batch_size, False, seed)
+        self._init_streamed(path, num_workers, on_bad_file, storage_options, cache_dir)
+        self.text_source, self.val_from, self.texts = True, None, {}
+        self.fixed = (fixed_vocab, fixed_tgt_vocab)  # the vocabularies of a checkpoint being evaluated
+        self.wanted_lengths = {"max_src_len": max_src_len, "max_tgt_len": max_tgt_len}  # None: as prepared
+        self.src_vocab = self.tgt_vocab = None
+        self.special: dict[str, Any] = {}
+        self._start = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.meta:
+            return
+        from mmtx.data.seq2seq import special_ids, specials_of
+        from mmtx.tokenizers.text import Vocab
+
+        _Streamed.setup(self, stage)
+        self.specials = specials_of(self.meta["tgt_specials"])
+        for key, wanted in self.wanted_lengths.items():
+            if wanted is not None and wanted != self.meta[key]:
+                raise ConfigError(f"data.{key}={wanted}, but {self.path} was prepared with {key}={self.meta[key]} "
+                                  f"(its pairs are cut to it): prepare it again with data.{key}={wanted} (and another "
+                                  f"out=), or set data.{key}=null")
+        self.max_src_len, self.max_tgt_len = self.meta["max_src_len"], self.meta["max_tgt_len"]
+        self.shared_vocab = self.meta["shared_vocab"]
+
+        def vocab(name: str) -> Any:
+            if _remote(self.path):
+                return Vocab.from_json(read_s3(f"{self.path}/{name}", self.storage_options).decode())
+            return Vocab.from_file(Path(self.path) / name)
+
+        fixed_src, fixed_tgt = self.fixed
+        self.tgt_vocab = fixed_tgt or vocab("tgt_tokenizer.json")
+        self.src_vocab = fixed_src or (self.tgt_vocab if self.shared_vocab else vocab("src_tokenizer.json"))
+        self.special = special_ids(self.tgt_vocab, self.specials)
+
+    def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
+        from mmtx.data.seq2seq import seq2seq_runtime
+
+        self.setup()
+        return seq2seq_runtime(self.tgt_vocab, self.max_src_len, self.max_tgt_len, self.src_vocab, None, self.specials)
+
+    def _decoder(self) -> _DecodePair:
+        return _DecodePair(self.on_bad_file)
+
+    def _collate(self, split: str) -> _CollatePairs:
+        return _CollatePairs(split)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        """The batch's flat ids -> a PairBatch, as `Seq2SeqDataModule.gather` makes it (BOS, prefix, EOS, padding;
+        the strings for validation and test)."""
+        if not isinstance(batch, dict):
+            return batch
+        split = batch["split"]
+        B = len(batch["tgt_lengths"])
+        index = torch.arange(B, device=batch["tgt_lengths"].device)
+        store = {k: batch[k] for k in ("src_ids", "src_offsets", "src_lengths", "tgt_ids", "tgt_offsets",
+                                       "tgt_lengths")}
+        store["rows"] = index
+        self.texts[split] = {"src": batch["src_texts"], "tgt": batch["tgt_texts"]}
+        return self.gather(split, store, index, index.device)
 
 
 def streamed_if_too_large(datamodule: ImageDataModule, data_cfg: dict[str, Any]) -> StreamingImages | None:

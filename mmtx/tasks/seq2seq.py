@@ -101,7 +101,7 @@ class Seq2Seq(TaskPart):
         label_smoothing: float = 0.1,
         beam_size: int = 4,
         length_penalty: float = 0.6,
-        max_decode_len: int = 64,
+        max_decode_len: int | None = 64,
         metrics: Sequence[str] = ("bleu",),
         val_decode_batches: int | None = 4,
         val_beam_size: int | None = None,
@@ -114,7 +114,8 @@ class Seq2Seq(TaskPart):
                                    dropout=decoder.get("dropout", 0.0))
         self.bos_id, self.eos_id, self.prefix_ids = bos_id, eos_id, [int(i) for i in prefix_ids]
         self.label_smoothing = label_smoothing
-        self.search = {"beam_size": beam_size, "length_penalty": length_penalty, "max_len": max_decode_len}
+        self.search = {"beam_size": beam_size, "length_penalty": length_penalty,
+                       "max_len": max_decode_len if max_decode_len is not None else max_len}  # None: the data's
         self.metrics = nn.ModuleDict({name: text_metric(name) for name in metrics})
         self.val_decode_batches, self.val_beam_size = val_decode_batches, val_beam_size
         self.log_examples = log_examples
