@@ -68,6 +68,10 @@ def test_a_streamed_translation_run_trains_and_scores_bleu(pairs, tmp_path):
                     run_dir=tmp_path / "run")
     assert summary["global_step"] == 4
     assert "val/bleu" in (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text()
+    from mmtx.eval import evaluate
+
+    scores = evaluate(summary["last_checkpoint"], ["trainer.limit_test_batches=1"])  # its vocabularies, the folder's pairs
+    assert "test/bleu" in scores
 
 
 def test_speech_pairs_are_not_prepared_yet(tmp_path):
