@@ -59,21 +59,28 @@ def _file_record(item: tuple[str, int]) -> dict[str, Any]:
     return {"data": Path(path).read_bytes(), "label": int(label), "name": str(path).encode()}
 
 
-def _listing(source: Any) -> tuple[str, dict[str, list[tuple[str, int, int]]]]:
-    """(modality, {split: [(file, label id, bytes)]}) of a source that lists its files: an image folder
-    (`data=imagefolder`) or an audio folder (`data=audio_folder`, `data=fsdd`); one walk of the folder a split."""
+def _kind(source: Any) -> str:
+    """The modality of a source that lists its files: an image folder (`data=imagefolder`) or an audio folder
+    (`data=audio_folder`, `data=fsdd`); any other is an error naming what can be prepared."""
     from mmtx.data.audio_sources import AudioFolder
 
     if hasattr(source, "_files"):
-        return "image", {split: [(str(path), label, size) for path, label, size, _ in source._files(split)]
-                         for split in source.splits()}
+        return "image"
     if isinstance(source, AudioFolder):
-        ids = {name: i for i, name in enumerate(source.classes())}
-        return "audio", {split: [(str(f), ids[label], f.stat().st_size) for f, label in files]
-                         for split, files in source._list().items()}
+        return "audio"
     raise ConfigError(f"data.source ({type(source).__name__}) cannot be prepared for streaming: images and audio are "
                       "prepared from a folder (data=imagefolder data.source.path=<folder with train/<class>/...>, or "
                       "data=audio_folder data.source.path=<folder>)")
+
+
+def _listing(source: Any) -> dict[str, list[tuple[str, int, int]]]:
+    """{split: [(file, label id, bytes)]} of an image or audio folder; one walk of the folder a split."""
+    if _kind(source) == "image":
+        return {split: [(str(path), label, size) for path, label, size, _ in source._files(split)]
+                for split in source.splits()}
+    ids = {name: i for i, name in enumerate(source.classes())}
+    return {split: [(str(f), ids[label], f.stat().st_size) for f, label in files]
+            for split, files in source._list().items()}
 
 
 def prepare_shards(source: Any, out: str | os.PathLike, num_workers: int | None = None,
@@ -87,18 +94,18 @@ def prepare_shards(source: Any, out: str | os.PathLike, num_workers: int | None 
     prepared, check every shard's checksum (reads them all; without it, their sizes: the loader workers check each
     shard's checksum as they first read it)."""
     litdata = _litdata("python -m mmtx.prepare (shards written by litdata)")
-    if not hasattr(source, "_files") and type(source).__name__ != "AudioFolder":
-        _listing(source)  # the error naming what can be prepared, before anything is written
+    modality = _kind(source)  # before anything is read or written
     out = Path(out).expanduser().resolve()
     splits = source.splits()
-    fingerprint = digest(FORMAT, *(source.fingerprint(s) for s in splits))
+    # The files, and how they are decoded (the cache name holds an image size, a sample rate, a crop).
+    fingerprint = digest(FORMAT, source.cache_name, *(source.fingerprint(s) for s in splits))
     meta_path = out / META
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         damaged = _shard_problems(out, meta, contents=verify) if meta.get("fingerprint") == fingerprint else []
         if meta.get("fingerprint") == fingerprint and not damaged:
-            log.info("%s is already prepared from %s (%s); every shard matches its checksum", out, source.path,
-                     meta["samples"])
+            log.info("%s is already prepared from %s (%s); %s", out, source.path, meta["samples"],
+                     "every shard matches its checksum" if verify else "every shard has its size")
             return meta
         if damaged:
             log.warning("%s; preparing it again", "; ".join(text for _, _, text in damaged[:3]))
@@ -116,7 +123,7 @@ def prepare_shards(source: Any, out: str | os.PathLike, num_workers: int | None 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # what a killed prepare left
     partial.mkdir(parents=True)
-    modality, listing = _listing(source)
+    listing = _listing(source)
     _check_space(partial, sum(size for files in listing.values() for _, _, size in files))
     workers = num_workers or max(1, min(8, os.cpu_count() or 1))
     samples: dict[str, int] = {}
