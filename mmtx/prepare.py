@@ -1,10 +1,11 @@
-"""`python -m mmtx.prepare out=DIR [task=NAME] [data=GROUP] [KEY=VALUE ...]`: write a data source into shards once,
-for `data=streaming` to read (`mmtx.data.streaming`).
+"""`python -m mmtx.prepare out=DIR [task=NAME] [data=GROUP] [KEY=VALUE ...]`: write a data source once into a folder
+that runs stream from (data bigger than memory).
 
 The source is the one `python -m mmtx.train` would read with the same `task=`, `data=` and `data.*` keys (composed
-by the same code); `out` and `num_workers` are this program's own keys (`conf/prepare.yaml`). Images and audio go
-into litdata shards (`mmtx.data.streaming`: `data=streaming`, `data=streaming_audio`), text into token files
-(`mmtx.data.text.prepare_text`: `data=streaming_text`).
+by the same code); `out` and `num_workers` are this program's own keys (`conf/prepare.yaml`). Image and audio
+folders and translation pairs go into litdata shards (`mmtx.data.shards`; read by `data=streaming`,
+`data=streaming_audio`, `data=streaming_pairs`), text into token files (`mmtx.data.text.prepare_text`; read by
+`data=streaming_text`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def prepare(overrides: Sequence[str], out: str, num_workers: int | None = None) 
     from hydra.utils import get_class, instantiate
 
     from mmtx.config import compose
-    from mmtx.data.streaming import prepare_shards
+    from mmtx.data.seq2seq import Seq2SeqDataModule
+    from mmtx.data.shards import prepare_pairs, prepare_shards
+    from mmtx.data.streaming import StreamingPairs
     from mmtx.data.text import StreamingText, TextDataModule, prepare_text
 
     task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "vit_cifar")
@@ -36,9 +39,6 @@ def prepare(overrides: Sequence[str], out: str, num_workers: int | None = None) 
     if isinstance(target, type) and issubclass(target, StreamingText):
         raise ConfigError(f"data={cfg.data._target_} reads text already prepared (data.path={cfg.data.path}); give "
                           "the text to prepare: data=text_files data.source.files=<files>")
-    from mmtx.data.seq2seq import Seq2SeqDataModule
-    from mmtx.data.streaming import StreamingPairs, prepare_pairs
-
     if isinstance(target, type) and issubclass(target, Seq2SeqDataModule) and not issubclass(target, StreamingPairs):
         # Pairs: tokenized with the task's vocabulary settings, as a training run in memory tokenizes them.
         return prepare_pairs(instantiate(cfg.data, _convert_="all"), out, num_workers)

@@ -186,7 +186,7 @@ def test_the_shards_in_the_cache_follow_their_folder(prepared, tmp_path):
 def small_shards(prepared, tmp_path_factory):
     """The fixture's images prepared into shards of about 6 images each (several shards a split)."""
     from mmtx.data.sources import ImageFolder
-    from mmtx.data.streaming import prepare_shards
+    from mmtx.data.shards import prepare_shards
 
     folder, _, _ = prepared
     out = tmp_path_factory.mktemp("small") / "shards"

@@ -1,245 +1,41 @@
-"""Data bigger than memory: a source written once into chunked shards (litdata, Lightning's streaming engine), then
-streamed by loader workers from a local or shared folder, or from S3.
+"""Data bigger than memory, read: a folder prepared once into shards (`mmtx.data.shards`, `python -m mmtx.prepare`)
+streamed by loader workers from a local or shared disk, or from S3.
 
     python -m mmtx.prepare data=imagefolder data.source.path=/data/imagenet out=/shards/imagenet
     python -m mmtx.train task=vit_cifar data=streaming data.path=/shards/imagenet      # or s3://bucket/imagenet
 
-A prepared folder holds one litdata dataset per split (`<out>/<split>/`: `index.json` and `chunk-*.bin`) and
-`mmtx.json`: the modality, the class names, the image size, the sample counts, each shard's size and checksum and
-the source's fingerprint (`prepare` does nothing when the source has not changed and every shard matches its
-checksum). Files keep their encoded bytes (a JPEG stays a JPEG: ImageNet's 140 GB, not its 190 GB decoded);
-loader workers decode them to the pixels the cached path decodes (torchvision's decoder; the cached path's Pillow
-reader for an image to resize), and the batch goes through `ImageDataModule`'s device-side augmentation and
-normalisation. litdata gives each DDP rank its own samples and saves the loader's position in the checkpoint.
-Audio folders the same way (`StreamingAudio`, `data=streaming_audio`: each file's bytes, decoded and resampled
-in the workers), translation pairs as token ids with their vocabularies (`StreamingPairs`, `data=streaming_pairs`);
-text is tokenized into memory-mapped token files (`mmtx.data.text.prepare_text`). Speech-to-text pairs are still
-held in memory.
+Loader workers decode images to the pixels the cached path decodes (torchvision's decoder; the cached path's
+Pillow reader for an image to resize), and the batch goes through `ImageDataModule`'s device-side augmentation and
+normalisation; audio clips (`StreamingAudio`, `data=streaming_audio`) are decoded, resampled and cropped as the
+cached path does it; translation pairs (`StreamingPairs`, `data=streaming_pairs`) come as token ids with their
+vocabularies. litdata gives each DDP rank its own samples and saves the loader's position in the checkpoint. Text
+is tokenized into memory-mapped token files instead (`mmtx.data.text`). Speech-to-text pairs are still held in
+memory.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import io
 import json
 import logging
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from mmtx.batch import AudioBatch, ImageBatch
 from mmtx.data.audio import AudioDataModule
-from mmtx.data.cache import digest, file_checksum
+from mmtx.data.cache import file_checksum
 from mmtx.data.image import ImageDataModule
 from mmtx.data.seq2seq import Seq2SeqDataModule
+from mmtx.data.shards import FORMAT, META, image_dims, litdata_module, prepare_shards, shard_problems
 from mmtx.errors import ConfigError, DataError, MissingError, optional
-from mmtx.files import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-META = "mmtx.json"
-FORMAT = 2  # of what `prepare_shards` writes: part of a prepared folder's fingerprint
-
-
-def _litdata(purpose: str = "data=streaming (shards read by litdata)"):
-    return optional("litdata", "streaming", purpose)
-
-
-def _file_record(item: tuple[str, int]) -> dict[str, Any]:
-    """One sample as a shard keeps it: its file's bytes as they are (a JPEG stays a JPEG, a FLAC a FLAC), its label
-    and its name (for messages), as UTF-8 bytes: litdata stores a str that names an image file as that image,
-    decoded again on every read."""
-    path, label = item
-    return {"data": Path(path).read_bytes(), "label": int(label), "name": str(path).encode()}
-
-
-def _kind(source: Any) -> str:
-    """The modality of a source that lists its files: an image folder (`data=imagefolder`) or an audio folder
-    (`data=audio_folder`, `data=fsdd`); any other is an error naming what can be prepared."""
-    from mmtx.data.audio_sources import AudioFolder
-
-    if hasattr(source, "_files"):
-        return "image"
-    if isinstance(source, AudioFolder):
-        return "audio"
-    raise ConfigError(f"data.source ({type(source).__name__}) cannot be prepared for streaming: images and audio are "
-                      "prepared from a folder (data=imagefolder data.source.path=<folder with train/<class>/...>, or "
-                      "data=audio_folder data.source.path=<folder>)")
-
-
-def _listing(source: Any) -> dict[str, list[tuple[str, int, int]]]:
-    """{split: [(file, label id, bytes)]} of an image or audio folder; one walk of the folder a split."""
-    if _kind(source) == "image":
-        return {split: [(str(path), label, size) for path, label, size, _ in source._files(split)]
-                for split in source.splits()}
-    ids = {name: i for i, name in enumerate(source.classes())}
-    return {split: [(str(f), ids[label], f.stat().st_size) for f, label in files]
-            for split, files in source._list().items()}
-
-
-def prepare_shards(source: Any, out: str | os.PathLike, num_workers: int | None = None,
-                   replace: bool = False, chunk_bytes: int | str = "64MB", verify: bool = True) -> dict[str, Any]:
-    """Write every split of a `source` that lists its files (an image or audio folder) into shards under `out`; the
-    written `mmtx.json` (returned). Idempotent: a folder already prepared from the same files is left as it is; one
-    prepared from other files is an error, or, with `replace` (mmtx's own cache folder), prepared again. The
-    shards are written into `<out>.partial` and moved into place only when every split is done, so a killed
-    `prepare` leaves no folder that looks prepared; the next call starts it again. `chunk_bytes`: the size of a
-    shard (litdata's; 64 MB reads well from local disks and object storage alike). `verify`: on a folder already
-    prepared, check every shard's checksum (reads them all; without it, their sizes: the loader workers check each
-    shard's checksum as they first read it)."""
-    litdata = _litdata("python -m mmtx.prepare (shards written by litdata)")
-    modality = _kind(source)  # before anything is read or written
-    out = Path(out).expanduser().resolve()
-    splits = source.splits()
-    # The files, and how they are decoded (the cache name holds an image size, a sample rate, a crop).
-    fingerprint = digest(FORMAT, source.cache_name, *(source.fingerprint(s) for s in splits))
-    meta_path = out / META
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        damaged = _shard_problems(out, meta, contents=verify) if meta.get("fingerprint") == fingerprint else []
-        if meta.get("fingerprint") == fingerprint and not damaged:
-            log.info("%s is already prepared from %s (%s); %s", out, source.path, meta["samples"],
-                     "every shard matches its checksum" if verify else "every shard has its size")
-            return meta
-        if damaged:
-            log.warning("%s; preparing it again", "; ".join(text for _, _, text in damaged[:3]))
-            replace = True
-        if not replace and meta.get("format") != FORMAT:
-            raise DataError(f"{out} was prepared by another version of mmtx (format {meta.get('format')}, this one "
-                            f"writes {FORMAT}); delete that folder and prepare it again, or give another out=")
-        if not replace:
-            raise DataError(f"{out} holds a dataset prepared from other files ({meta.get('source')}); give another "
-                            "out= or delete that folder")
-        log.info("%s was prepared from files that have changed since: preparing it again", out)
-        shutil.rmtree(out)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} exists and is not a prepared dataset (no {META}); give an empty or new folder as out=")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # what a killed prepare left
-    partial.mkdir(parents=True)
-    listing = _listing(source)
-    _check_space(partial, sum(size for files in listing.values() for _, _, size in files))
-    workers = num_workers or max(1, min(8, os.cpu_count() or 1))
-    samples: dict[str, int] = {}
-    shards: dict[str, dict[str, dict[str, Any]]] = {}  # split -> shard file -> its size and checksum
-    for split, found in listing.items():
-        files = [(path, label) for path, label, _ in found]
-        log.info("preparing %s [%s]: %d files into %s", source.path, split, len(files), out / split)
-        with _progress(partial / split, sum(size for _, _, size in found), f"prepare [{split}]"):
-            litdata.optimize(fn=_file_record, inputs=files, output_dir=str(partial / split), chunk_bytes=chunk_bytes,
-                             num_workers=min(workers, len(files)), mode="overwrite", verbose=False)
-        samples[split] = _check_written(partial / split, len(files))
-        shards[split] = {name: file_checksum(partial / split / name) for name in _chunk_names(partial / split)}
-    meta = {"format": FORMAT, "modality": modality, "classes": list(source.classes()), "samples": samples,
-            "source": str(source.path), "fingerprint": fingerprint, "shards": shards}
-    if modality == "image":
-        meta["image_size"] = source.image_size or _square_side(listing["train" if "train" in listing else splits[0]][0][0])
-    else:  # decoded by the workers as the cached path decodes: resampled, mixed down, cropped
-        meta.update(sample_rate=source.sample_rate, max_seconds=source.max_seconds)
-    atomic_write_text(partial / META, json.dumps(meta, indent=1))
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    os.replace(partial, out)
-    return meta
-
-
-@contextlib.contextmanager
-def _progress(folder: Path, total: int, what: str) -> Iterator[None]:
-    """A progress bar (on a terminal) of the shard bytes written under `folder` against `total`, the files' bytes,
-    polled once a second while litdata's workers write them (its own bars interleave with its workers' notes)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=what, unit="B", unit_scale=True, disable=None, leave=False)
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.wait(1.0):
-            written = sum(f.stat().st_size for f in folder.glob("*.bin") if f.is_file()) if folder.is_dir() else 0
-            bar.update(max(0, min(written, total) - bar.n))
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        bar.close()
-
-
-def _chunk_names(folder: Path) -> list[str]:
-    """The shard files of a litdata split folder, in its index's order (litdata's chunk indexes)."""
-    return [c["filename"] for c in json.loads((folder / "index.json").read_text())["chunks"]]
-
-
-def _shard_problems(out: Path, meta: dict[str, Any], contents: bool = False,
-                    splits: list[str] | None = None) -> list[tuple[str, str, str]]:
-    """(split, shard file, what is wrong) for each shard of a prepared folder that is missing or of another size
-    than was written; with `contents`, also each whose bytes no longer match their checksum (reads every shard)."""
-    problems = []
-    for split, files in meta.get("shards", {}).items():
-        if splits is not None and split not in splits:
-            continue
-        for name, recorded in files.items():
-            path = out / split / name
-            if not path.is_file():
-                problems.append((split, name, f"shard {path} is missing"))
-            elif path.stat().st_size != recorded["bytes"]:
-                problems.append((split, name, f"shard {path} holds {path.stat().st_size} bytes where "
-                                              f"{recorded['bytes']} were written (truncated or changed)"))
-            elif contents and file_checksum(path)["sha256"] != recorded["sha256"]:
-                problems.append((split, name, f"shard {path} does not match the checksum written with it"))
-    return problems
-
-
-def _check_written(folder: Path, expected: int) -> int:
-    """The samples litdata's index under `folder` holds, which must be all `expected` (its workers can fail
-    without failing `optimize`: a split would be short, or empty, with nothing said)."""
-    try:
-        chunks = json.loads((folder / "index.json").read_text())["chunks"]
-    except (OSError, ValueError, KeyError) as err:
-        raise DataError(f"preparing {folder} wrote no readable index.json ({err}); run python -m mmtx.prepare "
-                        "again") from None
-    written = sum(int(c["chunk_size"]) for c in chunks)
-    missing = [c["filename"] for c in chunks if not (folder / c["filename"]).is_file()]
-    if written != expected or missing:
-        raise DataError(f"preparing {folder} wrote {written} of its {expected} samples"
-                        + (f" and its index names missing shards {missing[:3]}" if missing else "")
-                        + "; the log above names what failed; run python -m mmtx.prepare again")
-    return written
-
-
-def _dims(path: Path) -> tuple[int, int]:
-    """An image file's (width, height), from its header."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.size
-
-
-def _square_side(path: Path) -> int:
-    """The side of a source's images when `data.source.image_size` is null: its first training image's (`path`),
-    which must be square (the images are decoded at that size; the cached path asks the same of every image)."""
-    width, height = _dims(path)
-    if width != height:
-        raise ConfigError(f"{path} is {width}x{height}: set data.source.image_size=N to prepare every image at NxN "
-                          "(resized and centre-cropped, as the cached path does)")
-    return width
-
-
-def _check_space(folder: Path, needed: int) -> None:
-    """Refuse to start writing shards that would not fit (about the files' size), naming the folder and the space."""
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise DataError(f"preparing needs about {needed / 1e9:.1f} GB in {folder.parent} and {free / 1e9:.1f} GB is "
-                        "free; free space there or give another out=")
-
 
 class _Decode:
     """A shard's record -> {"image": uint8 (3, H, W), "label"}, in a loader worker (picklable: workers may be
@@ -345,7 +141,7 @@ def __getattr__(name: str) -> type:
     if name != "_DecodingDataset":
         raise AttributeError(name)
     if name not in _DATASETS:
-        litdata = _litdata()
+        litdata = litdata_module()
 
         class _DecodingDataset(litdata.StreamingDataset):
             """litdata's dataset, its records decoded by `decode` (a `_Decode`) in the worker that reads them.
@@ -443,7 +239,7 @@ class _Streamed:
 
     def _init_streamed(self, path: str, num_workers: int, on_bad_file: str, storage_options: dict[str, Any] | None,
                        cache_dir: str | None) -> None:
-        _litdata()  # missing: one line naming the extra, before anything is read
+        litdata_module()  # missing: one line naming the extra, before anything is read
         if on_bad_file not in ("skip", "error"):
             raise ConfigError(f"data.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
@@ -510,7 +306,7 @@ class _Streamed:
         root = Path(self.path) / folder
         index = json.loads((root / "index.json").read_text())
         recorded = self.meta["shards"][folder]
-        bad = {name: text for _, name, text in _shard_problems(Path(self.path), self.meta, splits=[folder])}
+        bad = {name: text for _, name, text in shard_problems(Path(self.path), self.meta, splits=[folder])}
         where, chunks = str(root), index["chunks"]
         if bad:
             first = next(iter(bad.values()))
@@ -568,7 +364,7 @@ class _Streamed:
         raise NotImplementedError
 
     def _loader(self, split: str, batch_size: int, train: bool):
-        litdata = _litdata()
+        litdata = litdata_module()
         self.setup()
         where, _, shards = self._readable(self._split(split))
         remote = {"storage_options": self.storage_options, "cache_dir": self.shard_cache} if _remote(where) else {}
@@ -765,95 +561,6 @@ class StreamingAudio(_Streamed, AudioDataModule):
         return AudioBatch(audio=batch["audio"].float(), lengths=batch["lengths"], label=batch["labels"])
 
 
-class _PairRecords:
-    """Pairs `start .. start + PAIRS_A_TASK` of a split as shard records (litdata's `fn`, a generator): the source's
-    and target's token ids (int32 bytes, as `Seq2SeqDataModule` made them: cut to the lengths set, the target
-    without BOS, prefix and EOS) and both strings (the references metrics are computed against)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], texts: dict[str, list[str]]) -> None:
-        self.arrays = {k: tensors[k].numpy() for k in ("src_ids", "src_offsets", "src_lengths", "tgt_ids",
-                                                      "tgt_offsets", "tgt_lengths", "rows")}
-        self.texts = texts
-
-    def __call__(self, start: int):
-        a = self.arrays
-        for i in range(start, min(start + PAIRS_A_TASK, len(a["rows"]))):
-            row = int(a["rows"][i])
-            src = a["src_ids"][a["src_offsets"][i]:a["src_offsets"][i] + a["src_lengths"][i]]
-            tgt = a["tgt_ids"][a["tgt_offsets"][i]:a["tgt_offsets"][i] + a["tgt_lengths"][i]]
-            yield {"src": src.astype("<i4").tobytes(), "tgt": tgt.astype("<i4").tobytes(),
-                   "src_text": self.texts["src"][row].encode(), "tgt_text": self.texts["tgt"][row].encode()}
-
-
-PAIRS_A_TASK = 4096
-
-
-def prepare_pairs(datamodule: Any, out: str | os.PathLike, num_workers: int | None = None,
-                  replace: bool = False) -> dict[str, Any]:
-    """Write the sentence pairs of a text-to-text `Seq2SeqDataModule` (translation) into shards under `out`, once:
-    its vocabularies trained (or read) and its pairs tokenized as for training in memory, then each split's pairs
-    as token ids and strings, and the tokenizers beside them (`data=streaming_pairs` reads them). Idempotent and
-    atomic as `prepare_shards`. Speech-to-text pairs are not streamed yet."""
-    litdata = _litdata("python -m mmtx.prepare (shards written by litdata)")
-    if not datamodule.text_source:
-        raise ConfigError("speech-to-text pairs cannot be prepared for streaming yet; translation pairs can "
-                          "(data=multi30k, data=parallel_text)")
-    source = datamodule.source
-    out = Path(out).expanduser().resolve()
-    specs = {"tgt": datamodule.tgt_spec, "src": datamodule.src_spec, "shared": datamodule.shared_vocab,
-             "max": [datamodule.max_src_len, datamodule.max_tgt_len], "specials": datamodule.specials,
-             "val_fraction": datamodule.val_fraction, "seed": datamodule.seed if datamodule.val_fraction else None}
-    fingerprint = digest(FORMAT, *(source.fingerprint(s) for s in source.splits()), json.dumps(specs, sort_keys=True))
-    meta_path = out / META
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        damaged = _shard_problems(out, meta, contents=True) if meta.get("fingerprint") == fingerprint else []
-        if meta.get("fingerprint") == fingerprint and not damaged:
-            log.info("%s is already prepared from %s (%s); every shard matches its checksum", out,
-                     source.cache_name, meta["samples"])
-            return meta
-        if not damaged and not replace:
-            raise DataError(f"{out} holds a dataset prepared from other files or settings ({meta.get('source')}); "
-                            "give another out= or delete that folder")
-        if damaged:
-            log.warning("%s; preparing it again", "; ".join(text for _, _, text in damaged[:3]))
-        shutil.rmtree(out)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} exists and is not a prepared dataset (no {META}); give an empty or new folder as out=")
-    datamodule.prepare_data()
-    datamodule.setup()
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    splits = [s for s in ("train", "val", "test") if s in datamodule.splits
-              and not (s == "val" and datamodule.val_from == "test")]  # validation on test: the test split's shards
-    samples: dict[str, int] = {}
-    shards: dict[str, dict[str, dict[str, Any]]] = {}
-    for split in splits:
-        tensors = datamodule.splits[split]
-        n = len(tensors["rows"])
-        texts = datamodule.texts["train" if split == "val" and datamodule.val_from == "train" else split]
-        log.info("preparing %s [%s]: %d pairs into %s", source.cache_name, split, n, out / split)
-        litdata.optimize(fn=_PairRecords(tensors, texts), inputs=list(range(0, n, PAIRS_A_TASK)),
-                         output_dir=str(partial / split), chunk_bytes="64MB",
-                         num_workers=max(1, min(num_workers or 1, -(-n // PAIRS_A_TASK))), mode="overwrite",
-                         verbose=False)
-        samples[split] = _check_written(partial / split, n)
-        shards[split] = {name: file_checksum(partial / split / name) for name in _chunk_names(partial / split)}
-    datamodule.tgt_vocab.save(partial / "tgt_tokenizer.json")
-    if not datamodule.shared_vocab:
-        datamodule.src_vocab.save(partial / "src_tokenizer.json")
-    meta = {"format": FORMAT, "modality": "pairs", "source": source.cache_name, "samples": samples,
-            "shared_vocab": datamodule.shared_vocab, "max_src_len": datamodule.max_src_len,
-            "max_tgt_len": datamodule.max_tgt_len, "tgt_specials": datamodule.specials, "fingerprint": fingerprint,
-            "shards": shards}
-    atomic_write_text(partial / META, json.dumps(meta, indent=1))
-    if out.exists():
-        out.rmdir()
-    os.replace(partial, out)
-    return meta
-
-
 class _DecodePair:
     """A shard's record -> {"src", "tgt": int32 ids, "src_text", "tgt_text"} (nothing to skip: ids, not files;
     `on_bad_file` is for damaged shards)."""
@@ -986,7 +693,7 @@ def streamed_if_too_large(datamodule: ImageDataModule, data_cfg: dict[str, Any])
     if not hasattr(source, "_files") or "train" not in source.splits():
         return None
     files = source._files("train")
-    width, height = (source.image_size,) * 2 if source.image_size else _dims(files[0][0])
+    width, height = (source.image_size,) * 2 if source.image_size else image_dims(files[0][0])
     need = len(files) * 3 * width * height  # uint8, decoded
     budget = resident_budget(datamodule.resident_max_gb, getattr(datamodule, "resident_gpu", False),
                              getattr(datamodule, "resident_processes", 1))
