@@ -512,9 +512,7 @@ class _CollateAudio:
         if not items:
             return None
         lengths = torch.tensor([len(i["audio"]) for i in items], dtype=torch.long)
-        audio = torch.zeros(len(items), int(lengths.max()), dtype=torch.float16)
-        for row, item in enumerate(items):
-            audio[row, : len(item["audio"])] = item["audio"]
+        audio = torch.nn.utils.rnn.pad_sequence([i["audio"] for i in items], batch_first=True)  # zeros after each
         return {"audio": audio, "lengths": lengths, "labels": torch.tensor([i["label"] for i in items]),
                 "split": self.split}
 
