@@ -3,7 +3,7 @@ that runs stream from (data bigger than memory).
 
 The source is the one `python -m mmtx.train` would read with the same `task=`, `data=` and `data.*` keys (composed
 by the same code); `out` and `num_workers` are this program's own keys (`conf/prepare.yaml`). Image and audio
-folders and translation pairs go into litdata shards (`mmtx.data.shards`; read by `data=streaming`,
+folders and translation or speech-to-text pairs go into litdata shards (`mmtx.data.shards`; read by `data=streaming`,
 `data=streaming_audio`, `data=streaming_pairs`), text into token files (`mmtx.data.text.prepare_text`; read by
 `data=streaming_text`).
 """

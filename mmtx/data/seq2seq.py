@@ -189,15 +189,21 @@ class Seq2SeqDataModule(CachedSplits):
             return None, tgt
         return (tgt if self.shared_vocab else Vocab.from_file(folder / "src_tokenizer.json")), tgt
 
-    def tensors(self, caches: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
-        """Token ids of every split (the vocabularies first), the audio as cached, and the strings in `texts`."""
-        self.src_vocab, self.tgt_vocab = self._vocabs(caches["train"])
+    def target_room(self) -> int:
+        """The tokens a target keeps (`data.max_tgt_len` less BOS and the forced prefix, which come first); checks
+        the target vocabulary's special tokens (`tgt_vocab` is set)."""
         self.special = special_ids(self.tgt_vocab, self.specials)  # fails early on a tokenizer file without them
         self._start = None
-        room = self.max_tgt_len - 1 - len(self.special["prefix_ids"])  # BOS and the prefix come first
+        room = self.max_tgt_len - 1 - len(self.special["prefix_ids"])
         if room < 1:
             raise ConfigError(f"data.max_tgt_len={self.max_tgt_len} leaves no room for a target after BOS and the "
                               f"{len(self.special['prefix_ids'])} prefix tokens of data.tgt_specials.prefix")
+        return room
+
+    def tensors(self, caches: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Token ids of every split (the vocabularies first), the audio as cached, and the strings in `texts`."""
+        self.src_vocab, self.tgt_vocab = self._vocabs(caches["train"])
+        room = self.target_room()
         splits = {}
         for split, data in caches.items():
             tgt, cut_tgt = _encode_flat(self.tgt_vocab, data["tgt"], room)

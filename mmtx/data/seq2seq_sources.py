@@ -259,31 +259,44 @@ class SpeechManifest:
         manifest = self.files[split]
         return digest(self.on_bad_file, manifest, stat(manifest), *((str(f), stat(f)) for _, f, _ in self._entries(split)))
 
-    def decode(self, split: str) -> dict[str, Any]:
+    def entries(self, split: str) -> list[tuple[Path, str, str]]:
+        """[(audio file, transcript, its name in tables)] of `split`, undecoded (`decode` decodes them; `python -m mmtx.prepare` keeps
+        their bytes): lines with an empty transcript are left out, and lines whose file is missing left out or an
+        error by `on_bad_file`, each counted in a warning."""
+        return [(path, transcript, str(path)) for path, transcript in self._usable(split)[0]]
+
+    def _usable(self, split: str) -> tuple[list[tuple[Path, str]], list[str]]:
         manifest = self.files[split]
-        decoder = AudioDecoder(self.sample_rate, self.max_seconds, self.on_bad_file)
-        waves, texts, names, missing, empty = [], [], [], [], 0
+        kept, missing, empty = [], [], 0
         for line, path, transcript in self._entries(split):
             if not transcript:
                 empty += 1
-                continue
-            if not path.is_file():
-                if self.on_bad_file == "error":
-                    raise MissingError(f"{manifest}:{line}: audio file {path} does not exist "
-                                            "(data.source.on_bad_file=skip skips such lines)")
+            elif path.is_file():
+                kept.append((path, transcript))
+            elif self.on_bad_file == "error":
+                raise MissingError(f"{manifest}:{line}: audio file {path} does not exist "
+                                   "(data.source.on_bad_file=skip skips such lines)")
+            else:
                 missing.append(f"{path} ({manifest.name}:{line})")
-                continue
-            wave = decoder.decode(path, f"{path} ({manifest.name}:{line})")
-            if wave is not None:
-                waves.append(wave)
-                texts.append(transcript)
-                names.append(str(path))
         where = f"{manifest} [{split}]"
-        decoder.report(where)
         if missing:
             log.warning("%s: skipped %d line(s) whose audio file is missing, e.g. %s", where, len(missing), missing[:3])
         if empty:
             log.warning("%s: skipped %d line(s) with an empty transcript", where, empty)
+        return kept, missing
+
+    def decode(self, split: str) -> dict[str, Any]:
+        decoder = AudioDecoder(self.sample_rate, self.max_seconds, self.on_bad_file)
+        waves, texts, names = [], [], []
+        usable, missing = self._usable(split)
+        for path, transcript in usable:
+            wave = decoder.decode(path, f"{path} ({self.files[split].name})")
+            if wave is not None:
+                waves.append(wave)
+                texts.append(transcript)
+                names.append(str(path))
+        where = f"{self.files[split]} [{split}]"
+        decoder.report(where)
         packed = pack(waves, [0] * len(waves), [], where, names)
         return {"src": packed, "tgt": texts, "names": names, "skipped": decoder.bad + missing}
 
@@ -305,6 +318,16 @@ class AudioTranscripts:
 
     def fingerprint(self, split: str) -> str:
         return self.folder.fingerprint(split)
+
+    @property
+    def max_seconds(self) -> float | None:
+        return self.folder.max_seconds
+
+    def entries(self, split: str) -> list[tuple[Path, str, str]]:
+        """[(audio file, transcript, its name in tables)] of `split`, undecoded (`python -m mmtx.prepare` keeps the
+        files' bytes)."""
+        return [(f, self.transcripts.get(label, label), str(f.relative_to(self.folder.path)))
+                for f, label in self.folder._list().get(split, [])]
 
     def decode(self, split: str) -> dict[str, Any]:
         packed = self.folder.decode(split)

@@ -1,6 +1,6 @@
 """Writing data sets into shards once (`python -m mmtx.prepare`), for loader workers to stream them
-(`mmtx.data.streaming`): litdata's `optimize` writes each split of an image or audio folder, or the token ids of
-translation pairs, into chunks of about 64 MB, and `mmtx.json` beside them records what was written: the modality,
+(`mmtx.data.streaming`): litdata's `optimize` writes each split of an image or audio folder, or the pairs of a
+translation or speech-to-text source, into chunks of about 64 MB, and `mmtx.json` beside them records what was written: the modality,
 the class names or vocabularies, the sample counts, each shard's size and checksum, and the source's fingerprint
 (a second `prepare` of the same source does nothing). Files keep their encoded bytes (a JPEG stays a JPEG:
 ImageNet's 140 GB, not its 190 GB decoded). A folder is built in `<out>.partial` and renamed into place, so a killed
@@ -247,22 +247,94 @@ class _PairRecords:
 PAIRS_A_TASK = 4096
 
 
+def _speech_record(item: tuple[str, str, bytes, str]) -> dict[str, Any]:
+    """One speech-to-text pair as a shard keeps it: its audio file's bytes as they are (decoded, resampled and
+    cropped by the loader workers), its path (for messages) and its name in tables, and its transcript as int32
+    token ids and as a string."""
+    path, name, ids, text = item
+    return {"data": Path(path).read_bytes(), "name": path.encode(), "src_text": name.encode(), "tgt": ids,
+            "tgt_text": text.encode()}
+
+
+def _write_translation(datamodule: Any, partial: Path, litdata: Any, num_workers: int | None) -> dict[str, int]:
+    """Each split's translation pairs into `partial`/<split>, tokenized as a training run in memory tokenizes them
+    (`Seq2SeqDataModule.setup`: the strings are read into memory once); {split: pairs}."""
+    datamodule.prepare_data()
+    datamodule.setup()
+    splits = [s for s in ("train", "val", "test") if s in datamodule.splits
+              and not (s == "val" and datamodule.val_from == "test")]  # validation on test: the test split's shards
+    samples = {}
+    for split in splits:
+        tensors = datamodule.splits[split]
+        n = len(tensors["rows"])
+        texts = datamodule.texts["train" if split == "val" and datamodule.val_from == "train" else split]
+        log.info("preparing %s [%s]: %d pairs into %s", datamodule.source.cache_name, split, n, partial / split)
+        litdata.optimize(fn=_PairRecords(tensors, texts), inputs=list(range(0, n, PAIRS_A_TASK)),
+                         output_dir=str(partial / split), chunk_bytes="64MB",
+                         num_workers=max(1, min(num_workers or 1, -(-n // PAIRS_A_TASK))), mode="overwrite",
+                         verbose=False)
+        samples[split] = _check_written(partial / split, n)
+    return samples
+
+
+def _write_speech(datamodule: Any, partial: Path, litdata: Any, num_workers: int | None) -> dict[str, int]:
+    """Each split's speech-to-text pairs into `partial`/<split> without decoding a clip (LibriSpeech's 960 hours
+    are 110 GB decoded): the audio files' bytes, and the transcripts tokenized with the vocabulary a training run in
+    memory trains on the same transcripts (and caches under the same key); validation held out of the training
+    pairs by the same seeded choice. {split: pairs}."""
+    from mmtx.data.base import hold_out
+    from mmtx.data.seq2seq import _encode_flat
+
+    source = datamodule.source
+    entries = {split: [(str(path), text, name) for path, text, name in source.entries(split)]
+               for split in source.splits()}
+    train = entries["train"]
+    _, datamodule.tgt_vocab = datamodule._vocabs({"fingerprint": source.fingerprint("train"),
+                                                  "tgt": [text for _, text, _ in train]})
+    room = datamodule.target_room()
+    if datamodule.val_fraction > 0:
+        kept, held = hold_out(len(train), datamodule.val_fraction, datamodule.seed)
+        entries["train"], entries["val"] = [train[i] for i in kept.tolist()], [train[i] for i in held.tolist()]
+    elif "val" not in entries and "test" not in entries:
+        raise DataError("the data source has no val or test split; set data.val_fraction to hold out part of the "
+                        "training split")
+    _check_space(partial, sum(Path(path).stat().st_size for pairs in entries.values() for path, _, _ in pairs))
+    workers = num_workers or max(1, min(8, os.cpu_count() or 1))
+    samples = {}
+    for split, pairs in entries.items():
+        if not pairs:
+            raise DataError(f"{source.cache_name} [{split}] holds no speech-to-text pairs to prepare")
+        tgt, cut = _encode_flat(datamodule.tgt_vocab, [text for _, text, _ in pairs], room)
+        if cut:
+            log.warning("%s [%s]: cut %d transcript(s) to %d tokens (data.max_tgt_len less BOS and the prefix)",
+                        source.cache_name, split, cut, room)
+        ids = [tgt["ids"][o:o + n].numpy().astype("<i4").tobytes()
+               for o, n in zip(tgt["offsets"].tolist(), tgt["lengths"].tolist())]
+        items = [(path, name, i, text) for (path, text, name), i in zip(pairs, ids)]
+        log.info("preparing %s [%s]: %d clips into %s", source.cache_name, split, len(items), partial / split)
+        with _progress(partial / split, sum(Path(path).stat().st_size for path, _, _ in pairs), f"prepare [{split}]"):
+            litdata.optimize(fn=_speech_record, inputs=items, output_dir=str(partial / split), chunk_bytes="64MB",
+                             num_workers=min(workers, len(items)), mode="overwrite", verbose=False)
+        samples[split] = _check_written(partial / split, len(items))
+    return samples
+
+
 def prepare_pairs(datamodule: Any, out: str | os.PathLike, num_workers: int | None = None,
                   replace: bool = False) -> dict[str, Any]:
-    """Write the sentence pairs of a text-to-text `Seq2SeqDataModule` (translation) into shards under `out`, once:
-    its vocabularies trained (or read) and its pairs tokenized as for training in memory, then each split's pairs
-    as token ids and strings, and the tokenizers beside them (`data=streaming_pairs` reads them). Idempotent and
-    atomic as `prepare_shards`. Speech-to-text pairs are not streamed yet."""
+    """Write the pairs of a `Seq2SeqDataModule` into shards under `out`, once, and its vocabularies beside them
+    (`data=streaming_pairs` reads them): translation pairs as token ids and strings, tokenized as for training in
+    memory; speech-to-text pairs as each clip's file bytes (decoded in the loader workers) with its transcript's
+    ids and string. Idempotent and atomic as `prepare_shards`."""
     litdata = litdata_module("python -m mmtx.prepare (shards written by litdata)")
-    if not datamodule.text_source:
-        raise ConfigError("speech-to-text pairs cannot be prepared for streaming yet; translation pairs can "
-                          "(data=multi30k, data=parallel_text)")
     source = datamodule.source
+    speech = not datamodule.text_source
     out = Path(out).expanduser().resolve()
     specs = {"tgt": datamodule.tgt_spec, "src": datamodule.src_spec, "shared": datamodule.shared_vocab,
              "max": [datamodule.max_src_len, datamodule.max_tgt_len], "specials": datamodule.specials,
              "val_fraction": datamodule.val_fraction, "seed": datamodule.seed if datamodule.val_fraction else None}
-    fingerprint = digest(FORMAT, *(source.fingerprint(s) for s in source.splits()), json.dumps(specs, sort_keys=True))
+    decoded = [source.cache_name] if speech else []  # the sample rate and crop the workers decode clips at
+    fingerprint = digest(FORMAT, *decoded, *(source.fingerprint(s) for s in source.splits()),
+                         json.dumps(specs, sort_keys=True))
     meta_path = out / META
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -279,33 +351,21 @@ def prepare_pairs(datamodule: Any, out: str | os.PathLike, num_workers: int | No
         shutil.rmtree(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not a prepared dataset (no {META}); give an empty or new folder as out=")
-    datamodule.prepare_data()
-    datamodule.setup()
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    splits = [s for s in ("train", "val", "test") if s in datamodule.splits
-              and not (s == "val" and datamodule.val_from == "test")]  # validation on test: the test split's shards
-    samples: dict[str, int] = {}
-    shards: dict[str, dict[str, dict[str, Any]]] = {}
-    for split in splits:
-        tensors = datamodule.splits[split]
-        n = len(tensors["rows"])
-        texts = datamodule.texts["train" if split == "val" and datamodule.val_from == "train" else split]
-        log.info("preparing %s [%s]: %d pairs into %s", source.cache_name, split, n, out / split)
-        litdata.optimize(fn=_PairRecords(tensors, texts), inputs=list(range(0, n, PAIRS_A_TASK)),
-                         output_dir=str(partial / split), chunk_bytes="64MB",
-                         num_workers=max(1, min(num_workers or 1, -(-n // PAIRS_A_TASK))), mode="overwrite",
-                         verbose=False)
-        samples[split] = _check_written(partial / split, n)
-        shards[split] = {name: file_checksum(partial / split / name) for name in _chunk_names(partial / split)}
+    samples = (_write_speech if speech else _write_translation)(datamodule, partial, litdata, num_workers)
+    shards = {split: {name: file_checksum(partial / split / name) for name in _chunk_names(partial / split)}
+              for split in samples}
     datamodule.tgt_vocab.save(partial / "tgt_tokenizer.json")
-    if not datamodule.shared_vocab:
+    if not datamodule.shared_vocab and not speech:
         datamodule.src_vocab.save(partial / "src_tokenizer.json")
-    meta = {"format": FORMAT, "modality": "pairs", "source": source.cache_name, "samples": samples,
-            "shared_vocab": datamodule.shared_vocab, "max_src_len": datamodule.max_src_len,
-            "max_tgt_len": datamodule.max_tgt_len, "tgt_specials": datamodule.specials, "fingerprint": fingerprint,
-            "shards": shards}
+    meta = {"format": FORMAT, "modality": "pairs", "src_kind": "audio" if speech else "text",
+            "source": source.cache_name, "samples": samples, "shared_vocab": datamodule.shared_vocab,
+            "max_src_len": datamodule.max_src_len, "max_tgt_len": datamodule.max_tgt_len,
+            "tgt_specials": datamodule.specials, "fingerprint": fingerprint, "shards": shards}
+    if speech:
+        meta.update(sample_rate=source.sample_rate, max_seconds=source.max_seconds)
     atomic_write_text(partial / META, json.dumps(meta, indent=1))
     if out.exists():
         out.rmdir()

@@ -278,7 +278,7 @@ class _Streamed:
             if not meta_path.is_file():
                 source = {"image": "data=imagefolder data.source.path=<image folder>",
                           "audio": "data=audio_folder data.source.path=<audio folder>",
-                          "pairs": "data=parallel_text data.source.files=..."}[self.modality]
+                          "pairs": "task=<a translation or speech-to-text task>"}[self.modality]
                 raise MissingError(f"data.path={self.path} is not a prepared dataset (no {META}): prepare it once with "
                                    f"python -m mmtx.prepare {source} out={self.path}")
             meta = json.loads(meta_path.read_text())
@@ -560,20 +560,27 @@ class StreamingAudio(_Streamed, AudioDataModule):
 
 
 class _DecodePair:
-    """A shard's record -> {"src", "tgt": int32 ids, "src_text", "tgt_text"} (nothing to skip: ids, not files;
-    `on_bad_file` is for damaged shards)."""
+    """A shard's record -> {"src", "tgt": int32 ids, "src_text", "tgt_text"}; for speech-to-text pairs (`audio`:
+    the prepared sample rate and crop) the source is the clip, decoded as `_DecodeAudio` decodes it, and its text the
+    file's name; an unreadable clip is None (skipped) or, with on_bad_file=error, an error naming it."""
 
-    def __init__(self, on_bad_file: str) -> None:
+    def __init__(self, on_bad_file: str, audio: tuple[int, float | None] | None = None) -> None:
         self.on_bad_file = on_bad_file
+        self.clip = _DecodeAudio(*audio, on_bad_file) if audio else None
 
-    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        return {"src": torch.frombuffer(bytearray(item["src"]), dtype=torch.int32),
-                "tgt": torch.frombuffer(bytearray(item["tgt"]), dtype=torch.int32),
-                "src_text": item["src_text"].decode(), "tgt_text": item["tgt_text"].decode()}
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any] | None:
+        pair = {"tgt": torch.frombuffer(bytearray(item["tgt"]), dtype=torch.int32),
+                "tgt_text": item["tgt_text"].decode()}
+        if self.clip is None:
+            return {**pair, "src": torch.frombuffer(bytearray(item["src"]), dtype=torch.int32),
+                    "src_text": item["src_text"].decode()}
+        clip = self.clip({**item, "label": -1})
+        return None if clip is None else {**pair, "audio": clip["audio"], "src_text": item["src_text"].decode()}
 
 
 class _CollatePairs:
-    """Pairs -> flat ids with offsets and lengths for each side (the in-memory path's layout) and the strings."""
+    """Pairs -> flat ids with offsets and lengths for each side, or the clips' samples in one flat tensor with
+    theirs (the in-memory path's layout: `Seq2SeqDataModule.gather` pads them), and the strings."""
 
     def __init__(self, split: str) -> None:
         self.split = split
@@ -583,9 +590,9 @@ class _CollatePairs:
         if not items:
             return None
         batch: dict[str, Any] = {"split": self.split}
-        for side in ("src", "tgt"):
-            lengths = torch.tensor([len(i[side]) for i in items], dtype=torch.long)
-            batch[f"{side}_ids"] = torch.cat([i[side] for i in items])
+        for side, key in (("src", "audio" if "audio" in items[0] else "src"), ("tgt", "tgt")):
+            lengths = torch.tensor([len(i[key]) for i in items], dtype=torch.long)
+            batch["audio" if key == "audio" else f"{side}_ids"] = torch.cat([i[key] for i in items])
             batch[f"{side}_offsets"] = torch.cumsum(lengths, 0) - lengths
             batch[f"{side}_lengths"] = lengths
             batch[f"{side}_texts"] = [i[f"{side}_text"] for i in items]
@@ -593,9 +600,11 @@ class _CollatePairs:
 
 
 class StreamingPairs(_Streamed, Seq2SeqDataModule):
-    """Translation pairs streamed from a prepared folder (`_Streamed`; `python -m mmtx.prepare data=multi30k ...`):
-    token ids made once with the vocabularies the folder holds, batched into the in-memory path's `PairBatch`es
-    (`data=streaming_pairs data.path=DIR`). Batches are drawn in litdata's order, not grouped by length."""
+    """Pairs streamed from a prepared folder (`_Streamed`; `python -m mmtx.prepare task=translate_multi30k ...`,
+    `task=asr_fsdd ...`), batched into the in-memory path's `PairBatch`es (`data=streaming_pairs data.path=DIR`):
+    translation pairs as the token ids made once with the vocabularies the folder holds; speech-to-text pairs as
+    clips decoded, resampled and cropped by the loader workers (an unreadable one skipped, by `on_bad_file`) with
+    their transcripts' ids. Batches are drawn in litdata's order, not grouped by length."""
 
     modality = "pairs"
     config_name = "streaming_pairs"
@@ -606,7 +615,7 @@ class StreamingPairs(_Streamed, Seq2SeqDataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
-        on_bad_file: str = "error",
+        on_bad_file: str = "skip",
         seed: int = 0,
         root: str | None = None,
         storage_options: dict[str, Any] | None = None,
@@ -642,6 +651,7 @@ class StreamingPairs(_Streamed, Seq2SeqDataModule):
                                   f"out=), or set data.{key}=null")
         self.max_src_len, self.max_tgt_len = self.meta["max_src_len"], self.meta["max_tgt_len"]
         self.shared_vocab = self.meta["shared_vocab"]
+        self.text_source = self.meta.get("src_kind", "text") == "text"
 
         def vocab(name: str) -> Any:
             if _remote(self.path):
@@ -650,17 +660,20 @@ class StreamingPairs(_Streamed, Seq2SeqDataModule):
 
         fixed_src, fixed_tgt = self.fixed
         self.tgt_vocab = fixed_tgt or vocab("tgt_tokenizer.json")
-        self.src_vocab = fixed_src or (self.tgt_vocab if self.shared_vocab else vocab("src_tokenizer.json"))
+        if self.text_source:
+            self.src_vocab = fixed_src or (self.tgt_vocab if self.shared_vocab else vocab("src_tokenizer.json"))
         self.special = special_ids(self.tgt_vocab, self.specials)
 
     def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
         from mmtx.data.seq2seq import seq2seq_runtime
 
         self.setup()
-        return seq2seq_runtime(self.tgt_vocab, self.max_src_len, self.max_tgt_len, self.src_vocab, None, self.specials)
+        return seq2seq_runtime(self.tgt_vocab, self.max_src_len, self.max_tgt_len, self.src_vocab,
+                               self.meta.get("sample_rate"), self.specials)
 
     def _decoder(self) -> _DecodePair:
-        return _DecodePair(self.on_bad_file)
+        audio = None if self.text_source else (int(self.meta["sample_rate"]), self.meta.get("max_seconds"))
+        return _DecodePair(self.on_bad_file, audio)
 
     def _collate(self, split: str) -> _CollatePairs:
         return _CollatePairs(split)
@@ -673,8 +686,8 @@ class StreamingPairs(_Streamed, Seq2SeqDataModule):
         split = batch["split"]
         B = len(batch["tgt_lengths"])
         index = torch.arange(B, device=batch["tgt_lengths"].device)
-        store = {k: batch[k] for k in ("src_ids", "src_offsets", "src_lengths", "tgt_ids", "tgt_offsets",
-                                       "tgt_lengths")}
+        store = {k: batch[k] for k in ("src_ids", "audio", "src_offsets", "src_lengths", "tgt_ids", "tgt_offsets",
+                                       "tgt_lengths") if k in batch}
         store["rows"] = index
         self.texts[split] = {"src": batch["src_texts"], "tgt": batch["tgt_texts"]}
         return self.gather(split, store, index, index.device)
