@@ -61,6 +61,25 @@ def test_streamed_clips_are_the_cached_clips(clips, tmp_path):
     assert batch.audio.dtype == torch.float32 and batch.audio.shape[1] == batch.lengths.max() <= 4000
 
 
+def test_clips_too_large_to_hold_are_prepared_in_the_cache_and_streamed(clips, tmp_path, caplog):
+    from mmtx.data.audio_sources import decoded_bytes
+    from mmtx.data.streaming import StreamingAudio
+    from mmtx.wiring import build_data
+
+    root, _, _ = clips
+    args = [*small_run(tmp_path, root, "audio"), *FSDD_LIKE]
+    held = build_data(compose("audio_fsdd", args))
+    assert not isinstance(held, StreamingAudio)
+    need = decoded_bytes((f for f, _ in held.source._list()["train"]), 8000, 0.5)
+    assert need == 2 * int(held.splits["train"]["lengths"].sum())  # from the headers: the cache's float16 bytes
+    with caplog.at_level("INFO", logger="mmtx.data.streaming"):
+        streamed = build_data(compose("audio_fsdd", [*args, "data.resident_max_gb=0.00001"]))
+    assert isinstance(streamed, StreamingAudio) and streamed.num_samples("train") == 16
+    assert streamed.runtime_kwargs() == held.runtime_kwargs()
+    assert "more than data.resident_max_gb=1e-05: streaming it from shards prepared in" in caplog.text
+    assert list((tmp_path / "cache").glob("audio-*-shards/mmtx.json"))
+
+
 def test_a_streamed_audio_run_trains(clips, tmp_path):
     _, shards, _ = clips
     tiny = [o for o in small_run(tmp_path, None, "audio") if not o.startswith("data.source.")]

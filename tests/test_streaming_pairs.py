@@ -128,6 +128,19 @@ def test_streamed_speech_pairs_are_the_cached_pairs(speech, tmp_path):
     assert __import__("mmtx.prepare", fromlist=["main"]).main([*args, f"out={shards}"]) == meta  # prepared once
 
 
+def test_speech_too_large_to_hold_is_prepared_in_the_cache_and_streamed(speech, tmp_path, caplog):
+    from mmtx.data.streaming import StreamingPairs
+    from mmtx.wiring import build_data
+
+    root, _, _, args = speech
+    with caplog.at_level("INFO", logger="mmtx.data.streaming"):
+        streamed = build_data(compose("asr_fsdd", [*small_run(tmp_path, None, "audio2text"), *args[1:-1],
+                                                   f"paths.cache_dir={tmp_path / 'cache'}",
+                                                   "data.resident_max_gb=0.00001"]))
+    assert isinstance(streamed, StreamingPairs) and streamed.num_samples("train") == 11
+    assert "more than data.resident_max_gb=1e-05: streaming it from shards prepared in" in caplog.text
+
+
 def test_a_streamed_speech_run_trains_scores_wer_and_evaluates(speech, tmp_path):
     from mmtx.eval import evaluate
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from mmtx.batch import AudioBatch
+from mmtx.cpu import check_resident_max_gb
 from mmtx.data.base import LabelledSplits, gather_padded
 
 
@@ -21,6 +22,13 @@ class AudioDataModule(LabelledSplits):
     """
 
     sample_keys = ("offsets", "lengths", "labels")
+
+    def __init__(self, source: Any, cache_dir: str, root: str | None = None, batch_size: int = 128,
+                 eval_batch_size: int | None = None, val_fraction: float = 0.0, device_resident: bool = True,
+                 seed: int = 0, resident_max_gb: float | None = None) -> None:
+        super().__init__(source, cache_dir, root, batch_size, eval_batch_size, val_fraction, device_resident, seed)
+        # Above this decoded size (GB; None: 80% of the memory available) a folder is streamed instead (build_data).
+        self.resident_max_gb = check_resident_max_gb(resident_max_gb)
 
     @property
     def sample_rate(self) -> int:

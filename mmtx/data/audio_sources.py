@@ -154,6 +154,24 @@ def pack(waves: list[torch.Tensor], labels: list[int], classes: list[str], where
     }
 
 
+def decoded_bytes(files: Iterable[Path], sample_rate: int, max_seconds: float | None) -> int:
+    """What `files` take decoded as the cache holds them (float16 at `sample_rate`, each cropped to `max_seconds`),
+    from their headers (soundfile's `info`: nothing is decoded); a file whose header cannot be read counts as its
+    size in bytes."""
+    import soundfile as sf
+
+    total = 0
+    for f in files:
+        try:
+            info = sf.info(str(f))
+            seconds = info.frames / info.samplerate
+        except Exception:  # unreadable: skipped when decoded; about its size meanwhile
+            total += Path(f).stat().st_size
+            continue
+        total += 2 * int(min(seconds, max_seconds or seconds) * sample_rate)
+    return total
+
+
 class AudioFolder:
     """Audio files under `path`, labelled by sub-folder (`<path>/<split>/<class>/<clip>` or
     `<path>/<class>/<clip>`) or by `label_pattern`, a regex with a `label` group matched

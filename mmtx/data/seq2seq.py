@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mmtx.batch import IGNORE_INDEX, PairBatch, TokenBatch
+from mmtx.cpu import check_resident_max_gb
 from mmtx.data.audio import audio_batch
 from mmtx.data.base import CachedSplits, gather_padded
 from mmtx.data.cache import cache_folder, digest, verified
@@ -139,8 +140,11 @@ class Seq2SeqDataModule(CachedSplits):
         fixed_tgt_vocab: Vocab | None = None,
         seed: int = 0,
         tgt_specials: dict[str, Any] | None = None,
+        resident_max_gb: float | None = None,
     ) -> None:
         super().__init__(source, cache_dir, root, batch_size, eval_batch_size, val_fraction, device_resident, seed)
+        # Speech: above this decoded size (GB; None: 80% of the memory available) the clips are streamed instead.
+        self.resident_max_gb = check_resident_max_gb(resident_max_gb)
         for key, value in (("max_src_len", max_src_len), ("max_tgt_len", max_tgt_len)):
             if value < 2:
                 raise ConfigError(f"data.{key} must be at least 2, got {value}")

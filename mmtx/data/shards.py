@@ -320,11 +320,11 @@ def _write_speech(datamodule: Any, partial: Path, litdata: Any, num_workers: int
 
 
 def prepare_pairs(datamodule: Any, out: str | os.PathLike, num_workers: int | None = None,
-                  replace: bool = False) -> dict[str, Any]:
+                  replace: bool = False, verify: bool = True) -> dict[str, Any]:
     """Write the pairs of a `Seq2SeqDataModule` into shards under `out`, once, and its vocabularies beside them
     (`data=streaming_pairs` reads them): translation pairs as token ids and strings, tokenized as for training in
     memory; speech-to-text pairs as each clip's file bytes (decoded in the loader workers) with its transcript's
-    ids and string. Idempotent and atomic as `prepare_shards`."""
+    ids and string. Idempotent and atomic as `prepare_shards` (`replace`, `verify`: as there)."""
     litdata = litdata_module("python -m mmtx.prepare (shards written by litdata)")
     source = datamodule.source
     speech = not datamodule.text_source
@@ -338,10 +338,10 @@ def prepare_pairs(datamodule: Any, out: str | os.PathLike, num_workers: int | No
     meta_path = out / META
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        damaged = shard_problems(out, meta, contents=True) if meta.get("fingerprint") == fingerprint else []
+        damaged = shard_problems(out, meta, contents=verify) if meta.get("fingerprint") == fingerprint else []
         if meta.get("fingerprint") == fingerprint and not damaged:
-            log.info("%s is already prepared from %s (%s); every shard matches its checksum", out,
-                     source.cache_name, meta["samples"])
+            log.info("%s is already prepared from %s (%s); %s", out, source.cache_name, meta["samples"],
+                     "every shard matches its checksum" if verify else "every shard has its size")
             return meta
         if not damaged and not replace:
             raise DataError(f"{out} holds a dataset prepared from other files or settings ({meta.get('source')}); "
