@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # lazy: `import mmtx` stays cheap
     if name == "compose":
-        from mmtx.config import compose
+        from mmtx.config.compose import compose
 
         return compose
     if name == "build":
-        from mmtx.wiring import build
+        from mmtx.config.wiring import build
 
         return build
     if name in ("load", "Model"):

@@ -11,30 +11,27 @@ checkpoint, an unknown key) ends with one line; MMTX_DEBUG=1 shows the traceback
 
 from __future__ import annotations
 
-from mmtx.help import answer_help
+from mmtx.config.help import answer_help
 
 answer_help("eval")  # `--help` is answered here, before the imports below (torch, Lightning) take seconds
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from mmtx.apps import app_keys, compose_app, hydra_argv, passed_through
-from mmtx.checkpoint import load_checkpoint, member_view
-from mmtx.config import config_dir
-from mmtx.errors import ConfigError, DataError, StorageError, reported, run_cli
-from mmtx.files import check_writable
-from mmtx.validate import validate
-from mmtx.tokenizers.text import Vocab
+from mmtx.checkpoints.io import load_checkpoint, member_view
 from mmtx.checkpoints.loader import rebuild
-from mmtx.wiring import build_data, resolve_precision
+from mmtx.config.apps import passed_through, run_app
+from mmtx.config.validate import validate
+from mmtx.config.wiring import build_data, resolve_precision
+from mmtx.errors import ConfigError, DataError, StorageError
+from mmtx.files import check_writable
+from mmtx.tokenizers.text import Vocab
 
 log = logging.getLogger("mmtx.eval")
 
@@ -76,7 +73,7 @@ def evaluate(ckpt: str, overrides: Sequence[str] | DictConfig = (), member: str 
         extra["fixed_tgt_vocab"] = Vocab.from_json(checkpoint["mmtx_tgt_vocab"])
     datamodule = build_data(cfg, **extra)
     model = rebuild(checkpoint, cfg, datamodule.runtime_kwargs(), ckpt)  # for the data as configured here
-    from mmtx.progress import ProgressBar, quiet_lightning, stdout_is_terminal
+    from mmtx.training.progress import ProgressBar, quiet_lightning, stdout_is_terminal
 
     quiet_lightning()
     terminal = stdout_is_terminal()
@@ -106,20 +103,10 @@ def _report(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
-def _cli(cfg: DictConfig) -> None:
-    with reported("mmtx.eval"):
-        _report(cfg)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """The command line. `argv`: its arguments, from Python: returns the metrics, and a mistake raises
     its error instead of ending the process."""
-    if argv is None:
-        with reported("mmtx.eval"):
-            sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("eval"), pass_through=True)]
-        return run_cli(_cli)
-    return _report(compose_app("eval", hydra_argv(argv, app_keys("eval"), pass_through=True)))
+    return run_app("eval", lambda cfg, _: _report(cfg), argv, pass_through=True)
 
 
 if __name__ == "__main__":

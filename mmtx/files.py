@@ -2,7 +2,8 @@
 renamed into place, so a killed write leaves the previous version), writes that fail with one message
 naming the file and the folder when the disk is full or read-only, folders checked for writability before
 any work, the removal of what killed writes left behind (and of nothing mmtx did not write), tables
-written as TSV, and the data root (`data.root`, else $MMTX_DATA_DIR, else ./data)."""
+written as TSV, the data root (`data.root`, else $MMTX_DATA_DIR, else ./data), and where the shipped
+configuration (conf/) is."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
-
-import torch
 
 from mmtx.errors import StorageError
 
@@ -95,6 +94,8 @@ def check_writable(folder: str | os.PathLike, what: str, hint: str = "") -> Path
 def tensor_bytes(obj: Any) -> int:
     """The bytes of the tensors (their storages, each counted once) in a nest of dicts, lists and tuples: about
     what torch.save writes."""
+    import torch  # here: the light helpers of this module (config_dir, the data root) do not need it
+
     seen: set[int] = set()
     total = 0
     stack = [obj]
@@ -142,6 +143,8 @@ def atomic_save(obj: Any, path: str | os.PathLike, hint: str = "") -> None:
     is a StorageError naming the file, and the previous `path` stays as it was."""
     path = Path(path)
     with _replacing(path, lambda: tensor_bytes(obj), hint) as tmp:
+        import torch
+
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, tmp)
 
@@ -280,3 +283,12 @@ def describe_root(root: str | None) -> str:
     if os.environ.get("MMTX_DATA_DIR"):
         return f"{where} (from $MMTX_DATA_DIR={os.environ['MMTX_DATA_DIR']})"
     return f"{where} (the default ./data: neither data.root nor $MMTX_DATA_DIR is set)"
+
+
+def config_dir() -> str:
+    """The `conf/` folder: inside the installed package, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent  # the mmtx package
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"mmtx configuration not found (looked in {here / 'conf'} and {here.parent / 'conf'})")

@@ -18,9 +18,9 @@ from torch import nn
 
 from mmtx.batch import Batch
 from mmtx.errors import NonFiniteError
-from mmtx.optim import build_optimizer
-from mmtx.training.compiling import CompiledOrEager, compiler_unavailable
 from mmtx.tasks.base import StepContext, TaskPart
+from mmtx.training.compiling import CompiledOrEager, compiler_unavailable
+from mmtx.training.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,6 @@ def _takes_found_inf(optimizer: Any) -> bool:
     return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
 
 
-SINGLE = "main"  # the member name of a run with one task part
 
 
 class MmtxModule(L.LightningModule):
@@ -396,7 +395,7 @@ class MmtxModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmtx_config"] = self.run_config
         if getattr(self, "run_info", None):
-            checkpoint["mmtx_run_info"] = self.run_info  # seed, versions, git commit (mmtx.runinfo)
+            checkpoint["mmtx_run_info"] = self.run_info  # seed, versions, git commit (mmtx.training.runinfo)
         for logger in self.loggers if self._trainer is not None else []:
             if type(logger).__name__ == "WandbLogger":
                 checkpoint["mmtx_wandb_id"] = logger.version  # a resumed run continues this W&B run

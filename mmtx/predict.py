@@ -11,7 +11,7 @@ and skipped (`on_bad_file=error` stops at it instead).
 
 from __future__ import annotations
 
-from mmtx.help import answer_help
+from mmtx.config.help import answer_help
 
 answer_help("predict")  # `--help` is answered here, before the imports below (torch, Lightning) take seconds
 
@@ -19,30 +19,24 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from mmtx.apps import app_keys, compose_app, hydra_argv, inference_device
-from mmtx.checkpoints import load
-from mmtx.checkpoints.labelling import (AUDIO_SUFFIXES, IMAGE_SUFFIXES, RULES, audio_inputs,  # noqa: F401 (here too)
-                                        image_inputs, label, list_inputs)
-from mmtx.config import config_dir
-from mmtx.errors import CheckpointError, ConfigError, reported, run_cli
+from mmtx.checkpoints.labelling import (  # noqa: F401 (here too)
+    AUDIO_SUFFIXES,
+    IMAGE_SUFFIXES,
+    RULES,
+    audio_inputs,
+    image_inputs,
+    label,
+    list_inputs,
+)
+from mmtx.checkpoints.loader import load_classifier
+from mmtx.config.apps import inference_device, run_app
+from mmtx.config.validate import validate
+from mmtx.errors import ConfigError
 from mmtx.files import atomic_write_text, check_writable, tsv_text
-from mmtx.validate import validate
 
 VERBATIM = ("ckpt", "inputs", "output")
-
-
-def load_classifier(ckpt: str, device: str, member: str | None = None):
-    """The classifier stored in `ckpt` (`member`'s, from a co-training run: weights, class names, input
-    geometry), in eval mode on `device` (mmtx.load's module), and its run configuration."""
-    model = load(ckpt, member, device)
-    if model.kind != "classification":
-        family = model.config.family._target_
-        raise CheckpointError(f"checkpoint {ckpt} is not a classifier's ({family}): mmtx.predict labels images and "
-                              "audio; continue text or translate with mmtx.generate")
-    return model.module, model.config
 
 
 def predict(args: dict[str, Any]) -> list[list[str]]:
@@ -80,19 +74,9 @@ def _run(args: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
-def _cli(cfg: DictConfig) -> None:
-    with reported("mmtx.predict"):
-        _run(OmegaConf.to_container(cfg, resolve=True))
-
-
 def main(argv: Sequence[str] | None = None) -> list[list[str]] | None:
     """The command line. `argv`: its arguments, from Python: returns the rows, and a mistake raises."""
-    if argv is None:
-        with reported("mmtx.predict"):
-            sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys("predict"), verbatim=VERBATIM)]
-        return run_cli(_cli)
-    return _run(OmegaConf.to_container(compose_app("predict", hydra_argv(argv, app_keys("predict"), verbatim=VERBATIM))))
+    return run_app("predict", lambda cfg, _: _run(OmegaConf.to_container(cfg, resolve=True)), argv, verbatim=VERBATIM)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ folders and translation or speech-to-text pairs go into litdata shards (`mmtx.da
 
 from __future__ import annotations
 
-from mmtx.help import answer_help
+from mmtx.config.help import answer_help
 
 answer_help("prepare")  # `--help` is answered here, before the imports below (torch, Lightning) take seconds
 
@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from mmtx.apps import app_defaults, app_keys
+from mmtx.config.apps import app_defaults, app_keys
 from mmtx.errors import ConfigError, reported
 
 
@@ -27,7 +27,7 @@ def prepare(overrides: Sequence[str], out: str, num_workers: int | None = None) 
     description (`mmtx.json`: classes, samples per split)."""
     from hydra.utils import get_class, instantiate
 
-    from mmtx.config import compose
+    from mmtx.config.compose import compose
     from mmtx.data.seq2seq import Seq2SeqDataModule
     from mmtx.data.shards import prepare_pairs, prepare_shards
     from mmtx.data.streaming import StreamingPairs

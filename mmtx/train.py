@@ -6,7 +6,7 @@ compose config -> seed -> data -> model -> trainer (callbacks, logger) -> fit
 
 from __future__ import annotations
 
-from mmtx.help import answer_help
+from mmtx.config.help import answer_help
 
 answer_help("train")  # `--help` is answered here, before the imports below (torch, Lightning) take seconds
 
@@ -23,28 +23,35 @@ from typing import Any, Callable
 
 import hydra
 import lightning as L
-from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from mmtx.callbacks import stopping_signals
-from mmtx.checkpoint import check_model_matches, find_resume
-from mmtx.apps import check_group_overrides, check_keys
-from mmtx.config import claimed_folders, compose, config_dir, missing_parents
-from mmtx.cotrain import resolve_cotrain, with_total_steps
-from mmtx.cpu import keep_freed_memory
-from mmtx.distributed import die_with_launcher, watch_ranks
-from mmtx.pretrained import check_architecture, is_pretrained, load_pretrained
-from mmtx.transfer import freeze, init_from, report
-from mmtx.files import atomic_write_text, check_writable, remove_written
-from mmtx.progress import console_log, echo, print_run_header, quiet_lightning
-from mmtx.errors import (ConfigError, DataError, NonFiniteError, StorageError, multirun_job, reported, run_cli,
-                         user_error)
-from mmtx.runinfo import run_info
-from mmtx.sweep import is_test_metric
+from mmtx.checkpoints.io import check_model_matches, find_resume
+from mmtx.config.apps import check_group_overrides, check_keys
+from mmtx.config.compose import claimed_folders, compose, missing_parents
+from mmtx.config.members import resolve_cotrain, with_total_steps
+from mmtx.config.sweep import is_test_metric
+from mmtx.config.validate import check_run_keys, validate
+from mmtx.config.wiring import build_data, build_model, build_trainer
+from mmtx.errors import (
+    ConfigError,
+    DataError,
+    NonFiniteError,
+    StorageError,
+    multirun_job,
+    reported,
+    run_cli,
+    user_error,
+)
+from mmtx.files import atomic_write_text, check_writable, config_dir, remove_written
+from mmtx.interop.registry import check_architecture, is_pretrained, load_pretrained
+from mmtx.training.callbacks import stopping_signals
+from mmtx.training.cpu import keep_freed_memory
+from mmtx.training.distributed import die_with_launcher, watch_ranks
 from mmtx.training.preflight import check_steps, trained_nothing
-from mmtx.validate import check_run_keys, validate
-from mmtx.wiring import build_data, build_model, build_trainer
+from mmtx.training.progress import console_log, echo, print_run_header, quiet_lightning
+from mmtx.training.runinfo import run_info
+from mmtx.training.transfer import freeze, init_from, report
 
 log = logging.getLogger("mmtx.train")
 
@@ -292,7 +299,10 @@ def _restored_dist_env():
     try:
         yield
     finally:
-        _destroy_dist_connection()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
         for key, value in dist_env.items():
             if value is None:
                 os.environ.pop(key, None)

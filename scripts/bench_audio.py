@@ -23,7 +23,7 @@ import torch
 
 from benchlib import cli_overrides, report, run_train, warm_cache
 from mmtx import compose
-from mmtx.wiring import build
+from mmtx.config.wiring import build
 
 
 def frontend_share(cfg, steps: int) -> None:

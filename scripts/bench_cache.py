@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmtx.data import cache  # noqa: E402
 from mmtx.data.cache import content_checksum, damage, load_or_build  # noqa: E402
-from mmtx.data.sources import ImageFolder  # noqa: E402
+from mmtx.data.image_sources import ImageFolder  # noqa: E402
 from mmtx.data.text import TextDataModule  # noqa: E402
 from mmtx.data.text_sources import TextFiles  # noqa: E402
 

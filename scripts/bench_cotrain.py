@@ -137,8 +137,8 @@ def backbone_overrides(cfg) -> list[str]:
 
 def parameters(task: str, overrides: list[str]) -> int:
     from mmtx import compose
-    from mmtx.cotrain import resolve_cotrain
-    from mmtx.wiring import build
+    from mmtx.config.members import resolve_cotrain
+    from mmtx.config.wiring import build
 
     model, _ = build(resolve_cotrain(compose(task, overrides)))
     return sum(p.numel() for p in model.parameters())

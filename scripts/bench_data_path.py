@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from mmtx.data import ImageDataModule
-from mmtx.data.sources import cifar10, resolve_root
+from mmtx.data.image_sources import cifar10, resolve_root
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

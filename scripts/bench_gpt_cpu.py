@@ -153,7 +153,7 @@ def main() -> None:
         sys.exit(f"{text_path} not found (give --root, or set MMTX_DATA_DIR)")
 
     from mmtx import compose
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     work = Path(tempfile.mkdtemp(prefix="mmtx-bench-gpt-"))
     cache = str(work / "cache")

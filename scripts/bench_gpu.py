@@ -201,7 +201,7 @@ def profile_worker(out_json: Path, overrides: list[str]) -> None:
 
     from mmtx import compose
     import mmtx.train as train_module
-    import mmtx.wiring as wiring
+    import mmtx.config.wiring as wiring
 
     class ProfileSteps(L.Callback):
         def __init__(self) -> None:

@@ -52,7 +52,7 @@ class Interleaved(L.Callback):
 
 def plain_loop(module, optim_cfg: dict, clip: float):
     """The same model and AdamW, trained by hand: forward, cross-entropy, backward, clipping, step."""
-    from mmtx.optim import build_optimizer
+    from mmtx.training.optim import build_optimizer
 
     model = copy.deepcopy(module)
     optimizer, schedule = build_optimizer(model, total_steps=10_000, **optim_cfg)
@@ -76,7 +76,7 @@ def run(steps: int, block: int, work: Path) -> tuple[float, float]:
 
     from mmtx import compose
     from mmtx.train import train
-    import mmtx.wiring as wiring
+    import mmtx.config.wiring as wiring
 
     corpus = work / "corpus.txt"
     corpus.write_text(TINY_TEXT * 4)

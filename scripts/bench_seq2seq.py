@@ -29,10 +29,10 @@ from benchlib import report, run_train, warm_cache
 def decode_speed(ckpt: str, root: str | None, batches: int, beam: int, batch_size: int) -> None:
     from omegaconf import OmegaConf
 
-    from mmtx.checkpoint import load_checkpoint
+    from mmtx.checkpoints.io import load_checkpoint
     from mmtx.generate import load_model
     from mmtx.tokenizers.text import Vocab
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     torch.set_grad_enabled(False)
     checkpoint = load_checkpoint(ckpt)

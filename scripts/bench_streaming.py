@@ -59,7 +59,7 @@ def reader(mode: str, folder: Path, shards: Path, workers: int, batches: int, ca
         step = lambda b: b  # noqa: E731 - already augmented and normalised in the workers
     else:
         from mmtx.data.image import ImageDataModule
-        from mmtx.data.sources import ImageFolder
+        from mmtx.data.image_sources import ImageFolder
         from mmtx.data.streaming import StreamingImages
 
         augment = {"crop_padding": 4, "hflip": True}

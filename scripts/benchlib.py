@@ -37,7 +37,7 @@ def run_train(task: str, seed: int, work: Path, root: str | None, extra: tuple[s
 def warm_cache(task: str, work: Path, root: str | None) -> None:
     """Decode the task's data into the benchmark's cache once, untimed (every seed then starts warm)."""
     from mmtx import compose
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     build_data(compose(task, cli_overrides(work, root)))
 

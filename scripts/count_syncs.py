@@ -101,7 +101,7 @@ def count(task: str, steps: int, log_every: int, overrides: list[str], work: Pat
             f"trainer.max_steps={steps}", f"trainer.log_every_n_steps={log_every}", "test_after_fit=false",
             "trainer.enable_progress_bar=false", *overrides]
     cfg = compose(task, args)
-    import mmtx.wiring as wiring
+    import mmtx.config.wiring as wiring
 
     build = wiring.build_callbacks
 

@@ -95,7 +95,7 @@ def small_run(tmp_path: Path, data_root: Path | None = None, modality: str = "im
 
 def task_modality(task: str) -> str:
     """image | audio | text | text2text | audio2text: which of MODALITY_OVERRIDES a single task takes."""
-    from mmtx.config import compose
+    from mmtx.config.compose import compose
 
     cfg = compose(task)
     kind = {"TokenEmbedding": "text", "MelTokenizer": "audio"}.get(cfg.tokenizer._target_.rsplit(".", 1)[-1], "image")
@@ -105,7 +105,7 @@ def task_modality(task: str) -> str:
 def cotrain_small_run(task: str, tmp_path: Path, data_root: Path | None = None) -> list[str]:
     """small_run for a co-training task: the run's backbone and trainer made tiny, and each member's data
     and tokenizer through `members.<name>.overrides` (its task file's own overrides kept)."""
-    from mmtx.config import compose
+    from mmtx.config.compose import compose
 
     args = [a for a in small_run(tmp_path, data_root) if a.startswith(("backbone.", "trainer", "paths.", "data.root"))]
     for name, spec in compose(task).members.items():
@@ -295,7 +295,7 @@ def cli(module: str, *args: str, timeout: float = 300, env: dict | None = None) 
 
 
 def cpu_fsdp(**kwargs):
-    """mmtx's FSDP strategy (`trainer=fsdp`, mmtx.distributed.fsdp) on CPU processes (gloo), for tests.
+    """mmtx's FSDP strategy (`trainer=fsdp`, mmtx.training.distributed.fsdp) on CPU processes (gloo), for tests.
 
     Lightning refuses an `FSDPStrategy` without a GPU (but not a subclass of it), and torch's FSDP takes the CPU
     only when named as its `device_id`, which Lightning leaves out on a CPU: the subclass names it. The
@@ -303,7 +303,7 @@ def cpu_fsdp(**kwargs):
     import torch
     import torch.distributed.fsdp as torch_fsdp
 
-    from mmtx.distributed import fsdp
+    from mmtx.training.distributed import fsdp
 
     strategy = fsdp(**kwargs)
 

@@ -116,3 +116,36 @@ def test_bad_files_are_the_errors_eval_gives(tmp_path):
                                           r"\(members: image, audio\)") as from_load:
         mmtx.load(cotrained)
     assert str(from_load.value) == str(from_eval.value)
+
+
+def test_a_checkpoint_written_before_the_package_layout_still_loads(classifier, tmp_path):
+    """Checkpoints store their run configuration, whose `_target_`s named modules at the package root before they
+    moved into folders by role (mmtx.callbacks -> mmtx.training.callbacks, mmtx.data.sources ->
+    mmtx.data.image_sources): loading renames them."""
+    from mmtx.checkpoints.io import MOVED, current_targets
+    from mmtx.eval import evaluate
+
+    ckpt, _ = classifier
+    checkpoint = torch.load(ckpt, weights_only=True)
+    config = checkpoint["mmtx_config"]
+    assert config["data"]["source"]["_target_"] == "mmtx.data.image_sources.image_folder"
+    new_to_old = {new: old for old, new in MOVED.items()}
+    renamed = []
+
+    def back(node):  # as a checkpoint of the old layout stored it
+        for key, value in node.items():
+            if key == "_target_" and isinstance(value, str):
+                new = next((n for n in new_to_old if value.startswith(n)), None)
+                if new:
+                    node[key] = new_to_old[new] + value[len(new):]
+                    renamed.append(node[key])
+            elif isinstance(value, dict):
+                back(value)
+
+    back(config)
+    assert "mmtx.data.sources.image_folder" in renamed and "mmtx.callbacks.LastCheckpoint" in renamed
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    assert current_targets({"a": [{"_target_": "mmtx.callbacks.EMA"}]}) == {"a": [{"_target_": "mmtx.training.callbacks.EMA"}]}
+    assert mmtx.load(old, device="cpu").classes == ["cat", "dog", "ship"]
+    assert "test/acc" in evaluate(str(old), [])

@@ -11,8 +11,8 @@ from conftest import (TINY_TEXT, cotrain_small_run, gpt2_reference, gpt2_small_r
                       whisper_small_run)
 from test_audio import make_tones
 from mmtx import build, compose
-from mmtx.config import config_dir
-from mmtx.pretrained import is_pretrained
+from mmtx.files import config_dir
+from mmtx.interop.registry import is_pretrained
 from mmtx.train import train
 
 TASKS = sorted(p.stem for p in (Path(config_dir()) / "task").glob("*.yaml") if not p.stem.startswith("_"))
@@ -125,16 +125,29 @@ def test_missing_data_root(tmp_path):
         build(cfg)
 
 
-def test_the_wheel_ships_every_package_and_config():
-    """pyproject lists its packages by hand (conf/ ships as mmtx.conf): every folder of mmtx/ with Python
-    files must be listed, or `pip install .` (not editable) leaves it out."""
-    import tomllib
+def test_the_wheel_ships_every_package_and_config(tmp_path):
+    """setup.py finds the packages (conf/ ships as mmtx.conf): the wheel `pip install .` installs holds every
+    folder of mmtx/ with Python files and every YAML file of conf/ (built from a copy: the build writes beside it)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
 
     from conftest import REPO
 
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "mmtx").rglob("__init__.py")}
-    assert found | {"mmtx.conf"} == listed
+    src = tmp_path / "src"
+    for name in ("mmtx", "conf"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
+                           str(src)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = set(zipfile.ZipFile(next((tmp_path / "dist").glob("mmtx-*.whl"))).namelist())
+    packages = {str(p.relative_to(REPO)) for p in (REPO / "mmtx").rglob("__init__.py")}
+    assert packages <= names, sorted(packages - names)
+    configs = {"mmtx/conf/" + str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*.yaml")}
+    assert configs <= names, sorted(configs - names)
 
 
 @pytest.mark.parametrize("task", ["vit_cifar", "audio_fsdd", "gpt_shakespeare_cpu", "asr_fsdd", "translate_multi30k_cpu"])

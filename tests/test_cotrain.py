@@ -1,4 +1,4 @@
-"""Co-training (mmtx.cotrain): several tasks on one backbone in one run. The schedules' proportions and
+"""Co-training (mmtx.config.members): several tasks on one backbone in one run. The schedules' proportions and
 resumability, one tensor set for the backbone, per-member metrics and checkpoints, exact mid-epoch resume,
 and the errors for members that cannot share the run."""
 
@@ -12,8 +12,8 @@ import torch
 from conftest import TINY_TEXT, cotrain_small_run, make_image_folder, read_metrics
 
 from mmtx import build, compose
-from mmtx.checkpoint import load_checkpoint
-from mmtx.cotrain import normalised_score, resolve_cotrain
+from mmtx.checkpoints.io import load_checkpoint
+from mmtx.config.members import normalised_score, resolve_cotrain
 from mmtx.data.base import EpochShuffle, index_loader
 from mmtx.data.cotrain import ScheduleLoader, member_sequence
 from mmtx.errors import ConfigError
@@ -258,7 +258,7 @@ def test_two_process_cotraining_trains_the_same_member_on_both_ranks(strategy, m
 
 
 def test_the_multirun_summary_table_lists_every_member(tmp_path):
-    from mmtx.sweep import write_sweep_summary
+    from mmtx.config.sweep import write_sweep_summary
 
     for job, lr in (("0", 1e-3), ("1", 3e-4)):
         (tmp_path / job / ".hydra").mkdir(parents=True)

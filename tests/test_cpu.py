@@ -1,4 +1,4 @@
-"""mmtx.cpu: the allocator setting CPU training uses."""
+"""mmtx.data.memory: the allocator setting CPU training uses."""
 
 import torch
 
@@ -8,7 +8,7 @@ def test_cpu_training_keeps_freed_memory():
     import resource
     import sys
 
-    from mmtx.cpu import keep_freed_memory
+    from mmtx.training.cpu import keep_freed_memory
 
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         assert keep_freed_memory() is False  # a no-op elsewhere

@@ -11,9 +11,9 @@ from PIL import Image
 
 from conftest import SHARED_DATA, make_image_folder
 from mmtx.data import ImageDataModule
-from mmtx.data import sources
+from mmtx.data import image_sources as sources
 from mmtx.data.augment import BatchAugment, random_crop_flip, random_resized_crop_flip
-from mmtx.data.sources import HFImages, ImageFolder, cifar10, resolve_root
+from mmtx.data.image_sources import HFImages, ImageFolder, cifar10, resolve_root
 from mmtx.errors import ConfigError
 
 

@@ -5,8 +5,8 @@ import torch
 
 from conftest import TINY_TEXT, folder_run, small_run
 from mmtx import compose
-from mmtx.callbacks import _ema_with_warmup
-from mmtx.checkpoint import load_checkpoint
+from mmtx.training.callbacks import _ema_with_warmup
+from mmtx.checkpoints.io import load_checkpoint
 from mmtx.eval import evaluate
 from mmtx.train import train
 

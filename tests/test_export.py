@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from mmtx import build, compose
-from mmtx.checkpoint import find_resume, load_checkpoint
+from mmtx.checkpoints.io import find_resume, load_checkpoint
 from mmtx.errors import CheckpointError, ConfigError
 from mmtx.export import main as export
 from mmtx.train import train
-from mmtx.transfer import init_from
+from mmtx.training.transfer import init_from
 from test_cotrain import image_and_text, mixed_root  # noqa: F401  (a fixture)
 
 
@@ -143,7 +143,7 @@ def test_onnx_export_of_an_audio_classifier_takes_any_length(tmp_path):
     out = export([f"ckpt={summary['last_checkpoint']}", "format=onnx"])
     assert out == Path(summary["run_dir"]) / "export" / "last-onnx"
     from mmtx.batch import AudioBatch
-    from mmtx.predict import load_classifier
+    from mmtx.checkpoints.loader import load_classifier
 
     model, _ = load_classifier(summary["last_checkpoint"], "cpu")
     pre = json.loads((out / "preprocess.json").read_text())

@@ -22,8 +22,8 @@ import torch
 
 from conftest import ENV, REPO, TINY_TEXT, PoisonStep, cli, folder_run, make_image_folder, make_parallel, read_metrics, small_run
 from mmtx import compose
-from mmtx.checkpoint import load_checkpoint
-from mmtx.config import claim_dir
+from mmtx.checkpoints.io import load_checkpoint
+from mmtx.config.compose import claim_dir
 from mmtx.errors import CheckpointError, DataError
 from mmtx.eval import evaluate
 from mmtx.train import train
@@ -142,11 +142,11 @@ def test_summary_json_writes_null_for_a_nonfinite_figure():
 # -- 3. every run has its own folder ------------------------------------------------------------------
 
 def test_claim_dir_gives_each_claim_its_own_folder(tmp_path):
-    import mmtx.config
+    import mmtx.config.compose
 
     first = claim_dir(str(tmp_path / "run"))
     assert claim_dir(str(tmp_path / "run")) == first  # the same claim in one process: the same folder
-    mmtx.config._CLAIMED.clear()  # as another process would
+    mmtx.config.compose._CLAIMED.clear()  # as another process would
     second = claim_dir(str(tmp_path / "run"))
     assert (first, second) == (str(tmp_path / "run"), str(tmp_path / "run_1"))
     assert Path(second).is_dir()
@@ -368,7 +368,7 @@ def test_eval_only_tests_the_initial_weights_and_a_finished_run_is_not_resumed_t
     (["task=cotrain_fsdd", "members=null"], r"task=cotrain_fsdd is a co-training task, but members=None lists no member"),
     (["task=vit_cifar", "tokenizer=null"], r"tokenizer=null: a config group takes no null .* ~tokenizer"),
     (["task=vit_cifar", "data=imagefolder", "data.source.path=/nowhere", "+data.source.foo=1"],
-     r"\+data.source.foo: not a key of the run and mmtx.data.sources.image_folder takes no foo"),
+     r"\+data.source.foo: not a key of the run and mmtx.data.image_sources.image_folder takes no foo"),
     (["task=vit_cifar", "~backbone"], r"leaves task=vit_cifar without a backbone to build"),
     (["task=vit_cifar", "logger=bogus"], r"'bogus' is not a choice of the config group logger; pick one of conf/logger/"),
     (["task=vit_cifar", "data=imagefolder", "data.source.path=/nowhere", "data.augment.crop_padding=-1"],

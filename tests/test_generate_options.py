@@ -69,7 +69,7 @@ def test_use_cache_reaches_the_decoder(lm, monkeypatch):
 
 
 def test_every_key_of_generate_yaml_reaches_the_code():
-    from mmtx.apps import app_keys
+    from mmtx.config.apps import app_keys
 
     handled = {"ckpt", "member", "device", "use_cache", *LM_KEYS, *SEQ2SEQ_KEYS}
     assert set(app_keys("generate")) == handled

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 in and out (mmtx.gpt2), offline: a GPT-2 with random weights saved by `save_pretrained` in
+"""Hugging Face GPT-2 in and out (mmtx.interop.gpt2), offline: a GPT-2 with random weights saved by `save_pretrained` in
 tmp_path stands in for the hub's; it is loaded through the converter hub weights take (`init_from=hf:<folder>`), and
 mmtx's logits and greedy tokens are compared with transformers' in fp32 on the CPU. `mmtx.export format=hf` writes
 an mmtx language model that `AutoModelForCausalLM` loads with the same logits."""
@@ -11,14 +11,14 @@ import torch
 from conftest import TINY_TEXT, gpt2_reference, gpt2_small_run, small_run
 from mmtx import build, compose
 from mmtx.batch import TokenBatch
-from mmtx.checkpoint import load_checkpoint
+from mmtx.checkpoints.io import load_checkpoint
 from mmtx.errors import ConfigError, MissingError
 from mmtx.export import main as export
-from mmtx.generation import generate
-from mmtx.pretrained import check_architecture, load_pretrained
+from mmtx.tasks.decoding import generate
+from mmtx.interop.registry import check_architecture, load_pretrained
 from mmtx.tasks.language_model import CausalLM
 from mmtx.train import train
-from mmtx.transfer import init_from
+from mmtx.training.transfer import init_from
 
 transformers = pytest.importorskip("transformers")
 TOLERANCE = 1e-4  # the issue's bound on max |mmtx - transformers| in fp32
@@ -102,7 +102,7 @@ def test_unmapped_and_unavailable_models_are_named(tmp_path, monkeypatch):
     bert = tmp_path / "bert"
     transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
                             ).save_pretrained(bert)
-    with pytest.raises(ConfigError, match=r"is a bert model; this mmtx maps Hugging Face hf:<a GPT-2.*timm:"):
+    with pytest.raises(ConfigError, match=r"is a bert model; this mmtx maps timm:<.*>; hf:<a GPT-2.* or a Whisper"):
         load_pretrained(f"hf:{bert}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
@@ -159,7 +159,7 @@ def test_export_hf_names_what_gpt2_cannot_express(data_root, tmp_path):
 
 
 def test_the_shipped_task_is_the_model_of_gpt2_small():
-    from mmtx.gpt2 import gpt2_arch
+    from mmtx.interop.gpt2 import gpt2_arch
 
     small = transformers.GPT2Config()  # the hub's gpt2: 768 wide, 12 layers, 12 heads, gelu_new, eps 1e-5
     source = {"mmtx_pretrained": {"spec": "hf:gpt2", "arch": gpt2_arch(small, "gpt2"), "mean": [], "std": [],

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from mmtx.callbacks import LastCheckpoint, Throughput
+from mmtx.training.callbacks import LastCheckpoint, Throughput
 
 
 def _trainer(**kwargs):
@@ -23,7 +23,7 @@ def _trainer(**kwargs):
 
 def test_last_checkpoint_by_wall_time_on_log_steps_and_after_validation(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr("mmtx.callbacks.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("mmtx.training.callbacks.time.monotonic", lambda: clock[0])
     callback = LastCheckpoint(every_n_steps=None, every_n_minutes=1.0, on_validation=True)
     saved = []
 
@@ -49,7 +49,7 @@ def test_last_checkpoint_by_wall_time_on_log_steps_and_after_validation(monkeypa
 
 def test_the_throughput_windows_leave_out_checkpoint_writes(monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr("mmtx.callbacks.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("mmtx.training.callbacks.time.perf_counter", lambda: clock[0])
     logged = []
     trainer = _trainer(loggers=[SimpleNamespace(log_metrics=lambda metrics, step: logged.append(metrics))])
     module = SimpleNamespace(device=torch.device("cpu"))

@@ -69,7 +69,7 @@ def test_a_corpus_too_large_for_memory_is_memory_mapped_naming_its_size(tmp_path
     from mmtx.data.text_sources import TextFiles
 
     (tmp_path / "corpus.txt").write_text(TINY_TEXT * 10)
-    monkeypatch.setattr("mmtx.cpu.available_memory", lambda: 100_000)
+    monkeypatch.setattr("mmtx.data.memory.available_memory", lambda: 100_000)
     dm = TextDataModule(TextFiles(str(tmp_path / "corpus.txt")), cache_dir=str(tmp_path / "cache"),
                         vocab={"kind": "char"}, block_size=8)
     tokens = len(TINY_TEXT * 10)  # both splits
@@ -83,12 +83,12 @@ def test_a_corpus_too_large_for_memory_is_memory_mapped_naming_its_size(tmp_path
 
 def test_image_and_audio_splits_too_large_for_memory_are_refused_before_decoding(tmp_path, monkeypatch):
     from mmtx.data.audio_sources import AudioFolder
-    from mmtx.data.sources import ImageFolder
+    from mmtx.data.image_sources import ImageFolder
 
     images = ImageFolder(make_image_folder(tmp_path / "images"))
     clips = AudioFolder(str(tone_folder(tmp_path / "tones")), sample_rate=8000)
-    monkeypatch.setattr("mmtx.cpu.available_memory", lambda: 10_000)
-    monkeypatch.setattr("mmtx.data.sources.decode_images", lambda *a: pytest.fail("decoded before the check"))
+    monkeypatch.setattr("mmtx.data.memory.available_memory", lambda: 10_000)
+    monkeypatch.setattr("mmtx.data.image_sources.decode_images", lambda *a: pytest.fail("decoded before the check"))
     with pytest.raises(DataError, match=r"images/train \(36 images of 16x16, decoded and stacked\) takes 55.3 kB of "
                                         r"memory, more than this machine can spare \(10.0 kB available\); set "
                                         r"data.source.image_size"):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from conftest import cli, folder_run
 from mmtx import compose
-from mmtx.apps import check_keys
+from mmtx.config.apps import check_keys
 from mmtx.data.base import subset_order
 from mmtx.errors import ConfigError
 from mmtx.files import read_tsv
@@ -21,7 +21,7 @@ from mmtx.train import _compose_groups, train
     ("optim.lrr=1", r"optim.lrr: not a key of the run; did you mean optim.lr"),
     ("+trainer.max_stepz=3", r"\+trainer.max_stepz: not a key of the run and lightning.Trainer takes no max_stepz; "
                              r"did you mean trainer.max_steps"),
-    ("+data.source.foo=1", r"mmtx.data.sources.cifar10 takes no foo"),
+    ("+data.source.foo=1", r"mmtx.data.image_sources.cifar10 takes no foo"),
     ("+optim.lr=3", r"\+optim.lr: optim.lr is already a key of the run .*set it without the \+: optim.lr="),
     ("seeed=3", r"seeed: not a key of the run; did you mean seed\?"),
     ("+ckpt_path=/tmp/x.ckpt", r"ckpt_path: mmtx calls Lightning's ckpt_path `resume`: resume=PATH/last.ckpt"),
@@ -55,7 +55,7 @@ def test_the_command_line_says_it_in_one_line():
 
 
 def test_the_runs_own_max_steps_wins_over_the_cotrain_sum():
-    from mmtx.cotrain import with_total_steps
+    from mmtx.config.members import with_total_steps
 
     class Data:
         own_steps = {"image": 100.0, "audio": 50.0}

@@ -20,7 +20,7 @@ from conftest import ENV, REPO, TINY_TEXT, cli, folder_run, make_image_folder, s
 from mmtx import compose
 from mmtx.errors import CheckpointError, ConfigError, DataError, MissingError
 from mmtx.eval import evaluate
-from mmtx.apps import check_keys
+from mmtx.config.apps import check_keys
 from mmtx.train import _compose_groups, train
 
 # -- 7. bad values fail at composition, naming the key ------------------------------------------------------
@@ -139,7 +139,7 @@ def test_every_readme_command_composes():
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from mmtx.apps import app_keys, compose_app, hydra_argv
+    from mmtx.config.apps import app_keys, compose_app, hydra_argv
     from mmtx.generate import VERBATIM
 
     commands = readme_commands()
@@ -192,7 +192,7 @@ def test_every_readme_command_composes():
 def test_images_of_another_size_are_named(tmp_path):
     from PIL import Image
 
-    from mmtx.data.sources import ImageFolder
+    from mmtx.data.image_sources import ImageFolder
 
     folder = make_image_folder(tmp_path / "imgs")
     Image.new("RGB", (20, 18)).save(folder / "train" / "cat" / "odd.png")
@@ -269,7 +269,7 @@ def test_orphans_of_killed_writes_are_removed_by_the_next_build(tmp_path):
 
 
 def test_skipped_files_are_reported_by_every_run_on_the_cache(tmp_path, caplog):
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     folder = make_image_folder(tmp_path / "imgs")
     (folder / "train" / "cat" / "broken.png").write_bytes(b"not a png")
@@ -292,7 +292,7 @@ def test_eval_scores_the_whole_test_split(image_folder, tmp_path):
 def test_a_plain_trainer_with_a_new_folder_gets_the_tokenizer_written(tmp_path):
     import lightning as L
 
-    from mmtx.wiring import build
+    from mmtx.config.wiring import build
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TINY_TEXT)

@@ -91,14 +91,15 @@ def test_the_all_extra_holds_every_user_extra():
 
 
 def test_dev_installs_test_tools_only():
-    assert EXTRAS["dev"] == {"pytest", "pytest-xdist", "moto"}  # moto: a local S3 for the streaming tests
+    # moto: a local S3 for the streaming tests; import-linter: the layers contract (lint-imports)
+    assert EXTRAS["dev"] == {"pytest", "pytest-xdist", "moto", "import-linter"}
 
 
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch, tmp_path):
     with pytest.raises(MissingError, match=r"logger=wandb needs wandb, which is not installed: "
                                            r"pip install 'mmtx\[wandb\]'"):
         monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
-        from mmtx.loggers import wandb
+        from mmtx.training.loggers import wandb
 
         wandb(save_dir=str(tmp_path))
     with pytest.raises(MissingError, match=r"pip install 'mmtx\[onnx\]'"):

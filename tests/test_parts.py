@@ -191,7 +191,7 @@ def test_two_task_parts_share_one_backbone():
 
 
 def test_weight_decay_reaches_matrices_only_not_positions_cls_biases_or_norms():
-    from mmtx.optim import param_groups
+    from mmtx.training.optim import param_groups
 
     vit = MmtxModule(Backbone(DIM, 1, 4), {"main": Classification(
         PatchTokenizer(DIM, image_size=8, patch_size=4, pos_embed="learned"), DIM, num_classes=3)}, optim={})

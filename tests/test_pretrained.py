@@ -1,4 +1,4 @@
-"""Pretrained timm ViTs on mmtx's parts (mmtx.pretrained): numerical parity with timm on the CPU in fp32 (random
+"""Pretrained timm ViTs on mmtx's parts (mmtx.interop.timm): numerical parity with timm on the CPU in fp32 (random
 weights, no network), positions resampled as timm resamples them, the run-level `init_from=timm:...` with its
 table and checks, and the errors for models the mapping does not place."""
 
@@ -11,9 +11,10 @@ from conftest import make_image_folder, pretrained_small_run, small_run, timm_re
 from mmtx import build, compose
 from mmtx.batch import ImageBatch
 from mmtx.errors import ConfigError, MissingError
-from mmtx.pretrained import create_timm, load_pretrained, timm_vit_state
+from mmtx.interop.registry import load_pretrained
+from mmtx.interop.timm import create_timm, timm_vit_state
 from mmtx.train import train
-from mmtx.transfer import init_from
+from mmtx.training.transfer import init_from
 
 timm = pytest.importorskip("timm")
 ARCH = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=10)

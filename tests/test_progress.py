@@ -5,7 +5,7 @@ import re
 from types import SimpleNamespace
 
 from conftest import cli, folder_run
-from mmtx.progress import ProgressBar, ProgressLog, _RateColumn, _TimeColumn, format_duration, total_epochs
+from mmtx.training.progress import ProgressBar, ProgressLog, _RateColumn, _TimeColumn, format_duration, total_epochs
 
 
 def test_a_piped_run_prints_its_folder_config_progress_lines_and_no_noise(image_folder, tmp_path):

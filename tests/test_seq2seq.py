@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mmtx.generation import beam_search
+from mmtx.tasks.decoding import beam_search
 from mmtx.tasks.seq2seq import TextDecoder
 
 BOS, EOS, V = 1, 2, 23

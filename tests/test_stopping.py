@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ENV, REPO, folder_run, make_image_folder
-from mmtx.checkpoint import load_checkpoint
+from mmtx.checkpoints.io import load_checkpoint
 from test_faults import strict_json, wait_for
 
 

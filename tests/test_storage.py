@@ -188,7 +188,7 @@ def flip_a_bit_in_tensor_data(path: Path) -> None:
 
 def test_an_image_cache_with_a_flipped_bit_is_rebuilt(tmp_path, caplog):
     from mmtx.data.cache import load_or_build
-    from mmtx.data.sources import ImageFolder
+    from mmtx.data.image_sources import ImageFolder
 
     source = ImageFolder(make_image_folder(tmp_path / "images"))
     path = tmp_path / "cache.pt"
@@ -203,7 +203,7 @@ def test_an_image_cache_with_a_flipped_bit_is_rebuilt(tmp_path, caplog):
 
 def test_a_damaged_cache_whose_source_is_gone_is_an_error_naming_the_source(tmp_path):
     from mmtx.data.image import ImageDataModule
-    from mmtx.data.sources import ImageFolder
+    from mmtx.data.image_sources import ImageFolder
 
     images = make_image_folder(tmp_path / "images")
     ImageDataModule(ImageFolder(images), cache_dir=str(tmp_path / "cache"), val_fraction=0.2).setup()
@@ -290,7 +290,7 @@ def test_train_log_on_a_full_disk_loses_its_lines_quietly(capsys):
     nothing is raised or printed, so the run's own one-line error stays the only message."""
     import logging
 
-    from mmtx.progress import CONSOLE, _RunLog, echo
+    from mmtx.training.progress import CONSOLE, _RunLog, echo
 
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full (Linux)")

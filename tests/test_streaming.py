@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO, make_image_folder, small_run
 from mmtx import compose
-from mmtx.checkpoint import load_checkpoint
+from mmtx.checkpoints.io import load_checkpoint
 from mmtx.errors import ConfigError, DataError, MissingError
 from mmtx.train import train
 
@@ -48,7 +48,7 @@ def test_prepare_writes_every_split_once(prepared, caplog):
 
 def test_an_epoch_streamed_holds_the_images_the_cached_path_holds(prepared, tmp_path):
     from mmtx.data.streaming import StreamingImages
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     folder, shards, _ = prepared
     cached = build_data(compose("vit_cifar", [*small_run(tmp_path), "data=imagefolder", f"data.source.path={folder}",
@@ -148,7 +148,7 @@ def test_two_ddp_ranks_stream_disjoint_halves_of_the_training_split(prepared, tm
 
 def test_a_folder_too_large_to_hold_is_prepared_in_the_cache_and_streamed(prepared, tmp_path, caplog):
     from mmtx.data.streaming import StreamingImages
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     folder, _, _ = prepared
     args = [*small_run(tmp_path), "data=imagefolder", f"data.source.path={folder}"]
@@ -169,7 +169,7 @@ def test_the_shards_in_the_cache_follow_their_folder(prepared, tmp_path):
     is rebuilt; a folder prepared by hand (out=) is never replaced."""
     import shutil
 
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     folder = shutil.copytree(prepared[0], tmp_path / "images")
     args = [*small_run(tmp_path), "data=imagefolder", f"data.source.path={folder}", "data.resident_max_gb=0.00001"]
@@ -185,7 +185,7 @@ def test_the_shards_in_the_cache_follow_their_folder(prepared, tmp_path):
 @pytest.fixture(scope="module")
 def small_shards(prepared, tmp_path_factory):
     """The fixture's images prepared into shards of about 6 images each (several shards a split)."""
-    from mmtx.data.sources import ImageFolder
+    from mmtx.data.image_sources import ImageFolder
     from mmtx.data.shards import prepare_shards
 
     folder, _, _ = prepared
@@ -359,7 +359,7 @@ def test_s3_without_credentials_network_or_dataset_is_one_message(s3, monkeypatc
 def test_a_task_written_for_a_folder_streams_at_its_image_size(prepared, tmp_path, caplog):
     """vit_finetune sets data.source.image_size=224 and data.val_fraction: streamed, its images are resized to 224
     (prepared at 16) and it validates on the prepared test split, said in one line."""
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     _, shards, _ = prepared
     with caplog.at_level("INFO"):

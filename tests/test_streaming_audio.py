@@ -36,7 +36,7 @@ def clips(tmp_path_factory):
 
 def test_streamed_clips_are_the_cached_clips(clips, tmp_path):
     from mmtx.data.streaming import StreamingAudio
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     root, shards, meta = clips
     assert meta["modality"] == "audio" and meta["samples"] == {"train": 16, "test": 10}
@@ -64,7 +64,7 @@ def test_streamed_clips_are_the_cached_clips(clips, tmp_path):
 def test_clips_too_large_to_hold_are_prepared_in_the_cache_and_streamed(clips, tmp_path, caplog):
     from mmtx.data.audio_sources import decoded_bytes
     from mmtx.data.streaming import StreamingAudio
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     root, _, _ = clips
     args = [*small_run(tmp_path, root, "audio"), *FSDD_LIKE]

@@ -34,7 +34,7 @@ def tiny(tmp_path, *extra):
 
 def test_streamed_pairs_are_the_cached_pairs(pairs, tmp_path):
     from mmtx.data.streaming import StreamingPairs
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     root, shards, meta, _ = pairs
     assert meta["modality"] == "pairs" and meta["samples"] == {"train": 80, "val": 12, "test": 12}
@@ -91,7 +91,7 @@ def test_streamed_speech_pairs_are_the_cached_pairs(speech, tmp_path):
     """Clips decoded by the workers, transcripts tokenized once: the same audio (float16 as cached), target ids,
     references and held-out validation clips as the in-memory path's."""
     from mmtx.data.streaming import StreamingPairs
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     root, shards, meta, args = speech
     assert meta["src_kind"] == "audio" and meta["sample_rate"] == 8000
@@ -130,7 +130,7 @@ def test_streamed_speech_pairs_are_the_cached_pairs(speech, tmp_path):
 
 def test_speech_too_large_to_hold_is_prepared_in_the_cache_and_streamed(speech, tmp_path, caplog):
     from mmtx.data.streaming import StreamingPairs
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     root, _, _, args = speech
     with caplog.at_level("INFO", logger="mmtx.data.streaming"):

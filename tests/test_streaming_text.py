@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO, TINY_TEXT, small_run
 from mmtx import compose
-from mmtx.checkpoint import load_checkpoint
+from mmtx.checkpoints.io import load_checkpoint
 from mmtx.errors import ConfigError, DataError, MissingError
 from mmtx.train import train
 
@@ -62,7 +62,7 @@ def test_prepare_writes_token_files_once(corpus, caplog):
 def test_the_streamed_windows_are_the_cached_windows(corpus, tmp_path):
     """The same token ids, and under the same seed the same batches in the same order, from the prepared folder's
     memory map as from the cache the training run builds itself."""
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     root, tokens, _ = corpus
     cached = build_data(compose("gpt_shakespeare_cpu", text_run(tmp_path, root)))
@@ -98,7 +98,7 @@ def test_a_streamed_text_run_resumes_mid_epoch_exactly(corpus, tmp_path):
 
 
 def test_text_too_large_to_hold_is_memory_mapped(corpus, tmp_path, caplog):
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     root, _, _ = corpus
     with caplog.at_level("INFO"):
@@ -194,8 +194,8 @@ def test_two_ddp_ranks_read_their_own_windows_of_streamed_text(corpus, tmp_path)
 def test_the_budget_counts_the_gpu_and_the_processes_that_hold_a_copy(corpus, tmp_path, monkeypatch, caplog):
     """On a GPU the resident ids live there: at most half its free memory (here 1 kB: memory-mapped instead); and
     each of a machine's DDP processes holds its own copy in memory."""
-    from mmtx.cpu import resident_budget
-    from mmtx.wiring import build_data, resident_placement
+    from mmtx.data.memory import resident_budget
+    from mmtx.config.wiring import build_data, resident_placement
 
     root, _, _ = corpus
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -205,7 +205,7 @@ def test_the_budget_counts_the_gpu_and_the_processes_that_hold_a_copy(corpus, tm
     assert not data.device_resident and "of GPU memory free (data.resident_max_gb=null)" in caplog.text
     assert resident_placement(compose("gpt_shakespeare_cpu", ["trainer.accelerator=cpu"])) == (False, 1)
     assert resident_placement(compose("gpt_shakespeare_cpu", ["trainer=ddp", "trainer.devices=4"]))[1] == 4
-    monkeypatch.setattr("mmtx.cpu.available_memory", lambda: 8e9)
+    monkeypatch.setattr("mmtx.data.memory.available_memory", lambda: 8e9)
     budget, why = resident_budget(None, gpu=False, processes=4)
     assert budget == 0.8 * 8e9 / 4 and "shared by 4 processes" in why
     assert resident_budget(2.5, gpu=True, processes=4)[0] == 2.5e9  # a budget set by hand is the budget

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ENV, REPO, cli, folder_run
-from mmtx.progress import SmoothedLoss
+from mmtx.training.progress import SmoothedLoss
 
 PROGRAMS = ["train", "eval", "generate", "predict", "export", "prepare"]
 
@@ -31,8 +31,8 @@ def test_help_is_fast_and_starts_with_usage(program):
 
 
 def test_train_help_lists_the_tasks_with_one_line_each_and_points_to_cfg_job():
-    from mmtx.config import config_dir
-    from mmtx.help import train_help
+    from mmtx.files import config_dir
+    from mmtx.config.help import train_help
 
     text = train_help()
     tasks = sorted(p.stem for p in (REPO / "conf" / "task").glob("*.yaml") if not p.stem.startswith("_"))
@@ -43,7 +43,7 @@ def test_train_help_lists_the_tasks_with_one_line_each_and_points_to_cfg_job():
     assert "examples:" in text and "--cfg job" in text and config_dir()
     for example in [ln.split("#")[0].split() for ln in text.splitlines() if ln.startswith("  python -m mmtx.train")]:
         from mmtx.train import _compose_groups
-        from mmtx.apps import check_keys
+        from mmtx.config.apps import check_keys
 
         args = [a for a in example[3:] if "=" in a and not a.startswith("-")]
         check_keys([a.split(",")[0] for a in args], _compose_groups)  # every example names real keys

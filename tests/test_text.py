@@ -15,7 +15,7 @@ from mmtx.backbone import Backbone
 from mmtx.data.text import TextDataModule
 from mmtx.data.text_sources import TextFiles
 from mmtx.generate import load_model
-from mmtx.generation import filter_logits, generate
+from mmtx.tasks.decoding import filter_logits, generate
 from mmtx.tokenizers.text import Vocab, build_vocab
 from mmtx.train import train
 
@@ -239,7 +239,7 @@ def test_generate_points_a_classifier_checkpoint_to_predict(image_folder, tmp_pa
 
     summary = train(compose("vit_cifar", [*folder_run(tmp_path, image_folder), "trainer.max_steps=1",
                                           "test_after_fit=false"]), run_dir=tmp_path / "run")
-    with pytest.raises(ValueError, match="is a classifier's: label images or audio with python -m mmtx.predict"):
+    with pytest.raises(ValueError, match="holds a classification model, which does not generate: label images or audio with python -m mmtx.predict"):
         load_model(summary["last_checkpoint"])
 
 
@@ -247,7 +247,7 @@ def test_generate_cli_arguments():
     """mmtx.generate is a Hydra app: numbers parse as numbers, free text stays exactly as written."""
     from omegaconf import MissingMandatoryValue
 
-    from mmtx.apps import app_keys, compose_app, hydra_argv
+    from mmtx.config.apps import app_keys, compose_app, hydra_argv
     from mmtx.generate import VERBATIM
 
     def args(*argv):
@@ -292,11 +292,11 @@ def test_eval_of_a_language_model_uses_its_stored_tokenizer(tmp_path, corpus):
 def test_throughput_logs_tokens_per_second_and_mfu_by_its_formula(tmp_path, corpus, monkeypatch):
     """train/mfu = flops_per_token(T) x tokens/s / peak (6N + 12 L D T per token); on the CPU there is no
     peak, so one is given here."""
-    import mmtx.callbacks
+    import mmtx.training.callbacks
     from conftest import read_metrics
-    from mmtx.wiring import build
+    from mmtx.config.wiring import build
 
-    monkeypatch.setattr(mmtx.callbacks, "peak_flops", lambda device: 1e12)
+    monkeypatch.setattr(mmtx.training.callbacks, "peak_flops", lambda device: 1e12)
     cfg = compose("gpt_shakespeare", text_run(tmp_path, corpus, "trainer.max_steps=9", "test_after_fit=false",
                                                "callbacks.throughput.window=4", "trainer.log_every_n_steps=1"))
     train(cfg, run_dir=tmp_path / "run")
@@ -338,7 +338,7 @@ def test_throughput_of_a_cotraining_mix_logs_samples_per_second():
     from types import SimpleNamespace
 
     from mmtx.batch import ImageBatch, TokenBatch
-    from mmtx.callbacks import Throughput
+    from mmtx.training.callbacks import Throughput
 
     logged = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append(metrics))

@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, folder_run
 from mmtx import compose
-from mmtx.checkpoint import load_checkpoint
+from mmtx.checkpoints.io import load_checkpoint
 from mmtx.eval import evaluate
 from mmtx.train import train
 
@@ -265,7 +265,7 @@ def test_test_ckpt_last_tests_the_weights_training_ended_with(image_folder, tmp_
 
 def test_an_unknown_test_ckpt_is_named():
     from mmtx.errors import ConfigError
-    from mmtx.validate import validate
+    from mmtx.config.validate import validate
 
     with pytest.raises(ConfigError, match=r"test_ckpt='final' is not valid: test_ckpt must be 'best' or 'last'"):
         validate(compose("vit_cifar_cpu", ["test_ckpt=final"]))

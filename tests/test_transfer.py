@@ -1,4 +1,4 @@
-"""Transfer with `init_from` (mmtx.transfer): weights matched by name and shape across task families, the
+"""Transfer with `init_from` (mmtx.training.transfer): weights matched by name and shape across task families, the
 table of what was loaded, skipped and new, freezing, layer-wise learning-rate decay, and the errors."""
 
 from pathlib import Path
@@ -9,11 +9,11 @@ import torch
 from conftest import TINY_TEXT, small_run
 from mmtx import build, compose
 from mmtx.batch import AudioBatch
-from mmtx.checkpoint import load_checkpoint
+from mmtx.checkpoints.io import load_checkpoint
 from mmtx.errors import ConfigError
-from mmtx.optim import param_groups
+from mmtx.training.optim import param_groups
 from mmtx.train import train
-from mmtx.transfer import freeze, init_from
+from mmtx.training.transfer import freeze, init_from
 from test_audio import make_tones
 
 

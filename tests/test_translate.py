@@ -157,7 +157,7 @@ def test_separate_vocabularies_and_cached_tokenizers(corpus, tmp_path):
 
 def test_source_padding_changes_nothing_in_the_model(corpus, tmp_path):
     """Through the whole encoder-decoder: the source tokens under the mask decide everything."""
-    from mmtx.wiring import build_model
+    from mmtx.config.wiring import build_model
 
     cfg = compose("translate_multi30k_cpu", [*small_run(tmp_path, corpus.parent, "text2text"), "backbone.dropout=0",
                                              "tokenizer.dropout=0", "backbone.attn_dropout=0"])
@@ -270,7 +270,7 @@ def test_generate_in_a_fresh_process(corpus, tmp_path):
 def test_multi30k_is_found_with_the_data_root_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("MMTX_DATA_DIR", str(SHARED_DATA))
     cfg = compose("translate_multi30k", [f"paths.cache_dir={tmp_path}"])
-    from mmtx.wiring import build_data
+    from mmtx.config.wiring import build_data
 
     dm = build_data(cfg)
     assert {k: len(v["tgt_lengths"]) for k, v in dm.splits.items()} == {"train": 29000, "val": 1014, "test": 1000}

@@ -1,4 +1,4 @@
-"""Whisper's weights on mmtx's encoder-decoder (mmtx.whisper), offline: a WhisperForConditionalGeneration with
+"""Whisper's weights on mmtx's encoder-decoder (mmtx.interop.whisper), offline: a WhisperForConditionalGeneration with
 random weights from a small config stands in for the hub's; its front end, encoder output and decoder logits
 are compared with mmtx's in fp32 on the CPU."""
 
@@ -10,7 +10,7 @@ from mmtx.backbone import Backbone
 from mmtx.errors import ConfigError
 from mmtx.tasks.seq2seq import TextDecoder
 from mmtx.tokenizers.audio import MelTokenizer
-from mmtx.whisper import whisper_state
+from mmtx.interop.whisper import whisper_state
 
 transformers = pytest.importorskip("transformers")
 TOLERANCE = 1e-4
@@ -97,7 +97,7 @@ def test_whisper_finetune_transcribes_as_transformers_greedy_does(whisper_root, 
     from conftest import whisper_small_run
     from mmtx import build, compose
     from mmtx.batch import AudioBatch
-    from mmtx.transfer import init_from
+    from mmtx.training.transfer import init_from
 
     root, ref = whisper_root
     model, data = build(compose("whisper_finetune", whisper_small_run(tmp_path, root, ref)))

@@ -13,12 +13,12 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.utils.rnn import pad_sequence
 
-from mmtx.apps import app_defaults
 from mmtx.batch import AudioBatch, TokenBatch
+from mmtx.config.apps import app_defaults
+from mmtx.config.validate import boolean, device, integer, number, validate
 from mmtx.data.audio_sources import AudioDecoder
 from mmtx.errors import ConfigError, MissingError
 from mmtx.files import tsv_text
-from mmtx.validate import boolean, device, integer, number, validate
 
 # The keys of each kind of model (conf/generate.yaml); one of the other kind given on the command line is refused.
 LM_KEYS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "seed")

@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.utils.rnn import pad_sequence
 
 from mmtx.batch import AudioBatch, ImageBatch
+from mmtx.config.validate import device, integer, one_of
 from mmtx.errors import DataError, MissingError
-from mmtx.validate import device, integer, one_of
 
 log = logging.getLogger("mmtx.predict")
 
@@ -44,7 +44,7 @@ def list_inputs(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
 
 def image_inputs(paths: list[Path], size: int, cfg: DictConfig, on_bad_file: str) -> tuple[list[Path], ImageBatch]:
     """The readable images, prepared as the training data was: resized, normalised with the run's mean/std."""
-    from mmtx.data.sources import read_image
+    from mmtx.data.image_sources import read_image
 
     kept, tensors = [], []
     for path in paths:

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from mmtx.checkpoints.generating import generate_with
 from mmtx.checkpoints.labelling import RULES as LABEL_RULES
 from mmtx.checkpoints.labelling import label
+from mmtx.config.validate import validate
 from mmtx.errors import CheckpointError, ConfigError
-from mmtx.validate import validate
 
 
 def rebuild(checkpoint: dict[str, Any], cfg: DictConfig, runtime: dict[str, Any] | None = None,
@@ -32,7 +32,7 @@ def rebuild(checkpoint: dict[str, Any], cfg: DictConfig, runtime: dict[str, Any]
     family's `runtime_from_checkpoint`."""
     from hydra.utils import get_class
 
-    from mmtx.wiring import build_model
+    from mmtx.config.wiring import build_model
 
     if runtime is None:
         family = str(OmegaConf.select(cfg, "family._target_", default=""))
@@ -67,10 +67,8 @@ class Model:
 
     @property
     def kind(self) -> str:
-        """classification | language_model | seq2seq."""
-        if hasattr(self.part, "class_names"):
-            return "classification"
-        return "seq2seq" if hasattr(self.part, "translate") else "language_model"
+        """Its task family, as the family names itself: classification | language_model | seq2seq | ..."""
+        return self.part.kind
 
     @property
     def device(self) -> torch.device:
@@ -95,7 +93,7 @@ class Model:
                 on_bad_file: str = "skip") -> list[list[str]]:
         """Label image or audio files (a file, a folder, a glob, or a list of them), prepared as the training data
         was: the rows of mmtx.predict's TSV, header first (path, label, probability, top_k)."""
-        if self.kind != "classification":
+        if "predict" not in self.part.can:
             raise ConfigError(f"{self.path} is a {self.kind.replace('_', ' ')}: predict labels images and audio; "
                               "use generate()")
         spec = ",".join(str(p) for p in inputs) if isinstance(inputs, (list, tuple)) else str(inputs)
@@ -109,9 +107,9 @@ class Model:
         `audio=` (a file, a glob, or a list). `options`: the keys of `python -m mmtx.generate --help`
         (max_new_tokens, temperature, top_k, top_p, num_samples, seed, use_cache; beam_size, length_penalty,
         max_len, batch_size), with its defaults."""
-        if self.kind == "classification":
-            raise ConfigError(f"{self.path} is a classifier: generate continues text, translates and transcribes; "
-                              "use predict()")
+        if "generate" not in self.part.can:
+            raise ConfigError(f"{self.path} is a {self.kind.replace('_', ' ')} model: generate continues text, "
+                              "translates and transcribes; use predict()")
         if prompt is not None:
             options["prompt"] = prompt
         return generate_with(self.module, options, self.path, echo=False)
@@ -125,8 +123,8 @@ def load(path: str | Path, member: str | None = None, device: str = "auto") -> M
     A file that is not an mmtx checkpoint or export, or a co-training checkpoint without `member`, raises
     the same one-line error (`CheckpointError`, `ConfigError`, `MissingError`) as `python -m mmtx.eval`.
     """
-    from mmtx.apps import inference_device
-    from mmtx.checkpoint import load_checkpoint, member_view
+    from mmtx.checkpoints.io import load_checkpoint, member_view
+    from mmtx.config.apps import inference_device
 
     path = str(path)
     checkpoint = member_view(load_checkpoint(path), member, path)
@@ -134,3 +132,13 @@ def load(path: str | Path, member: str | None = None, device: str = "auto") -> M
     module = rebuild(checkpoint, cfg, path=path)
     return Model(module.to(inference_device(device)), path, member)
 
+
+def load_classifier(ckpt: str, device: str, member: str | None = None):
+    """The classifier stored in `ckpt` (`member`'s, from a co-training run: weights, class names, input
+    geometry), in eval mode on `device` (mmtx.load's module), and its run configuration."""
+    model = load(ckpt, member, device)
+    if "predict" not in model.part.can:
+        family = model.config.family._target_
+        raise CheckpointError(f"checkpoint {ckpt} is not a classifier's ({family}): mmtx.predict labels images and "
+                              "audio; continue text or translate with mmtx.generate")
+    return model.module, model.config

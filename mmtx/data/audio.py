@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from mmtx.batch import AudioBatch
-from mmtx.cpu import check_resident_max_gb
 from mmtx.data.base import LabelledSplits, gather_padded
+from mmtx.data.memory import check_resident_max_gb
 
 
 class AudioDataModule(LabelledSplits):

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from mmtx.data.cache import digest
-from mmtx.files import describe_root, resolve_root
 from mmtx.errors import ConfigError, DataError, MissingError, optional
+from mmtx.files import describe_root, resolve_root
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def check_fits(files: list[Path], sample_rate: int, max_seconds: float | None, w
     The clips' lengths come from their headers."""
     import soundfile as sf
 
-    from mmtx.cpu import refuse_if_too_large
+    from mmtx.data.memory import refuse_if_too_large
 
     samples = 0
     for f in files:

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtx.data.cache import load_or_build
-from mmtx.files import resolve_root
 from mmtx.errors import ConfigError, DataError
+from mmtx.files import resolve_root
 
 log = logging.getLogger(__name__)
 

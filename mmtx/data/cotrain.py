@@ -1,4 +1,4 @@
-"""The data side of co-training (`mmtx.cotrain`): the members' data modules behind one, and the schedule that
+"""The data side of co-training (`mmtx.config.members`): the members' data modules behind one, and the schedule that
 picks the member (and its batch) of every training step.
 
 Schedules (`cotrain.schedule`, PolyViT's names), one member per optimizer step unless noted:

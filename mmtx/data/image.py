@@ -7,13 +7,13 @@ from typing import Any
 import torch
 
 from mmtx.batch import ImageBatch
-from mmtx.cpu import check_resident_max_gb
 from mmtx.data.augment import BatchAugment
 from mmtx.data.base import LabelledSplits, Source
+from mmtx.data.memory import check_resident_max_gb
 
 
 class ImageDataModule(LabelledSplits):
-    """Labelled images from any image `Source` (`mmtx.data.sources`), cached, with device-side batch augmentation.
+    """Labelled images from any image `Source` (`mmtx.data.image_sources`), cached, with device-side batch augmentation.
 
     See `LabelledSplits` for the caching, splits and loaders. mean / std
     normalise the images; `augment` configures `BatchAugment` (crop, flip,

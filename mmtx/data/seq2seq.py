@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from mmtx.batch import IGNORE_INDEX, PairBatch, TokenBatch
-from mmtx.cpu import check_resident_max_gb
 from mmtx.data.audio import audio_batch
 from mmtx.data.base import CachedSplits, gather_padded
 from mmtx.data.cache import cache_folder, digest, verified
+from mmtx.data.memory import check_resident_max_gb
 from mmtx.errors import ConfigError, DataError
 from mmtx.tokenizers.text import Vocab, build_vocab
 

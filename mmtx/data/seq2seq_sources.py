@@ -30,9 +30,9 @@ from typing import Any, Mapping
 
 from mmtx.data.audio_sources import AudioDecoder, AudioFolder, pack
 from mmtx.data.cache import digest
-from mmtx.files import resolve_root
 from mmtx.data.text_sources import decode_utf8
 from mmtx.errors import ConfigError, DataError, MissingError, optional
+from mmtx.files import resolve_root
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from mmtx.batch import TokenBatch
-from mmtx.cpu import check_resident_max_gb
 from mmtx.data.base import IndexedSplits, Source
 from mmtx.data.cache import cache_folder, digest, verified
+from mmtx.data.memory import check_resident_max_gb
 from mmtx.errors import ConfigError, DataError, MissingError
 from mmtx.files import resolve_root
 from mmtx.tokenizers.text import Vocab, build_vocab
@@ -178,7 +178,7 @@ class TextDataModule(IndexedSplits):
     def _fits(self, tokens: int, path: Path) -> bool:
         """Whether `tokens` ids held in memory as int64 fit `data.resident_max_gb`; if not, one line says that they
         are read from the memory map instead (the same windows in the same order, gathered on the CPU)."""
-        from mmtx.cpu import resident_budget
+        from mmtx.data.memory import resident_budget
         from mmtx.files import size_text
 
         budget = resident_budget(self.resident_max_gb, getattr(self, "resident_gpu", False),
@@ -404,7 +404,7 @@ def encoding_pieces(pieces: Iterable[str], size: int = 1 << 16, safe: bool = Tru
 def _check_fits(split: str, tokens: int, path: Path) -> None:
     """A split held in memory (data.device_resident=true) takes 8 bytes a token (int64): refuse one that would not
     fit in the memory left, naming its size, before the machine runs out."""
-    from mmtx.cpu import refuse_if_too_large
+    from mmtx.data.memory import refuse_if_too_large
 
     refuse_if_too_large(tokens * 8, f"the {split} split of {path} is {tokens:,} tokens: held in memory as int64 it",
                         "set data.device_resident=false to read it from the memory-mapped cache instead")

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mmtx.data.cache import digest
-from mmtx.files import describe_root, resolve_root
 from mmtx.errors import ConfigError, DataError, MissingError, optional
+from mmtx.files import describe_root, resolve_root
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtx.nn.pos_embed import apply_rotary, rotary_tables
 from mmtx.errors import ConfigError
+from mmtx.nn.pos_embed import apply_rotary, rotary_tables
 
 
 def attention_mask(

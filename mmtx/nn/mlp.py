@@ -7,7 +7,6 @@ from torch import nn
 
 from mmtx.errors import ConfigError
 
-
 # The GELU of each family: the exact erf form (BERT, ViT) or GPT-2's tanh approximation (Hendrycks & Gimpel, 2016).
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 

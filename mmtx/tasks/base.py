@@ -114,6 +114,11 @@ class TaskPart(nn.Module, abc.ABC):
     """
 
     tokenizer: nn.Module
+    # What a trained part can be asked for (`mmtx.load`'s Model and the command lines ask these, never a class name):
+    # `kind` names the family (Model.kind, messages); `can` holds "predict" (label files, mmtx.predict and ONNX
+    # export) and / or "generate" (mmtx.generate).
+    kind: str = "task"
+    can: frozenset[str] = frozenset()
     _train_loss: torch.Tensor | None = None  # the training losses summed since train/loss was last logged
     _train_steps = 0
     _logged_window = 0  # train/loss was last logged in this window of trainer.log_every_n_steps steps
@@ -174,7 +179,7 @@ class TaskPart(nn.Module, abc.ABC):
         if window <= self._logged_window and step != trainer.max_steps:
             return
         # Not a progress-bar value (Lightning would read it on every step until the epoch ends): the bar shows
-        # mmtx.progress.SmoothedLoss, read without waiting.
+        # mmtx.training.progress.SmoothedLoss, read without waiting.
         ctx.log_step_value("train/loss", self._train_loss / self._train_steps)
         self._train_loss, self._train_steps, self._logged_window = None, 0, window
 

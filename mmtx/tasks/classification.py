@@ -12,8 +12,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from mmtx.batch import AudioBatch, ImageBatch, Tokens
 from mmtx.errors import CheckpointError, ConfigError
-from mmtx.loggers import log_confusion_matrix, log_media
 from mmtx.tasks.base import StepContext, TaskPart
+from mmtx.tasks.reports import log_confusion_matrix, log_media
 
 
 class ClsPool(nn.Module):
@@ -89,6 +89,9 @@ class Classification(TaskPart):
     `media_samples` images or clips of the validation split are logged with their true and predicted
     labels (0: off). `predict(backbone, batch)` gives class probabilities.
     """
+
+    kind = "classification"
+    can = frozenset({"predict"})
 
     def __init__(
         self,

@@ -15,15 +15,15 @@ from torch import nn
 from mmtx.backbone import scale_residual_init
 from mmtx.batch import IGNORE_INDEX, TokenBatch
 from mmtx.errors import CheckpointError, ConfigError
-from mmtx.generation import compute_dtype, generate
-from mmtx.loggers import log_text_table
 from mmtx.tasks.base import StepContext, TaskPart, TiedOutput, evaluating, whole_weights
+from mmtx.tasks.decoding import compute_dtype, generate
+from mmtx.tasks.reports import log_text_table
 
 log = logging.getLogger(__name__)
 
 
 class CausalLM:
-    """The language model as a decoder for `mmtx.generation.generate`: a token embedding, the shared
+    """The language model as a decoder for `mmtx.tasks.decoding.generate`: a token embedding, the shared
     backbone run causally (with KV caches), and the tied output layer."""
 
     def __init__(self, part: "LanguageModel", backbone: nn.Module) -> None:
@@ -53,6 +53,9 @@ class LanguageModel(TaskPart):
     the data's `default_prompt` (a newline when the vocabulary has one, else the training text's first token). A
     prompt the vocabulary cannot encode is an error naming `family.sample_prompts`, when the model is built.
     """
+
+    kind = "language_model"
+    can = frozenset({"generate"})
 
     def __init__(
         self,

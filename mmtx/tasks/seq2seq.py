@@ -16,9 +16,9 @@ from torchmetrics.text import CharErrorRate, SacreBLEUScore, WordErrorRate
 from mmtx.backbone import Backbone, scale_residual_init
 from mmtx.batch import IGNORE_INDEX, AudioBatch, PairBatch, TokenBatch
 from mmtx.errors import CheckpointError, ConfigError
-from mmtx.generation import beam_search
-from mmtx.loggers import log_text_table
 from mmtx.tasks.base import StepContext, TaskPart, TiedOutput, evaluating
+from mmtx.tasks.decoding import beam_search
+from mmtx.tasks.reports import log_text_table
 from mmtx.tokenizers.text import TokenEmbedding, Vocab
 
 
@@ -86,6 +86,9 @@ class Seq2Seq(TaskPart):
     with `beam_size`. Examples (source, reference, hypothesis) are logged as a table: the first
     `log_examples` at each validation, all of this process's at test (`<run>/{stage}_examples.tsv`).
     """
+
+    kind = "seq2seq"
+    can = frozenset({"generate"})
 
     def __init__(
         self,

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtx.batch import AudioBatch, Tokens
-from mmtx.nn.pos_embed import sincos_1d
 from mmtx.errors import ConfigError
+from mmtx.nn.pos_embed import sincos_1d
 
 
 def log_mel_normalise(mel: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ from torch import nn
 from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
 
 from mmtx.batch import ImageBatch, Tokens
-from mmtx.nn.pos_embed import resample_1d, sincos_2d
 from mmtx.errors import ConfigError
+from mmtx.nn.pos_embed import resample_1d, sincos_2d
 
 
 class PatchTokenizer(nn.Module):

@@ -190,10 +190,22 @@ def build_vocab(
     if kind == "hf":
         if not name:
             raise ConfigError("tokenizer.vocab.kind=hf needs tokenizer.vocab.name=<a Hugging Face model id or folder>")
-        from mmtx.hf import hf_vocab
-
         return hf_vocab(name)
     raise ConfigError(f"tokenizer.vocab.kind must be bpe, char, file or hf, got {kind!r}")
+
+
+def hf_vocab(name: str):
+    """The tokenizer of Hugging Face model `name` (an id or a folder) as an mmtx `Vocab`."""
+    from mmtx.tokenizers.hub import offline_error, transformers_module
+
+    transformers = transformers_module()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    except OSError as err:
+        raise offline_error(name, err) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"tokenizer.vocab.name={name}: its tokenizer has no `tokenizers` (fast) form")
+    return Vocab.from_json(tokenizer.backend_tokenizer.to_str())
 
 
 class TokenEmbedding(nn.Module):

@@ -11,13 +11,14 @@ which its own file cannot list, through as `++key=value`.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mmtx.config import config_dir
-from mmtx.errors import ConfigError
+from mmtx.errors import ConfigError, reported, run_cli
+from mmtx.files import config_dir
 
 
 def hydra_quote(value: str) -> str:
@@ -226,3 +227,30 @@ def passed_through(cfg: DictConfig, name: str) -> DictConfig:
     """The part of `cfg` that is not a key of `conf/<name>.yaml` (the `++key=value` overrides)."""
     own = set(app_keys(name))
     return OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in own})
+
+
+def run_app(name: str, run: Callable[[DictConfig, list[str]], Any], argv: Sequence[str] | None = None,
+            verbatim: Sequence[str] = (), pass_through: bool = False) -> Any:
+    """The one wrapper of the entry points other than training (`python -m mmtx.<name>`): `run(cfg, overrides)`
+    on `conf/<name>.yaml` composed with the arguments (`hydra_argv`: free text quoted, unknown keys named).
+
+    `argv` None: the process's command line, as a Hydra application (`--help`, `-m` multiruns, its output folder),
+    a mistake ending it with one line (`reported`). From Python (`argv` a list): composed in-process, `run`'s
+    result returned, and a mistake raised."""
+    if argv is not None:
+        overrides = hydra_argv(argv, app_keys(name), verbatim=verbatim, pass_through=pass_through)
+        return run(compose_app(name, overrides), overrides)
+    import hydra
+
+    with reported(f"mmtx.{name}"):
+        sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], app_keys(name), verbatim=verbatim,
+                                             pass_through=pass_through)]
+
+    @hydra.main(version_base="1.3", config_path=config_dir(), config_name=name)
+    def cli(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        with reported(f"mmtx.{name}"):
+            run(cfg, list(HydraConfig.get().overrides.task))
+
+    return run_cli(cli)

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmtx.checkpoint import load_checkpoint, member_view
+from mmtx.checkpoints.io import load_checkpoint, member_view
 from mmtx.errors import ConfigError
 from mmtx.files import atomic_write_text, tsv_text
-from mmtx.pretrained import is_pretrained, load_pretrained
+from mmtx.interop.registry import is_pretrained, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,13 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None,
     "resampled": [(name, source shape, target shape)] (loaded after its module's `adapt_loaded`),
     "unused": [checkpoint names with no tensor of that name here]}.
 
-    `path` may also be `timm:<name>` (mmtx.pretrained; `preloaded`: those weights, loaded already). A co-trained
+    `path` may also be `timm:<name>` or `hf:<name>` (mmtx.interop.registry; `preloaded`: those weights, loaded already). A co-trained
     checkpoint gives its backbone, and the task part of `member` (to every task part of a
     single-task `model`); without `member`, a co-trained `model` takes each of its members' parts from the
     checkpoint's member of the same name. Nothing matching at all is an error: a wrong checkpoint must not
     start a silently random model.
     """
-    if preloaded is not None:  # already loaded (pretrained weights of another library: mmtx.pretrained)
+    if preloaded is not None:  # already loaded (pretrained weights of another library: mmtx.interop)
         checkpoint = preloaded
     elif is_pretrained(path):
         checkpoint = load_pretrained(str(path))

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mmtx.files import atomic_save
 from mmtx.errors import CheckpointError, ConfigError, MissingError
+from mmtx.files import atomic_save
+
+SINGLE = "main"  # the member name of a run with one task part: its parameters are tasks.main.*
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     and a kill during it leaves a partial checkpoint. `os.replace` within one folder is atomic.
     """
 
-    seconds = 0.0  # wall time spent saving, all saves together (mmtx.callbacks.Throughput leaves it out)
+    seconds = 0.0  # wall time spent saving, all saves together (mmtx.training.callbacks.Throughput leaves it out)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         start = time.perf_counter()
@@ -78,7 +80,7 @@ def safe_load(path: str | Path, what: str = "checkpoint", mmap: bool = False) ->
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """A checkpoint written by mmtx.train, checked and loaded safely onto the CPU, with its run configuration;
     or a folder written by mmtx.export, read as a checkpoint of weights and configuration only."""
-    from mmtx.export import is_export, load_export
+    from mmtx.checkpoints.exported import is_export, load_export
 
     if is_export(path):
         return load_export(path)
@@ -86,7 +88,39 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     checkpoint = safe_load(path, mmap=mmap)
     if not isinstance(checkpoint, dict) or "mmtx_config" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has no mmtx run configuration (was it written by mmtx.train?)")
+    for key, value in checkpoint.items():
+        if key.startswith("mmtx_") and isinstance(value, (dict, list)):
+            current_targets(value)
     return checkpoint
+
+
+# Where classes and functions named by `_target_` in a stored run configuration lived before the package layout
+# of 2026-12 (mmtx/<module>.py -> a folder named for its role); a checkpoint written before it still loads.
+MOVED = {
+    "mmtx.callbacks.": "mmtx.training.callbacks.", "mmtx.progress.": "mmtx.training.progress.",
+    "mmtx.loggers.": "mmtx.training.loggers.", "mmtx.optim.": "mmtx.training.optim.",
+    "mmtx.transfer.": "mmtx.training.transfer.", "mmtx.distributed.": "mmtx.training.distributed.",
+    "mmtx.sweep.": "mmtx.config.sweep.", "mmtx.checkpoint.": "mmtx.checkpoints.io.",
+    "mmtx.data.sources.": "mmtx.data.image_sources.", "mmtx.generation.": "mmtx.tasks.decoding.",
+    "mmtx.cotrain.": "mmtx.config.members.", "mmtx.pretrained.": "mmtx.interop.timm.",
+}
+
+
+def current_targets(config: Any) -> Any:
+    """`config` (nested dicts and lists, changed in place) with every `_target_` of an old module path (`MOVED`)
+    renamed to where it is now."""
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            if key == "_target_" and isinstance(value, str):
+                old = next((o for o in MOVED if value.startswith(o)), None)
+                if old is not None:
+                    node[key] = MOVED[old] + value[len(old):]
+            elif isinstance(value, (dict, list)):
+                stack.append(value)
+    return config
 
 
 def member_view(checkpoint: dict[str, Any], member: str | None, path: str | Path) -> dict[str, Any]:
@@ -94,8 +128,6 @@ def member_view(checkpoint: dict[str, Any], member: str | None, path: str | Path
     the shared backbone and `member`'s part (`tasks.<member>.*` -> `tasks.main.*`), with that member's
     configuration (the run's trainer) and vocabularies at the top level, as mmtx.eval, mmtx.generate and
     mmtx.predict read them. A single-task checkpoint is returned as it is (`member` must then be unset)."""
-    from mmtx.module import SINGLE
-
     members = checkpoint.get("mmtx_members")
     if members is None:
         if member:

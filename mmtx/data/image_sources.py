@@ -18,8 +18,8 @@ import torch
 from PIL import Image, ImageOps
 
 from mmtx.data.cache import digest
-from mmtx.files import describe_root, resolve_root
 from mmtx.errors import ConfigError, DataError, MissingError, optional
+from mmtx.files import describe_root, resolve_root
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class ImageFolder:
     def _check_fits(self, split: str, paths: list[Path]) -> None:
         """Refuse a split whose decoded images would not fit in memory (each decoded, then stacked: twice its
         uint8 size), naming its size, before decoding it."""
-        from mmtx.cpu import refuse_if_too_large
+        from mmtx.data.memory import refuse_if_too_large
 
         if self.image_size is not None:
             width = height = self.image_size

@@ -7,7 +7,7 @@ decoder (learned positions, cross-attention, the output tied to the token embedd
 have no bias; mmtx's fused projections (`attn.qkv`, `cross_attn.kv`) have one bias vector, whose key part is
 set to zeros, which computes the same thing.
 
-`init_from=hf:openai/whisper-tiny` (mmtx.hf) loads it from the Hugging Face cache with
+`init_from=hf:openai/whisper-tiny` (mmtx.interop.registry) loads it from the Hugging Face cache with
 `WhisperForConditionalGeneration.from_pretrained`; the target is Whisper's own tokenizer
 (`data.tgt_vocab.kind=hf`), started by its prompt of special tokens (`data.tgt_specials`: bos
 <|startoftranscript|>, prefix <|en|> <|transcribe|> <|notimestamps|>, eos <|endoftext|>). Task `whisper_finetune`.
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from mmtx.errors import ConfigError
-from mmtx.hf import offline_error, transformers_module
+from mmtx.interop.registry import PREFIX, register_family
+from mmtx.tokenizers.hub import offline_error, transformers_module
 
-PREFIX = "tasks.main."
 SPECIALS = {"bos": "<|startoftranscript|>", "eos": "<|endoftext|>"}  # what data.tgt_specials must name
 
 
@@ -113,8 +113,9 @@ def _block(source: dict[str, torch.Tensor], theirs: str, ours: str, state: dict[
             state[f"{ours}.mlp.{fc}.{leaf}"] = source.pop(f"{theirs}.{fc}.{leaf}")
 
 
+@register_family("hf", "whisper", describe="a Whisper (openai/whisper-tiny, -base, -small; or a folder saved by save_pretrained)")
 def load(spec: str) -> dict[str, Any]:
-    """`hf:<a Whisper>` as an mmtx checkpoint (see mmtx.pretrained.load_pretrained)."""
+    """`hf:<a Whisper>` as an mmtx checkpoint (see mmtx.interop.registry.load_pretrained)."""
     name = spec.split(":", 1)[1]
     transformers = transformers_module()
     try:

@@ -2,7 +2,7 @@
 plain log lines in a file or pipe, a projection of the whole run's time on a CPU, a model summary without
 an empty FLOPs column, and none of Lightning's adverts or its own deprecation warnings.
 
-`build_trainer` (mmtx.wiring) picks the bar or the log lines: `ProgressBar` when stdout is a terminal,
+`build_trainer` (mmtx.config.wiring) picks the bar or the log lines: `ProgressBar` when stdout is a terminal,
 `ProgressLog` otherwise (nohup, SLURM, `tee`); `trainer.enable_progress_bar=false` turns both off.
 """
 
@@ -363,7 +363,7 @@ class RunTimeEstimate(L.Callback):
 
 
 def cpu_task_exists(name: str) -> bool:
-    from mmtx.config import config_dir
+    from mmtx.files import config_dir
 
     return (Path(config_dir()) / "task" / f"{name}.yaml").is_file()
 

@@ -176,7 +176,7 @@ def check_run_keys(cfg: DictConfig) -> None:
     if cfg.get("eval_only") and cfg.get("resume"):
         raise ConfigError(f"eval_only=true and resume={cfg.resume} are both set: to test a checkpoint, use "
                           f"python -m mmtx.eval ckpt={cfg.resume}")
-    if cfg.get("members"):  # a co-training run (mmtx.cotrain.is_cotrain): each member builds its own parts
+    if cfg.get("members"):  # a co-training run (mmtx.config.members.is_cotrain): each member builds its own parts
         required = ("backbone", "trainer")
     else:
         data = cfg.get("data")

@@ -1,5 +1,5 @@
-"""Pretrained weights of other libraries on mmtx's parts: `init_from=timm:<name>` (here) and `init_from=hf:<name>`
-(GPT-2: mmtx.gpt2), read by mmtx.transfer.
+"""timm's Vision Transformers on mmtx's parts: the weight family of `init_from=timm:<name>` (mmtx.interop.registry;
+read by mmtx.training.transfer).
 
 timm's Vision Transformers (`timm.models.vision_transformer.VisionTransformer`: `vit_*`, and `deit_*` without
 a distillation token) map onto mmtx's `PatchTokenizer` + `Backbone` + classifier head with the same numbers:
@@ -24,31 +24,18 @@ import torch
 from torch import nn
 
 from mmtx.errors import ConfigError, MissingError
+from mmtx.interop.registry import PREFIX, register_family
 
-SUPPORTED = ("timm:<a timm Vision Transformer, e.g. vit_tiny_patch16_224.augreg_in21k_ft_in1k, "
-             "vit_small_patch16_224.augreg_in21k_ft_in1k, vit_base_patch16_224.augreg2_in21k_ft_in1k> and "
-             "hf:<a Hugging Face GPT-2 (gpt2, gpt2-medium, distilgpt2, ...) or Whisper (openai/whisper-tiny, ...), "
-             "or a save_pretrained folder>")
-PREFIX = "tasks.main."  # a single-task model's part; init_from maps it to every member of a co-training run
+SUPPORTED = ("timm:<a timm Vision Transformer (vit_*, deit_* without a distillation token), e.g. "
+             "vit_tiny_patch16_224.augreg_in21k_ft_in1k>")
 
 
-def is_pretrained(spec: Any) -> bool:
-    """True for `timm:<name>` and `hf:<name>` (weights from another library), not for an mmtx checkpoint path."""
-    return isinstance(spec, str) and spec.split(":", 1)[0] in ("timm", "hf") and ":" in spec
-
-
-def load_pretrained(spec: str, file: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The weights named by `spec` as an mmtx checkpoint: {"state_dict": mmtx names (single-task),
-    "mmtx_pretrained": {"spec", "arch": the run configuration they need, "mean", "std", "num_classes"}}."""
-    kind, name = spec.split(":", 1)
-    if kind == "hf":
-        if file is not None:
-            raise ConfigError(f"finetune.pretrained_file is for init_from=timm:...; for init_from={spec} give the "
-                              "folder itself: init_from=hf:/path/to/folder (saved by save_pretrained)")
-        from mmtx.hf import load
-
-        return load(spec)
-    model = create_timm(name, file)
+@register_family("timm", describe="a timm Vision Transformer, e.g. vit_tiny_patch16_224.augreg_in21k_ft_in1k, "
+                 "vit_small_patch16_224.augreg_in21k_ft_in1k, vit_base_patch16_224.augreg2_in21k_ft_in1k")
+def load(spec: str, file: str | os.PathLike | None = None) -> dict[str, Any]:
+    """`timm:<name>` as an mmtx checkpoint (see `mmtx.interop.registry.load_pretrained`); `file`: its weights from a
+    local file (`finetune.pretrained_file`) instead of timm's hub cache."""
+    model = create_timm(spec.split(":", 1)[1], file)
     state, arch = timm_vit_state(model, spec)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     info = {"spec": spec, "arch": arch, "mean": list(cfg.get("mean", ())), "std": list(cfg.get("std", ())),
@@ -150,38 +137,3 @@ def timm_vit_state(model: nn.Module, spec: str = "timm") -> tuple[dict[str, torc
         "tokenizer.stem": "patch", "tokenizer.pos_embed": "grid", "family.pool": "cls",
     }
     return state, arch
-
-
-def check_architecture(cfg, source: dict[str, Any]) -> None:
-    """Fail naming every key of the run configuration that differs from what the pretrained weights need
-    (with the overrides that fix it); note a data normalisation other than the model's."""
-    import logging
-
-    from omegaconf import OmegaConf
-
-    info = source["mmtx_pretrained"]
-    cotrain = "member_configs" in cfg  # the backbone is the run's; members' tokenizers and heads match where they can
-    wrong = {}
-    for key, want in info["arch"].items():
-        if cotrain and not key.startswith("backbone."):
-            continue
-        have = OmegaConf.select(cfg, key, default=None)
-        same = have == want if not isinstance(want, float) else have is not None and abs(float(have) - want) < 1e-9
-        if not same:
-            wrong[key] = (have, want)
-    if wrong:
-        found = "; ".join(f"{k}={have} here, {want} in the weights" for k, (have, want) in wrong.items())
-        fix = " ".join(f"{k}={want}" for k, (_, want) in wrong.items())
-        start = info.get("task", "vit_finetune")
-        raise ConfigError(f"init_from={info['spec']} needs another model than this run's ({found}): add {fix} to the "
-                          f"command line, or start from the task {start}")
-    for key, limit in (info.get("limits") or {}).items():  # context lengths the weights have positions for
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and int(value) > limit:
-            raise ConfigError(f"{key}={value} is longer than the {limit} positions init_from={info['spec']} has "
-                              f"learned: use {key}<={limit}")
-    mean, std = OmegaConf.select(cfg, "data.mean", default=None), OmegaConf.select(cfg, "data.std", default=None)
-    if info["mean"] and mean is not None and (list(mean) != info["mean"] or list(std) != info["std"]):
-        logging.getLogger(__name__).warning(
-            "init_from=%s was trained on images normalised with mean %s, std %s; this run uses data.mean=%s "
-            "data.std=%s", info["spec"], info["mean"], info["std"], list(mean), list(std))

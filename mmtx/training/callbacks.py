@@ -81,7 +81,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def saving_seconds(trainer: L.Trainer) -> float:
-    """The wall time this run's checkpoint IO has spent writing checkpoints (mmtx.checkpoint.AtomicCheckpointIO)."""
+    """The wall time this run's checkpoint IO has spent writing checkpoints (mmtx.checkpoints.io.AtomicCheckpointIO)."""
     io = getattr(getattr(trainer, "strategy", None), "checkpoint_io", None)  # another IO plugin: not counted
     return float(getattr(io, "seconds", 0.0))
 

@@ -78,18 +78,14 @@ def graph_and_inputs(model: nn.Module, cfg) -> tuple[nn.Module, dict[str, torch.
     return AudioGraph(model), inputs, {"audio": {0: batch, 1: samples}, "lengths": {0: batch}}, preprocess
 
 
-def save_onnx(ckpt: str, folder: Path, member: str | None = None) -> float:
-    """Write `ckpt`'s classifier into `folder` (model.onnx, preprocess.json; model.onnx.data too for a model over
-    1.5 GiB); return the check's max |delta|."""
+def save_onnx(model: Any, cfg: Any, folder: Path, source: str = "the model") -> float:
+    """Write the classifier `model` (an `MmtxModule` in eval mode, with its run configuration `cfg`: as
+    `mmtx.checkpoints.labelling.load_classifier` gives them) into `folder` (model.onnx, preprocess.json;
+    model.onnx.data too for a model over 1.5 GiB); return the check's max |delta|. `source`: the checkpoint, for
+    messages."""
     import warnings
 
-    from mmtx.predict import load_classifier
-
     ort = _modules()
-    try:
-        model, cfg = load_classifier(ckpt, "cpu", member)
-    except CheckpointError as err:
-        raise ConfigError(f"format=onnx exports image and audio classifiers: {err}") from None
     model.float()
     graph, inputs, dynamic, preprocess = graph_and_inputs(model, cfg)
     path = folder / "model.onnx"
@@ -102,7 +98,7 @@ def save_onnx(ckpt: str, folder: Path, member: str | None = None) -> float:
                               dynamic_shapes=dynamic, dynamo=True, verbose=False, external_data=external)
     except Exception as err:  # the exporter's own errors: this model on this torch is not supported
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"format=onnx: torch {torch.__version__}'s ONNX exporter cannot export {ckpt} ({first}); "
+        raise ConfigError(f"format=onnx: torch {torch.__version__}'s ONNX exporter cannot export {source} ({first}); "
                           "export it with format=safetensors") from None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     check = {k: v[:1].clone() for k, v in inputs.items()}  # another batch size than the exported example's
@@ -114,7 +110,7 @@ def save_onnx(ckpt: str, folder: Path, member: str | None = None) -> float:
         delta = max(delta, (torch.from_numpy(got) - want).abs().max().item())
     if not delta <= TOLERANCE:
         raise CheckpointError(f"format=onnx: onnxruntime's logits differ from the model's by {delta:.2e} (> {TOLERANCE}) "
-                              f"on {ckpt}; the graph was not kept")
+                              f"on {source}; the graph was not kept")
     preprocess["onnx_check"] = {"max_abs_delta": delta, "onnxruntime": ort.__version__, "torch": torch.__version__}
     (folder / "preprocess.json").write_text(json.dumps(preprocess, indent=1), encoding="utf-8")
     return delta

@@ -45,7 +45,7 @@ more:
 
 
 def _conf() -> Path:
-    from mmtx.config import config_dir  # light: no torch
+    from mmtx.files import config_dir  # light: no torch
 
     return Path(config_dir())
 

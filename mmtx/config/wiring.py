@@ -17,11 +17,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mmtx.checkpoint import AtomicCheckpointIO
-from mmtx.cotrain import CoTrainScore, is_cotrain, member_settings, own_steps, resolved_members
+from mmtx.checkpoints.io import SINGLE, AtomicCheckpointIO
+from mmtx.config.members import CoTrainScore, is_cotrain, member_settings, own_steps, resolved_members
 from mmtx.data.cotrain import CoTrainData
 from mmtx.errors import ConfigError, user_error
-from mmtx.module import SINGLE, MmtxModule
+from mmtx.module import MmtxModule
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -48,7 +48,7 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
 def build_data(cfg: DictConfig, **kwargs: Any) -> L.LightningDataModule:
     """The task's data module, prepared and set up (`kwargs` override its config); for a co-training run,
-    the members' data modules behind one (`mmtx.cotrain.CoTrainData`)."""
+    the members' data modules behind one (`mmtx.config.members.CoTrainData`)."""
     if is_cotrain(cfg):
         configs = resolved_members(cfg)
         members = {name: build_data(member) for name, member in configs.items()}
@@ -161,7 +161,7 @@ def build(task: str | DictConfig = "vit_cifar", overrides: Sequence[str] = ()):
     >>> model, datamodule = build("vit_cifar", ["backbone=tiny"])
     """
     if isinstance(task, str):
-        from mmtx.config import compose
+        from mmtx.config.compose import compose
 
         cfg = compose(task, overrides)
     else:
@@ -203,15 +203,22 @@ def build_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None) ->
     for node in (cfg.get("logger") or {}).values():
         if not node or "_target_" not in node:
             continue
-        extra = {"id": wandb_id} if wandb_id and node._target_ == "mmtx.loggers.wandb" else {}
+        extra = {"id": wandb_id} if wandb_id and node._target_ == "mmtx.training.loggers.wandb" else {}
         loggers.append(instantiate(node, save_dir=str(run_dir), **extra))
     return loggers
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, **overrides: Any) -> L.Trainer:
     """The Lightning Trainer of `cfg.trainer`, with the run's callbacks and logger, atomic checkpoint writes,
-    and how progress shows (mmtx.progress): a Rich bar on a terminal, plain log lines in a file or a pipe."""
-    from mmtx.progress import ModelSummary, ProgressBar, ProgressLog, ValidationLine, quiet_lightning, stdout_is_terminal
+    and how progress shows (mmtx.training.progress): a Rich bar on a terminal, plain log lines in a file or a pipe."""
+    from mmtx.training.progress import (
+        ModelSummary,
+        ProgressBar,
+        ProgressLog,
+        ValidationLine,
+        quiet_lightning,
+        stdout_is_terminal,
+    )
 
     quiet_lightning()
     logger = build_logger(cfg, run_dir, wandb_id)
@@ -229,7 +236,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None, *
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     if SLURMEnvironment.detect():
-        # mmtx handles SLURM's signals itself (mmtx.callbacks.stopping_signals: last.ckpt, requeue); Lightning's
+        # mmtx handles SLURM's signals itself (mmtx.training.callbacks.stopping_signals: last.ckpt, requeue); Lightning's
         # auto-requeue would save an hpc_ckpt that the requeued job's new run folder never looks for.
         plugins.append(SLURMEnvironment(auto_requeue=False))
     kwargs: dict[str, Any] = dict(

@@ -9,6 +9,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from mmtx.errors import StorageError, debug_errors, exit_now, in_cli
+from mmtx.files import config_dir
 
 # Resolvers the sweep and launcher configs use: the Optuna direction of a checkpoint mode, and a
 # device count for SLURM (trainer.devices=auto means one).
@@ -81,15 +82,6 @@ def _unique_dir(path: str) -> str:
 
 
 OmegaConf.register_new_resolver("mmtx_unique_dir", _unique_dir, replace=True, use_cache=True)
-
-
-def config_dir() -> str:
-    """The `conf/` folder: inside the installed package, or at the top of a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"mmtx configuration not found (looked in {here / 'conf'} and {here.parent / 'conf'})")
 
 
 def compose(task: str = "vit_cifar", overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

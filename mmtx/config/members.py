@@ -32,9 +32,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmtx.config.validate import is_number, validate
 from mmtx.data.cotrain import CoTrainData
 from mmtx.errors import ConfigError
-from mmtx.validate import is_number, validate
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def is_cotrain(cfg: DictConfig | dict) -> bool:
 
 def task_names() -> list[str]:
     """The shipped task names (conf/task/*.yaml, without the shared fragments that start with `_`)."""
-    from mmtx.config import config_dir
+    from mmtx.files import config_dir
 
     return sorted(p.stem for p in Path(config_dir(), "task").glob("*.yaml") if not p.stem.startswith("_"))
 
@@ -64,7 +64,7 @@ def _compose_task(task: str, overrides: list[str]) -> DictConfig:
 
     if GlobalHydra.instance().is_initialized():
         return hydra_compose(config_name="train", overrides=[f"task={task}", *overrides])
-    from mmtx.config import compose
+    from mmtx.config.compose import compose
 
     return compose(task, overrides)
 

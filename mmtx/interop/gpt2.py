@@ -1,6 +1,6 @@
 """GPT-2 (Hugging Face `transformers`) and mmtx's language model, both ways, with the same numbers.
 
-In, `init_from=hf:<id or folder>` (mmtx.pretrained): `GPT2LMHeadModel.from_pretrained` fetches the weights
+In, `init_from=hf:<id or folder>` (mmtx.interop.registry): `GPT2LMHeadModel.from_pretrained` fetches the weights
 through the Hugging Face hub cache (`HF_HOME`), and they map onto `TokenEmbedding` + the causal `Backbone` + the
 tied output layer: `wte` is the token embedding (and, tied, the output), `wpe` the learned positions (its first
 `data.block_size` rows when the run's context is shorter), each `h.<i>` a pre-norm block (GPT-2's `Conv1D`
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from mmtx.errors import CheckpointError, ConfigError
-from mmtx.hf import offline_error, transformers_module
+from mmtx.interop.registry import PREFIX, register_family
+from mmtx.tokenizers.hub import offline_error, transformers_module
 
-PREFIX = "tasks.main."
 # GPT-2's activation_function values and the backbone.activation that computes the same numbers
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 # GPT-2's Conv1D layers and LayerNorms of a block, and mmtx's Block modules that hold them
@@ -81,8 +81,9 @@ def gpt2_arch(config: Any, name: str) -> dict[str, Any]:
     }
 
 
+@register_family("hf", "gpt2", describe="a GPT-2 (gpt2, gpt2-medium, distilgpt2, ...; or a folder saved by save_pretrained)")
 def load(spec: str) -> dict[str, Any]:
-    """`hf:<name>` as an mmtx checkpoint (see mmtx.pretrained.load_pretrained)."""
+    """`hf:<name>` as an mmtx checkpoint (see mmtx.interop.registry.load_pretrained)."""
     name = spec.split(":", 1)[1]
     transformers = transformers_module()
     try:
