@@ -9,7 +9,7 @@ module (`on_after_batch_transfer`) and read by attribute: an `ImageBatch`, an `A
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -93,3 +93,9 @@ class Tokens:
 
 
 Batch = ImageBatch | AudioBatch | TokenBatch | PairBatch  # what a task's steps receive
+
+
+def batch_to(batch, device: torch.device | str):
+    """A copy of a batch (any of the dataclasses above) with each of its tensors on `device`."""
+    return replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in fields(batch)
+                             if isinstance(getattr(batch, f.name), torch.Tensor)})

@@ -21,18 +21,11 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from mmtx.checkpoints.labelling import (  # noqa: F401 (here too)
-    AUDIO_SUFFIXES,
-    IMAGE_SUFFIXES,
-    RULES,
-    audio_inputs,
-    image_inputs,
-    label,
-    list_inputs,
-)
+from mmtx.checkpoints.labelling import RULES, label, list_inputs  # noqa: F401 (list_inputs: here too)
 from mmtx.checkpoints.loader import load_classifier
 from mmtx.config.apps import inference_device, run_app
 from mmtx.config.validate import validate
+from mmtx.data.modalities import MODALITIES
 from mmtx.errors import ConfigError
 from mmtx.files import atomic_write_text, check_writable, tsv_text
 
@@ -55,7 +48,8 @@ def _check_output(args: dict[str, Any]) -> None:
         raise ConfigError(f"output={out} is a folder: give the file to write the table to (e.g. {out / 'labels.tsv'})")
     target = out.resolve()
     named = [Path(p.strip()).expanduser().resolve() for p in str(args["inputs"]).split(",") if p.strip()]
-    labelled = target.suffix.lower() in IMAGE_SUFFIXES + AUDIO_SUFFIXES and any(f in target.parents for f in named)
+    known = {s for modality in MODALITIES.values() for s in modality.suffixes}  # files mmtx.predict reads
+    labelled = target.suffix.lower() in known and any(f in target.parents for f in named)
     if target == Path(args["ckpt"]).expanduser().resolve() or target in named or labelled:
         raise ConfigError(f"output={out} is the checkpoint or one of the files given to label: writing the table "
                           "there would replace it; give another output= (e.g. labels.tsv)")

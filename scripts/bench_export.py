@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--inputs", required=True, help="files, a folder or a glob, as mmtx.predict's inputs=")
     args = parser.parse_args()
-    from mmtx.predict import AUDIO_SUFFIXES, IMAGE_SUFFIXES, list_inputs
+    from mmtx.data.modalities import MODALITIES
+    from mmtx.predict import list_inputs
     from mmtx.predict import main as predict
 
     out = Path(tempfile.mkdtemp(prefix="mmtx-bench-export-")) / "onnx"
@@ -70,9 +71,8 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "mmtx.export", f"ckpt={args.ckpt}", "format=onnx", f"out={out}"], check=True)
     export_s = time.perf_counter() - t0
     check = json.loads((out / "preprocess.json").read_text())["onnx_check"]
-    audio = json.loads((out / "preprocess.json").read_text())["input"] == "audio"
-    suffixes = AUDIO_SUFFIXES if audio else IMAGE_SUFFIXES
-    paths = list_inputs(args.inputs, suffixes)
+    modality = json.loads((out / "preprocess.json").read_text())["input"]  # image | audio
+    paths = list_inputs(args.inputs, MODALITIES[modality].suffixes)
 
     t0 = time.perf_counter()
     rows = predict([f"ckpt={args.ckpt}", f"inputs={args.inputs}", "device=cpu", "batch_size=64",

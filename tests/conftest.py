@@ -97,9 +97,11 @@ def task_modality(task: str) -> str:
     """image | audio | text | text2text | audio2text: which of MODALITY_OVERRIDES a single task takes."""
     from mmtx.config.compose import compose
 
+    from hydra.utils import get_class
+
     cfg = compose(task)
-    kind = {"TokenEmbedding": "text", "MelTokenizer": "audio"}.get(cfg.tokenizer._target_.rsplit(".", 1)[-1], "image")
-    return f"{kind}2text" if cfg.family._target_.endswith("Seq2Seq") else kind
+    kind = get_class(cfg.tokenizer._target_).modality  # as the tokenizer declares it (mmtx.data.modalities)
+    return f"{kind}2text" if get_class(cfg.family._target_).kind == "seq2seq" else kind
 
 
 def cotrain_small_run(task: str, tmp_path: Path, data_root: Path | None = None) -> list[str]:

@@ -41,10 +41,10 @@ def test_a_classifier_loads_and_predicts_as_the_command_line(classifier, tmp_pat
 
 
 def _images(folder, model):
-    from mmtx.predict import image_inputs
+    from mmtx.data.modalities import modality_of
 
     paths = sorted((folder / "test" / "cat").glob("*.png"))[:2]
-    return image_inputs(paths, model.part.tokenizer.image_size[0], model.config, "error")[1]
+    return modality_of(model.part.tokenizer).read_files(paths, model.part.tokenizer, model.config, "error")[1]
 
 
 def test_a_language_model_generates_as_the_command_line(tmp_path):

@@ -17,32 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmtx.batch import AudioBatch, ImageBatch
+from mmtx.data.modalities import modality_of
 from mmtx.errors import CheckpointError, ConfigError, optional
 
 TOLERANCE = 1e-4  # max |onnxruntime - torch| on the check inputs, in fp32
-
-
-class ImageGraph(nn.Module):
-    """image (B, 3, H, W), normalised -> logits (B, C)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.task(self.model.backbone, ImageBatch(image))
-
-
-class AudioGraph(nn.Module):
-    """audio (B, L) and lengths (B,) -> logits (B, C)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.model.task(self.model.backbone, AudioBatch(audio, lengths))
 
 
 def _modules():
@@ -52,30 +30,12 @@ def _modules():
 
 
 def graph_and_inputs(model: nn.Module, cfg) -> tuple[nn.Module, dict[str, torch.Tensor], dict, dict[str, Any]]:
-    """The classifier as a graph module, example inputs, their dynamic dimensions, and preprocess.json."""
+    """The classifier as a graph module, example inputs, their dynamic dimensions, and preprocess.json (what its
+    modality declares: `mmtx.data.modalities`)."""
     part = model.task
-    classes = list(part.class_names)
-    sample_rate = getattr(part.tokenizer, "sample_rate", None)
-    generator = torch.Generator().manual_seed(0)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    if sample_rate is None:
-        h, w = part.tokenizer.image_size
-        inputs = {"image": torch.randn(2, 3, h, w, generator=generator)}
-        preprocess = {"input": "image", "shape": ["batch", 3, h, w], "image_size": [h, w],
-                      "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-                      "normalise": "RGB pixels / 255, minus mean, divided by std (per channel)", "classes": classes}
-        return ImageGraph(model), inputs, {"image": {0: batch}}, preprocess
-    n_fft = part.tokenizer.n_fft
-    seconds = cfg.data.source.get("max_seconds") or 30.0
-    longest = int(sample_rate * seconds)
-    length = max(n_fft + 1, min(longest, sample_rate))  # one second, at most the longest
-    inputs = {"audio": torch.randn(2, length, generator=generator) * 0.1,
-              "lengths": torch.tensor([length, max(n_fft, length // 2)])}
-    samples = torch.export.Dim("samples", min=n_fft, max=max(longest, n_fft + 2))
-    preprocess = {"input": "audio", "shape": ["batch", "samples"], "sample_rate": sample_rate, "max_seconds": seconds,
-                  "lengths": "the number of real samples of each row (rows are zero-padded to the longest)",
-                  "classes": classes}
-    return AudioGraph(model), inputs, {"audio": {0: batch, 1: samples}, "lengths": {0: batch}}, preprocess
+    modality = modality_of(part.tokenizer)
+    inputs, dynamic, preprocess = modality.graph_inputs(part.tokenizer, cfg)
+    return modality.graph(model), inputs, dynamic, {**preprocess, "classes": list(part.class_names)}
 
 
 def save_onnx(model: Any, cfg: Any, folder: Path, source: str = "the model") -> float:

@@ -11,6 +11,7 @@ from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this fun
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mmtx.batch import AudioBatch, ImageBatch, Tokens
+from mmtx.data.modalities import modality_of
 from mmtx.errors import CheckpointError, ConfigError
 from mmtx.tasks.base import StepContext, TaskPart
 from mmtx.tasks.reports import log_confusion_matrix, log_media
@@ -184,6 +185,11 @@ class Classification(TaskPart):
         if stage == "val" and kept and not ctx.sanity_checking:
             log_media(ctx.trainer, f"{ctx.prefix}val_samples", **self._media_to_log(kept, ctx))
 
+    @property
+    def modality(self):
+        """What the logged media of this part's inputs are (`mmtx.data.modalities`: images, clips)."""
+        return modality_of(self.tokenizer)
+
     def _keep_media(self, batch: ImageBatch | AudioBatch, predicted: torch.Tensor) -> None:
         """Keep validation inputs for the logged media, stratified by class: the first ceil(media_samples /
         num_classes) of each class in the validation split's order (which is fixed, so every validation
@@ -194,11 +200,7 @@ class Classification(TaskPart):
         for i, (true, pred) in enumerate(zip(batch.label.tolist(), predicted.tolist())):
             kept = self._media.setdefault(true, [])
             if len(kept) < quota:
-                if isinstance(batch, ImageBatch):
-                    sample = batch.image[i].detach().float().cpu()
-                else:
-                    sample = batch.audio[i, : int(batch.lengths[i])].detach().float().cpu()
-                kept.append((sample, true, pred))
+                kept.append((self.modality.media(batch, i), true, pred))
 
     def _media_to_log(self, kept: dict[int, list], ctx: StepContext) -> dict[str, Any]:
         """The kept inputs in round-robin order over the classes (every class before any repeats), at most
@@ -208,11 +210,7 @@ class Classification(TaskPart):
         picked = picked[: self.media_samples]
         names = self.class_names
         captions = [f"true {names[t]} / predicted {names[p]}" for _, t, p in picked]
-        if picked[0][0].dim() == 3:  # images (C, H, W)
-            images = torch.stack([x for x, _, _ in picked])
-            dm = ctx.trainer.datamodule
-            if getattr(dm, "mean", None) is not None:  # undo the normalisation: back to [0, 1]
-                images = (images * dm.std[0].cpu() + dm.mean[0].cpu()) / 255.0
-            return {"images": images.clamp(0, 1), "captions": captions}
+        media = self.modality.media_log([x for x, _, _ in picked], ctx.trainer.datamodule, self.tokenizer)
+        return {**media, "captions": captions}
         return {"audio": [x for x, _, _ in picked], "sample_rate": getattr(self.tokenizer, "sample_rate", 16000),
                 "captions": captions}

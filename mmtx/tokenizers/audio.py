@@ -82,6 +82,8 @@ class MelTokenizer(nn.Module):
     to `time_mask` frames, drawn per example; null turns it off.
     """
 
+    modality = "audio"  # the inputs it reads (mmtx.data.modalities)
+
     def __init__(
         self,
         dim: int,

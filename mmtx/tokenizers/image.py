@@ -32,6 +32,8 @@ class PatchTokenizer(nn.Module):
     be a power of two for "conv".
     """
 
+    modality = "image"  # the inputs it reads (mmtx.data.modalities)
+
     def __init__(
         self,
         dim: int,

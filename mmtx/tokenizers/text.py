@@ -219,6 +219,8 @@ class TokenEmbedding(nn.Module):
     the GPU's tiles; the extra ids never occur in the data and are never sampled (`LanguageModel`).
     """
 
+    modality = "text"  # the inputs it reads (mmtx.data.modalities)
+
     def __init__(
         self,
         dim: int,
