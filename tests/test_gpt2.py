@@ -102,7 +102,7 @@ def test_unmapped_and_unavailable_models_are_named(tmp_path, monkeypatch):
     bert = tmp_path / "bert"
     transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
                             ).save_pretrained(bert)
-    with pytest.raises(ConfigError, match=r"is a bert model; this mmtx maps timm:<.*>; hf:<a GPT-2.* or a Whisper"):
+    with pytest.raises(ConfigError, match=r"is a bert model; this mmtx maps hf:<a GPT-2.* or a Whisper.*>; timm:<a timm Vision"):
         load_pretrained(f"hf:{bert}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))

@@ -42,7 +42,9 @@ def _readers() -> dict[str, dict[str | None, tuple[Callable[..., dict[str, Any]]
 
 def supported() -> str:
     """Every registered family, as error messages name them."""
-    return "; ".join(f"{scheme}:<{' or '.join(d for _, d in kinds.values())}>" for scheme, kinds in _readers().items())
+    readers = _readers()  # sorted: the same text whatever order the families were imported in
+    return "; ".join(f"{scheme}:<{' or '.join(readers[scheme][k][1] for k in sorted(readers[scheme], key=str))}>"
+                     for scheme in sorted(readers))
 
 
 def is_pretrained(spec: Any) -> bool:
