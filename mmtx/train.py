@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmtx.checkpoints.io import check_model_matches, find_resume
 from mmtx.config.apps import check_group_overrides, check_keys
 from mmtx.config.compose import claimed_folders, compose, missing_parents
-from mmtx.config.members import resolve_cotrain, with_total_steps
+from mmtx.config.members import compose_task, resolve_cotrain, with_total_steps
 from mmtx.config.sweep import is_test_metric
 from mmtx.config.validate import check_run_keys, validate
 from mmtx.config.wiring import build_data, build_model, build_trainer
@@ -44,7 +44,7 @@ from mmtx.errors import (
     user_error,
 )
 from mmtx.files import atomic_write_text, check_writable, config_dir, remove_written
-from mmtx.interop.registry import check_architecture, is_pretrained, load_pretrained
+from mmtx.interop.registry import is_pretrained, load_pretrained, take_architecture
 from mmtx.training.callbacks import stopping_signals
 from mmtx.training.cpu import keep_freed_memory
 from mmtx.training.distributed import die_with_launcher, watch_ranks
@@ -97,7 +97,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: Callable[[], None]) -> dict[
     pretrained = None
     if is_pretrained(cfg.get("init_from")):  # timm:<name>: loaded, and checked against this run, before any data
         pretrained = load_pretrained(cfg.init_from, (cfg.get("finetune") or {}).get("pretrained_file"))
-        check_architecture(cfg, pretrained)
+        take_architecture(cfg, pretrained, _task_alone(cfg))
     info = run_info(cfg.seed)
     if rank_zero_only.rank == 0:  # other ranks (DDP) share the folder and write nothing here
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -175,6 +175,16 @@ def _transfer(cfg: DictConfig, model: L.LightningModule, run_dir: Path, source: 
     frozen = freeze(model, list(finetune.get("freeze") or []))
     if frozen:
         log.info("frozen (finetune.freeze=%s): %s parameters", list(finetune.freeze), f"{frozen:,}")
+
+
+def _task_alone(cfg: DictConfig) -> DictConfig | None:
+    """The run's task composed without the command line's overrides: what the task file and the defaults give
+    (`take_architecture` tells a value chosen for this run from one the weights may replace); None when the task
+    name is not a task file."""
+    try:
+        return compose_task(cfg.task_name, [])
+    except Exception:  # a task_name of the user's own, not a file of conf/task: every value counts as chosen
+        return None
 
 
 def _fit(trainer: L.Trainer, model: L.LightningModule, datamodule, ckpt_path: str | None) -> BaseException | None:

@@ -425,8 +425,8 @@ def whisper_reference(path: Path) -> Path:
 
 
 def whisper_small_run(tmp_path: Path, data_root: Path, reference: Path) -> list[str]:
-    """small_run for whisper_finetune: the reference Whisper at `reference` (weights, tokenizer, shape) on speech
-    manifests of the miniature FSDD clips at <data_root>/fsdd/recordings (written beside them once)."""
+    """small_run for whisper_finetune: the reference Whisper at `reference` (weights, tokenizer and shape, taken from
+    them) on speech manifests of the miniature FSDD clips at <data_root>/fsdd/recordings (written beside them once)."""
     recordings = data_root / "fsdd" / "recordings"
     words = {"0": "zero", "1": "one"}
     for split, takes in (("train", range(3, 20)), ("test", range(3))):
@@ -434,9 +434,7 @@ def whisper_small_run(tmp_path: Path, data_root: Path, reference: Path) -> list[
                  if int(p.stem.rsplit("_", 1)[1]) in takes and p.name[0] in words]
         (data_root / "fsdd" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     keep = [a for a in small_run(tmp_path, data_root, "audio") if not a.startswith(("backbone.", "data.source"))]
-    return [*keep, f"init_from=hf:{reference}", f"data.tgt_vocab.name={reference}",
-            "data.source.files.train=fsdd/train.tsv", "data.source.files.test=fsdd/test.tsv", "data.source.max_seconds=1.0",
-            f"backbone.dim={WHISPER_SHAPE['d_model']}", f"backbone.depth={WHISPER_SHAPE['encoder_layers']}",
-            f"backbone.num_heads={WHISPER_SHAPE['encoder_attention_heads']}", "backbone.mlp_ratio=2.0",
-            f"family.decoder.depth={WHISPER_SHAPE['decoder_layers']}", "family.decoder.num_heads=4",
-            "family.decoder.mlp_ratio=2.0", "data.max_tgt_len=16", "family.val_decode_batches=1"]
+    # No shape, front end or vocabulary: the run takes them from the weights (mmtx.interop.registry.take_architecture)
+    return [*keep, f"init_from=hf:{reference}", "data.source.files.train=fsdd/train.tsv",
+            "data.source.files.test=fsdd/test.tsv", "data.source.max_seconds=1.0", "data.max_tgt_len=16",
+            "family.val_decode_batches=1"]

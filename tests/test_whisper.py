@@ -99,8 +99,13 @@ def test_whisper_finetune_transcribes_as_transformers_greedy_does(whisper_root, 
     from mmtx.batch import AudioBatch
     from mmtx.training.transfer import init_from
 
+    from mmtx.interop.registry import load_pretrained, take_architecture
+
     root, ref = whisper_root
-    model, data = build(compose("whisper_finetune", whisper_small_run(tmp_path, root, ref)))
+    cfg = compose("whisper_finetune", whisper_small_run(tmp_path, root, ref))
+    taken = take_architecture(cfg, load_pretrained(f"hf:{ref}"), compose("whisper_finetune"))  # as a run does
+    assert {"backbone.dim", "family.decoder.depth", "tokenizer.front_end", "data.tgt_vocab.name"} <= set(taken)
+    model, data = build(cfg)
     table = init_from(model, f"hf:{ref}")
     assert not table["new"] and not table["skipped"] and not table["unused"]
     model.eval()
@@ -147,6 +152,12 @@ def test_a_whisper_run_trains_and_generate_transcribes_from_its_checkpoint(whisp
     args = [*whisper_small_run(tmp_path, root, ref), "trainer.max_steps=3", "trainer.max_epochs=-1"]
     summary = train(compose("whisper_finetune", args), run_dir=tmp_path / "run")
     assert "test/wer" in summary
+    from omegaconf import OmegaConf
+
+    ran = OmegaConf.load(tmp_path / "run" / "config.yaml")  # the run's configuration: what the weights dictate
+    assert (ran.backbone.dim, ran.tokenizer.front_end, ran.data.tgt_vocab.name) == (32, "whisper", str(ref))
+    with pytest.raises(ConfigError, match=r"backbone.dim=64 here, 32 in the weights"):  # chosen, and contradicted
+        train(compose("whisper_finetune", [*args, "backbone.dim=64"]), run_dir=tmp_path / "wide")
     clip = sorted((root / "fsdd" / "recordings").glob("*.wav"))[0]
     texts = generate([f"ckpt={summary['last_checkpoint']}", f"audio={clip}", "device=cpu"])
     assert len(texts) == 1 and isinstance(texts[0], str)

@@ -56,7 +56,7 @@ def task_names() -> list[str]:
     return sorted(p.stem for p in Path(config_dir(), "task").glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def _compose_task(task: str, overrides: list[str]) -> DictConfig:
+def compose_task(task: str, overrides: list[str]) -> DictConfig:
     """A task's run configuration, composed as `python -m mmtx.train task=TASK OVERRIDES` would; inside a
     running Hydra app its own config search path is used (without resetting Hydra)."""
     from hydra import compose as hydra_compose
@@ -84,7 +84,7 @@ def member_configs(cfg: DictConfig) -> dict[str, DictConfig]:
             raise ConfigError(f"{where}.task={task!r} is not a task; the tasks are: {', '.join(known)}")
         overrides = [str(o) for o in (spec.get("overrides") or [])]
         try:
-            member = _compose_task(task, overrides)
+            member = compose_task(task, overrides)
         except (HydraException, OmegaConfBaseException) as err:  # Hydra's own message names the bad override
             raise ConfigError(f"{where}: composing task {task!r} with overrides {overrides} failed: {err}") from None
         if is_cotrain(member):

@@ -20,6 +20,8 @@ from typing import Any, Callable
 from mmtx.checkpoints.io import SINGLE
 from mmtx.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 FAMILIES = ("mmtx.interop.timm", "mmtx.interop.gpt2", "mmtx.interop.whisper")
 PREFIX = f"tasks.{SINGLE}."  # a single-task model's part; init_from maps it to every member of a co-training run
 
@@ -74,6 +76,34 @@ def load_pretrained(spec: str, file: str | os.PathLike | None = None) -> dict[st
     return kinds[kind][0](spec)
 
 
+def _same(have: Any, want: Any) -> bool:
+    return have == want if not isinstance(want, float) else have is not None and abs(float(have) - want) < 1e-9
+
+
+def take_architecture(cfg, source: dict[str, Any], baseline=None) -> list[str]:
+    """Set in `cfg` the run configuration the pretrained weights dictate (their `arch`: the backbone's shape, the
+    tokenizer's, the decoder's, the vocabulary), so a task file holds only its fine-tuning choices; return the keys
+    set. `baseline`: the run's task composed alone (no command-line overrides): a key whose value differs from it
+    was chosen for this run, and when the weights need another value that is an error naming both
+    (`check_architecture`); None: every key is taken as chosen (only checked). A co-training run is only checked."""
+    from omegaconf import OmegaConf
+
+    info = source["mmtx_pretrained"]
+    taken = {}
+    if baseline is not None and "member_configs" not in cfg:
+        for key, want in info["arch"].items():
+            have = OmegaConf.select(cfg, key, default=None)
+            if not _same(have, want) and _same(have, OmegaConf.select(baseline, key, default=None)):
+                taken[key] = want
+    for key, want in taken.items():
+        OmegaConf.update(cfg, key, want, force_add=True)
+    if taken:
+        log.info("init_from=%s sets %s (what its weights need)", info["spec"],
+                 " ".join(f"{k}={v}" for k, v in taken.items()))
+    check_architecture(cfg, source)
+    return list(taken)
+
+
 def check_architecture(cfg, source: dict[str, Any]) -> None:
     """Fail naming every key of the run configuration that differs from what the pretrained weights need
     (with the overrides that fix it); note a data normalisation other than the model's."""
@@ -86,8 +116,7 @@ def check_architecture(cfg, source: dict[str, Any]) -> None:
         if cotrain and not key.startswith("backbone."):
             continue
         have = OmegaConf.select(cfg, key, default=None)
-        same = have == want if not isinstance(want, float) else have is not None and abs(float(have) - want) < 1e-9
-        if not same:
+        if not _same(have, want):
             wrong[key] = (have, want)
     if wrong:
         found = "; ".join(f"{k}={have} here, {want} in the weights" for k, (have, want) in wrong.items())
@@ -102,6 +131,6 @@ def check_architecture(cfg, source: dict[str, Any]) -> None:
                               f"learned: use {key}<={limit}")
     mean, std = OmegaConf.select(cfg, "data.mean", default=None), OmegaConf.select(cfg, "data.std", default=None)
     if info["mean"] and mean is not None and (list(mean) != info["mean"] or list(std) != info["std"]):
-        logging.getLogger(__name__).warning(
+        log.warning(
             "init_from=%s was trained on images normalised with mean %s, std %s; this run uses data.mean=%s "
             "data.std=%s", info["spec"], info["mean"], info["std"], list(mean), list(std))
