@@ -158,5 +158,5 @@ def modality_of(tokenizer: Any) -> Modality:
     name = getattr(tokenizer, "modality", None)
     if name not in MODALITIES:
         raise ConfigError(f"{type(tokenizer).__name__} reads {name or 'an unnamed'} input, which this mmtx cannot read "
-                          f"from files or export; it knows {', '.join(MODALITIES)} (mmtx.data.modalities)")
+                          f"from files or export; it knows {', '.join(MODALITIES)} (declared in mmtx/data/modalities.py)")
     return MODALITIES[name]
