@@ -66,6 +66,44 @@ def _listing(source: Any) -> dict[str, list[tuple[str, int, int]]]:
             for split, files in source._list().items()}
 
 
+def _prepared_or_cleared(out: Path, fingerprint: str, verify: bool, replace: bool, what: str) -> dict[str, Any] | None:
+    """The `mmtx.json` of `out` when it is already prepared from `fingerprint` and its shards are whole (`verify`:
+    their checksums, else their sizes); else None, with a damaged folder, or with `replace` one prepared from other
+    files, deleted to be prepared again. A folder prepared from other files without `replace`, or one that is not a
+    prepared dataset, is an error."""
+    meta_path = out / META
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        damaged = shard_problems(out, meta, contents=verify) if meta.get("fingerprint") == fingerprint else []
+        if meta.get("fingerprint") == fingerprint and not damaged:
+            log.info("%s is already prepared from %s (%s); %s", out, what, meta["samples"],
+                     "every shard matches its checksum" if verify else "every shard has its size")
+            return meta
+        if damaged:
+            log.warning("%s; preparing it again", "; ".join(text for _, _, text in damaged[:3]))
+        elif not replace and meta.get("format") != FORMAT:
+            raise DataError(f"{out} was prepared by another version of mmtx (format {meta.get('format')}, this one "
+                            f"writes {FORMAT}); delete that folder and prepare it again, or give another out=")
+        elif not replace:
+            raise DataError(f"{out} holds a dataset prepared from other files or settings ({meta.get('source')}); "
+                            "give another out= or delete that folder")
+        else:
+            log.info("%s was prepared from files that have changed since: preparing it again", out)
+        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not a prepared dataset (no {META}); give an empty or new folder as out=")
+    return None
+
+
+def _partial_folder(out: Path) -> Path:
+    """`<out>.partial`, new and empty (what a killed prepare left there is deleted): shards are written into it and
+    it is renamed into place only when complete, so nothing half-written looks prepared."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
 def prepare_shards(source: Any, out: str | os.PathLike, num_workers: int | None = None,
                    replace: bool = False, chunk_bytes: int | str = "64MB", verify: bool = True) -> dict[str, Any]:
     """Write every split of a `source` that lists its files (an image or audio folder) into shards under `out`; the
@@ -82,30 +120,10 @@ def prepare_shards(source: Any, out: str | os.PathLike, num_workers: int | None 
     splits = source.splits()
     # The files, and how they are decoded (the cache name holds an image size, a sample rate, a crop).
     fingerprint = digest(FORMAT, source.cache_name, *(source.fingerprint(s) for s in splits))
-    meta_path = out / META
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        damaged = shard_problems(out, meta, contents=verify) if meta.get("fingerprint") == fingerprint else []
-        if meta.get("fingerprint") == fingerprint and not damaged:
-            log.info("%s is already prepared from %s (%s); %s", out, source.path, meta["samples"],
-                     "every shard matches its checksum" if verify else "every shard has its size")
-            return meta
-        if damaged:
-            log.warning("%s; preparing it again", "; ".join(text for _, _, text in damaged[:3]))
-            replace = True
-        if not replace and meta.get("format") != FORMAT:
-            raise DataError(f"{out} was prepared by another version of mmtx (format {meta.get('format')}, this one "
-                            f"writes {FORMAT}); delete that folder and prepare it again, or give another out=")
-        if not replace:
-            raise DataError(f"{out} holds a dataset prepared from other files ({meta.get('source')}); give another "
-                            "out= or delete that folder")
-        log.info("%s was prepared from files that have changed since: preparing it again", out)
-        shutil.rmtree(out)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} exists and is not a prepared dataset (no {META}); give an empty or new folder as out=")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # what a killed prepare left
-    partial.mkdir(parents=True)
+    prepared = _prepared_or_cleared(out, fingerprint, verify, replace, str(source.path))
+    if prepared is not None:
+        return prepared
+    partial = _partial_folder(out)
     listing = _listing(source)
     _check_space(partial, sum(size for files in listing.values() for _, _, size in files))
     workers = num_workers or max(1, min(8, os.cpu_count() or 1))
@@ -335,25 +353,10 @@ def prepare_pairs(datamodule: Any, out: str | os.PathLike, num_workers: int | No
     decoded = [source.cache_name] if speech else []  # the sample rate and crop the workers decode clips at
     fingerprint = digest(FORMAT, *decoded, *(source.fingerprint(s) for s in source.splits()),
                          json.dumps(specs, sort_keys=True))
-    meta_path = out / META
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        damaged = shard_problems(out, meta, contents=verify) if meta.get("fingerprint") == fingerprint else []
-        if meta.get("fingerprint") == fingerprint and not damaged:
-            log.info("%s is already prepared from %s (%s); %s", out, source.cache_name, meta["samples"],
-                     "every shard matches its checksum" if verify else "every shard has its size")
-            return meta
-        if not damaged and not replace:
-            raise DataError(f"{out} holds a dataset prepared from other files or settings ({meta.get('source')}); "
-                            "give another out= or delete that folder")
-        if damaged:
-            log.warning("%s; preparing it again", "; ".join(text for _, _, text in damaged[:3]))
-        shutil.rmtree(out)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} exists and is not a prepared dataset (no {META}); give an empty or new folder as out=")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    prepared = _prepared_or_cleared(out, fingerprint, verify, replace, source.cache_name)
+    if prepared is not None:
+        return prepared
+    partial = _partial_folder(out)
     samples = (_write_speech if speech else _write_translation)(datamodule, partial, litdata, num_workers)
     shards = {split: {name: file_checksum(partial / split / name) for name in _chunk_names(partial / split)}
               for split in samples}
