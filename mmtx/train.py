@@ -33,16 +33,8 @@ from mmtx.config.members import compose_task, resolve_cotrain, with_total_steps
 from mmtx.config.sweep import is_test_metric
 from mmtx.config.validate import check_run_keys, validate
 from mmtx.config.wiring import build_data, build_model, build_trainer
-from mmtx.errors import (
-    ConfigError,
-    DataError,
-    NonFiniteError,
-    StorageError,
-    multirun_job,
-    reported,
-    run_cli,
-    user_error,
-)
+from mmtx.errors import (ConfigError, DataError, NonFiniteError, StorageError, multirun_job, reported, run_cli,
+                         user_error)
 from mmtx.files import atomic_write_text, check_writable, config_dir, remove_written
 from mmtx.interop.registry import is_pretrained, load_pretrained, take_architecture
 from mmtx.training.callbacks import stopping_signals
