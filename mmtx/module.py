@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from mmtx.batch import Batch
+from mmtx.checkpoints.io import with_members
 from mmtx.errors import NonFiniteError
 from mmtx.tasks.base import StepContext, TaskPart
 from mmtx.training.compiling import CompiledOrEager, compiler_unavailable
@@ -399,11 +400,9 @@ class MmtxModule(L.LightningModule):
         for logger in self.loggers if self._trainer is not None else []:
             if type(logger).__name__ == "WandbLogger":
                 checkpoint["mmtx_wandb_id"] = logger.version  # a resumed run continues this W&B run
-        if len(self.tasks) == 1:  # vocabularies and the like at the top level, where eval and generate read them
-            checkpoint.update(self.task.extra_state())
-        else:
-            checkpoint["mmtx_members"] = {name: part.extra_state() for name, part in self.tasks.items()}
+        checkpoint["mmtx_members"] = {name: part.extra_state() for name, part in self.tasks.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        members = with_members(checkpoint)["mmtx_members"]  # a checkpoint of the layout before one for all
         for name, part in self.tasks.items():
-            part.load_extra_state(checkpoint if len(self.tasks) == 1 else checkpoint.get("mmtx_members", {}).get(name, {}))
+            part.load_extra_state(members.get(name, {}))

@@ -29,13 +29,13 @@ from benchlib import report, run_train, warm_cache
 def decode_speed(ckpt: str, root: str | None, batches: int, beam: int, batch_size: int) -> None:
     from omegaconf import OmegaConf
 
-    from mmtx.checkpoints.io import load_checkpoint
+    from mmtx.checkpoints.io import load_checkpoint, member_view
     from mmtx.generate import load_model
     from mmtx.tokenizers.text import Vocab
     from mmtx.config.wiring import build_data
 
     torch.set_grad_enabled(False)
-    checkpoint = load_checkpoint(ckpt)
+    checkpoint = member_view(load_checkpoint(ckpt), None, ckpt)
     cfg = OmegaConf.create(checkpoint["mmtx_config"])
     cfg.data.eval_batch_size = batch_size
     if root:

@@ -121,8 +121,10 @@ def test_bad_files_are_the_errors_eval_gives(tmp_path):
 def test_a_checkpoint_written_before_the_package_layout_still_loads(classifier, tmp_path):
     """Checkpoints store their run configuration, whose `_target_`s named modules at the package root before they
     moved into folders by role (mmtx.callbacks -> mmtx.training.callbacks, mmtx.data.sources ->
-    mmtx.data.image_sources): loading renames them."""
-    from mmtx.checkpoints.io import MOVED, current_targets
+    mmtx.data.image_sources): loading renames them. A single-task run's part entries (classes, input size, the
+    train/loss window) were at the checkpoint's top level, where they are now under mmtx_members["main"] as for
+    several members: loading and resuming move them there."""
+    from mmtx.checkpoints.io import MOVED, current_targets, with_members
     from mmtx.eval import evaluate
 
     ckpt, _ = classifier
@@ -144,8 +146,15 @@ def test_a_checkpoint_written_before_the_package_layout_still_loads(classifier, 
 
     back(config)
     assert "mmtx.data.sources.image_folder" in renamed and "mmtx.callbacks.LastCheckpoint" in renamed
+    assert set(checkpoint["mmtx_members"]) == {"main"}
+    part_entries = checkpoint.pop("mmtx_members")["main"]
+    assert {"mmtx_runtime", "mmtx_train_loss_window"} <= part_entries.keys()
+    checkpoint.update(part_entries)  # the single-task layout before one layout for all
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
+    again = with_members(dict(checkpoint))
+    assert again["mmtx_members"] == {"main": part_entries} and "mmtx_runtime" not in again
+    assert again["mmtx_run_info"] == checkpoint["mmtx_run_info"]  # the run's own entries stay where they are
     assert current_targets({"a": [{"_target_": "mmtx.callbacks.EMA"}]}) == {"a": [{"_target_": "mmtx.training.callbacks.EMA"}]}
     assert mmtx.load(old, device="cpu").classes == ["cat", "dog", "ship"]
     assert "test/acc" in evaluate(str(old), [])

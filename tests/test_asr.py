@@ -104,4 +104,4 @@ def test_shared_fsdd_slice_as_words(tmp_path):
     assert math.isfinite(summary["test/loss"]) and 0.0 <= summary["test/cer"]
     refs = {r.split("\t")[2] for r in (tmp_path / "run" / "test_examples.tsv").read_text().splitlines()[1:]}
     assert refs == set(DIGIT_WORDS.values())
-    assert torch.load(summary["last_checkpoint"], weights_only=False)["mmtx_sample_rate"] == 8000
+    assert torch.load(summary["last_checkpoint"], weights_only=False)["mmtx_members"]["main"]["mmtx_sample_rate"] == 8000

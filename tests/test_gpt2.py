@@ -77,7 +77,7 @@ def test_the_run_takes_gpt2s_tokenizer_and_checks_the_model(reference, data_root
     summary = train(compose("gpt2_finetune", [*args, "trainer.max_steps=2", "test_after_fit=false"]), run_dir=tmp_path / "run")
     run = Path(summary["run_dir"])
     text = "Speak, speak. All resolved"
-    vocab = load_checkpoint(summary["last_checkpoint"])["mmtx_vocab"]
+    vocab = load_checkpoint(summary["last_checkpoint"])["mmtx_members"]["main"]["mmtx_vocab"]
     from mmtx.tokenizers.text import Vocab
 
     assert Vocab.from_json(vocab).encode(text) == tokenizer.encode(text)  # GPT-2's own tokens

@@ -152,7 +152,7 @@ def test_a_streamed_speech_run_trains_scores_wer_and_evaluates(speech, tmp_path)
                     run_dir=tmp_path / "run")
     assert summary["global_step"] == 3 and "test/wer" in summary
     assert "val/wer" in (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text()
-    assert torch.load(summary["last_checkpoint"], weights_only=False)["mmtx_sample_rate"] == 8000
+    assert torch.load(summary["last_checkpoint"], weights_only=False)["mmtx_members"]["main"]["mmtx_sample_rate"] == 8000
     scores = evaluate(summary["last_checkpoint"], ["trainer.limit_test_batches=1"])  # the folder's test clips
     assert "test/cer" in scores
 

@@ -17,6 +17,10 @@ from mmtx.errors import CheckpointError, ConfigError, MissingError
 from mmtx.files import atomic_save
 
 SINGLE = "main"  # the member name of a run with one task part: its parameters are tasks.main.*
+# A checkpoint's own entries; every other `mmtx_*` entry is a task part's (`TaskPart.extra_state`), kept under
+# `mmtx_members[name]` for one member as for several.
+RUN_ENTRIES = frozenset({"mmtx_config", "mmtx_run_info", "mmtx_wandb_id", "mmtx_members", "mmtx_export",
+                         "mmtx_pretrained"})
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,16 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     for key, value in checkpoint.items():
         if key.startswith("mmtx_") and isinstance(value, (dict, list)):
             current_targets(value)
+    return with_members(checkpoint)
+
+
+def with_members(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """`checkpoint` (changed in place) in the one layout of task parts' entries, `mmtx_members` = {member: its
+    entries}: a single-task checkpoint written before it (vocabularies and the like at the top level) has them
+    moved under `mmtx_members["main"]`."""
+    if "mmtx_members" not in checkpoint:
+        own = [k for k in checkpoint if k.startswith("mmtx_") and k not in RUN_ENTRIES]
+        checkpoint["mmtx_members"] = {SINGLE: {k: checkpoint.pop(k) for k in own}}
     return checkpoint
 
 
@@ -123,24 +137,32 @@ def current_targets(config: Any) -> Any:
     return config
 
 
+def cotrained(checkpoint: dict[str, Any]) -> bool:
+    """Whether `checkpoint` is a co-training run's (members' configurations stored, or several members)."""
+    return "member_configs" in (checkpoint.get("mmtx_config") or {}) or len(checkpoint.get("mmtx_members") or {}) > 1
+
+
 def member_view(checkpoint: dict[str, Any], member: str | None, path: str | Path) -> dict[str, Any]:
-    """The checkpoint as one member's single-task checkpoint: a co-training run's (`mmtx_members`) cut down to
-    the shared backbone and `member`'s part (`tasks.<member>.*` -> `tasks.main.*`), with that member's
-    configuration (the run's trainer) and vocabularies at the top level, as mmtx.eval, mmtx.generate and
-    mmtx.predict read them. A single-task checkpoint is returned as it is (`member` must then be unset)."""
-    members = checkpoint.get("mmtx_members")
-    if members is None:
-        if member:
-            raise ConfigError(f"member={member}: checkpoint {path} is of a single-task run, not a co-training run; "
-                              "leave member= out")
-        return checkpoint
-    if not member or member not in members:
+    """The checkpoint as one member's: the shared backbone and `member`'s part (`tasks.<member>.*` ->
+    `tasks.main.*`), with that member's configuration (a co-training run's: with the run's trainer) and its
+    entries (vocabularies and the like, `mmtx_members[member]`) at the top level, as mmtx.eval, mmtx.generate and
+    mmtx.predict read them. `member` may be left out when the checkpoint has one member, and must be for a
+    single-task run."""
+    members = with_members(checkpoint)["mmtx_members"]
+    run = checkpoint["mmtx_config"]
+    several = cotrained(checkpoint)
+    if not several and member:
+        raise ConfigError(f"member={member}: checkpoint {path} is of a single-task run, not a co-training run; "
+                          "leave member= out")
+    member = member or (next(iter(members)) if len(members) == 1 else None)
+    if member not in members:
         what = f"has no member {member!r}" if member else "is a co-training run"
         raise ConfigError(f"checkpoint {path} {what}: pick one of its members with member=NAME "
                           f"(members: {', '.join(members)})")
-    run = checkpoint["mmtx_config"]
-    config = dict(run["member_configs"][member])
-    config["trainer"] = run["trainer"]
+    config = run
+    if "member_configs" in run:
+        config = dict(run["member_configs"][member])
+        config["trainer"] = run["trainer"]
     prefix = f"tasks.{member}."
     state = {}
     for key, value in checkpoint["state_dict"].items():

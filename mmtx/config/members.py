@@ -32,6 +32,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmtx.checkpoints.io import SINGLE
 from mmtx.config.validate import is_number, validate
 from mmtx.data.cotrain import CoTrainData
 from mmtx.errors import ConfigError
@@ -203,6 +204,15 @@ def member_settings(cfg: DictConfig, configs: dict[str, DictConfig]) -> dict[str
             "reference": None if spec.get("reference") is None else float(spec.reference),
         }
     return settings
+
+
+def run_members(cfg: DictConfig) -> tuple[dict[str, DictConfig], dict[str, dict[str, Any]]]:
+    """The run's members and their settings (`member_settings`): a co-training run's, or a single-task run as
+    its one member `main` (its own task, loss weight 1, its own tokenizer)."""
+    if is_cotrain(cfg):
+        members = resolved_members(cfg)
+        return members, member_settings(cfg, members)
+    return {SINGLE: cfg}, {SINGLE: {"loss_weight": 1.0, "sample_weight": None, "tokenizer_from": None}}
 
 
 def own_steps(member: DictConfig, datamodule: Any) -> float:

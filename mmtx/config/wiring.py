@@ -18,7 +18,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mmtx.checkpoints.io import SINGLE, AtomicCheckpointIO
-from mmtx.config.members import CoTrainScore, is_cotrain, member_settings, own_steps, resolved_members
+from mmtx.config.members import CoTrainScore, is_cotrain, member_settings, own_steps, resolved_members, run_members
 from mmtx.data.cotrain import CoTrainData
 from mmtx.errors import ConfigError, user_error
 from mmtx.module import MmtxModule
@@ -120,25 +120,18 @@ def build_part(cfg: DictConfig, runtime: dict[str, Any], tokenizer: Any = None) 
 def build_model(cfg: DictConfig, runtime: dict[str, dict[str, Any]]) -> L.LightningModule:
     """The LightningModule of `cfg`, given the run-time values `runtime` = {"tokenizer": kwargs, "family":
     kwargs} (from `datamodule.runtime_kwargs()`: image size, classes, vocabulary, ...); for a co-training
-    run, {member: that} and one part per member on the one backbone.
+    run, {member: that}: one part per member on the one backbone (a single-task run is the one member `main`).
 
-    Built in data-flow order: the tokenizer, the shared backbone, then the task family's part (its head).
+    Built in data-flow order: the tokenizers, the shared backbone, then the task families' parts (their heads).
     """
-    loss_weights = None
-    if is_cotrain(cfg):
-        members = resolved_members(cfg)
-        settings = member_settings(cfg, members)
-        backbone = instantiate(cfg.backbone)
-        tasks: dict[str, Any] = {}
-        for name in sorted(members, key=lambda n: settings[n]["tokenizer_from"] is not None):  # sources first
-            source = settings[name]["tokenizer_from"]
-            tasks[name] = build_part(members[name], runtime[name], tasks[source].tokenizer if source else None)
-        tasks = {name: tasks[name] for name in members}  # the members' order
-        loss_weights = {name: s["loss_weight"] for name, s in settings.items()}
-    else:
-        tokenizer = build_tokenizer(cfg, runtime)
-        backbone = instantiate(cfg.backbone)
-        tasks = {SINGLE: build_part(cfg, runtime, tokenizer)}
+    members, settings = run_members(cfg)
+    runtimes = runtime if is_cotrain(cfg) else {SINGLE: runtime}
+    tokenizers: dict[str, Any] = {}
+    for name in sorted(members, key=lambda n: settings[n]["tokenizer_from"] is not None):  # owners before borrowers
+        source = settings[name]["tokenizer_from"]
+        tokenizers[name] = tokenizers[source] if source else build_tokenizer(members[name], runtimes[name])
+    backbone = instantiate(cfg.backbone)
+    tasks = {name: build_part(members[name], runtimes[name], tokenizers[name]) for name in members}
     module = cfg.get("module") or {}
     return MmtxModule(
         backbone=backbone,
@@ -148,7 +141,7 @@ def build_model(cfg: DictConfig, runtime: dict[str, dict[str, Any]]) -> L.Lightn
         max_nonfinite_steps=int(module.get("max_nonfinite_steps", 10)),
         tf32=bool(module.get("tf32", True)),
         run_config=OmegaConf.to_container(cfg, resolve=True),
-        loss_weights=loss_weights,
+        loss_weights={name: s["loss_weight"] for name, s in settings.items()},
     )
 
 

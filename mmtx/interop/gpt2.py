@@ -100,14 +100,11 @@ def load(spec: str) -> dict[str, Any]:
 
 
 def hf_config(checkpoint: dict[str, Any], source: str) -> tuple[Any, dict[str, torch.Tensor]]:
-    """A single-task mmtx language model checkpoint as a GPT2Config and GPT2LMHeadModel's state dict; what GPT-2
-    cannot express (rotary or no positions, no biases) is an error naming the key."""
+    """One member's mmtx language model (`mmtx.checkpoints.io.member_view`) as a GPT2Config and GPT2LMHeadModel's
+    state dict; what GPT-2 cannot express (rotary or no positions, no biases) is an error naming the key."""
     transformers = transformers_module()
 
     cfg = checkpoint.get("mmtx_config") or {}
-    if checkpoint.get("mmtx_members"):
-        raise ConfigError(f"format=hf: {source} is a co-training checkpoint: name its language model with member=NAME "
-                          f"(members: {', '.join(checkpoint['mmtx_members'])})")
     if not str((cfg.get("family") or {}).get("_target_", "")).endswith("LanguageModel"):
         raise ConfigError(f"format=hf writes a language model (GPT-2's shape); {source} is a "
                           f"{cfg.get('task_name')} checkpoint: use format=safetensors")

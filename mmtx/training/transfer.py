@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmtx.checkpoints.io import load_checkpoint, member_view
+from mmtx.checkpoints.io import cotrained, load_checkpoint, member_view
 from mmtx.errors import ConfigError
 from mmtx.files import atomic_write_text, tsv_text
 from mmtx.interop.registry import is_pretrained, load_pretrained
@@ -47,16 +47,17 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None,
         checkpoint = load_pretrained(str(path))
     else:
         checkpoint = load_checkpoint(path)
-    members = checkpoint.get("mmtx_members")
-    same_members = members is not None and member is None
-    if members is not None and member is not None:
+    several = cotrained(checkpoint)
+    same_members = several and member is None
+    if several and member is not None:
         checkpoint = member_view(checkpoint, member, path)
-    elif members is None and member is not None:
+    elif member is not None:
         raise ConfigError(f"finetune.member={member}: init_from checkpoint {path} is of a single-task run; leave "
                           "finetune.member out")
-    elif same_members and not set(getattr(model, "tasks", {})) & set(members):
-        raise ConfigError(f"init_from checkpoint {path} is a co-training run of members {', '.join(members)}: pick "
-                          "the one whose task part this run starts from with finetune.member=NAME")
+    elif same_members and not set(getattr(model, "tasks", {})) & set(checkpoint["mmtx_members"]):
+        raise ConfigError(f"init_from checkpoint {path} is a co-training run of members "
+                          f"{', '.join(checkpoint['mmtx_members'])}: pick the one whose task part this run starts "
+                          "from with finetune.member=NAME")
     source = checkpoint["state_dict"]
     target = model.state_dict()
     loaded, skipped, new, resampled, used = [], [], [], [], set()
