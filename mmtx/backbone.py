@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
 
 from mmtx.batch import Tokens
+from mmtx.errors import Count, Positive, Rate
 from mmtx.nn import Block
 from mmtx.nn.attention import KVCache
 
@@ -29,14 +30,14 @@ class Backbone(nn.Module):
 
     def __init__(
         self,
-        dim: int,
-        depth: int,
-        num_heads: int,
+        dim: Count,
+        depth: Count,
+        num_heads: Count,
         *,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
-        attn_dropout: float = 0.0,
-        drop_path: float = 0.0,
+        mlp_ratio: Positive = 4.0,
+        dropout: Rate = 0.0,
+        attn_dropout: Rate = 0.0,
+        drop_path: Rate = 0.0,
         qkv_bias: bool = True,
         causal: bool = False,
         cross_attention: bool = False,

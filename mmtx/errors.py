@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import sys
 import traceback
-from typing import Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator, NamedTuple
 
 
 class MmtxError(Exception):
@@ -195,3 +196,77 @@ def run_cli(cli: Callable[[], Any]) -> Any:
               flush=True)
         raise SystemExit(1)
     return result
+
+
+# -- what a configured value must be ------------------------------------------------------------------------------
+#
+# Declared once, on the constructor parameter that takes the value (`dropout: Rate = 0.0`, or
+# `Annotated[int, integer(2)]`); `mmtx.config.validate` reads these declarations from every `_target_` of a composed
+# configuration and names the key at fault before anything is built. A plain `int`, `float` or `bool` parameter is
+# checked for its type.
+
+
+class Rule(NamedTuple):
+    """What a value must be, in words, and the test of it."""
+
+    words: str
+    test: Callable[[Any], bool]
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
+           optional: bool = False) -> Rule:
+    lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+    hi = "" if high is None else (f"< {high}" if high_open else f"<= {high}")
+    words = "a number" + (" " + " and ".join(w for w in (lo, hi) if w) if lo or hi else "")
+    words += " or null" if optional else ""
+
+    def test(value: Any) -> bool:
+        if value is None:
+            return optional
+        if not is_number(value):
+            return False
+        if low is not None and (value <= low if low_open else value < low):
+            return False
+        return high is None or (value < high if high_open else value <= high)
+
+    return Rule(words, test)
+
+
+def integer(low: int, optional: bool = False, also: tuple[Any, ...] = ()) -> Rule:
+    words = f"a whole number >= {low}" + "".join(f" or {a}" for a in also) + (" or null" if optional else "")
+    return Rule(words, lambda v: (v is None and optional) or v in also or (_integer(v) and v >= low))
+
+
+def limit(optional: bool = True) -> Rule:
+    """Lightning's limit_*_batches / val_check_interval: a fraction in [0, 1] or a whole number of batches."""
+    return Rule("a fraction in [0, 1] or a whole number of batches >= 0" + (" or null" if optional else ""),
+                lambda v: (v is None and optional) or (_integer(v) and v >= 0) or (is_number(v) and 0 <= v <= 1))
+
+
+def boolean() -> Rule:
+    return Rule("true or false", lambda v: isinstance(v, bool))
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(" or ".join(repr(c) for c in choices), lambda v: v in choices)
+
+
+
+# The common declarations.
+Count = Annotated[int, integer(1)]  # sizes, depths, heads, batch sizes
+MaybeCount = Annotated[int | None, integer(1, optional=True)]
+Natural = Annotated[int, integer(0)]  # a whole number that may be 0
+MaybeNatural = Annotated[int | None, integer(0, optional=True)]
+Rate = Annotated[float, number(0, 1, high_open=True)]  # dropout, label smoothing, a held-out fraction: [0, 1)
+MaybeRate = Annotated[float | None, number(0, 1, high_open=True, optional=True)]
+Positive = Annotated[float, number(0, low_open=True)]
+MaybePositive = Annotated[float | None, number(0, low_open=True, optional=True)]
+NonNegative = Annotated[float, number(0)]

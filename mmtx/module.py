@@ -18,7 +18,7 @@ from torch import nn
 
 from mmtx.batch import Batch
 from mmtx.checkpoints.io import with_members
-from mmtx.errors import NonFiniteError
+from mmtx.errors import Count, NonFiniteError
 from mmtx.tasks.base import StepContext, TaskPart
 from mmtx.training.compiling import CompiledOrEager, compiler_unavailable
 from mmtx.training.optim import build_optimizer
@@ -172,7 +172,7 @@ class MmtxModule(L.LightningModule):
         tasks: dict[str, TaskPart],
         optim: dict[str, Any],
         compile: bool = False,
-        max_nonfinite_steps: int = 10,
+        max_nonfinite_steps: Count = 10,
         tf32: bool = True,
         run_config: dict[str, Any] | None = None,
         loss_weights: dict[str, float] | None = None,

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from conftest import ENV, REPO, TINY_TEXT, cli, folder_run, make_image_folder, small_run
 from mmtx import compose
@@ -36,6 +37,40 @@ def test_bad_values_fail_before_any_data_is_read(override, message, tmp_path):
     cfg = compose("vit_cifar", [f"data.root={tmp_path / 'no-data-here'}", f"paths.output_root={tmp_path}", override])
     with pytest.raises(ConfigError, match=re.escape(message)):
         train(cfg, run_dir=tmp_path / "run")
+
+
+@pytest.mark.parametrize("task, override, message", [
+    ("vit_cifar_cpu", "tokenizer.patch_size=abc", "tokenizer.patch_size='abc' is not valid: tokenizer.patch_size must "
+                                                  "be a whole number >= 1"),
+    ("vit_cifar_cpu", "data.augment.crop_padding=-1", "data.augment.crop_padding must be a whole number >= 0"),
+    ("vit_cifar_cpu", "data.source.image_size=0", "data.source.image_size must be a whole number >= 1 or null"),
+    ("vit_cifar_cpu", "module.max_nonfinite_steps=0", "module.max_nonfinite_steps must be a whole number >= 1"),
+    ("vit_cifar_cpu", "data.seed=two", "data.seed must be a whole number"),  # a plain int parameter: its type
+    ("translate_multi30k_cpu", "family.decoder.depth=0", "family.decoder.depth must be a whole number >= 1 or null"),
+    ("gpt_shakespeare_cpu", "data.val_fraction=0", "data.val_fraction must be a number > 0 and < 1"),  # text's own
+    ("audio_fsdd", "data.val_fraction=1", "data.val_fraction must be a number >= 0 and < 1"),
+])
+def test_a_value_is_checked_by_the_rule_its_constructor_declares(task, override, message):
+    """Types and ranges are declared once, on the parameter of the class a node's `_target_` names
+    (`batch_size: Count`); the run's table holds only keys no mmtx constructor takes."""
+    from mmtx.config.validate import validate
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose(task, [override]))
+
+
+def test_no_key_has_two_rules():
+    """A key of the run's own table (`RULES`) is taken by no mmtx constructor that declares a rule for it."""
+    from mmtx.config.validate import RULES, TAKEN_BY, declared
+
+    for task in ("vit_cifar_cpu", "gpt_shakespeare_cpu", "audio_fsdd", "translate_multi30k_cpu", "asr_fsdd"):
+        cfg = compose(task, [])
+        for key in RULES:
+            group, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, group) if group else None
+            if isinstance(node, DictConfig) and "_target_" in node and str(node._target_).startswith("mmtx."):
+                assert leaf not in declared(node._target_), key
+            assert group not in TAKEN_BY, key
 
 
 # -- 8. hints name keys that exist ---------------------------------------------------------------------------

@@ -3,73 +3,35 @@
 Hydra checks that keys exist; this checks their values (`optim.lr=abc`, `data.batch_size=0`) and
 fails with one message naming the key, the value and what is allowed, instead of an error raised
 deep inside PyTorch minutes later.
+
+What a value must be is declared once, where it is taken: on the parameter of the class or function a config
+node's `_target_` names (`batch_size: Count`, `dropout: Rate`: `mmtx.errors`' rules), read from there for every
+node of the configuration. `RULES` holds only the keys no mmtx constructor takes: the run's own, the optimizer's
+settings and Lightning's Trainer's.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+import functools
+import inspect
+import typing
+from typing import Annotated, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mmtx.errors import ConfigError
+from mmtx.errors import ConfigError, Rule, _integer, boolean, integer, is_number, limit, number, one_of
 
 _ABSENT = object()  # OmegaConf.select's default: the key is not in this task's config
-
-# A rule: (what is allowed, in words; a test of the value). Keys absent from a task's config are skipped.
-Rule = tuple[str, Callable[[Any], bool]]
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
-           optional: bool = False) -> Rule:
-    lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
-    hi = "" if high is None else (f"< {high}" if high_open else f"<= {high}")
-    words = "a number" + (" " + " and ".join(w for w in (lo, hi) if w) if lo or hi else "")
-    words += " or null" if optional else ""
-
-    def test(value: Any) -> bool:
-        if value is None:
-            return optional
-        if not is_number(value):
-            return False
-        if low is not None and (value <= low if low_open else value < low):
-            return False
-        return high is None or (value < high if high_open else value <= high)
-
-    return words, test
-
-
-def integer(low: int, optional: bool = False, also: tuple[Any, ...] = ()) -> Rule:
-    words = f"a whole number >= {low}" + "".join(f" or {a}" for a in also) + (" or null" if optional else "")
-    return words, lambda v: (v is None and optional) or v in also or (_integer(v) and v >= low)
-
-
-def limit(optional: bool = True) -> Rule:
-    """Lightning's limit_*_batches / val_check_interval: a fraction in [0, 1] or a whole number of batches."""
-    return ("a fraction in [0, 1] or a whole number of batches >= 0" + (" or null" if optional else ""),
-            lambda v: (v is None and optional) or (_integer(v) and v >= 0) or (is_number(v) and 0 <= v <= 1))
-
-
-def boolean() -> Rule:
-    return "true or false", lambda v: isinstance(v, bool)
-
-
-def one_of(*choices: str) -> Rule:
-    return " or ".join(repr(c) for c in choices), lambda v: v in choices
+# Config nodes without a `_target_` whose keys a constructor takes: {node: (that constructor, null allowed)}.
+# `family.decoder`'s keys are the backbone's, null for the backbone's own value.
+TAKEN_BY = {"family.decoder": ("mmtx.backbone.Backbone", True), "module": ("mmtx.module.MmtxModule", False),
+            "data.augment": ("mmtx.data.augment.BatchAugment", False)}
 
 
 def device() -> Rule:
     """A device for inference: auto, cpu, cuda or cuda:<index>."""
-    return ("'auto', 'cpu', 'cuda' or 'cuda:<index>'",
-            lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())))
+    return Rule("'auto', 'cpu', 'cuda' or 'cuda:<index>'",
+                lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())))
 
 
 RULES: dict[str, Rule] = {
@@ -81,21 +43,6 @@ RULES: dict[str, Rule] = {
     "optim.warmup_steps": integer(0, optional=True),
     "optim.warmup_fraction": number(0, 1, high_open=True),
     "optim.min_lr_ratio": number(0, 1),
-    "data.batch_size": integer(1),
-    "data.eval_batch_size": integer(1, optional=True),
-    "data.val_fraction": number(0, 1, high_open=True, optional=True),  # null: data=streaming_text, as prepared
-    "data.block_size": integer(1),
-    "data.max_src_len": integer(2, optional=True),  # null: data=streaming_pairs, as prepared
-    "data.max_tgt_len": integer(2, optional=True),
-    "data.mixup": number(0),
-    "data.augment.crop_padding": integer(0),
-    "data.augment.hflip": boolean(),
-    "data.source.image_size": integer(1, optional=True),
-    "data.source.sample_rate": integer(1),
-    "data.source.max_seconds": number(0, low_open=True, optional=True),
-    "tokenizer.patch_size": integer(1),
-    "data.cutmix": number(0),
-    "data.device_resident": boolean(),
     "trainer.max_epochs": integer(0, also=(-1,), optional=True),
     "trainer.max_steps": integer(0, also=(-1,)),
     "trainer.gradient_clip_val": number(0, optional=True),
@@ -108,28 +55,6 @@ RULES: dict[str, Rule] = {
     "trainer.limit_test_batches": limit(),
     "trainer.val_check_interval": limit(),
     "trainer.num_nodes": integer(1),
-    "backbone.dim": integer(1),
-    "backbone.depth": integer(1),
-    "backbone.num_heads": integer(1),
-    "backbone.mlp_ratio": number(0, low_open=True),
-    "backbone.dropout": number(0, 1, high_open=True),
-    "backbone.attn_dropout": number(0, 1, high_open=True),
-    "backbone.drop_path": number(0, 1, high_open=True),
-    "family.decoder.depth": integer(1, optional=True),  # null: the backbone's
-    "family.decoder.num_heads": integer(1, optional=True),
-    "family.decoder.dropout": number(0, 1, high_open=True, optional=True),
-    "family.decoder.attn_dropout": number(0, 1, high_open=True, optional=True),
-    "family.decoder.drop_path": number(0, 1, high_open=True, optional=True),
-    "family.label_smoothing": number(0, 1, high_open=True),
-    "family.beam_size": integer(1),
-    "family.media_samples": integer(0),
-    "family.sample_tokens": integer(0),
-    "family.sample_temperature": number(0),
-    "family.sample_top_k": integer(0, optional=True),
-    "module.max_nonfinite_steps": integer(1),
-    "callbacks.last_checkpoint.every_n_steps": integer(0, optional=True),
-    "callbacks.last_checkpoint.every_n_minutes": number(0, low_open=True, optional=True),
-    "callbacks.last_checkpoint.on_validation": boolean(),
 }
 
 
@@ -150,7 +75,8 @@ def _select(cfg: DictConfig | dict, key: str) -> Any:
 
 def validate(cfg: DictConfig | dict, rules: dict[str, Rule] | None = None) -> None:
     """Raise a ConfigError naming the first key of `cfg` whose value breaks its rule (`rules`: a program's own,
-    such as mmtx.generate's, on its arguments; default: a training run's, and its cross-key checks)."""
+    such as mmtx.generate's, on its arguments; default: a training run's: `RULES`, what its constructors declare,
+    and its cross-key checks)."""
     for key, (allowed, test) in (RULES if rules is None else rules).items():
         node = _select(cfg, key)
         if node is _ABSENT:
@@ -159,6 +85,7 @@ def validate(cfg: DictConfig | dict, rules: dict[str, Rule] | None = None) -> No
             raise ConfigError(f"{key}={node!r} is not valid: {key} must be {allowed}")
     if rules is not None:
         return
+    check_declared(cfg)
     betas = OmegaConf.select(cfg, "optim.betas", default=None)
     if betas is not None and not (len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optim.betas={list(betas)!r} is not valid: it must be two numbers in [0, 1)")
@@ -193,3 +120,79 @@ def check_run_keys(cfg: DictConfig) -> None:
             raise ConfigError(f"{group}={node if node is None else '{...}'} leaves task={cfg.get('task_name')} "
                               f"without a {group} to build (its settings have no _target_): pick one of conf/{group}/ "
                               f"(e.g. {group}=<name>), or drop that override")
+
+
+def check_declared(cfg: DictConfig) -> None:
+    """Check every value of `cfg` that an mmtx constructor declares a rule for (see the module's docstring)."""
+    nodes: list[tuple[str, DictConfig, dict[str, Rule]]] = [("", cfg, {})]
+    for path, node, rules in nodes:  # in the configuration's order, each node's keys before those below it
+        target = node.get("_target_") if "_target_" in node else None
+        if isinstance(target, str) and target.startswith("mmtx."):
+            rules = declared(target)
+        elif path in TAKEN_BY:
+            target, nullable = TAKEN_BY[path]
+            rules = {k: _or_null(r) if nullable else r for k, r in declared(target).items()}
+        for key in node:
+            where = f"{path}.{key}" if path else str(key)
+            if OmegaConf.is_missing(node, key):  # ???: filled later (init_from's weights), or named when built
+                continue
+            value = node[key]
+            if isinstance(value, DictConfig):
+                nodes.append((where, value, {}))
+            elif key in rules and not isinstance(value, ListConfig) and not rules[key].test(value):
+                raise ConfigError(f"{where}={value!r} is not valid: {where} must be {rules[key].words}")
+
+
+@functools.cache
+def declared(target: str) -> dict[str, Rule]:
+    """{parameter: its rule} of the class or function `target` names: its `Annotated[..., Rule]` parameters, and its
+    plain int, float and bool ones (for a class, its mmtx base classes' too, which its own override)."""
+    from hydra.utils import get_object
+
+    try:
+        found = get_object(target)
+    except Exception:  # noqa: BLE001 - a target that does not import is Hydra's error to name, when it builds it
+        return {}
+    if isinstance(found, type):
+        functions = [c.__dict__["__init__"] for c in reversed(found.__mro__)
+                     if "__init__" in c.__dict__ and c.__module__.startswith("mmtx")]
+    else:
+        functions = [found]
+    rules: dict[str, Rule] = {}
+    for function in functions:
+        for name, hint in _hints(function).items():
+            rule = _rule_of(hint)
+            if rule is not None and name != "return":
+                rules[name] = rule
+    return rules
+
+
+def _hints(function: Any) -> dict[str, Any]:
+    """The parameters' type hints of `function`, each evaluated alone (a name imported only for type checkers
+    leaves that parameter out, not the others)."""
+    hints = {}
+    for name, hint in inspect.get_annotations(function).items():
+        try:
+            hints[name] = eval(hint, function.__globals__) if isinstance(hint, str) else hint  # noqa: S307
+        except Exception:  # noqa: BLE001
+            continue
+    return hints
+
+
+_PLAIN = {int: Rule("a whole number", _integer), float: Rule("a number", is_number), bool: boolean()}
+
+
+def _rule_of(hint: Any) -> Rule | None:
+    if typing.get_origin(hint) is Annotated:
+        return next((m for m in hint.__metadata__ if isinstance(m, Rule)), None) or _rule_of(typing.get_args(hint)[0])
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2:  # X | None
+        inner = _rule_of(next(a for a in args if a is not type(None)))
+        return None if inner is None else _or_null(inner)
+    return _PLAIN.get(hint)
+
+
+def _or_null(rule: Rule) -> Rule:
+    if rule.test(None):
+        return rule
+    return Rule(f"{rule.words} or null", lambda v: v is None or rule.test(v))

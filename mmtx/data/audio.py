@@ -9,6 +9,7 @@ import torch
 from mmtx.batch import AudioBatch
 from mmtx.data.base import LabelledSplits, gather_padded
 from mmtx.data.memory import check_resident_max_gb
+from mmtx.errors import Count, MaybeCount, Rate
 
 
 class AudioDataModule(LabelledSplits):
@@ -23,8 +24,8 @@ class AudioDataModule(LabelledSplits):
 
     sample_keys = ("offsets", "lengths", "labels")
 
-    def __init__(self, source: Any, cache_dir: str, root: str | None = None, batch_size: int = 128,
-                 eval_batch_size: int | None = None, val_fraction: float = 0.0, device_resident: bool = True,
+    def __init__(self, source: Any, cache_dir: str, root: str | None = None, batch_size: Count = 128,
+                 eval_batch_size: MaybeCount = None, val_fraction: Rate = 0.0, device_resident: bool = True,
                  seed: int = 0, resident_max_gb: float | None = None) -> None:
         super().__init__(source, cache_dir, root, batch_size, eval_batch_size, val_fraction, device_resident, seed)
         # Above this decoded size (GB; None: 80% of the memory available) a folder is streamed instead (build_data).

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mmtx.data.cache import digest
-from mmtx.errors import ConfigError, DataError, MissingError, optional
+from mmtx.errors import ConfigError, Count, DataError, MaybePositive, MissingError, optional
 from mmtx.files import describe_root, resolve_root
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga")
 class AudioDecoder:
     """Decode, mix down, resample and crop clips; count what it had to change or skip."""
 
-    def __init__(self, sample_rate: int, max_seconds: float | None = None, on_bad_file: str = "skip") -> None:
+    def __init__(self, sample_rate: Count, max_seconds: MaybePositive = None, on_bad_file: str = "skip") -> None:
         if on_bad_file not in ("skip", "error"):
             raise ConfigError(f"data.source.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
         self.sample_rate = sample_rate
@@ -113,7 +113,7 @@ def wav_declared_frames(source: str | Path | bytes) -> int | None:
     return None
 
 
-def check_fits(files: list[Path], sample_rate: int, max_seconds: float | None, where: str) -> None:
+def check_fits(files: list[Path], sample_rate: Count, max_seconds: MaybePositive, where: str) -> None:
     """Refuse a split whose decoded clips would not fit in memory (float32 while decoding, then the float16 cache:
     6 bytes a sample at `sample_rate`, each clip cropped to `max_seconds`), naming its size, before decoding it.
     The clips' lengths come from their headers."""
@@ -154,7 +154,7 @@ def pack(waves: list[torch.Tensor], labels: list[int], classes: list[str], where
     }
 
 
-def decoded_bytes(files: Iterable[Path], sample_rate: int, max_seconds: float | None) -> int:
+def decoded_bytes(files: Iterable[Path], sample_rate: Count, max_seconds: MaybePositive) -> int:
     """What `files` take decoded as the cache holds them (float16 at `sample_rate`, each cropped to `max_seconds`),
     from their headers (soundfile's `info`: nothing is decoded); a file whose header cannot be read counts as its
     size in bytes."""
@@ -186,8 +186,8 @@ class AudioFolder:
         self,
         path: str,
         root: str | None = None,
-        sample_rate: int = 16000,
-        max_seconds: float | None = 10.0,
+        sample_rate: Count = 16000,
+        max_seconds: MaybePositive = 10.0,
         label_pattern: str | None = None,
         test_pattern: str | None = None,
         on_bad_file: str = "skip",
@@ -280,8 +280,8 @@ class HFAudio:
         audio_key: str = "audio",
         label_key: str = "label",
         split_names: dict[str, str] | None = None,
-        sample_rate: int = 16000,
-        max_seconds: float | None = 10.0,
+        sample_rate: Count = 16000,
+        max_seconds: MaybePositive = 10.0,
         on_bad_file: str = "skip",
     ) -> None:
         self.path, self.name, self.data_dir = path, name, data_dir

@@ -7,6 +7,8 @@ in DataLoader workers.
 
 from __future__ import annotations
 
+from mmtx.errors import Natural
+
 import math
 
 import torch
@@ -116,7 +118,7 @@ class BatchAugment(nn.Module):
 
     def __init__(
         self,
-        crop_padding: int = 4,
+        crop_padding: Natural = 4,
         hflip: bool = True,
         randaugment: dict | None = None,
         resized_crop: dict | None = None,

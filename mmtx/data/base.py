@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtx.data.cache import load_or_build
-from mmtx.errors import ConfigError, DataError
+from mmtx.errors import ConfigError, Count, DataError, MaybeCount, Rate
 from mmtx.files import resolve_root
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
     batch still mixes classes whose clips differ in length).
     """
 
-    def __init__(self, size: int, seed: int = 0, lengths: torch.Tensor | None = None, batch_size: int = 1) -> None:
+    def __init__(self, size: int, seed: int = 0, lengths: torch.Tensor | None = None, batch_size: Count = 1) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
         self.lengths, self.batch_size = lengths, batch_size
 
@@ -209,7 +209,7 @@ class IndexedSplits(L.LightningDataModule, abc.ABC):
     size_key = "labels"
     lengths_key = "lengths"
 
-    def __init__(self, batch_size: int, eval_batch_size: int | None, device_resident: bool, seed: int) -> None:
+    def __init__(self, batch_size: Count, eval_batch_size: MaybeCount, device_resident: bool, seed: int) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -327,12 +327,10 @@ class CachedSplits(IndexedSplits):
 
     sample_keys: tuple[str, ...] = ("labels",)
 
-    def __init__(self, source: Source, cache_dir: str, root: str | None = None, batch_size: int = 128,
-                 eval_batch_size: int | None = None, val_fraction: float = 0.0, device_resident: bool = True,
+    def __init__(self, source: Source, cache_dir: str, root: str | None = None, batch_size: Count = 128,
+                 eval_batch_size: MaybeCount = None, val_fraction: Rate = 0.0, device_resident: bool = True,
                  seed: int = 0) -> None:
         super().__init__(batch_size, eval_batch_size, device_resident, seed)
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.source = source
         self.root = resolve_root(root)
         self.cache_dir = Path(cache_dir)

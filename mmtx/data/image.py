@@ -10,6 +10,7 @@ from mmtx.batch import ImageBatch
 from mmtx.data.augment import BatchAugment
 from mmtx.data.base import LabelledSplits, Source
 from mmtx.data.memory import check_resident_max_gb
+from mmtx.errors import Count, MaybeCount, NonNegative, Rate
 
 
 class ImageDataModule(LabelledSplits):
@@ -28,14 +29,14 @@ class ImageDataModule(LabelledSplits):
         source: Source,
         cache_dir: str,
         root: str | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        val_fraction: float = 0.0,
+        batch_size: Count = 128,
+        eval_batch_size: MaybeCount = None,
+        val_fraction: Rate = 0.0,
         mean: tuple[float, ...] = (0.5, 0.5, 0.5),
         std: tuple[float, ...] = (0.5, 0.5, 0.5),
         augment: dict | None = None,
-        mixup: float = 0.0,
-        cutmix: float = 0.0,
+        mixup: NonNegative = 0.0,
+        cutmix: NonNegative = 0.0,
         device_resident: bool = True,
         seed: int = 0,
         resident_max_gb: float | None = None,

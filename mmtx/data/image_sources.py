@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mmtx.data.cache import digest
-from mmtx.errors import ConfigError, DataError, MissingError, optional
+from mmtx.errors import ConfigError, DataError, MaybeCount, MissingError, optional
 from mmtx.files import describe_root, resolve_root
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class ImageFolder:
 
     SPLITS = ("train", "val", "test")
 
-    def __init__(self, path: str | os.PathLike, image_size: int | None = None, on_bad_file: str = "skip") -> None:
+    def __init__(self, path: str | os.PathLike, image_size: MaybeCount = None, on_bad_file: str = "skip") -> None:
         if on_bad_file not in ("skip", "error"):
             raise ConfigError(f"data.source.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
         self.path = Path(path).expanduser()
@@ -210,7 +210,7 @@ class TorchvisionCIFAR10:
         return {"images": images, "labels": torch.tensor(ds.targets, dtype=torch.long), "classes": list(ds.classes)}
 
 
-def cifar10(root: str | None = None, download: bool = True, image_size: int | None = 32, on_bad_file: str = "skip"):
+def cifar10(root: str | None = None, download: bool = True, image_size: MaybeCount = 32, on_bad_file: str = "skip"):
     """CIFAR-10 from wherever it is under the data root.
 
     Looks for torchvision's files (`<root>/cifar-10-batches-py`), then a
@@ -256,7 +256,7 @@ def _download_cifar10(base: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def image_folder(path: str, root: str | None = None, image_size: int | None = None, on_bad_file: str = "skip"):
+def image_folder(path: str, root: str | None = None, image_size: MaybeCount = None, on_bad_file: str = "skip"):
     """An ImageFolder at `path`; a relative path is taken under the data root."""
     p = Path(path).expanduser()
     if not p.is_absolute() and not p.exists():
@@ -280,7 +280,7 @@ class HFImages:
         image_key: str = "image",
         label_key: str = "label",
         split_names: dict[str, str] | None = None,
-        image_size: int | None = None,
+        image_size: MaybeCount = None,
         on_bad_file: str = "skip",
     ) -> None:
         if on_bad_file not in ("skip", "error"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from mmtx.data.audio import audio_batch
 from mmtx.data.base import CachedSplits, gather_padded
 from mmtx.data.cache import cache_folder, digest, verified
 from mmtx.data.memory import check_resident_max_gb
-from mmtx.errors import ConfigError, DataError
+from mmtx.errors import ConfigError, Count, DataError, MaybeCount, Rate, integer
 from mmtx.tokenizers.text import Vocab, build_vocab
 
 log = logging.getLogger(__name__)
@@ -130,11 +130,11 @@ class Seq2SeqDataModule(CachedSplits):
         src_vocab: dict[str, Any] | None = None,
         shared_vocab: bool = True,
         root: str | None = None,
-        max_src_len: int = 128,
-        max_tgt_len: int = 128,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        val_fraction: float = 0.0,
+        max_src_len: Annotated[int, integer(2)] = 128,
+        max_tgt_len: Annotated[int, integer(2)] = 128,
+        batch_size: Count = 64,
+        eval_batch_size: MaybeCount = None,
+        val_fraction: Rate = 0.0,
         device_resident: bool = True,
         fixed_vocab: Vocab | None = None,
         fixed_tgt_vocab: Vocab | None = None,

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 from mmtx.data.audio_sources import AudioDecoder, AudioFolder, pack
 from mmtx.data.cache import digest
 from mmtx.data.text_sources import decode_utf8
-from mmtx.errors import ConfigError, DataError, MissingError, optional
+from mmtx.errors import ConfigError, Count, DataError, MaybePositive, MissingError, optional
 from mmtx.files import resolve_root
 
 log = logging.getLogger(__name__)
@@ -224,8 +224,8 @@ class SpeechManifest:
         self,
         files: Mapping[str, str],
         root: str | None = None,
-        sample_rate: int = 16000,
-        max_seconds: float | None = 30.0,
+        sample_rate: Count = 16000,
+        max_seconds: MaybePositive = 30.0,
         on_bad_file: str = "skip",
     ) -> None:
         files = given_splits(files)

@@ -20,7 +20,7 @@ import torch
 from mmtx.data.audio_sources import pack
 from mmtx.data.cache import digest
 from mmtx.data.text import TextDataModule, text_runtime
-from mmtx.errors import ConfigError
+from mmtx.errors import ConfigError, Count, MaybeCount, Positive
 from mmtx.tokenizers.text import UNK, Vocab
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,9 @@ class SyntheticTokens(TextDataModule):
         self,
         vocab_size: int = 50257,
         special_tokens: Sequence[str] = ("<|endoftext|>",),
-        block_size: int = 1024,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
+        block_size: Count = 1024,
+        batch_size: Count = 16,
+        eval_batch_size: MaybeCount = None,
         train_tokens: int = 1 << 22,
         val_tokens: int = 1 << 18,
         device_resident: bool = True,
@@ -121,7 +121,7 @@ class SyntheticImages:
     `num_classes` classes: `train_size` training and `test_size` test images (`data=synthetic_images`, through
     `ImageDataModule`, augmentation included)."""
 
-    def __init__(self, num_classes: int = 10, image_size: int = 32, channels: int = 3, train_size: int = 10_000,
+    def __init__(self, num_classes: int = 10, image_size: Count = 32, channels: int = 3, train_size: int = 10_000,
                  test_size: int = 1_000, seed: int = 0) -> None:
         self.num_classes = _positive(num_classes, "data.source.num_classes", "the number of classes")
         self.image_size = _positive(image_size, "data.source.image_size", "the image side in pixels")
@@ -154,8 +154,8 @@ class SyntheticAudio:
     """A `Source` of random clips (white noise at `sample_rate`, `min_seconds` to `max_seconds` long) with random
     labels of `num_classes` classes (`data=synthetic_audio`, through `AudioDataModule` and the mel tokenizer)."""
 
-    def __init__(self, num_classes: int = 10, sample_rate: int = 16_000, min_seconds: float = 0.5,
-                 max_seconds: float = 1.0, train_size: int = 2_000, test_size: int = 300, seed: int = 0) -> None:
+    def __init__(self, num_classes: int = 10, sample_rate: Count = 16_000, min_seconds: float = 0.5,
+                 max_seconds: Positive = 1.0, train_size: int = 2_000, test_size: int = 300, seed: int = 0) -> None:
         self.num_classes = _positive(num_classes, "data.source.num_classes", "the number of classes")
         self.sample_rate = _positive(sample_rate, "data.source.sample_rate", "the sample rate in Hz")
         if not isinstance(max_seconds, (int, float)) or not isinstance(min_seconds, (int, float)) \

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Annotated, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from mmtx.batch import TokenBatch
 from mmtx.data.base import IndexedSplits, Source
 from mmtx.data.cache import cache_folder, digest, verified
 from mmtx.data.memory import check_resident_max_gb
-from mmtx.errors import ConfigError, DataError, MissingError
+from mmtx.errors import ConfigError, Count, DataError, MaybeCount, MaybeRate, MissingError, number
 from mmtx.files import resolve_root
 from mmtx.tokenizers.text import Vocab, build_vocab
 
@@ -60,10 +60,10 @@ class TextDataModule(IndexedSplits):
         cache_dir: str,
         vocab: dict[str, Any],
         root: str | None = None,
-        block_size: int = 256,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        val_fraction: float = 0.1,
+        block_size: Count = 256,
+        batch_size: Count = 64,
+        eval_batch_size: MaybeCount = None,
+        val_fraction: Annotated[float, number(0, 1, low_open=True, high_open=True)] = 0.1,  # text needs a val split
         device_resident: bool = True,
         fixed_vocab: Vocab | None = None,
         seed: int = 0,
@@ -71,8 +71,6 @@ class TextDataModule(IndexedSplits):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, device_resident, seed)
         self.resident_max_gb = check_resident_max_gb(resident_max_gb)
-        if not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.source = source
         self.root = resolve_root(root)
         self.cache_dir = Path(cache_dir)
@@ -301,15 +299,15 @@ class StreamingText(TextDataModule):
     def __init__(
         self,
         path: str,
-        block_size: int = 256,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
+        block_size: Count = 256,
+        batch_size: Count = 64,
+        eval_batch_size: MaybeCount = None,
         device_resident: bool = False,
         resident_max_gb: float | None = None,
         seed: int = 0,
         root: str | None = None,
         fixed_vocab: Vocab | None = None,
-        val_fraction: float | None = None,
+        val_fraction: MaybeRate = None,
     ) -> None:
         super().__init__(source=None, cache_dir="", vocab={}, root=root, block_size=block_size, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, device_resident=device_resident, fixed_vocab=fixed_vocab,

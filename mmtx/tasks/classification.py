@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from mmtx.batch import AudioBatch, ImageBatch, Tokens
 from mmtx.data.modalities import modality_of
-from mmtx.errors import CheckpointError, ConfigError
+from mmtx.errors import CheckpointError, ConfigError, Count, Natural, Rate
 from mmtx.tasks.base import StepContext, TaskPart
 from mmtx.tasks.reports import log_confusion_matrix, log_media
 
@@ -20,7 +20,7 @@ from mmtx.tasks.reports import log_confusion_matrix, log_media
 class ClsPool(nn.Module):
     """A learned CLS token is put in front of the tokens (`prepare`); its output is the pooled vector (ViT)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: Count) -> None:
         super().__init__()
         self.token = nn.Parameter(torch.zeros(1, 1, dim))
         trunc_normal_(self.token, std=0.02)
@@ -38,7 +38,7 @@ class ClsPool(nn.Module):
 class MeanPool(nn.Module):
     """The mean over real tokens (padding excluded); no extra token (many CIFAR ViTs, audio models)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: Count) -> None:
         super().__init__()
 
     def prepare(self, tokens: Tokens) -> Tokens:
@@ -57,7 +57,7 @@ POOLS = {"cls": ClsPool, "mean": MeanPool}  # family.pool
 class ClassifierHead(nn.Module):
     """Pool the backbone output (`family.pool`: cls | mean), then one linear layer to class logits."""
 
-    def __init__(self, dim: int, num_classes: int, pool: str = "cls", dropout: float = 0.0) -> None:
+    def __init__(self, dim: Count, num_classes: int, pool: str = "cls", dropout: Rate = 0.0) -> None:
         super().__init__()
         if pool not in POOLS:
             raise ConfigError(f"family.pool must be one of {sorted(POOLS)}, got {pool!r}")
@@ -97,14 +97,14 @@ class Classification(TaskPart):
     def __init__(
         self,
         tokenizer: nn.Module,
-        dim: int,
+        dim: Count,
         num_classes: int,
         pool: str = "cls",
-        dropout: float = 0.0,
-        label_smoothing: float = 0.1,
+        dropout: Rate = 0.0,
+        label_smoothing: Rate = 0.1,
         class_names: list[str] | None = None,
         confusion_matrix: bool = True,
-        media_samples: int = 16,
+        media_samples: Natural = 16,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer

@@ -14,7 +14,7 @@ from torch import nn
 
 from mmtx.backbone import scale_residual_init
 from mmtx.batch import IGNORE_INDEX, TokenBatch
-from mmtx.errors import CheckpointError, ConfigError
+from mmtx.errors import CheckpointError, ConfigError, Count, MaybeNatural, Natural, NonNegative
 from mmtx.tasks.base import StepContext, TaskPart, TiedOutput, evaluating, whole_weights
 from mmtx.tasks.decoding import compute_dtype, generate
 from mmtx.tasks.reports import log_text_table
@@ -60,12 +60,12 @@ class LanguageModel(TaskPart):
     def __init__(
         self,
         tokenizer: nn.Module,
-        dim: int,
+        dim: Count,
         chars_per_token: float | None = None,
         sample_prompts: Sequence[str] | None = None,
-        sample_tokens: int = 200,
-        sample_temperature: float = 0.8,
-        sample_top_k: int | None = 200,
+        sample_tokens: Natural = 200,
+        sample_temperature: NonNegative = 0.8,
+        sample_top_k: MaybeNatural = 200,
         default_prompt: str | None = None,
     ) -> None:
         super().__init__()

@@ -15,7 +15,7 @@ from torchmetrics.text import CharErrorRate, SacreBLEUScore, WordErrorRate
 
 from mmtx.backbone import Backbone, scale_residual_init
 from mmtx.batch import IGNORE_INDEX, AudioBatch, PairBatch, TokenBatch
-from mmtx.errors import CheckpointError, ConfigError
+from mmtx.errors import CheckpointError, ConfigError, Count, MaybeCount, Rate
 from mmtx.tasks.base import StepContext, TaskPart, TiedOutput, evaluating
 from mmtx.tasks.decoding import beam_search
 from mmtx.tasks.reports import log_text_table
@@ -43,8 +43,8 @@ class TextDecoder(nn.Module):
     (self-attention keys grow; the encoder's cross-attention keys are computed once).
     """
 
-    def __init__(self, dim: int, vocab: Vocab | int, stack: dict[str, Any], max_len: int = 256,
-                 pos_embed: str = "learned", dropout: float = 0.0) -> None:
+    def __init__(self, dim: Count, vocab: Vocab | int, stack: dict[str, Any], max_len: int = 256,
+                 pos_embed: str = "learned", dropout: Rate = 0.0) -> None:
         super().__init__()
         self.embed = TokenEmbedding(dim, vocab, max_len=max_len, pos_embed=pos_embed, dropout=dropout)
         stack = {**stack, "dim": dim, "cross_attention": True, "causal": True}
@@ -93,7 +93,7 @@ class Seq2Seq(TaskPart):
     def __init__(
         self,
         tokenizer: nn.Module,
-        dim: int,
+        dim: Count,
         vocab: Vocab,
         bos_id: int,
         eos_id: int,
@@ -101,13 +101,13 @@ class Seq2Seq(TaskPart):
         prefix_ids: Sequence[int] = (),
         max_len: int = 256,
         pos_embed: str = "learned",
-        label_smoothing: float = 0.1,
-        beam_size: int = 4,
+        label_smoothing: Rate = 0.1,
+        beam_size: Count = 4,
         length_penalty: float = 0.6,
         max_decode_len: int | None = 64,
         metrics: Sequence[str] = ("bleu",),
         val_decode_batches: int | None = 4,
-        val_beam_size: int | None = None,
+        val_beam_size: MaybeCount = None,
         log_examples: int = 8,
         tie_embeddings: bool = True,
     ) -> None:

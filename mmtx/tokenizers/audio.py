@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtx.batch import AudioBatch, Tokens
-from mmtx.errors import ConfigError
+from mmtx.errors import ConfigError, Count
 from mmtx.nn.pos_embed import sincos_1d
 
 
@@ -47,7 +47,7 @@ class WhisperLogMel(nn.Module):
     log10, a floor 8 below the clip's loudest value, then (x + 4) / 4. (B, L) -> (B, n_mels, seconds * rate / hop).
     Its filterbank and window are derived, not weights: non-persistent buffers."""
 
-    def __init__(self, sample_rate: int, n_fft: int, hop: int, n_mels: int, seconds: float = 30.0) -> None:
+    def __init__(self, sample_rate: Count, n_fft: int, hop: int, n_mels: int, seconds: float = 30.0) -> None:
         super().__init__()
         import torchaudio.functional as AF
 
@@ -86,8 +86,8 @@ class MelTokenizer(nn.Module):
 
     def __init__(
         self,
-        dim: int,
-        sample_rate: int = 16000,
+        dim: Count,
+        sample_rate: Count = 16000,
         n_mels: int | None = None,
         win_ms: float = 25.0,
         hop_ms: float = 10.0,
@@ -183,7 +183,7 @@ class StackStem(nn.Module):
     """`stack` consecutive frames concatenated and projected linearly: (B, F, n_mels) -> (B, ceil(F/k), D).
     A token is real if any of its frames is; its padding frames are zeros, as for the clip alone."""
 
-    def __init__(self, n_mels: int, dim: int, stack: int = 1) -> None:
+    def __init__(self, n_mels: int, dim: Count, stack: int = 1) -> None:
         super().__init__()
         self.n_mels, self.stack = n_mels, stack
         self.proj = nn.Linear(stack * n_mels, dim)
@@ -200,7 +200,7 @@ class ConvStem(nn.Module):
     """Whisper's stem: two 1D convolutions with GELU, the second with stride 2: (B, F, n_mels) -> (B, ceil(F/2), D).
     Padding frames stay zero between the convolutions; token j is real if its centre frame 2j is."""
 
-    def __init__(self, n_mels: int, dim: int, stack: int = 1) -> None:  # `stack` is the other stem's
+    def __init__(self, n_mels: int, dim: Count, stack: int = 1) -> None:  # `stack` is the other stem's
         super().__init__()
         self.conv1 = nn.Conv1d(n_mels, dim, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
 
 from mmtx.batch import ImageBatch, Tokens
-from mmtx.errors import ConfigError
+from mmtx.errors import ConfigError, Count
 from mmtx.nn.pos_embed import resample_1d, sincos_2d
 
 
@@ -36,8 +36,8 @@ class PatchTokenizer(nn.Module):
 
     def __init__(
         self,
-        dim: int,
-        patch_size: int = 16,
+        dim: Count,
+        patch_size: Count = 16,
         in_channels: int = 3,
         image_size: int | tuple[int, int] = 224,
         pos_embed: str = "sincos",
@@ -110,7 +110,7 @@ def conv_stem(in_channels: int, dim: int, patch_size: int, width: int | None = N
 class SinCos2d(nn.Module):
     """Fixed 2D sin-cos encoding, cached per grid as a non-persistent buffer."""
 
-    def __init__(self, dim: int, grid_h: int, grid_w: int) -> None:
+    def __init__(self, dim: Count, grid_h: int, grid_w: int) -> None:
         super().__init__()
         self.dim = dim
         self.grid = (grid_h, grid_w)
@@ -127,7 +127,7 @@ class SinCos2d(nn.Module):
 class Learned2d(nn.Module):
     """Learned x and y tables (each dim/2 wide), concatenated per patch."""
 
-    def __init__(self, dim: int, grid_h: int, grid_w: int) -> None:
+    def __init__(self, dim: Count, grid_h: int, grid_w: int) -> None:
         super().__init__()
         if dim % 2:
             raise ConfigError(f"learned 2D positions need an even dim, got {dim}")
@@ -152,7 +152,7 @@ class LearnedGrid(nn.Module):
     resampled bicubically to another grid as timm does (`timm.layers.resample_abs_pos_embed`), so pretrained
     ViTs keep their positions exactly at their own resolution and fine-tune at another."""
 
-    def __init__(self, dim: int, grid_h: int, grid_w: int) -> None:
+    def __init__(self, dim: Count, grid_h: int, grid_w: int) -> None:
         super().__init__()
         self.table = nn.Parameter(torch.zeros(grid_h, grid_w, dim))
         trunc_normal_(self.table, std=0.02)

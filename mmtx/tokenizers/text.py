@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
 
 from mmtx.batch import TokenBatch, Tokens
-from mmtx.errors import ConfigError, MissingError
+from mmtx.errors import ConfigError, Count, MissingError, Rate
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +223,11 @@ class TokenEmbedding(nn.Module):
 
     def __init__(
         self,
-        dim: int,
+        dim: Count,
         vocab: Vocab | int,
         max_len: int = 1024,
         pos_embed: str = "learned",
-        dropout: float = 0.0,
+        dropout: Rate = 0.0,
         pad_to_multiple_of: int | None = None,
     ) -> None:
         super().__init__()

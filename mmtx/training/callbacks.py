@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmtx.batch import IGNORE_INDEX, PairBatch, TokenBatch
-from mmtx.errors import ConfigError, StorageError
+from mmtx.errors import ConfigError, MaybeNatural, MaybePositive, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class LastCheckpoint(L.Callback):
     never replaces it.
     """
 
-    def __init__(self, every_n_steps: int | None = None, every_n_minutes: float | None = 30.0,
+    def __init__(self, every_n_steps: MaybeNatural = None, every_n_minutes: MaybePositive = 30.0,
                  on_validation: bool = True, dirpath: str | None = None) -> None:
         self.every_n_steps = every_n_steps
         self.every_n_minutes = every_n_minutes

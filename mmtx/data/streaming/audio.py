@@ -11,7 +11,7 @@ import torch
 from mmtx.batch import AudioBatch
 from mmtx.data.audio import AudioDataModule
 from mmtx.data.streaming.base import _name, _Streamed
-from mmtx.errors import DataError
+from mmtx.errors import Count, DataError, MaybeCount, MaybePositive
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class _DecodeAudio:
     """A shard's record -> {"audio": float16 (L,), "label"}, in a loader worker: decoded, mixed down, resampled and
     cropped as the cached path decodes a clip (`AudioDecoder`), and rounded to float16 as the cache holds it."""
 
-    def __init__(self, sample_rate: int, max_seconds: float | None, on_bad_file: str) -> None:
+    def __init__(self, sample_rate: Count, max_seconds: MaybePositive, on_bad_file: str) -> None:
         self.sample_rate, self.max_seconds, self.on_bad_file = sample_rate, max_seconds, on_bad_file
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any] | None:
@@ -66,8 +66,8 @@ class StreamingAudio(_Streamed, AudioDataModule):
     def __init__(
         self,
         path: str,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
+        batch_size: Count = 64,
+        eval_batch_size: MaybeCount = None,
         num_workers: int = 2,
         on_bad_file: str = "skip",
         seed: int = 0,

@@ -12,7 +12,7 @@ import torch
 from mmtx.batch import ImageBatch
 from mmtx.data.image import ImageDataModule
 from mmtx.data.streaming.base import _name, _Streamed
-from mmtx.errors import ConfigError, DataError
+from mmtx.errors import ConfigError, Count, DataError, MaybeCount, MaybeRate, NonNegative
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ class _Decode:
     spawned). torchvision's decoder (libjpeg-turbo, libpng) gives the pixels Pillow gives, 5x faster on 64 px JPEGs;
     an image to resize, or one it cannot read, goes through the cached path's own reader."""
 
-    def __init__(self, image_size: int | None, on_bad_file: str) -> None:
+    def __init__(self, image_size: MaybeCount, on_bad_file: str) -> None:
         self.image_size, self.on_bad_file = image_size, on_bad_file
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any] | None:
@@ -69,22 +69,22 @@ class StreamingImages(_Streamed, ImageDataModule):
     def __init__(
         self,
         path: str,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
+        batch_size: Count = 128,
+        eval_batch_size: MaybeCount = None,
         num_workers: int = 2,
-        image_size: int | None = None,
+        image_size: MaybeCount = None,
         mean: tuple[float, ...] = (0.5, 0.5, 0.5),
         std: tuple[float, ...] = (0.5, 0.5, 0.5),
         augment: dict | None = None,
-        mixup: float = 0.0,
-        cutmix: float = 0.0,
+        mixup: NonNegative = 0.0,
+        cutmix: NonNegative = 0.0,
         on_bad_file: str = "skip",
         seed: int = 0,
         root: str | None = None,
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | None = None,
         source: dict[str, Any] | None = None,
-        val_fraction: float | None = None,
+        val_fraction: MaybeRate = None,
     ) -> None:
         ImageDataModule.__init__(self, source=None, cache_dir="", root=root, batch_size=batch_size,
                                  eval_batch_size=eval_batch_size, mean=mean, std=std, augment=augment, mixup=mixup,

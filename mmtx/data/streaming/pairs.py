@@ -5,14 +5,14 @@ pairs as clips decoded in the loader workers with their transcripts' ids; batche
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 from mmtx.data.seq2seq import Seq2SeqDataModule
 from mmtx.data.streaming.audio import _DecodeAudio
 from mmtx.data.streaming.base import _remote, _Streamed, read_s3
-from mmtx.errors import ConfigError
+from mmtx.errors import ConfigError, Count, MaybeCount, integer
 
 
 class _DecodePair:
@@ -68,8 +68,8 @@ class StreamingPairs(_Streamed, Seq2SeqDataModule):
     def __init__(
         self,
         path: str,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
+        batch_size: Count = 64,
+        eval_batch_size: MaybeCount = None,
         num_workers: int = 2,
         on_bad_file: str = "skip",
         seed: int = 0,
@@ -78,8 +78,8 @@ class StreamingPairs(_Streamed, Seq2SeqDataModule):
         cache_dir: str | None = None,
         fixed_vocab: Any = None,
         fixed_tgt_vocab: Any = None,
-        max_src_len: int | None = None,
-        max_tgt_len: int | None = None,
+        max_src_len: Annotated[int | None, integer(2, optional=True)] = None,
+        max_tgt_len: Annotated[int | None, integer(2, optional=True)] = None,
     ) -> None:
         from mmtx.data.base import IndexedSplits
 
