@@ -65,6 +65,22 @@ def default_out(ckpt: str | Path, format: str = "safetensors") -> Path:
     return run / "export" / (path.stem + ("" if format == "safetensors" else f"-{format}"))
 
 
+def _checked_out(ckpt: str | Path, out: str | Path | None, format: str, overwrite: bool, member: str | None) -> Path:
+    """The folder to write, after the arguments' mistakes are named (before the checkpoint is read)."""
+    if format not in FORMATS:
+        raise ConfigError(f"format={format}: mmtx.export writes {', '.join(FORMATS)}")
+    out = Path(out).expanduser() if out else default_out(ckpt, format)
+    if out.exists():
+        if not overwrite:
+            raise ConfigError(f"out={out} exists: pass overwrite=true to replace it (an earlier export), or another out=")
+        _check_replaceable(out, Path(ckpt))
+    if member and format == "safetensors":
+        raise ConfigError(f"member={member}: format=safetensors writes every member of a co-training checkpoint; "
+                          "member= is for format=hf and format=onnx")
+    check_writable(out.parent, "the folder of out=", hint="out=")
+    return out
+
+
 def export(ckpt: str | Path, out: str | Path | None = None, format: str = "safetensors",
            overwrite: bool = False, member: str | None = None) -> Path:
     """Write checkpoint `ckpt`'s model as a folder (see the module's doc) and return the folder. The folder is
@@ -76,17 +92,7 @@ def export(ckpt: str | Path, out: str | Path | None = None, format: str = "safet
 
     from mmtx.checkpoints.io import load_checkpoint
 
-    if format not in FORMATS:
-        raise ConfigError(f"format={format}: mmtx.export writes {', '.join(FORMATS)}")
-    out = Path(out).expanduser() if out else default_out(ckpt, format)
-    if out.exists():
-        if not overwrite:
-            raise ConfigError(f"out={out} exists: pass overwrite=true to replace it (an earlier export), or another out=")
-        _check_replaceable(out, Path(ckpt))
-    if member and format == "safetensors":
-        raise ConfigError(f"member={member}: format=safetensors writes every member of a co-training checkpoint; "
-                          "member= is for format=hf and format=onnx")
-    check_writable(out.parent, "the folder of out=", hint="out=")  # before the checkpoint is read
+    out = _checked_out(ckpt, out, format, overwrite, member)
     if format == "onnx":
         from mmtx.checkpoints.loader import load_classifier
         from mmtx.interop.onnx import save_onnx

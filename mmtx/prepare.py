@@ -4,7 +4,7 @@ that runs stream from (data bigger than memory).
 The source is the one `python -m mmtx.train` would read with the same `task=`, `data=` and `data.*` keys (composed
 by the same code); `out` and `num_workers` are this program's own keys (`conf/prepare.yaml`). Image and audio
 folders and translation or speech-to-text pairs go into litdata shards (`mmtx.data.shards`; read by `data=streaming`,
-`data=streaming_audio`, `data=streaming_pairs`), text into token files (`mmtx.data.text.prepare_text`; read by
+`data=streaming_audio`, `data=streaming_pairs`), text into token files (`mmtx.data.token_files.prepare_text`; read by
 `data=streaming_text`).
 """
 
@@ -31,7 +31,8 @@ def prepare(overrides: Sequence[str], out: str, num_workers: int | None = None) 
     from mmtx.data.seq2seq import Seq2SeqDataModule
     from mmtx.data.shards import prepare_pairs, prepare_shards
     from mmtx.data.streaming import StreamingPairs
-    from mmtx.data.text import StreamingText, TextDataModule, prepare_text
+    from mmtx.data.text import TextDataModule
+    from mmtx.data.token_files import StreamingText, prepare_text
 
     task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "vit_cifar")
     cfg = compose(task, [o for o in overrides if not o.startswith("task=")])

@@ -13,7 +13,6 @@ answer_help("train")  # `--help` is answered here, before the imports below (tor
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -30,19 +29,18 @@ from mmtx.checkpoints.io import check_model_matches, find_resume
 from mmtx.config.apps import check_group_overrides, check_keys
 from mmtx.config.compose import claimed_folders, compose, missing_parents
 from mmtx.config.members import compose_task, resolve_cotrain, with_total_steps
-from mmtx.config.sweep import is_test_metric
 from mmtx.config.validate import check_run_keys, validate
 from mmtx.config.wiring import build_data, build_model, build_trainer
-from mmtx.errors import (ConfigError, DataError, NonFiniteError, StorageError, multirun_job, reported, run_cli,
-                         user_error)
+from mmtx.errors import ConfigError, DataError, multirun_job, reported, run_cli
 from mmtx.files import atomic_write_text, check_writable, config_dir, remove_written
 from mmtx.interop.registry import is_pretrained, load_pretrained, take_architecture
 from mmtx.training.callbacks import stopping_signals
 from mmtx.training.cpu import keep_freed_memory
 from mmtx.training.distributed import die_with_launcher, watch_ranks
 from mmtx.training.preflight import check_steps, trained_nothing
-from mmtx.training.progress import console_log, echo, print_run_header, quiet_lightning
+from mmtx.training.progress import console_log, print_run_header, quiet_lightning
 from mmtx.training.runinfo import run_info
+from mmtx.training.summary import finish_wandb, log_final_metrics, print_summary, summarise, write_summary
 from mmtx.training.transfer import freeze, init_from, report
 
 log = logging.getLogger("mmtx.train")
@@ -86,6 +84,42 @@ def _train(cfg: DictConfig, run_dir: Path, started: Callable[[], None]) -> dict[
         watch_ranks(run_dir)  # a rank that dies ends the run at once, named in a message and the summary
     ckpt_path, resumed = find_resume(cfg.resume, cfg.paths.output_root, cfg.task_name, exclude=run_dir, own=run_dir,
                                      job=_sweep_settings(cfg))
+    cfg, datamodule, model, trainer, hparams = _build_run(cfg, run_dir, ckpt_path, resumed)
+
+    started()
+    fit_start = time.perf_counter()
+    test_metrics = {}
+    with stopping_signals(trainer) as stops:  # the final test, too, stops cleanly on a scheduler's signal
+        failure = None if cfg.get("eval_only") else _fit(trainer, model, datamodule, ckpt_path)
+        fit_seconds = time.perf_counter() - fit_start
+        if failure is None and not cfg.get("eval_only"):
+            failure = trained_nothing(trainer, resumed)
+        if failure is None:
+            try:
+                test_metrics = _test(cfg, trainer, model, datamodule)
+            except (Exception, KeyboardInterrupt, SystemExit) as err:  # the summary is written all the same
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                failure = err
+    summary = summarise(trainer, run_dir, ckpt_path, test_metrics, failure, stops.signal if failure else None)
+    if cfg.get("eval_only") and failure is None:
+        summary["status"] = "evaluated"
+    summary["fit_seconds"] = round(fit_seconds, 1)  # trainer.fit: training and its validations
+    if test_metrics:
+        summary["tested"] = "initial" if cfg.get("eval_only") else cfg.get("test_ckpt", "best")
+    if trainer.is_global_zero:
+        print_summary(summary)  # first: a full disk may refuse the file, not the terminal
+        write_summary(run_dir, summary)
+        log_final_metrics(trainer, hparams, summary)
+    finish_wandb(trainer)
+    if failure is not None:
+        stops.finish(trainer.is_global_zero)  # stopped by a scheduler's signal: requeue where asked, exit 128 + it
+        raise failure
+    return summary
+
+
+def _build_run(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed: dict[str, Any] | None):
+    """The run's pieces, in data-flow order, before anything trains: pretrained weights (and what they dictate),
+    the run's folder files, the seed, data, model (its `init_from` weights), trainer and logged hyperparameters."""
     pretrained = None
     if is_pretrained(cfg.get("init_from")):  # timm:<name>: loaded, and checked against this run, before any data
         pretrained = load_pretrained(cfg.init_from, (cfg.get("finetune") or {}).get("pretrained_file"))
@@ -115,44 +149,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: Callable[[], None]) -> dict[
     hparams = {**OmegaConf.to_container(cfg, resolve=True), "run_info": info}
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams)
-
-    started()
-    fit_start = time.perf_counter()
-    test_metrics = {}
-    with stopping_signals(trainer) as stops:  # the final test, too, stops cleanly on a scheduler's signal
-        failure = None if cfg.get("eval_only") else _fit(trainer, model, datamodule, ckpt_path)
-        fit_seconds = time.perf_counter() - fit_start
-        if failure is None and not cfg.get("eval_only"):
-            failure = trained_nothing(trainer, resumed)
-        if failure is None:
-            try:
-                test_metrics = _test(cfg, trainer, model, datamodule)
-            except (Exception, KeyboardInterrupt, SystemExit) as err:  # the summary is written all the same
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                failure = err
-    summary = _summary(trainer, run_dir, ckpt_path, test_metrics, failure, stops.signal if failure else None)
-    if cfg.get("eval_only") and failure is None:
-        summary["status"] = "evaluated"
-    summary["fit_seconds"] = round(fit_seconds, 1)  # trainer.fit: training and its validations
-    if test_metrics:
-        summary["tested"] = "initial" if cfg.get("eval_only") else cfg.get("test_ckpt", "best")
-    if trainer.is_global_zero:
-        _print_summary(summary)  # first: a full disk may refuse the file, not the terminal
-        _write_summary(run_dir, summary)
-        _log_final_metrics(trainer, hparams, summary)
-    _finish_wandb(trainer)
-    if failure is not None:
-        stops.finish(trainer.is_global_zero)  # stopped by a scheduler's signal: requeue where asked, exit 128 + it
-        raise failure
-    return summary
-
-
-
-
-
-
-
-
+    return cfg, datamodule, model, trainer, hparams
 
 
 def _transfer(cfg: DictConfig, model: L.LightningModule, run_dir: Path, source: dict[str, Any] | None = None) -> None:
@@ -211,45 +208,6 @@ def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamod
     return {k: v for member in results for k, v in member.items()}  # one dict per loader (co-training: per member)
 
 
-def _summary(trainer: L.Trainer, run_dir: Path, ckpt_path: str | None, test_metrics: dict[str, float],
-             failure: BaseException | None, signum: int | None = None) -> dict[str, Any]:
-    best = trainer.checkpoint_callback
-    if failure is None:
-        status = "finished"
-    elif isinstance(failure, NonFiniteError):
-        status = "diverged"
-    elif isinstance(failure, (KeyboardInterrupt, SystemExit)) or signum is not None:
-        status = "interrupted"
-    else:
-        status = "failed"
-    extra: dict[str, Any] = {}
-    if signum is not None:
-        extra["signal"] = signal.Signals(signum).name
-    elif failure is not None and status != "interrupted":
-        found = user_error(failure)
-        extra["error"] = str(found) if found is not None else f"{type(failure).__name__}: {failure}"
-    return {
-        "status": status,
-        **extra,
-        "run_dir": str(run_dir),
-        "monitor": best.monitor if best is not None else None,
-        "best_score": _finite(best.best_model_score) if best is not None else None,
-        "best_checkpoint": (best.best_model_path if best is not None else "") or None,
-        "last_checkpoint": _last_checkpoint(run_dir),
-        "global_step": trainer.global_step,
-        "resumed_from": ckpt_path,
-        **{k: _finite(v) for k, v in test_metrics.items()},
-    }
-
-
-def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    """`<run dir>/summary.json`; when the disk refuses it, a warning (the summary was printed already)."""
-    try:
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
-    except StorageError as err:
-        log.warning("the run summary was not written: %s", err)
-
-
 def _job_failed(message: str) -> None:
     """A job of a multirun that failed before it wrote a summary: its folder gets one (status failed, the error),
     which is its row in the sweep's summary.tsv."""
@@ -257,39 +215,9 @@ def _job_failed(message: str) -> None:
     run_dir = Path(folder) if folder else None
     if run_dir is None or (run_dir / "summary.json").is_file() or not run_dir.is_dir():
         return
-    _write_summary(run_dir, {"status": "failed", "error": message, "run_dir": str(run_dir), "monitor": None,
+    write_summary(run_dir, {"status": "failed", "error": message, "run_dir": str(run_dir), "monitor": None,
                              "best_score": None, "best_checkpoint": None, "last_checkpoint": None, "global_step": 0,
                              "resumed_from": None})
-
-
-def _finite(value: Any) -> float | None:
-    """A figure for summary.json: a float, or None (JSON null) when missing, NaN or infinite."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _log_final_metrics(trainer: L.Trainer, hparams: dict[str, Any], summary: dict[str, Any]) -> None:
-    """TensorBoard's hparams view: the run's configuration beside its final figures (`final/best_<monitor>`,
-    `final/test/...`), so that the runs of a sweep compare in one table. (W&B has the config and the
-    summary metrics already.)"""
-    metrics = {f"final/{k}": v for k, v in summary.items() if is_test_metric(k) and v is not None}
-    if summary["best_score"] is not None:
-        metrics[f"final/best_{summary['monitor']}"] = summary["best_score"]
-    if not metrics:
-        return
-    for logger in trainer.loggers:
-        if type(logger).__name__ == "TensorBoardLogger":
-            logger.log_hyperparams(hparams, metrics=metrics)
-            logger.finalize("success" if summary["status"] == "finished" else summary["status"])
-
-
-def _finish_wandb(trainer: L.Trainer) -> None:
-    """End this run's W&B run: the next job of a multirun starts its own."""
-    for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
-            logger.experiment.finish()
 
 
 @contextlib.contextmanager
@@ -396,33 +324,6 @@ def _hydra_run_dir() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
-
-
-def _last_checkpoint(run_dir: Path) -> str | None:
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return str(last) if last.exists() else None
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    lines = [f"run directory:   {summary['run_dir']}", f"training time:   {summary['fit_seconds']:.1f} s "
-             f"({summary['global_step']} steps)"]
-    if summary["status"] in ("interrupted", "failed"):
-        by = f" by {summary['signal']}" if summary.get("signal") else ""
-        lines.append(f"status:          {summary['status']} at step {summary['global_step']}{by} "
-                     f"(continue with resume={summary['last_checkpoint'] or 'auto'})")
-    elif summary["status"] == "diverged":
-        lines.append(f"status:          diverged at step {summary['global_step']} (see the error below)")
-    if summary["best_score"] is not None:
-        lines.append(f"best {summary['monitor']}: {summary['best_score']:.4f}")
-    if summary.get("tested") == "last":
-        lines.append("tested:          the weights training ended with (test_ckpt=last)")
-    for key, value in summary.items():
-        if is_test_metric(key):
-            shown = "-" if value is None else f"{value:.4f}"
-            lines.append(f"{key}:{' ' * max(1, 15 - len(key))}{shown}")
-    lines.append(f"best checkpoint: {summary['best_checkpoint'] or '-'}")
-    lines.append(f"last checkpoint: {summary['last_checkpoint'] or '-'}")
-    echo("\n".join(["", "mmtx run summary", *("  " + line for line in lines)]))
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -53,7 +53,7 @@ def tiny(task: str, tmp_path: Path, data_root: Path) -> list[str]:
               "data.source.image_size=32", f"out={shards}", "num_workers=1"])
         keep = [o for o in small_run(tmp_path, None, "image") if not o.startswith("data.augment.randaugment")]
         return [*keep, f"data.path={shards}", "tokenizer.patch_size=16", "data.num_workers=0"]  # the whole recipe's augmentation
-    if cfg.data._target_ == "mmtx.data.text.StreamingText":  # text files tokenized into token files (gpt2_owt)
+    if cfg.data._target_ == "mmtx.data.token_files.StreamingText":  # text files tokenized into token files (gpt2_owt)
         from mmtx.prepare import main
 
         shards = data_root / f"tokens-{task}"

@@ -273,9 +273,9 @@ def test_the_multirun_summary_table_lists_every_member(tmp_path):
 
 
 def test_the_end_of_run_summary_prints_every_member(cotrained, capsys):
-    from mmtx.train import _print_summary
+    from mmtx.training.summary import print_summary
 
-    _print_summary(cotrained)
+    print_summary(cotrained)
     printed = capsys.readouterr().out
     assert re.search(r"image/test/acc:\s+\d\.\d{4}", printed) and re.search(r"text/test/loss:\s+\d\.\d{4}", printed)
 

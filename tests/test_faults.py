@@ -134,9 +134,9 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_nothing_nonfinite(image
 
 
 def test_summary_json_writes_null_for_a_nonfinite_figure():
-    from mmtx.train import _finite
+    from mmtx.training.summary import finite
 
-    assert [_finite(v) for v in (float("nan"), float("inf"), torch.tensor(0.5), None)] == [None, None, 0.5, None]
+    assert [finite(v) for v in (float("nan"), float("inf"), torch.tensor(0.5), None)] == [None, None, 0.5, None]
 
 
 # -- 3. every run has its own folder ------------------------------------------------------------------

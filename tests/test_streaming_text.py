@@ -114,7 +114,7 @@ def test_text_too_large_to_hold_is_memory_mapped(corpus, tmp_path, caplog):
 def test_a_damaged_or_missing_folder_is_named(corpus, tmp_path):
     import shutil
 
-    from mmtx.data.text import StreamingText
+    from mmtx.data.token_files import StreamingText
 
     _, tokens, _ = corpus
     with pytest.raises(MissingError, match=r"is not prepared text \(no mmtx.json\): prepare it once with python -m "

@@ -117,6 +117,7 @@ MOVED = {
     "mmtx.sweep.": "mmtx.config.sweep.", "mmtx.checkpoint.": "mmtx.checkpoints.io.",
     "mmtx.data.sources.": "mmtx.data.image_sources.", "mmtx.generation.": "mmtx.tasks.decoding.",
     "mmtx.cotrain.": "mmtx.config.members.", "mmtx.pretrained.": "mmtx.interop.timm.",
+    "mmtx.data.text.StreamingText": "mmtx.data.token_files.StreamingText",
 }
 
 

@@ -97,24 +97,37 @@ def member_configs(cfg: DictConfig) -> dict[str, DictConfig]:
             run["data"] = {"root": cfg.data.root}
         tree = {k: v for k, v in OmegaConf.to_container(spec, resolve=True).items() if k not in MEMBER_KEYS}
         member = OmegaConf.merge(member, run, tree)
-        asked = _asked_backbone(spec)
-        for key in SHARED_BACKBONE_KEYS:
-            theirs, ours = member.backbone.get(key), cfg.backbone.get(key)
-            if theirs == ours:
-                continue
-            if key in asked:
-                raise ConfigError(
-                    f"member {name!r} (task {task}) asks for backbone.{key}={theirs}, but the co-training run's "
-                    f"backbone has backbone.{key}={ours}: the backbone is shared by all members, so set the run's "
-                    f"backbone.{key} instead (and drop it from {where})")
-            log.warning("member %r: task %s trains alone with backbone.%s=%s; the shared backbone's %s applies here",
-                        name, task, key, theirs, ours)
+        _check_backbone(name, task, spec, member, cfg)
         member.backbone = OmegaConf.merge(cfg.backbone, {})  # dropout, drop_path, ...: the run's
         try:
             validate(member)
         except ConfigError as err:
             raise ConfigError(f"{where} (task {task}): {err}") from None
         out[name] = member
+    _check_shared_tokenizers(members, out)
+    return out
+
+
+def _check_backbone(name: str, task: str, spec: DictConfig, member: DictConfig, cfg: DictConfig) -> None:
+    """A member's backbone keys against the shared backbone's: an error where the member entry asks for another
+    value, a warning where only its task file differs."""
+    where = f"members.{name}"
+    asked = _asked_backbone(spec)
+    for key in SHARED_BACKBONE_KEYS:
+        theirs, ours = member.backbone.get(key), cfg.backbone.get(key)
+        if theirs == ours:
+            continue
+        if key in asked:
+            raise ConfigError(
+                f"member {name!r} (task {task}) asks for backbone.{key}={theirs}, but the co-training run's "
+                f"backbone has backbone.{key}={ours}: the backbone is shared by all members, so set the run's "
+                f"backbone.{key} instead (and drop it from {where})")
+        log.warning("member %r: task %s trains alone with backbone.%s=%s; the shared backbone's %s applies here",
+                    name, task, key, theirs, ours)
+
+
+def _check_shared_tokenizers(members: DictConfig, out: dict[str, DictConfig]) -> None:
+    """`members.<name>.tokenizer_from`: names another member that owns its tokenizer, of the same config."""
     source_names = {name: spec.get("tokenizer_from") for name, spec in members.items()}
     for name, source in source_names.items():
         if source is None:
@@ -131,7 +144,6 @@ def member_configs(cfg: DictConfig) -> dict[str, DictConfig]:
             differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ConfigError(f"members.{name}.tokenizer_from={source!r}: the two members' tokenizers differ in "
                               f"{', '.join(f'tokenizer.{k}' for k in differ)}; a shared tokenizer needs one config")
-    return out
 
 
 def resolved_members(cfg: DictConfig) -> dict[str, DictConfig]:

@@ -12,13 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmtx.errors import StorageError, failed_jobs, record_failed_job
 from mmtx.files import atomic_write_text, tsv_text
+from mmtx.training.summary import is_test_metric
 
 log = logging.getLogger(__name__)
-
-
-def is_test_metric(key: str) -> bool:
-    """`test/acc` of a single-task run, `{member}/test/acc` of a co-training run's member."""
-    return key.startswith("test/") or "/test/" in key
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:

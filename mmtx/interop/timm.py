@@ -76,13 +76,8 @@ def create_timm(name: str, file: str | os.PathLike | None = None) -> nn.Module:
         ) from None
 
 
-def timm_vit_state(model: nn.Module, spec: str = "timm") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A timm VisionTransformer's weights under mmtx's names, and the run configuration that holds them."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"init_from={spec}: {type(model).__name__} is not a timm VisionTransformer; this mmtx "
-                          f"maps {SUPPORTED}")
+def _check_expressible(model: nn.Module, spec: str) -> None:
+    """Fail naming what of a timm ViT mmtx's backbone does not express (another pooling, LayerScale, QK-norm...)."""
     unsupported = {
         "global_pool": model.global_pool != "token",
         "no_embed_class": getattr(model, "no_embed_class", False),
@@ -106,6 +101,15 @@ def timm_vit_state(model: nn.Module, spec: str = "timm") -> tuple[dict[str, torc
         raise ConfigError(f"init_from={spec}: this ViT has {', '.join(bad)}, which mmtx's backbone does not express; "
                           f"it maps {SUPPORTED} (class token, pre-norm blocks without LayerScale)")
 
+
+def timm_vit_state(model: nn.Module, spec: str = "timm") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A timm VisionTransformer's weights under mmtx's names, and the run configuration that holds them."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"init_from={spec}: {type(model).__name__} is not a timm VisionTransformer; this mmtx "
+                          f"maps {SUPPORTED}")
+    _check_expressible(model, spec)
     patch = tuple(model.patch_embed.patch_size)
     if patch[0] != patch[1]:
         raise ConfigError(f"init_from={spec}: patches of {patch[0]}x{patch[1]}; mmtx's patches are square")
@@ -130,8 +134,8 @@ def timm_vit_state(model: nn.Module, spec: str = "timm") -> tuple[dict[str, torc
                           f"this mmtx maps {SUPPORTED}")
     has_qkv_bias = "backbone.blocks.0.attn.qkv.bias" in state
     arch = {
-        "backbone.dim": dim, "backbone.depth": len(model.blocks), "backbone.num_heads": block.attn.num_heads,
-        "backbone.mlp_ratio": block.mlp.fc1.out_features / dim, "backbone.qkv_bias": has_qkv_bias,
+        "backbone.dim": dim, "backbone.depth": len(model.blocks), "backbone.num_heads": model.blocks[0].attn.num_heads,
+        "backbone.mlp_ratio": model.blocks[0].mlp.fc1.out_features / dim, "backbone.qkv_bias": has_qkv_bias,
         "backbone.bias": True, "backbone.rotary": False, "backbone.norm_eps": 1e-6, "backbone.activation": "gelu",
         "tokenizer._target_": "mmtx.tokenizers.PatchTokenizer", "tokenizer.patch_size": patch[0],
         "tokenizer.stem": "patch", "tokenizer.pos_embed": "grid", "family.pool": "cls",

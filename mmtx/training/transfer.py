@@ -41,24 +41,7 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None,
     checkpoint's member of the same name. Nothing matching at all is an error: a wrong checkpoint must not
     start a silently random model.
     """
-    if preloaded is not None:  # already loaded (pretrained weights of another library: mmtx.interop)
-        checkpoint = preloaded
-    elif is_pretrained(path):
-        checkpoint = load_pretrained(str(path))
-    else:
-        checkpoint = load_checkpoint(path)
-    several = cotrained(checkpoint)
-    same_members = several and member is None
-    if several and member is not None:
-        checkpoint = member_view(checkpoint, member, path)
-    elif member is not None:
-        raise ConfigError(f"finetune.member={member}: init_from checkpoint {path} is of a single-task run; leave "
-                          "finetune.member out")
-    elif same_members and not set(getattr(model, "tasks", {})) & set(checkpoint["mmtx_members"]):
-        raise ConfigError(f"init_from checkpoint {path} is a co-training run of members "
-                          f"{', '.join(checkpoint['mmtx_members'])}: pick the one whose task part this run starts "
-                          "from with finetune.member=NAME")
-    source = checkpoint["state_dict"]
+    source, same_members = _source(model, path, member, preloaded)
     target = model.state_dict()
     loaded, skipped, new, resampled, used = [], [], [], [], set()
     with torch.no_grad():
@@ -92,6 +75,27 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None,
                           "this backbone (backbone.dim, backbone.depth)?")
     return {"loaded": loaded, "skipped": skipped, "new": new, "resampled": resampled,
             "unused": sorted(k for k in source if k not in used)}
+
+
+def _source(model: nn.Module, path: str | Path, member: str | None, preloaded: dict[str, Any] | None):
+    """(the state dict `init_from` copies from, whether its task parts are matched to the model's by member name)."""
+    if preloaded is not None:  # already loaded (pretrained weights of another library: mmtx.interop)
+        checkpoint = preloaded
+    elif is_pretrained(path):
+        checkpoint = load_pretrained(str(path))
+    else:
+        checkpoint = load_checkpoint(path)
+    several = cotrained(checkpoint)
+    if several and member is not None:
+        checkpoint = member_view(checkpoint, member, path)
+    elif member is not None:
+        raise ConfigError(f"finetune.member={member}: init_from checkpoint {path} is of a single-task run; leave "
+                          "finetune.member out")
+    elif several and not set(getattr(model, "tasks", {})) & set(checkpoint["mmtx_members"]):
+        raise ConfigError(f"init_from checkpoint {path} is a co-training run of members "
+                          f"{', '.join(checkpoint['mmtx_members'])}: pick the one whose task part this run starts "
+                          "from with finetune.member=NAME")
+    return checkpoint["state_dict"], several and member is None
 
 
 def report(result: dict[str, Any], path: str | Path, run_dir: Path | None) -> str:
