@@ -31,7 +31,8 @@ class Modality:
     read, their batch), prepared as the run's training data was; graph_inputs(tokenizer, cfg) -> (example inputs by
     name, their dynamic dimensions, what preprocess.json says) and graph(model): the classifier from those inputs,
     by name, to its logits (ONNX export); media(batch, i): sample i as logged; media_log(samples, datamodule, tokenizer):
-    `log_media`'s keyword arguments for them."""
+    `log_media`'s keyword arguments for them; geometry(tokenizer): the tokenizer's run-time arguments a checkpoint
+    keeps to rebuild it without the data (image size and channels, sample rate)."""
 
     name: str
     suffixes: tuple[str, ...]
@@ -40,6 +41,7 @@ class Modality:
     graph: Callable[[nn.Module], nn.Module]
     media: Callable[[Any, int], torch.Tensor]
     media_log: Callable[[list[torch.Tensor], Any, Any], dict[str, Any]]
+    geometry: Callable[[Any], dict[str, Any]]
 
 
 # -- images ---------------------------------------------------------------------------------------------------
@@ -143,13 +145,15 @@ MODALITIES: dict[str, Modality] = {
     "image": Modality(
         name="image", suffixes=(".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"),
         read_files=_read_images, graph_inputs=_image_graph_inputs, graph=ImageGraph,
-        media=lambda batch, i: batch.image[i].detach().float().cpu(), media_log=_image_media_log),
+        media=lambda batch, i: batch.image[i].detach().float().cpu(), media_log=_image_media_log,
+        geometry=lambda tok: {"image_size": list(tok.image_size), "in_channels": tok.in_channels}),
     "audio": Modality(
         name="audio", suffixes=(".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"),
         read_files=_read_audio, graph_inputs=_audio_graph_inputs, graph=AudioGraph,
         media=lambda batch, i: batch.audio[i, : int(batch.lengths[i])].detach().float().cpu(),
         media_log=lambda samples, datamodule, tokenizer: {
-            "audio": samples, "sample_rate": getattr(tokenizer, "sample_rate", 16000)}),
+            "audio": samples, "sample_rate": getattr(tokenizer, "sample_rate", 16000)},
+        geometry=lambda tok: {"sample_rate": tok.sample_rate}),
 }
 
 

@@ -142,11 +142,7 @@ class Classification(TaskPart):
     def extra_state(self) -> dict[str, Any]:
         """The run-time values this part was built with (input geometry, classes), so that a checkpoint alone
         rebuilds it (`mmtx.predict`): {"mmtx_runtime": {"tokenizer": ..., "family": ...}}."""
-        tok = self.tokenizer
-        if hasattr(tok, "image_size"):
-            geometry = {"image_size": list(tok.image_size), "in_channels": tok.in_channels}
-        else:
-            geometry = {"sample_rate": tok.sample_rate}
+        geometry = modality_of(self.tokenizer).geometry(self.tokenizer)
         family = {"num_classes": self.num_classes, "class_names": list(self.class_names)}
         return {**super().extra_state(), "mmtx_runtime": {"tokenizer": geometry, "family": family}}
 
@@ -212,5 +208,3 @@ class Classification(TaskPart):
         captions = [f"true {names[t]} / predicted {names[p]}" for _, t, p in picked]
         media = self.modality.media_log([x for x, _, _ in picked], ctx.trainer.datamodule, self.tokenizer)
         return {**media, "captions": captions}
-        return {"audio": [x for x, _, _ in picked], "sample_rate": getattr(self.tokenizer, "sample_rate", 16000),
-                "captions": captions}
