@@ -91,6 +91,7 @@ CONFIGS = [
     ("vit_cifar", ["data=streaming", "data.path=s3://bucket/x", "+data.storage_options.endpoint_url=https://s3.example"]),
     ("audio_fsdd", ["data=streaming_audio", "data.path=shards"]), ("gpt2_owt", ["data.path=tokens"]),
     ("translate_multi30k_cpu", ["data=streaming_pairs", "data.path=shards"]),
+    ("mae_cifar_cpu", []), ("mask_fsdd", []), ("bert_shakespeare", []),
 ]
 
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
+from hydra.utils import get_object
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -96,6 +97,9 @@ def build_tokenizer(cfg: DictConfig, runtime: dict[str, Any]) -> Any:
     a text vocabulary's `pad_to_multiple_of` (a setting of the embedding's rows, not of the vocabulary the data
     module builds) goes to the embedding."""
     kwargs = dict(runtime.get("tokenizer", {}))
+    wanted = getattr(get_object(cfg.family._target_), "vocab_tokens", ())  # tokens the family needs ([MASK])
+    if wanted and hasattr(kwargs.get("vocab"), "with_tokens"):
+        kwargs["vocab"] = kwargs["vocab"].with_tokens(wanted)
     spec = cfg.tokenizer.get("vocab")
     if isinstance(spec, DictConfig) and spec.get("pad_to_multiple_of") is not None:
         kwargs["pad_to_multiple_of"] = spec.pad_to_multiple_of

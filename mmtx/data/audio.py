@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 from mmtx.batch import AudioBatch
 from mmtx.data.base import LabelledSplits, gather_padded
 from mmtx.data.memory import check_resident_max_gb
-from mmtx.errors import Count, MaybeCount, Rate
+from mmtx.errors import Count, MaybeCount, Rate, number
 
 
 class AudioDataModule(LabelledSplits):
@@ -26,8 +26,10 @@ class AudioDataModule(LabelledSplits):
 
     def __init__(self, source: Any, cache_dir: str, root: str | None = None, batch_size: Count = 128,
                  eval_batch_size: MaybeCount = None, val_fraction: Rate = 0.0, device_resident: bool = True,
-                 seed: int = 0, resident_max_gb: float | None = None) -> None:
+                 seed: int = 0, resident_max_gb: float | None = None,
+                 label_fraction: Annotated[float, number(0, 1, low_open=True)] = 1.0) -> None:
         super().__init__(source, cache_dir, root, batch_size, eval_batch_size, val_fraction, device_resident, seed)
+        self.label_fraction = label_fraction
         # Above this decoded size (GB; None: 80% of the memory available) a folder is streamed instead (build_data).
         self.resident_max_gb = check_resident_max_gb(resident_max_gb)
 

@@ -197,6 +197,25 @@ def hold_out(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Te
     return order[n_out:].sort().values, order[:n_out].sort().values
 
 
+def labelled_subset(labels: torch.Tensor, fraction: float, seed: int, classes: list[str]) -> torch.Tensor:
+    """Sorted indices of a seeded, class-stratified `fraction` of `labels`: round(fraction x n_c) samples of each
+    class c. A class left with none is an error naming it and the fraction."""
+    generator = torch.Generator().manual_seed(seed)
+    kept = []
+    for c in range(int(labels.max()) + 1 if len(labels) else 0):
+        members = (labels == c).nonzero().flatten()
+        if not len(members):
+            continue
+        n = int(round(len(members) * fraction))
+        if n == 0:
+            name = classes[c] if c < len(classes) else c
+            raise ConfigError(f"data.label_fraction={fraction} leaves class {name!r} without a labelled sample (it has "
+                              f"{len(members)} training samples): raise data.label_fraction to at least "
+                              f"{0.5 / len(members):.3g}")
+        kept.append(members[torch.randperm(len(members), generator=generator)[:n]])
+    return torch.cat(kept).sort().values
+
+
 class IndexedSplits(L.LightningDataModule, abc.ABC):
     """What the cached-data modules share: `splits` = {split: {name: tensor}}, index-only loaders
     (a fresh seeded order per training epoch; samples of similar length batched together when the
@@ -376,13 +395,28 @@ class CachedSplits(IndexedSplits):
 
 
 class LabelledSplits(CachedSplits):
-    """Labelled samples (images, audio clips): the caches hold `labels` and the class names (`classes`)."""
+    """Labelled samples (images, audio clips): the caches hold `labels` and the class names (`classes`).
+
+    label_fraction (`data.label_fraction`): the share of the training split whose labels a run trains on, a
+    seeded choice of that share of every class (the same for every run of one seed), after the validation
+    hold-out; the other training samples are left out. 1: all of them."""
 
     classes: list[str] | tuple[str, ...] = ()  # set by `tensors`, from the training split
+    label_fraction: float = 1.0
 
     def tensors(self, caches: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
         self.classes = list(caches["train"]["classes"])
         return super().tensors(caches)
+
+    def _with_val(self, splits: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        splits = super()._with_val(splits)
+        if self.label_fraction < 1:
+            train = splits["train"]
+            kept = labelled_subset(train["labels"], self.label_fraction, self.seed, self.classes)
+            splits["train"] = {k: v[kept] if k in self.sample_keys else v for k, v in train.items()}
+            log.info("data.label_fraction=%s: training on %d labelled samples of %d (every class's share)",
+                     self.label_fraction, len(kept), len(train["labels"]))
+        return splits
 
     @property
     def num_classes(self) -> int:

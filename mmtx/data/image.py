@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
@@ -10,7 +10,7 @@ from mmtx.batch import ImageBatch
 from mmtx.data.augment import BatchAugment
 from mmtx.data.base import LabelledSplits, Source
 from mmtx.data.memory import check_resident_max_gb
-from mmtx.errors import Count, MaybeCount, NonNegative, Rate
+from mmtx.errors import Count, MaybeCount, NonNegative, Rate, number
 
 
 class ImageDataModule(LabelledSplits):
@@ -40,8 +40,10 @@ class ImageDataModule(LabelledSplits):
         device_resident: bool = True,
         seed: int = 0,
         resident_max_gb: float | None = None,
+        label_fraction: Annotated[float, number(0, 1, low_open=True)] = 1.0,
     ) -> None:
         super().__init__(source, cache_dir, root, batch_size, eval_batch_size, val_fraction, device_resident, seed)
+        self.label_fraction = label_fraction
         # Above this decoded size (GB; None: 80% of the memory available) a folder is streamed instead (build_data).
         self.resident_max_gb = check_resident_max_gb(resident_max_gb)
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255  # normalise uint8 values directly

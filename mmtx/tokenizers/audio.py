@@ -186,6 +186,7 @@ class StackStem(nn.Module):
     def __init__(self, n_mels: int, dim: Count, stack: int = 1) -> None:
         super().__init__()
         self.n_mels, self.stack = n_mels, stack
+        self.frames_per_token = stack
         self.proj = nn.Linear(stack * n_mels, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +205,7 @@ class ConvStem(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv1d(n_mels, dim, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
+        self.frames_per_token = 2  # the second convolution's stride
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = mask[:, None, :].to(x.dtype)  # (B, 1, F)

@@ -96,6 +96,18 @@ class Vocab:
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
+    def with_tokens(self, tokens: Sequence[str]) -> "Vocab":
+        """This vocabulary with `tokens` added as special tokens after its last id (those it lacks), so that no
+        other token's id changes; itself when it has them all."""
+        missing = [t for t in tokens if self.token_id(t) is None]
+        if not missing:
+            return self
+        from tokenizers import AddedToken, Tokenizer
+
+        tokenizer = Tokenizer.from_str(self.to_json())
+        tokenizer.add_special_tokens([AddedToken(t, special=True) for t in missing])
+        return Vocab(tokenizer, self.kind)
+
     def to_json(self) -> str:
         return self.tokenizer.to_str()
 

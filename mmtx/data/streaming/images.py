@@ -85,7 +85,12 @@ class StreamingImages(_Streamed, ImageDataModule):
         cache_dir: str | None = None,
         source: dict[str, Any] | None = None,
         val_fraction: MaybeRate = None,
+        label_fraction: float = 1.0,
     ) -> None:
+        if label_fraction != 1:
+            raise ConfigError(f"data.label_fraction={label_fraction}: a streamed folder trains on every label it "
+                              "holds; prepare a folder of the labelled share instead, or train from the cached "
+                              "source (data=imagefolder, data=cifar10)")
         ImageDataModule.__init__(self, source=None, cache_dir="", root=root, batch_size=batch_size,
                                  eval_batch_size=eval_batch_size, mean=mean, std=std, augment=augment, mixup=mixup,
                                  cutmix=cutmix, seed=seed)
