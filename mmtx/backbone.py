@@ -9,13 +9,13 @@ from torch import nn
 from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
 
 from mmtx.batch import Tokens
-from mmtx.errors import Count, Positive, Rate
-from mmtx.nn import Block
+from mmtx.errors import ConfigError, Count, Positive, Rate
+from mmtx.nn.block import BLOCKS
 from mmtx.nn.attention import KVCache
 
 
 class Backbone(nn.Module):
-    """A stack of pre-norm blocks and a final LayerNorm.
+    """A stack of pre-norm blocks and a final LayerNorm (`block=post`: post-norm blocks, BERT's, and no final norm).
 
     `causal=True` makes every block attend only to earlier positions (a
     decoder's own stack); a task that uses a shared backbone causally (the
@@ -45,8 +45,11 @@ class Backbone(nn.Module):
         bias: bool = True,
         norm_eps: float = 1e-6,
         activation: str = "gelu",
+        block: str = "pre",
     ) -> None:
         super().__init__()
+        if block not in BLOCKS:
+            raise ConfigError(f"backbone.block must be one of {', '.join(BLOCKS)}, got {block!r}")
         self.dim = dim
         self.depth = depth
         self.num_heads = num_heads
@@ -55,12 +58,13 @@ class Backbone(nn.Module):
         # Stochastic depth rises linearly with depth (Huang et al., 2016; DeiT).
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, attn_dropout=attn_dropout,
+            BLOCKS[block](dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, attn_dropout=attn_dropout,
                   drop_path=rate, qkv_bias=qkv_bias, cross_attention=cross_attention, rotary=rotary, bias=bias,
                   norm_eps=norm_eps, activation=activation)
             for rate in rates
         )
-        self.norm = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
+        # Pre-norm blocks leave their sum unnormalised: one LayerNorm ends the stack. Post-norm blocks end normalised.
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, bias=bias) if block == "pre" else nn.Identity()
         self.apply(init_weights)
 
     def forward(

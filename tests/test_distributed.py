@@ -152,3 +152,14 @@ def test_fsdp_config_builds_lightnings_strategy_with_one_unit_per_block():
     assert isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy.name == "FULL_SHARD"
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}  # recomputed blocks
+
+
+def test_masked_pretraining_runs_on_two_processes(tmp_path, images):
+    """MAE on two DDP ranks: each rank masks its own half of the batch; the reconstruction loss is reduced over
+    the ranks for validation."""
+    run = tmp_path / "mae"
+    args = [a for a in deterministic_run(tmp_path, images, 8) if not a.startswith(("task=", "+callbacks.record"))]
+    cli(["task=mae_cifar_cpu", *args, "family.decoder.dim=16", "family.decoder.num_heads=2", "trainer=ddp",
+         "trainer.devices=2", "trainer.max_epochs=1", f"hydra.run.dir={run}"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["global_step"] == 2 and summary["test/loss"] > 0

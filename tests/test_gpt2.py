@@ -99,11 +99,12 @@ def test_the_run_takes_gpt2s_tokenizer_and_checks_the_model(reference, data_root
 
 
 def test_unmapped_and_unavailable_models_are_named(tmp_path, monkeypatch):
-    bert = tmp_path / "bert"
-    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
-                            ).save_pretrained(bert)
-    with pytest.raises(ConfigError, match=r"is a bert model; this mmtx maps hf:<a GPT-2.* or a Whisper.*>; timm:<a timm Vision"):
-        load_pretrained(f"hf:{bert}")
+    roberta = tmp_path / "roberta"
+    transformers.RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+                               ).save_pretrained(roberta)
+    with pytest.raises(ConfigError, match=r"is a roberta model; this mmtx maps hf:<a BERT.* or a GPT-2.* or a "
+                                          r"Whisper.*>; timm:<a timm Vision"):
+        load_pretrained(f"hf:{roberta}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     with pytest.raises(MissingError, match=r"init_from=hf:mmtx-test/no-such-gpt2: .*local Hugging Face cache.*"

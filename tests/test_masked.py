@@ -211,3 +211,20 @@ def test_validation_logs_reconstructions_and_masked_text(data_root, tmp_path, mo
     assert audio_key == "val_reconstructions" and spectrograms.shape[:2] == (6, 3)  # 2 clips, 3 pictures each
     assert text_key == "val_masked" and columns[1:] == ["input", "predicted", "original"] and len(rows) == 2
     assert "[MASK]" in rows[0][1]
+
+
+def test_a_headless_timm_vit_starts_mae_pretraining(data_root, tmp_path):
+    """timm's MAE weights (vit_base_patch16_224.mae: a ViT without a classifier) load into the masked family;
+    a headless ViT-Ti with random weights stands in for them here."""
+    from conftest import timm_reference
+
+    reference = timm_reference(tmp_path / "vit_tiny_headless.safetensors", num_classes=0)
+    keep = [o for o in small_run(tmp_path, data_root) if not o.startswith(("backbone.", "tokenizer.", "family."))]
+    args = [*keep, "init_from=timm:vit_tiny_patch16_224", f"finetune.pretrained_file={reference}",
+            "data.source.image_size=32", "family.decoder.dim=96", "family.decoder.num_heads=3", "trainer.max_steps=2",
+            "trainer.max_epochs=null"]
+    summary = train(compose("mae_cifar_cpu", args), run_dir=tmp_path / "run")
+    assert summary["global_step"] == 2
+    table = (tmp_path / "run" / "init_from.tsv").read_text()
+    assert "loaded\tbackbone.blocks.11.mlp.fc2.weight" in table and "resampled\ttasks.main.tokenizer.pos.table" in table
+    assert "new\ttasks.main.decoder.blocks.0.attn.qkv.weight" in table  # MAE's decoder starts anew

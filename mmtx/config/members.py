@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 MEMBER_KEYS = ("task", "overrides", "loss_weight", "sample_weight", "tokenizer_from", "monitor", "mode", "reference")
 # Backbone keys that shape its weights or what they compute: the run's apply to every member; a member entry
 # that sets one to another value is an error, a member task whose own file differs is warned about.
-SHARED_BACKBONE_KEYS = ("dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "bias", "rotary", "norm_eps", "activation")
+SHARED_BACKBONE_KEYS = ("dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "bias", "rotary", "norm_eps", "activation",
+                        "block")
 
 
 def is_cotrain(cfg: DictConfig | dict) -> bool:

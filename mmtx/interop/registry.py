@@ -22,7 +22,7 @@ from mmtx.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("mmtx.interop.timm", "mmtx.interop.gpt2", "mmtx.interop.whisper")
+FAMILIES = ("mmtx.interop.timm", "mmtx.interop.gpt2", "mmtx.interop.whisper", "mmtx.interop.bert")
 PREFIX = f"tasks.{SINGLE}."  # a single-task model's part; init_from maps it to every member of a co-training run
 
 _READERS: dict[str, dict[str | None, tuple[Callable[..., dict[str, Any]], str]]] = {}
@@ -91,7 +91,7 @@ def take_architecture(cfg, source: dict[str, Any], baseline=None) -> list[str]:
     info = source["mmtx_pretrained"]
     taken = {}
     if baseline is not None and "member_configs" not in cfg:
-        for key, want in info["arch"].items():
+        for key, want in _applicable(cfg, info["arch"]).items():
             have = OmegaConf.select(cfg, key, default=None)
             if not _same(have, want) and _same(have, OmegaConf.select(baseline, key, default=None)):
                 taken[key] = want
@@ -104,6 +104,17 @@ def take_architecture(cfg, source: dict[str, Any], baseline=None) -> list[str]:
     return list(taken)
 
 
+def _applicable(cfg, arch: dict[str, Any]) -> dict[str, Any]:
+    """The keys of `arch` that concern this run: a head setting of the weights' family (`family.pool` of a ViT) is
+    left out when the run's family has no such key (masked pretraining from a classifier's weights)."""
+    from omegaconf import OmegaConf
+
+    missing = object()
+    return {key: want for key, want in arch.items()
+            if not (key.startswith("family.") and key != "family._target_"
+                    and OmegaConf.select(cfg, key, default=missing) is missing)}
+
+
 def check_architecture(cfg, source: dict[str, Any]) -> None:
     """Fail naming every key of the run configuration that differs from what the pretrained weights need
     (with the overrides that fix it); note a data normalisation other than the model's."""
@@ -112,7 +123,7 @@ def check_architecture(cfg, source: dict[str, Any]) -> None:
     info = source["mmtx_pretrained"]
     cotrain = "member_configs" in cfg  # the backbone is the run's; members' tokenizers and heads match where they can
     wrong = {}
-    for key, want in info["arch"].items():
+    for key, want in _applicable(cfg, info["arch"]).items():
         if cotrain and not key.startswith("backbone."):
             continue
         have = OmegaConf.select(cfg, key, default=None)

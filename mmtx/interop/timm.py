@@ -62,7 +62,12 @@ def create_timm(name: str, file: str | os.PathLike | None = None) -> nn.Module:
             raise MissingError(f"finetune.pretrained_file={file} does not exist")
         kwargs["pretrained_cfg_overlay"] = {"file": str(file)}
     try:
-        return timm.create_model(name, **kwargs)
+        try:
+            return timm.create_model(name, **kwargs)
+        except RuntimeError as err:  # a local file without a classifier (MAE's weights): a headless model
+            if file is None or "head.weight" not in str(err):
+                raise
+            return timm.create_model(name, num_classes=0, **kwargs)
     except OSError as err:  # huggingface_hub: not in the cache and no network (LocalEntryNotFoundError, ...)
         if file is not None:
             raise

@@ -1,4 +1,7 @@
-"""The pre-norm transformer block, with an optional cross-attention."""
+"""Transformer blocks: pre-norm (ViT, GPT-2, Whisper: mmtx's own) and post-norm (the original Transformer, BERT).
+
+The two hold the same parts under the same names (norm1, attn, norm2, mlp); they differ in how the parts are put
+together, which is each class's `forward`."""
 
 from __future__ import annotations
 
@@ -65,6 +68,25 @@ class Block(nn.Module):
                 raise ValueError("this block has cross-attention and needs a `context`")
             x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context, context_mask=context_mask, cache=cache))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PostNormBlock(Block):
+    """norm1(x + attn(x)), then norm2(x + mlp(x)): the original Transformer's and BERT's order (Vaswani et al.,
+    2017; Devlin et al., 2019), for weights trained that way. The same parts as `Block`; no cross-attention."""
+
+    def __init__(self, dim: int, num_heads: int, **kwargs) -> None:
+        if kwargs.get("cross_attention"):
+            raise ValueError("a post-norm block has no cross-attention here (backbone.block=pre for a decoder)")
+        super().__init__(dim, num_heads, **kwargs)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = self.norm1(x + self.drop_path(self.attn(x, mask=mask, causal=causal, cache=cache)))
+        return self.norm2(x + self.drop_path(self.mlp(x)))
+
+
+BLOCKS = {"pre": Block, "post": PostNormBlock}  # backbone.block
 
 
 def _drop_path(rate: float) -> nn.Module:

@@ -94,7 +94,11 @@ class Masked(TaskPart):
             raise ConfigError(f"family=masked on text needs a vocabulary with a {MASK} token; this tokenizer has "
                               f"{'none' if vocab is None else 'a vocabulary without it'} (tokenizer.vocab)")
         self.mask_id, self.vocab_size = mask_id, len(vocab)
+        dim = tokenizer.embed.embedding_dim
+        # BERT's prediction head: a dense layer, GELU and LayerNorm, then the tied embedding with a bias per token.
+        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=1e-12))
         self.head = TiedOutput(tokenizer.embed)
+        self.head_bias = nn.Parameter(torch.zeros(tokenizer.embed.num_embeddings))
 
     def _build_image(self, tokenizer: nn.Module, dim: int, decoder: dict[str, Any] | None) -> None:
         from mmtx.backbone import Backbone
@@ -155,7 +159,7 @@ class Masked(TaskPart):
         random_ids = (noise[2] * self.vocab_size).long().clamp_max(self.vocab_size - 1)
         corrupted = torch.where(as_mask, torch.full_like(ids, self.mask_id), torch.where(as_random, random_ids, ids))
         hidden = backbone(self.tokenizer(TokenBatch(corrupted, mask=batch.mask)), causal=False)  # (B, T, D)
-        logits = self.head(hidden)[..., : self.vocab_size]  # (B, T, V): padded rows never predicted
+        logits = (self.head(self.transform(hidden)) + self.head_bias)[..., : self.vocab_size]  # (B, T, V)
         return MaskedOutputs(logits, torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX)), None)
 
     def _image(self, backbone: nn.Module, batch: ImageBatch) -> MaskedOutputs:

@@ -224,7 +224,8 @@ class TokenEmbedding(nn.Module):
     """Token ids (B, T) -> Tokens: an embedding table plus, optionally, learned 1D positions.
 
     pos_embed="learned": a (max_len, dim) table added to the embeddings (GPT-2);
-    "none": no absolute positions, for a backbone with rotary attention.
+    "none": no absolute positions, for a backbone with rotary attention. `norm`: a LayerNorm of the sum (of
+    `norm_eps`), as BERT's embeddings have.
     The embedding matrix is shared with the LM head's output layer (tied).
     pad_to_multiple_of (`tokenizer.vocab.pad_to_multiple_of`): the table gets rows up to the next multiple of it
     (GPT-2's 50,257 tokens -> 50,304 rows at 64, as nanoGPT pads them), so that the output matmul's width suits
@@ -241,6 +242,8 @@ class TokenEmbedding(nn.Module):
         pos_embed: str = "learned",
         dropout: Rate = 0.0,
         pad_to_multiple_of: int | None = None,
+        norm: bool = False,
+        norm_eps: float = 1e-12,
     ) -> None:
         super().__init__()
         if pos_embed not in ("learned", "none"):
@@ -257,6 +260,7 @@ class TokenEmbedding(nn.Module):
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(max_len, dim)) if pos_embed == "learned" else None
         self.drop = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm else None  # BERT normalises its embeddings
         nn.init.normal_(self.embed.weight, std=0.02)
         if self.pos is not None:
             trunc_normal_(self.pos, std=0.02)
@@ -281,4 +285,6 @@ class TokenEmbedding(nn.Module):
         x = self.embed(ids)  # (B, T) -> (B, T, D)
         if self.pos is not None:
             x = x + self.pos[start:start + T]
+        if self.norm is not None:
+            x = self.norm(x)
         return Tokens(self.drop(x), batch.mask)
