@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import run_train
+from benchlib import run_train, warm_cache
 
 
 def summary_line(name: str, runs: list[dict], key: str) -> str:
@@ -42,20 +42,22 @@ def low_label(args, scratch_task: str, masked_task: str, metric: str) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix=f"bench-masked-{scratch_task}-"))
     few = ["data.label_fraction=0.1", f"trainer.max_epochs={args.epochs}", *args.extra]
     a_runs, b_runs, pre_runs, equal_runs = [], [], [], []
+    work.mkdir(parents=True, exist_ok=True)
+    warm_cache(scratch_task, work, args.root)  # one data cache for every run, decoded before any is timed
     for seed in args.seeds:
-        a = run_train(scratch_task, seed, work / "A", args.root, tuple(few))
-        pre = run_train(masked_task, seed, work / "pretrain", args.root,
-                        (f"trainer.max_epochs={args.pretrain_epochs}", *args.extra))
-        b = run_train(scratch_task, seed, work / "B", args.root,
-                      (*few, f"init_from={pre['last_checkpoint']}", "optim.layer_decay=0.75"))
+        a = run_train(scratch_task, seed, work, args.root, tuple(few), name="A")
+        pre = run_train(masked_task, seed, work, args.root,
+                        (f"trainer.max_epochs={args.pretrain_epochs}", *args.extra), name="pretrain")
+        b = run_train(scratch_task, seed, work, args.root,
+                      (*few, f"init_from={pre['last_checkpoint']}", "optim.layer_decay=0.75"), name="B")
         for name, run in (("A scratch", a), ("pretrain", pre), ("B fine-tune", b)):
             shown = run.get(f"test/{metric}", run.get("test/loss"))
             print(f"seed {seed} {name}: {run['wall_s']:.0f} s, {run['global_step']} steps, test {shown:.4f}", flush=True)
         a_runs.append(a), b_runs.append(b), pre_runs.append(pre)
         if args.equal_time:  # A with as many epochs as B's whole time buys it, at A's own speed
             epochs = max(1, round(args.epochs * (pre["wall_s"] + b["wall_s"]) / a["wall_s"]))
-            eq = run_train(scratch_task, seed, work / "A-equal-time", args.root,
-                           ("data.label_fraction=0.1", f"trainer.max_epochs={epochs}", *args.extra))
+            eq = run_train(scratch_task, seed, work, args.root,
+                           ("data.label_fraction=0.1", f"trainer.max_epochs={epochs}", *args.extra), name="A-equal-time")
             print(f"seed {seed} A at B's time: {epochs} epochs, {eq['wall_s']:.0f} s, test {eq[f'test/{metric}']:.4f}")
             equal_runs.append(eq)
     print(summary_line("A from scratch", a_runs, f"test/{metric}"))
@@ -74,6 +76,7 @@ def text(args) -> None:
     from mmtx.config.wiring import build_data
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-masked-text-"))
+    work.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in args.seeds:
         run = run_train("bert_shakespeare", seed, work, args.root, tuple(args.extra))

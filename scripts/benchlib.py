@@ -19,12 +19,14 @@ def cli_overrides(work: Path, root: str | None) -> list[str]:
     return extra + ([f"data.root={root}"] if root else [])
 
 
-def run_train(task: str, seed: int, work: Path, root: str | None, extra: tuple[str, ...] = ()) -> dict:
-    """`python -m mmtx.train task=TASK seed=SEED ...` to its end: its summary plus `wall_s`, the process time."""
-    run_dir = work / f"{task}-seed{seed}"
+def run_train(task: str, seed: int, work: Path, root: str | None, extra: tuple[str, ...] = (),
+              name: str | None = None) -> dict:
+    """`python -m mmtx.train task=TASK seed=SEED ...` to its end: its summary plus `wall_s`, the process time.
+    `name`: the run's folder and log under `work` (default: TASK), for several runs of one task."""
+    run_dir = work / f"{name or task}-seed{seed}"
     cmd = [sys.executable, "-m", "mmtx.train", f"task={task}", f"seed={seed}", f"hydra.run.dir={run_dir}",
            *cli_overrides(work, root), *extra]
-    log = work / f"{task}-seed{seed}.log"
+    log = work / f"{name or task}-seed{seed}.log"
     t0 = time.perf_counter()
     with open(log, "w") as out:
         done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)

@@ -63,6 +63,8 @@ class Masked(TaskPart):
         norm_pix_loss: bool = True,
         decoder: dict[str, Any] | None = None,
         media_samples: Natural = 8,
+        # What the data modules hand every family at run time (a classifier's classes, a language model's sampling
+        # prompt): taken, and not needed here.
         num_classes: int | None = None,
         class_names: list[str] | None = None,
         chars_per_token: float | None = None,
