@@ -6,8 +6,8 @@
         encoder's forward alone on the kept patches against on all of them.
     python scripts/bench_masked.py images --root ../shared/data [--seeds 1 2 3] [--pretrain-epochs 8] [--epochs 30]
         CIFAR-10 with data.label_fraction=0.1: A, vit_cifar_cpu from scratch on the labelled tenth; B, mae_cifar_cpu
-        on every training image (no labels), then vit_cifar_cpu on the same tenth from its checkpoint
-        (optim.layer_decay=0.75), the same fine-tuning steps as A. --equal-time adds A trained for B's whole time.
+        on every training image (no labels), then vit_cifar_cpu on the same tenth from its checkpoint (with
+        --layer-decay, optim.layer_decay), the same fine-tuning steps as A. --equal-time adds A trained for B's whole time.
     python scripts/bench_masked.py audio --root ../shared/data [--seeds 1 2 3] [--pretrain-epochs 30] [--epochs 50]
         The same for FSDD: audio_fsdd against mask_fsdd then audio_fsdd.
     python scripts/bench_masked.py text --root ../shared/data [--seeds 1 2 3]
@@ -48,8 +48,9 @@ def low_label(args, scratch_task: str, masked_task: str, metric: str) -> None:
         a = run_train(scratch_task, seed, work, args.root, tuple(few), name="A")
         pre = run_train(masked_task, seed, work, args.root,
                         (f"trainer.max_epochs={args.pretrain_epochs}", *args.extra), name="pretrain")
-        b = run_train(scratch_task, seed, work, args.root,
-                      (*few, f"init_from={pre['last_checkpoint']}", "optim.layer_decay=0.75"), name="B")
+        decay = (f"optim.layer_decay={args.layer_decay}",) if args.layer_decay else ()
+        b = run_train(scratch_task, seed, work, args.root, (*few, f"init_from={pre['last_checkpoint']}", *decay),
+                      name="B")
         for name, run in (("A scratch", a), ("pretrain", pre), ("B fine-tune", b)):
             shown = run.get(f"test/{metric}", run.get("test/loss"))
             print(f"seed {seed} {name}: {run['wall_s']:.0f} s, {run['global_step']} steps, test {shown:.4f}", flush=True)
@@ -149,6 +150,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (images 30, audio 50)")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="images 8, audio 30")
     parser.add_argument("--equal-time", action="store_true")
+    parser.add_argument("--layer-decay", type=float, default=None, help="optim.layer_decay of B's fine-tuning")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--work", default=None)
