@@ -17,7 +17,7 @@ import torch
 
 from mmtx.errors import ConfigError
 from mmtx.interop.registry import PREFIX, register_family
-from mmtx.tokenizers.hub import offline_error, transformers_module
+from mmtx.tokenizers.hub import pretrained_model
 
 SUPPORTED = "hf:<a BERT, e.g. bert-base-uncased, or a folder saved by save_pretrained>"
 # A BERT layer's modules and the mmtx post-norm block's that hold them (the query, key and value apart)
@@ -84,11 +84,7 @@ def bert_arch(config: Any, name: str) -> dict[str, Any]:
 def load(spec: str) -> dict[str, Any]:
     """`hf:<name>` as an mmtx checkpoint (see mmtx.interop.registry.load_pretrained)."""
     name = spec.split(":", 1)[1]
-    transformers = transformers_module()
-    try:
-        model = transformers.BertForMaskedLM.from_pretrained(name, dtype=torch.float32).eval()
-    except OSError as err:
-        raise offline_error(name, err) from None
+    model = pretrained_model("BertForMaskedLM", name)
     info = {"spec": spec, "arch": bert_arch(model.config, name), "mean": [], "std": [], "num_classes": None,
             "limits": {"data.block_size": model.config.max_position_embeddings}, "task": "bert_shakespeare"}
     return {"state_dict": bert_state(model, spec), "mmtx_pretrained": info}

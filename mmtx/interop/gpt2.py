@@ -23,7 +23,7 @@ from torch import nn
 
 from mmtx.errors import CheckpointError, ConfigError
 from mmtx.interop.registry import PREFIX, register_family
-from mmtx.tokenizers.hub import offline_error, transformers_module
+from mmtx.tokenizers.hub import pretrained_model, transformers_module
 
 # GPT-2's activation_function values and the backbone.activation that computes the same numbers
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -84,12 +84,7 @@ def gpt2_arch(config: Any, name: str) -> dict[str, Any]:
 @register_family("hf", "gpt2", describe="a GPT-2 (gpt2, gpt2-medium, distilgpt2, ...; or a folder saved by save_pretrained)")
 def load(spec: str) -> dict[str, Any]:
     """`hf:<name>` as an mmtx checkpoint (see mmtx.interop.registry.load_pretrained)."""
-    name = spec.split(":", 1)[1]
-    transformers = transformers_module()
-    try:
-        model = transformers.GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32).eval()
-    except OSError as err:
-        raise offline_error(name, err) from None
+    model = pretrained_model("GPT2LMHeadModel", spec.split(":", 1)[1])
     state, arch, positions = gpt2_state(model, spec)
     info = {"spec": spec, "arch": arch, "mean": [], "std": [], "num_classes": None,
             "limits": {"data.block_size": positions}, "task": "gpt2_finetune"}

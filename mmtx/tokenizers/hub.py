@@ -32,3 +32,15 @@ def auto_config(name: str) -> Any:
         return transformers.AutoConfig.from_pretrained(name)
     except OSError as err:  # no such folder, not cached and no network, or not a model id
         raise offline_error(name, err) from None
+
+
+def pretrained_model(class_name: str, name: str) -> Any:
+    """`transformers.<class_name>.from_pretrained(name)` in float32 and in eval mode, with the offline message when
+    it cannot be had (the weight families of `mmtx.interop` read their models through this)."""
+    import torch
+
+    transformers = transformers_module()
+    try:
+        return getattr(transformers, class_name).from_pretrained(name, dtype=torch.float32).eval()
+    except OSError as err:
+        raise offline_error(name, err) from None
