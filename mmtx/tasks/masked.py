@@ -183,13 +183,14 @@ class Masked(TaskPart):
         weight.scatter_(1, kept, 0.0)  # 1 where a patch was dropped
         return MaskedOutputs(pred, self._patch_targets(images), weight)
 
-    def _patch_targets(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, p*p*C) patches in row-major grid order, each normalised (`norm_pix_loss`)."""
+    def _patch_targets(self, images: torch.Tensor, normalise: bool | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p*p*C) patches in row-major grid order, each normalised by its own mean and spread
+        when `normalise` (default: `norm_pix_loss`)."""
         p = self.tokenizer.patch_size
         B, C, H, W = images.shape
         x = images.float().reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, p, p, C)
         x = x.reshape(B, (H // p) * (W // p), p * p * C)
-        if self.norm_pix_loss:
+        if self.norm_pix_loss if normalise is None else normalise:
             x = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
         return x
 
@@ -273,7 +274,7 @@ class Masked(TaskPart):
 
     def _image_triplets(self, outputs: MaskedOutputs, batch: ImageBatch, n: int, ctx: StepContext):
         p, (C, H, W) = self.tokenizer.patch_size, batch.image.shape[1:]
-        raw = self._patch_targets_raw(batch.image[:n])
+        raw = self._patch_targets(batch.image[:n], normalise=False)
         pred = outputs.pred[:n].float()
         if self.norm_pix_loss:  # back to the patch's own mean and spread, to be seen
             mean, std = raw.mean(-1, keepdim=True), (raw.var(-1, keepdim=True) + 1e-6).sqrt()
@@ -291,13 +292,6 @@ class Masked(TaskPart):
         shown_images = modality_of(self.tokenizer).media_log(list(trio), datamodule, self.tokenizer)["images"]
         captions = [f"{i}: {what}" for i in range(n) for what in ("masked", "reconstructed", "original")]
         return shown_images, captions
-
-    def _patch_targets_raw(self, images: torch.Tensor) -> torch.Tensor:
-        norm, self.norm_pix_loss = self.norm_pix_loss, False
-        try:
-            return self._patch_targets(images)
-        finally:
-            self.norm_pix_loss = norm
 
     def _spectrogram_triplets(self, outputs: MaskedOutputs, n: int):
         k, M = self.frames_per_token, self.tokenizer.n_mels
