@@ -211,7 +211,7 @@ def labelled_subset(labels: torch.Tensor, fraction: float, seed: int, classes: l
             name = classes[c] if c < len(classes) else c
             raise ConfigError(f"data.label_fraction={fraction} leaves class {name!r} without a labelled sample (it has "
                               f"{len(members)} training samples): raise data.label_fraction to at least "
-                              f"{0.5 / len(members):.3g}")
+                              f"{1 / len(members):.3g}")
         kept.append(members[torch.randperm(len(members), generator=generator)[:n]])
     return torch.cat(kept).sort().values
 
