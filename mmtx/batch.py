@@ -4,7 +4,8 @@ raw sample --data--> batch --tokenizer--> Tokens --backbone--> (B, T, D) --head-
 
 A batch is a small typed object, one per kind of input, built on the training device by the data
 module (`on_after_batch_transfer`) and read by attribute: an `ImageBatch`, an `AudioBatch`, a
-`TokenBatch`, or a `PairBatch` (a source batch and target token ids, for encoder-decoders).
+`TokenBatch`, a `PairBatch` (a source batch and target token ids, for encoder-decoders), or a `FusedBatch` (one
+batch per field of multimodal samples: an image and a clip of the same sample).
 """
 
 from __future__ import annotations
@@ -71,6 +72,25 @@ class PairBatch:
 
 
 @dataclass
+class FusedBatch:
+    """Samples with several fields, each a batch of its own modality: `fields` = {field name: batch} (the names are
+    the run's `data.fields` keys, e.g. {"image": ImageBatch, "audio": AudioBatch}); `present` = {field name: (B,)
+    bool}, False where a sample lacks that field (modality dropout, a field missing at test), None: every sample
+    has every field; `label`: (B,) class ids of the samples."""
+
+    fields: dict[str, "ImageBatch | AudioBatch | TokenBatch"]
+    label: torch.Tensor | None = None
+    present: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.fields.values())))
+
+    def has(self, name: str) -> torch.Tensor | None:
+        """(B,) bool: which samples have field `name`; None when all do."""
+        return None if self.present is None else self.present.get(name)
+
+
+@dataclass
 class Tokens:
     """What every tokenizer returns and the backbone consumes.
 
@@ -92,10 +112,14 @@ class Tokens:
         return Tokens(x, mask)
 
 
-Batch = ImageBatch | AudioBatch | TokenBatch | PairBatch  # what a task's steps receive
+Batch = ImageBatch | AudioBatch | TokenBatch | PairBatch | FusedBatch  # what a task's steps receive
 
 
 def batch_to(batch, device: torch.device | str):
     """A copy of a batch (any of the dataclasses above) with each of its tensors on `device`."""
+    if isinstance(batch, FusedBatch):
+        present = None if batch.present is None else {k: v.to(device) for k, v in batch.present.items()}
+        label = None if batch.label is None else batch.label.to(device)
+        return FusedBatch({k: batch_to(v, device) for k, v in batch.fields.items()}, label, present)
     return replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in fields(batch)
                              if isinstance(getattr(batch, f.name), torch.Tensor)})

@@ -47,7 +47,8 @@ def low_label(args, scratch_task: str, masked_task: str, metric: str) -> None:
     for seed in args.seeds:
         a = run_train(scratch_task, seed, work, args.root, tuple(few), name="A")
         pre = run_train(masked_task, seed, work, args.root,
-                        (f"trainer.max_epochs={args.pretrain_epochs}", *args.extra), name="pretrain")
+                        (f"trainer.max_epochs={args.pretrain_epochs}", *args.extra, *args.pretrain_extra),
+                        name="pretrain")
         decay = (f"optim.layer_decay={args.layer_decay}",) if args.layer_decay else ()
         b = run_train(scratch_task, seed, work, args.root, (*few, f"init_from={pre['last_checkpoint']}", *decay),
                       name="B")
@@ -155,6 +156,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--work", default=None)
     parser.add_argument("--extra", nargs="*", default=[], help="overrides of every run")
+    parser.add_argument("--pretrain-extra", nargs="*", default=[],
+                        help="overrides of the masked pretraining runs only (family.mask_ratio=0.8 family.span=8)")
     args = parser.parse_args()
     if args.what == "speed":
         return speed(args)

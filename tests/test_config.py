@@ -24,6 +24,7 @@ def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data_root")
     make_image_folder(root / "cifar10", classes=[f"c{i}" for i in range(10)], per_class=(2, 1), size=32)
     make_tones(root / "fsdd" / "recordings", per_class=(10, 5))  # takes 0-4 are the test split
+    make_image_folder(root / "digits", classes=("0", "1"), per_class=(10, 4), size=8)  # written digits of the tones' classes
     (root / "tinyshakespeare").mkdir()
     (root / "tinyshakespeare" / "input.txt").write_text(TINY_TEXT)
     make_parallel(root / "multi30k")

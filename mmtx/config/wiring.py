@@ -97,6 +97,8 @@ def build_tokenizer(cfg: DictConfig, runtime: dict[str, Any]) -> Any:
     a text vocabulary's `pad_to_multiple_of` (a setting of the embedding's rows, not of the vocabulary the data
     module builds) goes to the embedding."""
     kwargs = dict(runtime.get("tokenizer", {}))
+    if "fields" in kwargs:  # several fields in one sequence: each field's tokenizer, then the fused one over them
+        return build_fused_tokenizer(cfg, kwargs.pop("fields"))
     wanted = getattr(get_object(cfg.family._target_), "vocab_tokens", ())  # tokens the family needs ([MASK])
     if wanted and hasattr(kwargs.get("vocab"), "with_tokens"):
         kwargs["vocab"] = kwargs["vocab"].with_tokens(wanted)
@@ -104,6 +106,23 @@ def build_tokenizer(cfg: DictConfig, runtime: dict[str, Any]) -> Any:
     if isinstance(spec, DictConfig) and spec.get("pad_to_multiple_of") is not None:
         kwargs["pad_to_multiple_of"] = spec.pad_to_multiple_of
     return instantiate(cfg.tokenizer, dim=cfg.backbone.dim, **kwargs)
+
+
+def build_fused_tokenizer(cfg: DictConfig, fields: dict[str, dict[str, Any]]) -> Any:
+    """`tokenizer.fields.<name>` for each field the data gives (`fields`: their run-time values), built as a
+    tokenizer of its own, then `cfg.tokenizer` (mmtx.tokenizers.fused.FusedTokenizer) over them."""
+    spec = cfg.tokenizer.get("fields")
+    if spec is None:
+        raise ConfigError(f"the data gives samples with the fields {sorted(fields)}, but tokenizer "
+                          f"{cfg.tokenizer.get('_target_')} reads one input; use tokenizer=fused with "
+                          "tokenizer.fields.<name> for each field")
+    missing = sorted(set(fields) - set(spec))
+    if missing:
+        raise ConfigError(f"data.fields.{missing[0]} has no tokenizer: add tokenizer.fields.{missing[0]} (e.g. "
+                          f"/tokenizer@tokenizer.fields.{missing[0]}: patch in the task's defaults)")
+    built = {name: instantiate(spec[name], dim=cfg.backbone.dim, **runtime) for name, runtime in fields.items()}
+    node = OmegaConf.masked_copy(cfg.tokenizer, [k for k in cfg.tokenizer if k != "fields"])
+    return instantiate(node, fields=built, dim=cfg.backbone.dim)
 
 
 def build_part(cfg: DictConfig, runtime: dict[str, Any], tokenizer: Any = None) -> Any:

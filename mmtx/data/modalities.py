@@ -157,9 +157,36 @@ MODALITIES: dict[str, Modality] = {
 }
 
 
+def _fused_unsupported(what: str) -> Callable[..., Any]:
+    def refuse(*args: Any) -> Any:
+        raise ConfigError(f"{what} takes one input a sample, and this model reads several fields in one sequence "
+                          "(tokenizer.fields); load it with mmtx.load and call it on a mmtx.batch.FusedBatch")
+    return refuse
+
+
+def fused_modality(tokenizer: Any) -> Modality:
+    """The `Modality` of a fused tokenizer (`mmtx.tokenizers.fused`), from its fields': the logged media are its
+    first field's, the geometry every field's; reading files and ONNX export take one input a sample, so they refuse."""
+    first = tokenizer.names[0]
+    own = modality_of(tokenizer.fields[first])
+
+    def media_log(samples: list[torch.Tensor], datamodule: Any, tok: Any) -> dict[str, Any]:
+        fields = getattr(datamodule, "fields", {})
+        return own.media_log(samples, fields.get(first, datamodule), tok.fields[first])
+
+    return Modality(
+        name="fused", suffixes=(), read_files=_fused_unsupported("mmtx.predict"),
+        graph_inputs=_fused_unsupported("mmtx.export format=onnx"), graph=_fused_unsupported("mmtx.export format=onnx"),
+        media=lambda batch, i: own.media(batch.fields[first], i), media_log=media_log,
+        geometry=lambda tok: {"fields": {n: modality_of(t).geometry(t) for n, t in tok.fields.items()}})
+
+
 def modality_of(tokenizer: Any) -> Modality:
-    """The `Modality` of the inputs `tokenizer` reads (its `modality` attribute)."""
+    """The `Modality` of the inputs `tokenizer` reads (its `modality` attribute; a fused tokenizer's is made of its
+    fields')."""
     name = getattr(tokenizer, "modality", None)
+    if name == "fused":
+        return fused_modality(tokenizer)
     if name not in MODALITIES:
         raise ConfigError(f"{type(tokenizer).__name__} reads {name or 'an unnamed'} input, which this mmtx cannot read "
                           f"from files or export; it knows {', '.join(MODALITIES)} (declared in mmtx/data/modalities.py)")

@@ -1,0 +1,210 @@
+"""Multimodal samples: several labelled data sources, one a field, paired into samples with one field each.
+
+`PairedDataModule(fields={"image": <an ImageDataModule>, "audio": <an AudioDataModule>})` makes samples whose
+fields are an image and a clip of the same class: the AV-MNIST protocol (Vielzeuf et al., 2018: a written digit
+paired with a spoken digit of the same class), or, with `pair="index"`, sources whose i-th samples belong together
+(the same recording's frames and sound). Each field keeps its own data module (its cache, hold-out, label
+fraction, augmentation, device-resident copy); this module only holds, per split, which sample of each field makes
+up each paired sample, and gathers the fields' batches into one `FusedBatch`.
+
+What it adds over its fields:
+- field_dropout: in training, the probability that a sample loses one of its fields (chosen uniformly), so that
+  one model serves samples with either field or both (modality dropout, as in Neverova et al.'s ModDrop);
+- eval_missing: fields left out of every validation and test sample (how a model does when one modality is missing);
+- noise: {field: std} Gaussian noise added to a field's input in every split (AV-MNIST's corrupted images), in the
+  field's normalised units, drawn from a seed fixed per batch in validation and test;
+- use: the fields a sample carries ([image]: the same samples, the same steps, the written digit alone).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Annotated, Any
+
+import lightning as L
+import torch
+
+from mmtx.batch import FusedBatch
+from mmtx.data.base import IndexedSplits
+from mmtx.errors import ConfigError, Count, DataError, MaybeCount, NonNegative, Rate, one_of
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SIGNAL = {"ImageBatch": "image", "AudioBatch": "audio"}  # the batch attribute noise is added to, by batch type
+
+
+def pair_by_class(labels: dict[str, torch.Tensor], anchor: str, seed: int, split: str) -> dict[str, torch.Tensor]:
+    """For the samples of field `anchor` whose class every field has, one sample of each other field with the same
+    label: {field: (N,) indices}, N those anchor samples. A class's samples of a field are dealt out in a seeded
+    random order, round and round, so every sample is used about equally often. Anchor samples of a class some field
+    lacks in this split are left out, with a warning (a small hold-out may miss a class); none left is a DataError."""
+    generator = torch.Generator().manual_seed(seed)
+    anchor_labels = labels[anchor]
+    shared = set(anchor_labels.unique().tolist())
+    for name, field_labels in labels.items():
+        lacking = shared - set(field_labels.unique().tolist())
+        if lacking:
+            log.warning("data.fields.%s has no %s sample of class id(s) %s: the %d %s samples of data.fields.%s of "
+                        "those classes are left out of the paired %s split", name, split, sorted(lacking),
+                        int(torch.isin(anchor_labels, torch.tensor(sorted(lacking))).sum()), split, anchor, split)
+            shared -= lacking
+    kept = torch.isin(anchor_labels, torch.tensor(sorted(shared), dtype=anchor_labels.dtype)).nonzero().flatten()
+    if not len(kept):
+        raise DataError(f"the fields' {split} splits share no class: data.fields.{anchor} and the others must have "
+                        "samples of the same classes to be paired by class")
+    pairs = {anchor: kept}
+    for name, field_labels in labels.items():
+        if name == anchor:
+            continue
+        picked = torch.empty(len(kept), dtype=torch.long)
+        for c in sorted(shared):
+            want = (anchor_labels[kept] == c).nonzero().flatten()
+            have = (field_labels == c).nonzero().flatten()
+            have = have[torch.randperm(len(have), generator=generator)]
+            picked[want] = have[torch.arange(len(want)) % len(have)]
+        pairs[name] = picked
+    return pairs
+
+
+class PairedDataModule(IndexedSplits):
+    """Samples whose fields come from separate labelled data modules (`fields`), paired by class (`pair="class"`:
+    every sample of the field with the most samples in a split, each given a seeded same-class sample of every other
+    field) or by position (`pair="index"`: the fields' i-th samples, which must be as many and of the same class).
+
+    Batches are `FusedBatch`es; `runtime_kwargs` gives each field's tokenizer its own run-time values
+    (`{"tokenizer": {"fields": {name: ...}}}`) and the classes to the task family."""
+
+    def __init__(
+        self,
+        fields: dict[str, L.LightningDataModule],
+        batch_size: Count = 64,
+        eval_batch_size: MaybeCount = None,
+        pair: Annotated[str, one_of("class", "index")] = "class",
+        use: list[str] | None = None,
+        field_dropout: Rate = 0.0,
+        eval_missing: list[str] | None = None,
+        noise: dict[str, NonNegative] | None = None,
+        device_resident: bool = True,
+        seed: int = 0,
+        root: str | None = None,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, device_resident, seed)
+        if not fields:
+            raise ConfigError("data.fields is empty: name one data config a field, e.g. data.fields.image and "
+                              "data.fields.audio")
+        self.fields = dict(fields)
+        for key, names in (("data.use", use), ("data.eval_missing", eval_missing), ("data.noise", noise)):
+            unknown = sorted(set(names or ()) - set(self.fields))
+            if unknown:
+                raise ConfigError(f"{key} names {unknown}, which data.fields does not have (it has {sorted(self.fields)})")
+        self.use = list(use) if use else list(self.fields)
+        if eval_missing and not set(self.use) - set(eval_missing):
+            raise ConfigError(f"data.eval_missing={list(eval_missing)} leaves the evaluated samples no field of "
+                              f"data.use={self.use}; leave at least one out of data.eval_missing")
+        if field_dropout and len(self.use) < 2:
+            raise ConfigError(f"data.field_dropout={field_dropout} drops one of a sample's fields, but data.use="
+                              f"{self.use} gives it one; set data.field_dropout=0")
+        self.pair = pair
+        self.field_dropout = field_dropout
+        self.eval_missing = list(eval_missing or ())
+        self.noise = {k: float(v) for k, v in (noise or {}).items() if v}
+        self.classes: list[str] = []
+
+    def prepare_data(self) -> None:
+        for data in self.fields.values():
+            data.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        for data in self.fields.values():
+            data.setup(stage)
+        self.classes = self._common_classes()
+        for split in SPLITS:
+            if all(data.has_split(split) for data in self.fields.values()):
+                self.splits[split] = self._paired(split)
+        log.info("paired samples of fields %s (%s): %s", list(self.fields), self.pair,
+                 {k: self.num_samples(k) for k in self.splits})
+
+    def _common_classes(self) -> list[str]:
+        """The class names every field shares (each field's label ids are mapped onto the first field's order)."""
+        names = {name: list(data.classes) for name, data in self.fields.items()}
+        first, *others = names
+        for name in others:
+            if sorted(names[name]) != sorted(names[first]):
+                raise DataError(f"data.fields.{name} has the classes {names[name]} and data.fields.{first} "
+                                f"{names[first]}: paired samples need the same class names in every field")
+        return names[first]
+
+    def _labels(self, name: str, split: str) -> torch.Tensor:
+        """Field `name`'s labels of `split`, as ids of this module's class order."""
+        data = self.fields[name]
+        order = torch.tensor([self.classes.index(c) for c in data.classes])
+        return order[data.splits[split]["labels"].long().cpu()]
+
+    def _paired(self, split: str) -> dict[str, torch.Tensor]:
+        labels = {name: self._labels(name, split) for name in self.fields}
+        if self.pair == "index":
+            sizes = {name: len(v) for name, v in labels.items()}
+            if len(set(sizes.values())) > 1:
+                raise DataError(f"data.pair=index pairs the fields' i-th samples, but their {split} splits differ in "
+                                f"size {sizes}; use data.pair=class")
+            first = next(iter(labels.values()))
+            for name, v in labels.items():
+                if not torch.equal(v, first):
+                    raise DataError(f"data.pair=index: data.fields.{name}'s {split} samples are not of the same classes "
+                                    "as the first field's in the same order")
+            pairs = {name: torch.arange(len(first)) for name in labels}
+        else:
+            anchor = max(labels, key=lambda name: len(labels[name]))  # the most samples: none left out
+            pairs = pair_by_class(labels, anchor, self.seed + SPLITS.index(split), split)
+            first = labels[anchor][pairs[anchor]]
+        return {"labels": first, **{f"{name}_index": idx for name, idx in pairs.items()}}
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.classes)
+
+    def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
+        self.setup()
+        return {"tokenizer": {"fields": {name: self.fields[name].runtime_kwargs()["tokenizer"] for name in self.use}},
+                "family": {"num_classes": self.num_classes, "class_names": self.classes}}
+
+    def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> FusedBatch:
+        batches = {}
+        for name in self.use:
+            data = self.fields[name]
+            picked = store[f"{name}_index"][index]
+            picked = picked.to(device) if data.device_resident else picked.cpu()
+            batches[name] = self._noised(name, data.gather(split, data._store(split, device), picked, device),
+                                         split, index)
+        label = store["labels"][index].to(device, non_blocking=True)
+        return FusedBatch(batches, label, self._present(split, len(index), device))
+
+    def _present(self, split: str, n: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+        if split == "train" and self.field_dropout:
+            # Each sample loses one field (uniformly chosen) with probability field_dropout; never all of them.
+            drop = torch.rand(n, device=device) < self.field_dropout  # (B,)
+            which = torch.randint(len(self.use), (n,), device=device)  # (B,)
+            return {name: ~(drop & (which == i)) for i, name in enumerate(self.use)}
+        if split != "train" and self.eval_missing:
+            return {name: torch.full((n,), name not in self.eval_missing, device=device) for name in self.use}
+        return None
+
+    def _noised(self, name: str, batch: Any, split: str, index: torch.Tensor) -> Any:
+        std = self.noise.get(name)
+        if not std:
+            return batch
+        attr = SIGNAL.get(type(batch).__name__)
+        if attr is None:
+            raise ConfigError(f"data.noise.{name}: noise is added to images and audio, not to a "
+                              f"{type(batch).__name__}; remove data.noise.{name}")
+        signal = getattr(batch, attr)
+        generator = None
+        if split != "train":  # the same noise at every evaluation of a sample batch
+            generator = torch.Generator(signal.device).manual_seed(self.seed * 1_000_003 + int(index[0]))
+        noise = torch.randn(signal.shape, generator=generator, device=signal.device, dtype=signal.dtype)
+        return replace(batch, **{attr: signal + std * noise})

@@ -1,0 +1,66 @@
+"""Several modalities in one sequence (early fusion): each field of a multimodal sample goes through its own
+tokenizer, a learned segment embedding marks which field a token came from, and the fields' tokens are joined
+into one `Tokens` that the shared backbone attends across (the picture of PerceiverIO, VATT's fusion baseline,
+PaLI's image-then-text prefix).
+
+A field a sample lacks (modality dropout in training, a field missing at test: `FusedBatch.present`) keeps its
+place in the sequence but is masked out of attention and pooling, so one model serves samples with any subset of
+its fields, and the shapes do not change from batch to batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.init import trunc_normal_
+
+from mmtx.batch import FusedBatch, Tokens
+from mmtx.errors import ConfigError, Count
+
+
+class FusedTokenizer(nn.Module):
+    """fields: {field name: that field's tokenizer} (built by `mmtx.config.wiring` from `tokenizer.fields`, each
+    with the run-time values of its own data); dim: the backbone's width. The sequence is the fields' tokens in
+    the order of `fields`, each plus its segment vector."""
+
+    modality = "fused"  # mmtx.data.modalities builds its Modality from the fields' own
+
+    def __init__(self, fields: dict[str, nn.Module], dim: Count) -> None:
+        super().__init__()
+        if not fields:
+            raise ConfigError("tokenizer.fields is empty: a fused tokenizer needs one tokenizer per field of the "
+                              "data (data.fields)")
+        self.fields = nn.ModuleDict(fields)
+        self.dim = dim
+        self.segment = nn.Parameter(torch.zeros(len(fields), dim))  # one learned vector per field (BERT's segments)
+        trunc_normal_(self.segment, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"segment"}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.fields)
+
+    def field_tokens(self, name: str, batch: FusedBatch) -> Tokens:
+        """Field `name`'s tokens alone, with its segment vector; a sample that lacks the field has all of them
+        masked out (the contrastive family encodes each field this way)."""
+        if name not in batch.fields:
+            raise ConfigError(f"the batch has no field {name!r} (it has {sorted(batch.fields)}): tokenizer.fields "
+                              "and data.fields must name the same fields")
+        tokens = self.fields[name](batch.fields[name])
+        x = tokens.x + self.segment[self.names.index(name)].to(tokens.x.dtype)  # (B, T, D) + (D,)
+        mask, present = tokens.mask, batch.has(name)
+        if present is not None:
+            real = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            mask = real & present[:, None]  # (B, T): a missing field's tokens are padding
+        return Tokens(x, mask)
+
+    def forward(self, batch: FusedBatch) -> Tokens:
+        parts = [self.field_tokens(name, batch) for name in self.names]
+        x = torch.cat([t.x for t in parts], dim=1)  # (B, T_1 + ... + T_n, D)
+        if all(t.mask is None for t in parts):
+            return Tokens(x)
+        masks = [t.mask if t.mask is not None else torch.ones(t.x.shape[:2], dtype=torch.bool, device=x.device)
+                 for t in parts]
+        return Tokens(x, torch.cat(masks, dim=1))  # (B, T)

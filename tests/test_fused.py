@@ -1,0 +1,219 @@
+"""Several modalities in one sequence: paired multimodal samples, the fused tokenizer, fused classification and the
+contrastive family (av_digits, av_digits_clip)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import make_image_folder, small_run
+from test_audio import make_tones
+
+from mmtx import build, compose
+from mmtx.batch import AudioBatch, FusedBatch, ImageBatch
+from mmtx.data.fused import pair_by_class
+from mmtx.errors import ConfigError
+from mmtx.tasks.contrastive import info_nce, recall_at, zero_shot_accuracy
+from mmtx.tokenizers import MelTokenizer, PatchTokenizer
+from mmtx.tokenizers.fused import FusedTokenizer
+from mmtx.train import train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def av_root(tmp_path_factory) -> Path:
+    """Written digits (8x8 images of classes 0 and 1) and spoken ones (tones of classes 0 and 1), FSDD's layout."""
+    root = tmp_path_factory.mktemp("av")
+    make_image_folder(root / "digits", classes=("0", "1"), per_class=(10, 4), size=8)
+    make_tones(root / "fsdd" / "recordings", per_class=(10, 5))
+    return root
+
+
+def av_run(tmp_path: Path, root: Path, *extra: str) -> list[str]:
+    return [*small_run(tmp_path, root, "fused"), "trainer.max_epochs=1", *extra]
+
+
+def fused_tokenizer(dim: int = 16) -> FusedTokenizer:
+    image = PatchTokenizer(dim=dim, image_size=(8, 8), patch_size=2)
+    audio = MelTokenizer(dim=dim, sample_rate=8000, spec_augment=None)
+    return FusedTokenizer({"image": image, "audio": audio}, dim=dim)
+
+
+def fused_batch(n: int = 3, present=None) -> FusedBatch:
+    image = ImageBatch(torch.randn(n, 3, 8, 8))
+    audio = AudioBatch(torch.randn(n, 4000) * 0.1, torch.tensor([4000, 2000, 3000][:n]))
+    return FusedBatch({"image": image, "audio": audio}, torch.tensor([0, 1, 0][:n]), present)
+
+
+def test_fused_tokens_are_the_fields_tokens_with_their_segment_vectors_joined():
+    tok = fused_tokenizer()
+    batch = fused_batch()
+    tokens = tok(batch)
+    image, audio = tok.fields["image"](batch.fields["image"]), tok.fields["audio"](batch.fields["audio"])
+    assert tokens.x.shape == (3, 16 + audio.x.shape[1], 16)
+    torch.testing.assert_close(tokens.x[:, :16], image.x + tok.segment[0])
+    torch.testing.assert_close(tokens.x[:, 16:], audio.x + tok.segment[1])
+    assert tokens.mask[:, :16].all() and torch.equal(tokens.mask[:, 16:], audio.mask)  # the clips' padding kept
+    tokens.x.sum().backward()
+    assert tok.segment.grad is not None and tok.fields["image"].proj.weight.grad is not None
+
+
+def test_a_missing_field_is_masked_out_and_changes_nothing_a_classifier_sees():
+    from mmtx.backbone import Backbone
+    from mmtx.tasks.classification import ClassifierHead
+
+    torch.manual_seed(0)
+    tok, backbone, head = fused_tokenizer(), Backbone(dim=16, depth=1, num_heads=2), ClassifierHead(16, 2, pool="mean")
+    backbone.eval()
+    no_image = {"image": torch.tensor([False, False, False]), "audio": torch.ones(3, dtype=torch.bool)}
+    batch = fused_batch(present=no_image)
+    tokens = tok(batch)
+    assert not tokens.mask[:, :16].any()
+    other = fused_batch(present=no_image)  # other images, the same clips: the output must not change
+    other.fields["audio"] = batch.fields["audio"]
+    out = head(backbone(tokens), tokens.mask)
+    torch.testing.assert_close(out, head(backbone(tok(other)), tok(other).mask))
+
+
+def test_pairing_by_class_is_seeded_balanced_and_leaves_out_classes_a_field_lacks(caplog):
+    anchor = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    other = torch.tensor([1, 0, 1, 0, 1])  # no class 2
+    pairs = pair_by_class({"audio": anchor, "image": other}, "audio", seed=3, split="val")
+    assert pairs["audio"].tolist() == [0, 1, 2, 3, 4, 5]  # the class-2 sample is left out, with a warning
+    assert "no val sample of class id(s) [2]" in caplog.text
+    assert torch.equal(other[pairs["image"]], anchor[pairs["audio"]])  # every pair of one class
+    assert sorted(pairs["image"][:4].tolist()) == [1, 1, 3, 3]  # each class-0 image used equally often
+    again = pair_by_class({"audio": anchor, "image": other}, "audio", seed=3, split="val")
+    assert torch.equal(again["image"], pairs["image"])
+
+
+def test_paired_data_gives_fused_batches_of_one_class_per_sample(av_root, tmp_path):
+    cfg = compose("av_digits", av_run(tmp_path, av_root, "data.field_dropout=0.5"))
+    model, dm = build(cfg)
+    assert dm.classes == ["0", "1"] and set(dm.splits) == {"train", "val", "test"}
+    assert dm.num_samples("train") == len(dm.fields["audio"].splits["train"]["labels"])  # the larger field is the anchor
+    index = {"index": torch.arange(8), "split": "train"}
+    torch.manual_seed(0)
+    batch = dm.on_after_batch_transfer(index)
+    assert isinstance(batch, FusedBatch) and set(batch.fields) == {"image", "audio"}
+    assert batch.fields["image"].image.shape == (8, 3, 8, 8)
+    assert torch.equal(batch.fields["image"].label, batch.label) and torch.equal(batch.fields["audio"].label, batch.label)
+    lost = ~batch.present["image"] | ~batch.present["audio"]
+    assert lost.any() and (batch.present["image"] | batch.present["audio"]).all()  # one field at most is dropped
+    logits = model.task(model.backbone, batch)
+    assert logits.shape == (8, 2) and torch.isfinite(logits).all()
+    assert model.task.tokenizer.names == ["image", "audio"]
+
+
+def test_one_field_alone_has_the_same_samples_and_a_tokenizer_of_that_field(av_root, tmp_path):
+    cfg = compose("av_digits", av_run(tmp_path, av_root, "data.use=[image]"))
+    model, dm = build(cfg)
+    _, both = build(compose("av_digits", av_run(tmp_path, av_root)))
+    assert model.task.tokenizer.names == ["image"]
+    assert dm.num_samples("train") == both.num_samples("train")  # the same samples: the same steps
+    batch = dm.on_after_batch_transfer({"index": torch.arange(2), "split": "val"})
+    assert set(batch.fields) == {"image"}
+
+
+def test_evaluation_without_a_field_and_with_fixed_noise(av_root, tmp_path):
+    cfg = compose("av_digits", av_run(tmp_path, av_root, "data.eval_missing=[image]", "data.noise.image=0.5"))
+    _, dm = build(cfg)
+    val = {"index": torch.arange(4), "split": "test"}
+    a, b = dm.on_after_batch_transfer(val), dm.on_after_batch_transfer(val)
+    assert not a.present["image"].any() and a.present["audio"].all()
+    torch.testing.assert_close(a.fields["image"].image, b.fields["image"].image)  # the same noise each evaluation
+    clean = build(compose("av_digits", av_run(tmp_path, av_root)))[1].on_after_batch_transfer(val)
+    assert not torch.allclose(a.fields["image"].image, clean.fields["image"].image)
+    assert dm.on_after_batch_transfer({"index": torch.arange(4), "split": "train"}).present is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.use=[video]", r"data.use names \['video'\], which data.fields does not have"),
+    ("data.eval_missing=[image,audio]", "leaves the evaluated samples no field"),
+    ("~tokenizer.fields.audio", "data.fields.audio has no tokenizer: add tokenizer.fields.audio"),
+])
+def test_bad_fused_settings_name_the_key(av_root, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        build(compose("av_digits", av_run(tmp_path, av_root, override)))
+
+
+def test_a_trained_fused_classifier_loads_from_its_checkpoint_alone(av_root, tmp_path):
+    import mmtx
+
+    cfg = compose("av_digits", av_run(tmp_path, av_root, "data.field_dropout=0.3"))
+    summary = train(cfg, run_dir=tmp_path / "run")
+    assert summary["global_step"] >= 1
+    model = mmtx.load(tmp_path / "run" / "checkpoints" / "last.ckpt", device="cpu")
+    assert model.kind == "classification" and model.part.tokenizer.names == ["image", "audio"]
+    _, dm = build(cfg)
+    batch = dm.on_after_batch_transfer({"index": torch.arange(4), "split": "test"})
+    probs = model.part.predict(model.module.backbone, batch)
+    assert probs.shape == (4, 2) and torch.allclose(probs.sum(-1), torch.ones(4))
+    with pytest.raises(ConfigError, match="several fields in one sequence"):
+        model.predict([av_root / "digits" / "test" / "0" / "000.png"])
+
+
+# -- contrastive ----------------------------------------------------------------------------------------------------
+
+def test_info_nce_is_low_for_aligned_pairs_and_recall_counts_a_right_class():
+    a = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(20.0)
+    assert info_nce(a, a, scale) < info_nce(a, a.roll(1, 0), scale)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert recall_at(a, a, labels, labels, 1) == 1.0
+    keys = a.roll(1, 0)  # key i is the query i-1's: a right class only where neighbours share one
+    assert recall_at(a, keys, labels, labels.roll(1, 0), 1) == 1.0
+    protos = torch.eye(3)[labels]  # each class's keys point one way
+    assert zero_shot_accuracy(protos, protos, labels, labels, 3) == 1.0
+
+
+def _ddp_info_nce(rank: int, world: int, init: str, a: torch.Tensor, b: torch.Tensor, out: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    rows = slice(rank * 4, rank * 4 + 4)
+    mine_a, mine_b = a[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()
+    loss = info_nce(mine_a, mine_b, torch.tensor(10.0))
+    loss.backward()
+    out[rank] = (loss.detach(), mine_a.grad)
+    dist.destroy_process_group()
+
+
+def test_under_ddp_every_ranks_samples_are_the_negatives(tmp_path):
+    a = torch.nn.functional.normalize(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(8, 5, generator=torch.Generator().manual_seed(1)), dim=-1)
+    whole_a = a.clone().requires_grad_()
+    whole = info_nce(whole_a, b, torch.tensor(10.0))
+    whole.backward()
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_info_nce, args=(2, f"file://{tmp_path / 'rendezvous'}", a, b, out), nprocs=2, join=True)
+    torch.testing.assert_close((out[0][0] + out[1][0]) / 2, whole.detach())  # DDP's mean of the ranks' losses
+    # DDP averages the ranks' gradients: each rank's rows get the whole batch's gradient
+    torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]) / 2, whole_a.grad)
+
+
+def test_av_digits_clip_trains_and_reports_retrieval(av_root, tmp_path):
+    cfg = compose("av_digits_clip", av_run(tmp_path, av_root))
+    summary = train(cfg, run_dir=tmp_path / "run")
+    for key in ("test/audio_to_image_r@1", "test/image_to_audio_r@5", "test/zero_shot_acc"):
+        assert 0.0 <= summary[key] <= 1.0, key
+
+
+def test_contrastive_needs_two_fields(av_root, tmp_path):
+    with pytest.raises(ConfigError, match="aligns two fields"):
+        build(compose("av_digits_clip", av_run(tmp_path, av_root, "data.use=[audio]")))
+
+
+@pytest.mark.skipif(not (SHARED / "digits").is_dir() or not (SHARED / "fsdd").is_dir(),
+                    reason="../shared/data/digits and fsdd (the real written and spoken digits) are not here")
+def test_real_digits_pair_with_real_spoken_digits(tmp_path):
+    cfg = compose("av_digits", [f"data.root={SHARED}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    _, dm = build(cfg)
+    assert dm.classes == [str(d) for d in range(10)]
+    assert dm.num_samples("test") == 360 and dm.num_samples("train") == 2430  # the larger field of each split
+    batch = dm.on_after_batch_transfer({"index": torch.arange(16), "split": "test"})
+    assert batch.fields["image"].image.shape == (16, 3, 8, 8)
+    assert torch.equal(batch.fields["audio"].label, batch.label)
