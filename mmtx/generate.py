@@ -1,8 +1,9 @@
-"""Generate from a checkpoint: continue a prompt (decoder-only), translate text or transcribe audio
-(encoder-decoder). The model and its vocabularies come from the checkpoint alone: no data is read.
+"""Generate from a checkpoint: continue a prompt (decoder-only), draw images of a class (an image-token model,
+iGPT), translate text or transcribe audio (encoder-decoder). The model and its vocabularies come from the checkpoint alone: no data is read.
 A Hydra application: its keys and defaults are `conf/generate.yaml` (`--help` lists them).
 
     python -m mmtx.generate ckpt=PATH prompt="ROMEO:" max_new_tokens=500 temperature=0.8 top_k=200
+    python -m mmtx.generate ckpt=PATH prompt=cat num_samples=8 out=cats [image=half.png]  (writes PNG files)
     python -m mmtx.generate ckpt=PATH text="A dog runs on the beach."
     python -m mmtx.generate ckpt=PATH text_file=sentences.en > sentences.de    (one line in, one line out)
     python -m mmtx.generate ckpt=PATH audio='clips/*.wav'                      (prints path<TAB>transcript)
@@ -24,7 +25,7 @@ from mmtx.config.apps import inference_device, run_app
 from mmtx.config.validate import validate
 from mmtx.errors import CheckpointError
 
-VERBATIM = ("prompt", "text", "text_file", "audio")  # free text and paths: never parsed by Hydra's grammar
+VERBATIM = ("prompt", "text", "text_file", "audio", "out", "image")  # free text and paths: never parsed by Hydra's grammar
 
 
 def load_model(ckpt: str, device: str = "cpu", member: str | None = None):

@@ -124,6 +124,8 @@ MODALITY_OVERRIDES = {
              "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=2"],
     "text2text": ["family.decoder.depth=1", "tokenizer.vocab.vocab_size=300", "family.beam_size=2", "data.max_tgt_len=24"],
     "audio2text": ["family.decoder.depth=1", "data.source.max_seconds=1.0"],
+    "image_tokens": ["data.image_size=8", "data.palette_size=16", "data.fit_pixels=4000", "family.sample_classes=2",
+                     "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=1"],
     "fused": ["data.fields.audio.source.max_seconds=1.0", "tokenizer.fields.image.patch_size=2"],
 }
 

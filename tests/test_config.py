@@ -65,6 +65,8 @@ def tiny(task: str, tmp_path: Path, data_root: Path) -> list[str]:
     if cfg.data._target_.startswith("mmtx.data.synthetic."):  # no files: no data root; a small vocabulary
         return [*small_run(tmp_path, None, task_modality(task)), "data.vocab_size=300", "data.train_tokens=4096",
                 "data.val_tokens=1024"]
+    if cfg.family._target_.endswith("ImageGPT"):  # images as palette tokens: a small grid and palette
+        return small_run(tmp_path, data_root, "image_tokens")
     if cfg.family._target_.endswith("Masked"):  # no sampling keys; MAE's decoder within the tiny backbone's width
         kept = [o for o in small_run(tmp_path, data_root, task_modality(task)) if not o.startswith("family.")]
         return [*kept, "family.decoder.dim=16", "family.decoder.num_heads=2"]

@@ -23,6 +23,7 @@ from mmtx.files import tsv_text
 # The keys of each kind of model (conf/generate.yaml); one of the other kind given on the command line is refused.
 LM_KEYS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "seed")
 SEQ2SEQ_KEYS = ("text", "text_file", "audio", "beam_size", "length_penalty", "max_len", "batch_size")
+IMAGE_KEYS = ("prompt", "temperature", "top_k", "top_p", "num_samples", "seed", "out", "image")  # an image-token model
 RULES = {
     "max_new_tokens": integer(1), "temperature": number(0), "top_k": integer(0, optional=True),
     "top_p": number(0, 1, low_open=True, optional=True), "num_samples": integer(1), "seed": integer(0),
@@ -103,18 +104,57 @@ def given_keys(overrides: Sequence[str]) -> set[str]:
     return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides if "=" in str(o)}
 
 
-def check_args(args: dict[str, Any], given: set[str], seq2seq: bool, ckpt: str) -> None:
-    """Every key given is one this model takes: a language model's keys for an encoder-decoder (or the reverse)
-    are refused, naming the key and the keys the model takes, instead of being ignored."""
-    wrong = sorted(k for k in given if k in (LM_KEYS if seq2seq else SEQ2SEQ_KEYS))
+def check_args(args: dict[str, Any], given: set[str], kind: str, ckpt: str) -> None:
+    """Every key given is one this model takes (`kind`: language_model | seq2seq | image): a language model's keys
+    for an encoder-decoder (or the reverse) are refused, naming the key and the keys the model takes, instead of
+    being ignored."""
+    mine = {"seq2seq": SEQ2SEQ_KEYS, "image": IMAGE_KEYS}.get(kind, LM_KEYS)
+    others = set(LM_KEYS + SEQ2SEQ_KEYS + IMAGE_KEYS) - set(mine)
+    wrong = sorted(k for k in given if k in others)
     if wrong:
-        kind, keys = ("an encoder-decoder", SEQ2SEQ_KEYS) if seq2seq else ("a language model", LM_KEYS)
-        raise ConfigError(f"{wrong[0]}={args[wrong[0]]} does not apply: checkpoint {ckpt} is {kind}, which takes "
-                          f"{', '.join(keys)} (and use_cache, device)")
+        what = {"seq2seq": "an encoder-decoder", "image": "an image-token model"}.get(kind, "a language model")
+        raise ConfigError(f"{wrong[0]}={args[wrong[0]]} does not apply: checkpoint {ckpt} is {what}, which takes "
+                          f"{', '.join(mine)} (and use_cache, device)")
     prompt = args.get("prompt")
-    if not seq2seq and prompt is not None and (not isinstance(prompt, str) or prompt == ""):
+    if kind != "seq2seq" and prompt is not None and (not isinstance(prompt, str) or prompt == ""):
         raise ConfigError(f"prompt={prompt!r} is empty: give the text to continue (prompt=...), or leave prompt out "
                           "to start from the model's default prompt")
+
+
+def run_images(model, args: dict[str, Any], echo: bool = True) -> list[str]:
+    """An image-token model (iGPT) draws `num_samples` images of class `prompt` (or completes the lower half of
+    `image`) and writes them as PNG files under `out` (default ./generated): the paths, one a line."""
+    from PIL import Image
+
+    from mmtx.data.image_sources import read_image
+    from mmtx.files import check_writable
+
+    task = model.task
+    prompt = args["prompt"] or task.sample_prompts[0]
+    given = None
+    if args.get("image"):
+        path = Path(str(args["image"])).expanduser()
+        if not path.is_file():
+            raise MissingError(f"image {path} does not exist")
+        if task.height != task.width:
+            raise ConfigError(f"image=: this model draws {task.height}x{task.width} images; give a square model")
+        given = read_image(path, task.height)  # (3, H, W) uint8, resized and centre-cropped to the model's size
+    generator = torch.Generator(device=model.device).manual_seed(int(args["seed"]))
+    images = task.draw(model.backbone, str(prompt), int(args["num_samples"]), float(args["temperature"]),
+                       args["top_k"] or None, args["top_p"], generator=generator, image=given,
+                       use_cache=bool(args["use_cache"]))
+    folder = check_writable(Path(str(args.get("out") or "generated")).expanduser(), "out", "give another out=DIR")
+    paths = []
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(prompt)) or "image"
+    for i, image in enumerate(images):
+        path = folder / f"{stem}-{'completed-' if given is not None else ''}{i:03d}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
+        os.replace(tmp, path)  # whole files only: a reader never sees half a PNG
+        paths.append(str(path))
+        if echo:
+            print(path, flush=True)
+    return paths
 
 
 def generate_with(model, options: dict[str, Any], ckpt: str, given: set[str] | None = None,
@@ -124,10 +164,12 @@ def generate_with(model, options: dict[str, Any], ckpt: str, given: set[str] | N
     `options`), refused when they do not apply to this kind of model. `echo`: print each result as it comes."""
     args = {**app_defaults("generate"), **options}
     validate(args, RULES)
-    seq2seq = hasattr(model.task, "translate")
-    check_args(args, set(options) if given is None else set(given), seq2seq, ckpt)
-    if seq2seq:
+    kind = "seq2seq" if hasattr(model.task, "translate") else "image" if hasattr(model.task, "draw") else "language_model"
+    check_args(args, set(options) if given is None else set(given), kind, ckpt)
+    if kind == "seq2seq":
         return run_seq2seq(model, args, OmegaConf.create(model.run_config), echo)
+    if kind == "image":
+        return run_images(model, args, echo)
     prompt = args["prompt"]
     if prompt is None:
         if not model.task.sample_prompts:

@@ -4,8 +4,9 @@ metrics and its decode entry). `mmtx.module.MmtxModule` runs one or more of them
 from mmtx.tasks.base import StepContext, TaskPart, TiedOutput
 from mmtx.tasks.classification import Classification
 from mmtx.tasks.contrastive import Contrastive
+from mmtx.tasks.image_gpt import ImageGPT
 from mmtx.tasks.language_model import LanguageModel
 from mmtx.tasks.masked import Masked
 from mmtx.tasks.seq2seq import Seq2Seq
 
-__all__ = ["Classification", "Contrastive", "LanguageModel", "Masked", "Seq2Seq", "StepContext", "TaskPart", "TiedOutput"]
+__all__ = ["Classification", "Contrastive", "ImageGPT", "LanguageModel", "Masked", "Seq2Seq", "StepContext", "TaskPart", "TiedOutput"]

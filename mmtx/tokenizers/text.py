@@ -48,6 +48,13 @@ class Vocab:
         if self.kind == "synthetic" and unk is not None and unk in ids:
             raise ConfigError(f"text {text[:60]!r} has words outside this synthetic vocabulary (data=synthetic_tokens): "
                               f"its words are t0 to t{unk - 1}, separated by spaces")
+        if self.kind == "palette":
+            unknown = [w for w in text.split() if self.tokenizer.token_to_id(w) is None]
+            if unknown:
+                classes = [t for t, _ in sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+                           if not t.startswith(("#", "<"))]
+                raise ConfigError(f"{unknown[0]!r} is not a class of this image model: its prompts are one of "
+                                  f"{classes or ['<image>']} (or <image> for an unconditioned image)")
         return ids
 
     def encode_array(self, text: str) -> np.ndarray:
@@ -134,6 +141,8 @@ class Vocab:
 
 def _kind_of(tokenizer) -> str:
     model = type(tokenizer.model).__name__
+    if model == "WordLevel" and tokenizer.token_to_id("<image>") is not None:  # image tokens (mmtx.tokenizers.palette)
+        return "palette"
     if model == "WordLevel":  # characters, or the words t0, t1, ... of synthetic ids (mmtx.data.synthetic)
         return "synthetic" if type(tokenizer.pre_tokenizer).__name__ == "WhitespaceSplit" else "char"
     return model.lower()
