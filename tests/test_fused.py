@@ -217,3 +217,18 @@ def test_real_digits_pair_with_real_spoken_digits(tmp_path):
     batch = dm.on_after_batch_transfer({"index": torch.arange(16), "split": "test"})
     assert batch.fields["image"].image.shape == (16, 3, 8, 8)
     assert torch.equal(batch.fields["audio"].label, batch.label)
+
+
+def test_fields_of_different_widths_are_named_both():
+    image = PatchTokenizer(dim=16, image_size=(8, 8), patch_size=2)
+    audio = MelTokenizer(dim=24, sample_rate=8000, spec_augment=None)
+    with pytest.raises(ConfigError, match="tokenizer.fields.audio makes tokens 24 wide and tokenizer.fields.image 16"):
+        FusedTokenizer({"image": image, "audio": audio}, dim=16)
+
+
+def test_a_sample_without_a_field_the_model_reads_is_named():
+    tok = fused_tokenizer()
+    batch = fused_batch()
+    del batch.fields["audio"]
+    with pytest.raises(ConfigError, match="the batch has no field 'audio'"):
+        tok(batch)

@@ -12,6 +12,7 @@ from conftest import TINY_TEXT, cli, small_run
 from mmtx import compose
 from mmtx.errors import ConfigError
 from mmtx.files import read_tsv
+from mmtx.checkpoints.generating import IMAGE_KEYS
 from mmtx.generate import LM_KEYS, RULES, SEQ2SEQ_KEYS, check_args, load_model
 from mmtx.generate import main as generate
 from mmtx.train import train
@@ -71,12 +72,12 @@ def test_use_cache_reaches_the_decoder(lm, monkeypatch):
 def test_every_key_of_generate_yaml_reaches_the_code():
     from mmtx.config.apps import app_keys
 
-    handled = {"ckpt", "member", "device", "use_cache", *LM_KEYS, *SEQ2SEQ_KEYS}
+    handled = {"ckpt", "member", "device", "use_cache", *LM_KEYS, *SEQ2SEQ_KEYS, *IMAGE_KEYS}
     assert set(app_keys("generate")) == handled
     assert set(RULES) <= handled
-    check_args({"beam_size": 2}, set(), seq2seq=True, ckpt="x")  # nothing given: nothing refused
+    check_args({"beam_size": 2}, set(), kind="seq2seq", ckpt="x")  # nothing given: nothing refused
     with pytest.raises(ConfigError, match=r"temperature=0.5 does not apply: checkpoint x is an encoder-decoder"):
-        check_args({"temperature": 0.5}, {"temperature"}, seq2seq=True, ckpt="x")
+        check_args({"temperature": 0.5}, {"temperature"}, kind="seq2seq", ckpt="x")
 
 
 # -- 11. the default sample prompt is not a trap ------------------------------------------------------------------

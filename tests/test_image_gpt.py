@@ -107,3 +107,15 @@ def test_drawing_with_and_without_the_kv_cache_agrees(pictures, tmp_path):
     cached = model.task.draw(model.backbone, ["c0", "c2"], 2, temperature=0.0)
     plain = model.task.draw(model.backbone, ["c0", "c2"], 2, temperature=0.0, use_cache=False)
     assert cached.shape == (4, 3, 8, 8) and torch.equal(cached, plain)
+
+
+def test_init_from_an_image_model_of_another_palette_is_refused_naming_both(pictures, tmp_path):
+    from mmtx.training.transfer import init_from
+
+    train(compose("igpt_cifar_cpu", igpt_run(tmp_path, pictures, "trainer.max_steps=1")), run_dir=tmp_path / "a")
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    same, _ = build(compose("igpt_cifar_cpu", igpt_run(tmp_path, pictures)))
+    assert init_from(same, ckpt)["loaded"]  # the same palette: the weights carry over
+    other, _ = build(compose("igpt_cifar_cpu", igpt_run(tmp_path, pictures, "data.palette_size=12")))
+    with pytest.raises(ConfigError, match="a palette of 16 colours .* not this run's \\(12 colours"):
+        init_from(other, ckpt)

@@ -119,6 +119,25 @@ class ImageGPT(LanguageModel):
         pixels = out[:, 1:] - self.first_colour  # (N, H*W) palette ids
         return dequantize(pixels, self.palette, self.height, self.width)
 
+    def check_transfer(self, checkpoint: dict[str, Any], path: Any) -> None:
+        """`init_from` another image-token model: its token ids are colours of its own palette, so a checkpoint whose
+        palette differs from this run's (another data set, palette_size, image_size) is refused, naming both,
+        instead of loading embeddings whose rows now mean other colours."""
+        from mmtx.checkpoints.io import with_members
+        from mmtx.tokenizers.text import Vocab
+
+        members = (with_members(checkpoint).get("mmtx_members") or {}) if "state_dict" in checkpoint else {}
+        vocabs = [Vocab.from_json(m["mmtx_vocab"]) for m in members.values() if m.get("mmtx_vocab")]
+        theirs = [v for v in vocabs if v.kind == "palette"]
+        if not theirs:
+            return
+        if not any(v.tokenizer.get_vocab() == self.vocab.tokenizer.get_vocab() for v in theirs):
+            other, _ = palette_of(theirs[0])
+            raise ConfigError(f"init_from checkpoint {path} draws with a palette of {len(other)} colours (and its "
+                              f"classes) that is not this run's ({len(self.palette)} colours fitted on this data, "
+                              "data.palette_size, data.image_size): its token ids would mean other colours; "
+                              "fine-tune with the data, palette_size and image_size it was trained with")
+
     def extra_state(self) -> dict[str, Any]:
         family = {"image_size": [self.height, self.width], "class_names": self.class_names,
                   "conditional": self.conditional}

@@ -18,6 +18,12 @@ from mmtx.batch import FusedBatch, Tokens
 from mmtx.errors import ConfigError, Count
 
 
+def width(tokenizer: nn.Module) -> int | None:
+    """The width of the tokens a tokenizer makes (its `dim`, or its embedding table's), if it says."""
+    embed = getattr(tokenizer, "embed", None)
+    return getattr(tokenizer, "dim", None) or getattr(embed, "embedding_dim", None)
+
+
 class FusedTokenizer(nn.Module):
     """fields: {field name: that field's tokenizer} (built by `mmtx.config.wiring` from `tokenizer.fields`, each
     with the run-time values of its own data); dim: the backbone's width. The sequence is the fields' tokens in
@@ -30,6 +36,13 @@ class FusedTokenizer(nn.Module):
         if not fields:
             raise ConfigError("tokenizer.fields is empty: a fused tokenizer needs one tokenizer per field of the "
                               "data (data.fields)")
+        widths = {name: width(tok) for name, tok in fields.items() if width(tok) is not None}
+        odd = [name for name, w in widths.items() if w != dim]
+        if odd:  # named against another field of another width, else against the backbone
+            other = next((n for n in widths if widths[n] != widths[odd[0]]), None)
+            against = f"tokenizer.fields.{other} {widths[other]}" if other else f"the backbone {dim}"
+            raise ConfigError(f"tokenizer.fields.{odd[0]} makes tokens {widths[odd[0]]} wide and {against}: the fields "
+                              f"of one sequence share the backbone's width (backbone.dim={dim}); drop the fields' own dim")
         self.fields = nn.ModuleDict(fields)
         self.dim = dim
         self.segment = nn.Parameter(torch.zeros(len(fields), dim))  # one learned vector per field (BERT's segments)

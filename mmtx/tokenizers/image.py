@@ -45,6 +45,7 @@ class PatchTokenizer(nn.Module):
         stem_width: int | None = None,
     ) -> None:
         super().__init__()
+        self.dim = dim  # the width of its tokens
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         if height % patch_size or width % patch_size:
             raise ConfigError(

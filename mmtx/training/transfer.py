@@ -41,7 +41,12 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None,
     checkpoint's member of the same name. Nothing matching at all is an error: a wrong checkpoint must not
     start a silently random model.
     """
-    source, same_members = _source(model, path, member, preloaded)
+    checkpoint, same_members = _source(model, path, member, preloaded)
+    for part in getattr(model, "tasks", {}).values():  # a part whose tokens mean something only with its own table
+        check = getattr(part, "check_transfer", None)
+        if check is not None:
+            check(checkpoint, path)
+    source = checkpoint["state_dict"]
     target = model.state_dict()
     loaded, skipped, new, resampled, used = [], [], [], [], set()
     with torch.no_grad():
@@ -78,7 +83,8 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None,
 
 
 def _source(model: nn.Module, path: str | Path, member: str | None, preloaded: dict[str, Any] | None):
-    """(the state dict `init_from` copies from, whether its task parts are matched to the model's by member name)."""
+    """(the checkpoint `init_from` copies from (its `state_dict`), whether its task parts are matched to the model's
+    by member name)."""
     if preloaded is not None:  # already loaded (pretrained weights of another library: mmtx.interop)
         checkpoint = preloaded
     elif is_pretrained(path):
@@ -95,7 +101,7 @@ def _source(model: nn.Module, path: str | Path, member: str | None, preloaded: d
         raise ConfigError(f"init_from checkpoint {path} is a co-training run of members "
                           f"{', '.join(checkpoint['mmtx_members'])}: pick the one whose task part this run starts "
                           "from with finetune.member=NAME")
-    return checkpoint["state_dict"], several and member is None
+    return checkpoint, several and member is None
 
 
 def report(result: dict[str, Any], path: str | Path, run_dir: Path | None) -> str:
