@@ -92,6 +92,7 @@ CONFIGS = [
     ("audio_fsdd", ["data=streaming_audio", "data.path=shards"]), ("gpt2_owt", ["data.path=tokens"]),
     ("translate_multi30k_cpu", ["data=streaming_pairs", "data.path=shards"]),
     ("mae_cifar_cpu", []), ("mask_fsdd", []), ("bert_shakespeare", []),
+    ("av_digits", []), ("av_digits_clip", []), ("igpt_cifar_cpu", []),
 ]
 
 
@@ -197,11 +198,13 @@ def test_every_readme_command_composes():
                 GlobalHydra.instance().clear()
         elif module == "mmtx.eval":
             compose_app("eval", hydra_argv([a for a in args if a != "-m"], app_keys("eval"), pass_through=True))
-            cfg = compose("vit_cifar")
+            # a checkpoint of some task: each key must be one that some task's run configuration has
+            cfgs = [compose(task) for task in ("vit_cifar", "av_digits", "translate_multi30k_cpu")]
             for override in args:
                 key = override.split("=", 1)[0]
                 if key not in ("ckpt", "-m"):
-                    assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", f"mmtx.eval {args}: {key}"
+                    assert any(OmegaConf.select(cfg, key, default="<absent>") != "<absent>" for cfg in cfgs), \
+                        f"mmtx.eval {args}: {key}"
         elif module == "mmtx.predict":
             from mmtx.predict import VERBATIM as PREDICT_VERBATIM
 
