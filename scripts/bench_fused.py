@@ -28,8 +28,8 @@ from benchlib import cli_overrides, run_train, warm_cache
 
 def evaluate(ckpt: str, work: Path, root: str, *overrides: str) -> dict[str, float]:
     """`python -m mmtx.eval ckpt=CKPT ...`: its printed test metrics."""
-    cmd = [sys.executable, "-m", "mmtx.eval", f"ckpt={ckpt}", *[o for o in cli_overrides(work, root)
-                                                                 if not o.startswith("paths.output_root")], *overrides]
+    keep = [o for o in cli_overrides(work, root) if o.startswith(("paths.cache_dir", "data.root"))]
+    cmd = [sys.executable, "-m", "mmtx.eval", f"ckpt={ckpt}", "trainer.accelerator=cpu", *keep, *overrides]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")

@@ -24,6 +24,10 @@ def run_train(task: str, seed: int, work: Path, root: str | None, extra: tuple[s
     """`python -m mmtx.train task=TASK seed=SEED ...` to its end: its summary plus `wall_s`, the process time.
     `name`: the run's folder and log under `work` (default: TASK), for several runs of one task."""
     run_dir = work / f"{name or task}-seed{seed}"
+    done_file, wall_file = run_dir / "summary.json", work / f"{name or task}-seed{seed}.wall"
+    if done_file.is_file() and wall_file.is_file() and json.loads(done_file.read_text()).get("status") == "finished":
+        # a benchmark started again in the same --work folder goes on from the runs it had finished
+        return {"seed": seed, "wall_s": float(wall_file.read_text()), **json.loads(done_file.read_text())}
     cmd = [sys.executable, "-m", "mmtx.train", f"task={task}", f"seed={seed}", f"hydra.run.dir={run_dir}",
            *cli_overrides(work, root), *extra]
     log = work / f"{name or task}-seed{seed}.log"
@@ -33,6 +37,7 @@ def run_train(task: str, seed: int, work: Path, root: str | None, extra: tuple[s
     wall = time.perf_counter() - t0
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}); see {log}")
+    wall_file.write_text(f"{wall:.3f}")
     return {"seed": seed, "wall_s": wall, **json.loads((run_dir / "summary.json").read_text())}
 
 

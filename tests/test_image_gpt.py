@@ -80,6 +80,12 @@ def test_an_igpt_run_reports_bits_per_dimension_and_generate_draws_pngs(pictures
     summary = train(cfg, run_dir=tmp_path / "run")
     assert summary["test/bpd"] == pytest.approx(summary["test/loss"] / math.log(2) / 3, rel=1e-4)
     ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    from mmtx.eval import evaluate
+
+    again = evaluate(ckpt, ["trainer.accelerator=cpu"])  # the data quantized with the checkpoint's own palette
+    assert again["test/bpd"] == pytest.approx(summary["test/bpd"], rel=1e-4)
+    with pytest.raises(ConfigError, match=r"the checkpoint's image tokens are for the classes \['c0', 'c1', 'c2'\]"):
+        evaluate(ckpt, ["trainer.accelerator=cpu", "data.conditional=false"])
     paths = generate([f"ckpt={ckpt}", "prompt=c1", "num_samples=2", f"out={tmp_path / 'drawn'}", "device=cpu"])
     assert [Path(p).name for p in paths] == ["c1-000.png", "c1-001.png"]
     drawn = np.asarray(Image.open(paths[0]))

@@ -19,7 +19,8 @@ from mmtx.batch import TokenBatch
 from mmtx.data.base import IndexedSplits
 from mmtx.data.cache import load_or_build
 from mmtx.errors import ConfigError, Count, MaybeCount
-from mmtx.tokenizers.palette import fit_palette, palette_vocab, quantize
+from mmtx.tokenizers.palette import class_token, fit_palette, palette_of, palette_vocab, quantize
+from mmtx.tokenizers.text import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,10 @@ class ImageTokensDataModule(IndexedSplits):
         device_resident: bool = True,
         seed: int = 0,
         root: str | None = None,
+        fixed_vocab: Vocab | None = None,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, device_resident, seed)
+        self.fixed_vocab = fixed_vocab  # a checkpoint's palette (mmtx.eval): the images are quantized with it
         if not hasattr(images, "splits") or not hasattr(images, "classes"):
             raise ConfigError("data.images must be a labelled image data config (data=imagefolder, cifar10, ...)")
         self.images = images
@@ -79,11 +82,11 @@ class ImageTokensDataModule(IndexedSplits):
         splits = sorted(self.images.splits)
         key = "|".join(["image-tokens-v1", source.cache_name, *(source.fingerprint(s) for s in source.splits()), str(self.palette_size),
                         str(self.image_size), str(self.fit_pixels), str(self.seed), str(self.images.val_fraction),
-                        str(getattr(self.images, "label_fraction", 1.0)), *splits])
+                        str(getattr(self.images, "label_fraction", 1.0)), *splits,
+                        self.fixed_vocab.to_json() if self.fixed_vocab is not None else ""])
         name = f"{source.cache_name}-palette{self.palette_size}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
         cached = load_or_build(self.images.cache_dir / name, key, self._build)
-        palette = cached["palette"]
-        self.vocab = palette_vocab(palette, self.classes if self.conditional else ())
+        self.vocab = self.fixed_vocab or palette_vocab(cached["palette"], self.classes if self.conditional else ())
         first = 1 + (len(self.classes) if self.conditional else 0)
         for split in splits:
             labels = cached[f"{split}_labels"].long()
@@ -95,19 +98,35 @@ class ImageTokensDataModule(IndexedSplits):
 
     def _build(self) -> dict[str, Any]:
         """The palette (k-means on a seeded sample of training pixels) and every split's ids, int16."""
-        generator = torch.Generator().manual_seed(self.seed)
         train = shrink(self.images.splits["train"]["images"], self.image_size)  # (N, 3, h, w) uint8
-        pixels = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])  # (N*h*w, 3)
-        pick = torch.randperm(len(pixels), generator=generator)[: self.fit_pixels]
-        log.info("fitting a %d-colour palette on %d training pixels (k-means)", self.palette_size, len(pick))
-        # Rounded to whole colours: the palette the vocabulary carries (#rrggbb) is the one the ids were made with.
-        palette = fit_palette(pixels[pick], self.palette_size, seed=self.seed).round().clamp(0, 255)
+        if self.fixed_vocab is not None:
+            palette = self._checked_palette()
+        else:
+            generator = torch.Generator().manual_seed(self.seed)
+            pixels = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])  # (N*h*w, 3)
+            pick = torch.randperm(len(pixels), generator=generator)[: self.fit_pixels]
+            log.info("fitting a %d-colour palette on %d training pixels (k-means)", self.palette_size, len(pick))
+            # Rounded to whole colours: the palette the vocabulary carries (#rrggbb) is the one the ids were made with.
+            palette = fit_palette(pixels[pick], self.palette_size, seed=self.seed).round().clamp(0, 255)
         out: dict[str, Any] = {"palette": palette, "grid": list(train.shape[-2:])}
         for split, tensors in self.images.splits.items():
             images = train if split == "train" else shrink(tensors["images"], self.image_size)
             out[f"{split}_ids"] = quantize(images, palette).to(torch.int16)  # (N, h*w)
             out[f"{split}_labels"] = tensors["labels"]
         return out
+
+    def _checked_palette(self) -> torch.Tensor:
+        """The palette of `fixed_vocab` (the checkpoint's), once its class tokens are found to be this data's."""
+        palette, first = palette_of(self.fixed_vocab)
+        table = self.fixed_vocab.tokenizer.get_vocab()
+        theirs = [t for t, i in sorted(table.items(), key=lambda kv: kv[1]) if 0 < i < first]
+        ours = [class_token(c) for c in self.classes] if self.conditional else []
+        if theirs != ours:
+            raise ConfigError(f"the checkpoint's image tokens are for the classes {theirs or 'of no class'}, and this "
+                              f"data has {ours or 'no class tokens (data.conditional=false)'}: evaluate on the data "
+                              "it was trained with")
+        log.info("image tokens: quantizing with the checkpoint's %d-colour palette", len(palette))
+        return palette
 
     @property
     def num_classes(self) -> int:
