@@ -78,6 +78,8 @@ class ImageTokensDataModule(IndexedSplits):
             return
         self.images.setup(stage)
         self.classes = list(self.images.classes)
+        if self.fixed_vocab is not None:
+            self._check_classes()
         source = self.images.source
         splits = sorted(self.images.splits)
         key = "|".join(["image-tokens-v1", source.cache_name, *(source.fingerprint(s) for s in source.splits()), str(self.palette_size),
@@ -100,7 +102,8 @@ class ImageTokensDataModule(IndexedSplits):
         """The palette (k-means on a seeded sample of training pixels) and every split's ids, int16."""
         train = shrink(self.images.splits["train"]["images"], self.image_size)  # (N, 3, h, w) uint8
         if self.fixed_vocab is not None:
-            palette = self._checked_palette()
+            palette = palette_of(self.fixed_vocab)[0]
+            log.info("image tokens: quantizing with the checkpoint's %d-colour palette", len(palette))
         else:
             generator = torch.Generator().manual_seed(self.seed)
             pixels = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])  # (N*h*w, 3)
@@ -115,9 +118,9 @@ class ImageTokensDataModule(IndexedSplits):
             out[f"{split}_labels"] = tensors["labels"]
         return out
 
-    def _checked_palette(self) -> torch.Tensor:
-        """The palette of `fixed_vocab` (the checkpoint's), once its class tokens are found to be this data's."""
-        palette, first = palette_of(self.fixed_vocab)
+    def _check_classes(self) -> None:
+        """`fixed_vocab` (the checkpoint's) has this data's class tokens, in its order."""
+        _, first = palette_of(self.fixed_vocab)
         table = self.fixed_vocab.tokenizer.get_vocab()
         theirs = [t for t, i in sorted(table.items(), key=lambda kv: kv[1]) if 0 < i < first]
         ours = [class_token(c) for c in self.classes] if self.conditional else []
@@ -125,8 +128,6 @@ class ImageTokensDataModule(IndexedSplits):
             raise ConfigError(f"the checkpoint's image tokens are for the classes {theirs or 'of no class'}, and this "
                               f"data has {ours or 'no class tokens (data.conditional=false)'}: evaluate on the data "
                               "it was trained with")
-        log.info("image tokens: quantizing with the checkpoint's %d-colour palette", len(palette))
-        return palette
 
     @property
     def num_classes(self) -> int:
