@@ -82,9 +82,9 @@ class ImageTokensDataModule(IndexedSplits):
             self._check_classes()
         source = self.images.source
         splits = sorted(self.images.splits)
-        key = "|".join(["image-tokens-v1", source.cache_name, *(source.fingerprint(s) for s in source.splits()), str(self.palette_size),
-                        str(self.image_size), str(self.fit_pixels), str(self.seed), str(self.images.val_fraction),
-                        str(getattr(self.images, "label_fraction", 1.0)), *splits,
+        key = "|".join(["image-tokens-v1", source.cache_name, *(source.fingerprint(s) for s in source.splits()),
+                        str(self.palette_size), str(self.image_size), str(self.fit_pixels), str(self.seed),
+                        str(self.images.val_fraction), str(getattr(self.images, "label_fraction", 1.0)), *splits,
                         self.fixed_vocab.to_json() if self.fixed_vocab is not None else ""])
         name = f"{source.cache_name}-palette{self.palette_size}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
         cached = load_or_build(self.images.cache_dir / name, key, self._build)
@@ -93,7 +93,8 @@ class ImageTokensDataModule(IndexedSplits):
         for split in splits:
             labels = cached[f"{split}_labels"].long()
             start = (1 + labels) if self.conditional else torch.zeros_like(labels)
-            self.splits[split] = {"labels": labels, "ids": cached[f"{split}_ids"], "start": start, "first": torch.tensor(first)}
+            self.splits[split] = {"labels": labels, "ids": cached[f"{split}_ids"], "start": start,
+                                  "first": torch.tensor(first)}
         self.grid = tuple(cached["grid"])
         log.info("image tokens: %d-colour palette, %dx%d grids (%d tokens a sample); %s", self.palette_size,
                  *self.grid, self.grid[0] * self.grid[1], {k: self.num_samples(k) for k in self.splits})
