@@ -227,6 +227,7 @@ class IndexedSplits(L.LightningDataModule, abc.ABC):
 
     size_key = "labels"
     lengths_key = "lengths"
+    classes: list[str] | tuple[str, ...] = ()  # the class names of labelled data, set by `setup`
 
     def __init__(self, batch_size: Count, eval_batch_size: MaybeCount, device_resident: bool, seed: int) -> None:
         super().__init__()
@@ -289,6 +290,11 @@ class IndexedSplits(L.LightningDataModule, abc.ABC):
         log.info("trainer.%s=%s: the %s figures are of %d of its %d samples, %s", key, limit, split,
                  min(size, used * batch_size), size, how)
         return True
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.classes)
 
     def has_split(self, split: str) -> bool:
         """Whether the data has this split (a source may have no test split)."""
@@ -401,7 +407,6 @@ class LabelledSplits(CachedSplits):
     seeded choice of that share of every class (the same for every run of one seed), after the validation
     hold-out; the other training samples are left out. 1: all of them."""
 
-    classes: list[str] | tuple[str, ...] = ()  # set by `tensors`, from the training split
     label_fraction: float = 1.0
 
     def tensors(self, caches: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
@@ -417,8 +422,3 @@ class LabelledSplits(CachedSplits):
             log.info("data.label_fraction=%s: training on %d labelled samples of %d (every class's share)",
                      self.label_fraction, len(kept), len(train["labels"]))
         return splits
-
-    @property
-    def num_classes(self) -> int:
-        self.setup()
-        return len(self.classes)

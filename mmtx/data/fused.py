@@ -163,11 +163,6 @@ class PairedDataModule(IndexedSplits):
             first = labels[anchor][pairs[anchor]]
         return {"labels": first, **{f"{name}_index": idx for name, idx in pairs.items()}}
 
-    @property
-    def num_classes(self) -> int:
-        self.setup()
-        return len(self.classes)
-
     def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
         self.setup()
         return {"tokenizer": {"fields": {name: self.fields[name].runtime_kwargs()["tokenizer"] for name in self.use}},

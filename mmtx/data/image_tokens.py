@@ -130,11 +130,6 @@ class ImageTokensDataModule(IndexedSplits):
                               f"data has {ours or 'no class tokens (data.conditional=false)'}: evaluate on the data "
                               "it was trained with")
 
-    @property
-    def num_classes(self) -> int:
-        self.setup()
-        return len(self.classes)
-
     def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
         self.setup()
         h, w = self.grid
