@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated, Any, Mapping
 
 import torch
 from torch import nn
 from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
 
 from mmtx.batch import Tokens
-from mmtx.errors import ConfigError, Count, Positive, Rate
+from mmtx.errors import ConfigError, Count, Positive, Rate, one_of
 from mmtx.nn.block import BLOCKS
 from mmtx.nn.attention import KVCache
+from mmtx.nn.mlp import MLPS, ExpertLinear, MoeSpec, build_mlp, moe_spec
 
 
 class Backbone(nn.Module):
@@ -22,7 +24,8 @@ class Backbone(nn.Module):
     language model) asks for it per call, `forward(..., causal=True)`, so the
     same weights serve causal and bidirectional tasks. `cross_attention=True` gives every block a cross-attention to a
     `context` sequence (the decoder of an encoder-decoder); `rotary=True`
-    gives self-attention rotary positions. `norm_eps` (every LayerNorm) and
+    gives self-attention rotary positions. `mlp=moe` makes the MLP of every `moe.every_n_blocks`-th block a
+    mixture of experts (`mmtx.nn.mlp.MoeSpec` holds `moe`'s keys). `norm_eps` (every LayerNorm) and
     `activation` (the MLPs' GELU: gelu | gelu_tanh) follow pretrained weights
     (ViT's 1e-6 and exact GELU by default; GPT-2's 1e-5 and tanh GELU). `caches` (one `KVCache` a block,
     from `new_caches`) lets a decoder process one new position at a time.
@@ -46,6 +49,8 @@ class Backbone(nn.Module):
         norm_eps: float = 1e-6,
         activation: str = "gelu",
         block: str = "pre",
+        mlp: Annotated[str, one_of(*MLPS)] = "dense",
+        moe: Mapping[str, Any] | MoeSpec | None = None,
     ) -> None:
         super().__init__()
         if block not in BLOCKS:
@@ -55,13 +60,18 @@ class Backbone(nn.Module):
         self.num_heads = num_heads
         self.causal = causal
         self.rotary = rotary
+        experts = moe_spec(mlp, moe)
+        if experts is not None:
+            experts.check_depth(depth)
         # Stochastic depth rises linearly with depth (Huang et al., 2016; DeiT).
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
             BLOCKS[block](dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, attn_dropout=attn_dropout,
                   drop_path=rate, qkv_bias=qkv_bias, cross_attention=cross_attention, rotary=rotary, bias=bias,
-                  norm_eps=norm_eps, activation=activation)
-            for rate in rates
+                  norm_eps=norm_eps, activation=activation,
+                  mlp=build_mlp(mlp, experts, i, dim, int(dim * mlp_ratio), dropout=dropout, bias=bias,
+                                activation=activation))
+            for i, rate in enumerate(rates)
         )
         # Pre-norm blocks leave their sum unnormalised: one LayerNorm ends the stack. Post-norm blocks end normalised.
         self.norm = nn.LayerNorm(dim, eps=norm_eps, bias=bias) if block == "pre" else nn.Identity()
@@ -89,8 +99,12 @@ class Backbone(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """ViT initialisation: truncated normal (std 0.02) linears, zero biases, unit norms."""
+    """ViT initialisation: truncated normal (std 0.02) linears (experts' too), zero biases, unit norms."""
     if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, ExpertLinear):  # every expert as a linear
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

@@ -20,7 +20,9 @@ from mmtx.batch import Batch
 from mmtx.checkpoints.io import with_members
 from mmtx.errors import Count, NonFiniteError
 from mmtx.tasks.base import StepContext, TaskPart
+from mmtx.nn.mlp import active_parameters
 from mmtx.training.compiling import CompiledOrEager, compiler_unavailable
+from mmtx.training.experts import ExpertLog
 from mmtx.training.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,7 @@ class MmtxModule(L.LightningModule):
         self._compile = compile  # compiled once the device is known (`setup`), unless the compiler cannot run there
         self._forwards: dict[str, Any] = dict(self.tasks)  # each part's forward: eager until then
         self._losses: dict[str, Any] = {name: part.forward_loss for name, part in self.tasks.items()}
+        self.experts = ExpertLog(self)  # a mixture-of-experts backbone's router losses and routing logs (else empty)
 
     def setup(self, stage: str) -> None:
         """On the training device, before the first batch: compile every task part's forward and loss into one graph
@@ -253,11 +256,16 @@ class MmtxModule(L.LightningModule):
         for name, part, member_batch in self._members(batch):
             ctx = self._contexts[name]
             ctx.batch_idx = batch_idx
+            if self.experts:
+                self.experts.clear()
             outputs, loss = self._losses[name](self.backbone, member_batch, stage in part.outputs_needed)
             if loss is None:  # a part that computes its loss in `step`
                 loss = part.step(outputs, member_batch, stage, ctx)
             else:
                 loss = part.step(outputs, member_batch, stage, ctx, loss=loss)
+            router = self.experts.take(stage, ctx) if self.experts else None
+            if router is not None and stage == "train":  # the logged train/loss stays the task's own
+                loss = loss + router
             if self.loss_weights[name] != 1.0:
                 loss = loss * self.loss_weights[name]
             total = loss if total is None else total + loss
@@ -326,17 +334,22 @@ class MmtxModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         for name, part in self.tasks.items():
             part.epoch_end("val", self._contexts[name])
+        if self.experts:
+            self.experts.epoch_end("val", self._contexts)
 
     def on_test_epoch_end(self) -> None:
         for name, part in self.tasks.items():
             part.epoch_end("test", self._contexts[name])
+        if self.experts:
+            self.experts.epoch_end("test", self._contexts)
 
     def flops_per_token(self, seq_len: int) -> float | None:
-        """Training FLOPs per token of a single-task language model (see `LanguageModel.flops_per_token`)."""
+        """Training FLOPs per token of a single-task language model (see `LanguageModel.flops_per_token`), of the
+        parameters a token meets (a mixture of experts counts the experts it is routed to, not all of them)."""
         part = self.task if len(self.tasks) == 1 else None
         if not hasattr(part, "flops_per_token"):
             return None
-        return part.flops_per_token(self.backbone, sum(p.numel() for p in self.parameters()), seq_len)
+        return part.flops_per_token(self.backbone, active_parameters(self), seq_len)
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches)

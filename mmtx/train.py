@@ -157,7 +157,8 @@ def _transfer(cfg: DictConfig, model: L.LightningModule, run_dir: Path, source: 
     the learning rate of the parameters it did not set; `finetune.freeze`: the parts that do not train."""
     finetune = cfg.get("finetune") or {}
     if cfg.get("init_from"):
-        result = init_from(model, cfg.init_from, finetune.get("member"), preloaded=source)
+        result = init_from(model, cfg.init_from, finetune.get("member"), preloaded=source,
+                           merge_experts=bool(finetune.get("merge_experts", False)))
         report(result, cfg.init_from, run_dir if rank_zero_only.rank == 0 else None)
         model.new_parameters = set(result["new"])
         model.new_lr = finetune.get("new_lr")

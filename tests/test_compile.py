@@ -42,12 +42,16 @@ def data_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("task", ["gpt_shakespeare_cpu", "vit_cifar_cpu", "translate_multi30k_cpu", "audio_fsdd"])
+@pytest.mark.parametrize("task", ["gpt_shakespeare_cpu", "vit_cifar_cpu", "translate_multi30k_cpu", "audio_fsdd",
+                                  "gpt_shakespeare_cpu+moe"])
 def test_one_graph_for_training_and_one_for_evaluation_without_a_break(task, traced, data_root, tmp_path):
     """Four training steps and two validations (the sanity check first): Dynamo traces the part's forward_loss
     twice (training, with gradients; evaluation, without) and never breaks a graph. Before: the rotary table, a
-    Python cache, made a run whose first forward was a training step trace the training graph twice."""
-    args = [*small_run(tmp_path, data_root, task_modality(task)), "module.compile=true", "trainer.max_steps=4",
+    Python cache, made a run whose first forward was a training step trace the training graph twice. `+moe`: with
+    a mixture of experts (routing, capacity and the router losses inside the graph)."""
+    task, _, moe = task.partition("+")
+    args = ["backbone.mlp=moe", "backbone.moe.num_experts=4"] if moe else []
+    args += [*small_run(tmp_path, data_root, task_modality(task)), "module.compile=true", "trainer.max_steps=4",
             "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=1",
             "trainer.limit_train_batches=4", "test_after_fit=false"]
     if task == "translate_multi30k_cpu":

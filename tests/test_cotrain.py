@@ -223,8 +223,10 @@ def test_a_member_s_data_reaches_it_from_the_command_line():
     assert cfg.member_configs.audio.backbone == cfg.backbone  # the run's backbone, shared
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_process_cotraining_trains_the_same_member_on_both_ranks(strategy, mixed_root, tmp_path):
+@pytest.mark.parametrize("strategy,mlp", [("ddp", "dense"), ("fsdp", "dense"), ("ddp", "moe"), ("fsdp", "moe")])
+def test_two_process_cotraining_trains_the_same_member_on_both_ranks(strategy, mlp, mixed_root, tmp_path):
+    """Also with a mixture of experts in the shared backbone (backbone.mlp=moe): DDP replicates every expert,
+    FSDP shards the expert tensors as any other; each member logs its own expert load."""
     import json
     import os
     import subprocess
@@ -234,7 +236,8 @@ def test_two_process_cotraining_trains_the_same_member_on_both_ranks(strategy, m
 
     run = tmp_path / strategy
     fsdp = ["trainer.strategy._target_=conftest.cpu_fsdp"] if strategy == "fsdp" else []  # FSDP on CPU processes
-    args = image_and_text(tmp_path, mixed_root, f"trainer={strategy}", *fsdp, "trainer.devices=2", "trainer.accelerator=cpu",
+    moe = ["backbone.mlp=moe", "backbone.moe.num_experts=4"] if mlp == "moe" else []
+    args = image_and_text(tmp_path, mixed_root, f"trainer={strategy}", *fsdp, *moe, "trainer.devices=2", "trainer.accelerator=cpu",
                           "trainer.precision=32-true", "trainer.max_steps=6", "trainer.max_epochs=-1",
                           "trainer.limit_val_batches=1", "test_after_fit=false", f"hydra.run.dir={run}",
                           "+callbacks.record._target_=conftest.RecordMembers")
@@ -255,6 +258,14 @@ def test_two_process_cotraining_trains_the_same_member_on_both_ranks(strategy, m
     # (under FSDP its embedding and head are flat shards outside a step).
     samples = read_tsv(run / "text" / "samples.tsv")  # a sample's newlines are inside its quoted field
     assert len(samples) == 2 and samples[1][0] == "6" and len(samples[1]) == 3
+    if mlp == "moe":
+        assert state["backbone.blocks.1.mlp.experts.fc1.weight"].shape == (4, 128, 32)  # whole, gathered from shards
+        rows = read_metrics(run)
+        for member in ("image", "text"):  # each member's routing: the loads of its tokens sum to one
+            last = [r for r in rows if r.get(f"{member}/val/moe/block1/load0")][-1]
+            loads = [float(last[f"{member}/val/moe/block1/load{e}"]) for e in range(4)]
+            assert sum(loads) == pytest.approx(1.0, abs=1e-5)
+            assert any(r.get(f"{member}/train/moe/block1/load0") for r in rows)
 
 
 def test_the_multirun_summary_table_lists_every_member(tmp_path):

@@ -25,7 +25,7 @@ _ABSENT = object()  # OmegaConf.select's default: the key is not in this task's 
 # Config nodes without a `_target_` whose keys a constructor takes: {node: (that constructor, null allowed)}.
 # `family.decoder`'s keys are the backbone's, null for the backbone's own value.
 TAKEN_BY = {"family.decoder": ("mmtx.backbone.Backbone", True), "module": ("mmtx.module.MmtxModule", False),
-            "data.augment": ("mmtx.data.augment.BatchAugment", False)}
+            "data.augment": ("mmtx.data.augment.BatchAugment", False), "backbone.moe": ("mmtx.nn.mlp.MoeSpec", False)}
 
 
 def device() -> Rule:
@@ -92,6 +92,22 @@ def validate(cfg: DictConfig | dict, rules: dict[str, Rule] | None = None) -> No
     dim, heads = OmegaConf.select(cfg, "backbone.dim"), OmegaConf.select(cfg, "backbone.num_heads")
     if _integer(dim) and _integer(heads) and dim % heads:
         raise ConfigError(f"backbone.dim={dim} is not divisible by backbone.num_heads={heads}")
+    check_experts(cfg)
+
+
+def check_experts(cfg: DictConfig) -> None:
+    """`backbone.mlp=moe`: the keys of `backbone.moe` together (top_k within num_experts), and every_n_blocks
+    dividing the depth of each stack (the backbone's, an encoder-decoder's decoder's)."""
+    if OmegaConf.select(cfg, "backbone.mlp", default=None) != "moe":
+        return
+    from mmtx.nn.mlp import MoeSpec
+
+    spec = MoeSpec(**OmegaConf.to_container(cfg.backbone.moe, resolve=True))
+    depths = {"backbone.depth": OmegaConf.select(cfg, "backbone.depth"),
+              "family.decoder.depth": OmegaConf.select(cfg, "family.decoder.depth", default=None)}
+    for key, depth in depths.items():
+        if _integer(depth):
+            spec.check_depth(depth, key)
 
 
 def check_run_keys(cfg: DictConfig) -> None:

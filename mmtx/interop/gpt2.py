@@ -105,7 +105,7 @@ def hf_config(checkpoint: dict[str, Any], source: str) -> tuple[Any, dict[str, t
                           f"{cfg.get('task_name')} checkpoint: use format=safetensors")
     bb = cfg["backbone"]
     wrong = {"backbone.rotary": (bb.get("rotary"), False), "backbone.bias": (bb.get("bias"), True),
-             "backbone.qkv_bias": (bb.get("qkv_bias"), True),
+             "backbone.qkv_bias": (bb.get("qkv_bias"), True), "backbone.mlp": (bb.get("mlp", "dense"), "dense"),
              "tokenizer.pos_embed": ((cfg.get("tokenizer") or {}).get("pos_embed"), "learned")}
     wrong = {k: v for k, v in wrong.items() if v[0] != v[1]}
     if wrong:

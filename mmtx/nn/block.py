@@ -20,7 +20,7 @@ class Block(nn.Module):
     `bias=False` drops the biases of the projections, MLP and norms (as nanoGPT
     does); `qkv_bias` governs the query/key/value projection alone. `norm_eps` and `activation` (gelu |
     gelu_tanh) are the numbers a family's pretrained weights were trained with (ViT: 1e-6, exact; GPT-2: 1e-5,
-    tanh).
+    tanh). `mlp`: the feed-forward layer, when not a dense `Mlp` of `mlp_ratio` (`mmtx.nn.mlp.build_mlp`).
     """
 
     def __init__(
@@ -38,6 +38,7 @@ class Block(nn.Module):
         bias: bool = True,
         norm_eps: float = 1e-6,
         activation: str = "gelu",
+        mlp: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
@@ -50,7 +51,9 @@ class Block(nn.Module):
         else:
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
-        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), dropout=dropout, bias=bias, activation=activation)
+        # The feed-forward layer: a dense MLP unless the backbone hands the block another (a mixture of experts).
+        self.mlp = mlp if mlp is not None else Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), dropout=dropout,
+                                                   bias=bias, activation=activation)
         self.drop_path = _drop_path(drop_path)
 
     def forward(
@@ -67,7 +70,7 @@ class Block(nn.Module):
             if context is None:
                 raise ValueError("this block has cross-attention and needs a `context`")
             x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context, context_mask=context_mask, cache=cache))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x), mask))
 
 
 class PostNormBlock(Block):
@@ -83,7 +86,7 @@ class PostNormBlock(Block):
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         x = self.norm1(x + self.drop_path(self.attn(x, mask=mask, causal=causal, cache=cache)))
-        return self.norm2(x + self.drop_path(self.mlp(x)))
+        return self.norm2(x + self.drop_path(self.mlp(x, mask)))
 
 
 BLOCKS = {"pre": Block, "post": PostNormBlock}  # backbone.block

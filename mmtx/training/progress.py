@@ -316,12 +316,14 @@ class ProgressLog(L.Callback):
 
 class ValidationLine(L.Callback):
     """One line after each validation, on a terminal and in a pipe or file alike: the step, the epoch and every
-    validation metric (`val/...`; co-training: `<member>/val/...` and `val/score`)."""
+    validation metric (`val/...`; co-training: `<member>/val/...` and `val/score`), but a mixture of experts'
+    per-expert loads (`val/moe/<layer>/load<e>`: the loggers have them)."""
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/") or "/val/" in k}
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if (k.startswith("val/") or "/val/" in k)
+                   and not ("/moe/" in k and "/load" in k)}
         if metrics:
             shown = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()))
             echo(f"validation at step {trainer.global_step} (epoch {trainer.current_epoch}): {shown}")

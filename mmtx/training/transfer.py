@@ -29,11 +29,17 @@ FREEZABLE = ("backbone", "tokenizer", "head")
 
 
 def init_from(model: nn.Module, path: str | Path, member: str | None = None,
-              preloaded: dict[str, Any] | None = None) -> dict[str, list]:
+              preloaded: dict[str, Any] | None = None, merge_experts: bool = False) -> dict[str, list]:
     """Copy the weights of checkpoint `path` that match `model` by name and shape into it; return
     {"loaded": [parameter names], "skipped": [(name, source shape, target shape)], "new": [parameter names],
     "resampled": [(name, source shape, target shape)] (loaded after its module's `adapt_loaded`),
-    "unused": [checkpoint names with no tensor of that name here]}.
+    "unused": [checkpoint names with no tensor of that name here], "upcycled": [parameter names],
+    "merged": [parameter names]}.
+
+    Between a dense MLP and a mixture of experts (`backbone.mlp=moe`): a dense checkpoint starts every expert of
+    a mixture as a copy of the MLP it replaces, its router new (sparse upcycling, Komatsuzaki et al., 2023); a
+    mixture's checkpoint starts a dense model only with `merge_experts` (`finetune.merge_experts`: each MLP the
+    mean of its experts, an approximation), else it is an error naming the expert tensors.
 
     `path` may also be `timm:<name>` or `hf:<name>` (mmtx.interop.registry; `preloaded`: those weights, loaded already). A co-trained
     checkpoint gives its backbone, and the task part of `member` (to every task part of a
@@ -49,10 +55,15 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None,
     source = checkpoint["state_dict"]
     target = model.state_dict()
     loaded, skipped, new, resampled, used = [], [], [], [], set()
+    experts: dict[str, list[str]] = {"upcycled": [], "merged": []}
     with torch.no_grad():
         for name, tensor in target.items():
             key = name if same_members or not name.startswith("tasks.") else "tasks.main." + name.split(".", 2)[2]
             found = source.get(key)
+            if found is None:
+                found, how, key = _between_experts(key, tensor, source, merge_experts, path)
+                if how:
+                    experts[how].append(name)
             if found is not None and tuple(found.shape) != tuple(tensor.shape):
                 # A module that can take another shape of its tensor (ViT positions of another grid) adapts it.
                 owner, _, leaf = name.rpartition(".")
@@ -79,7 +90,31 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None,
                           f"({len(source)} tensors there, {len(target)} here): is it a checkpoint of a model with "
                           "this backbone (backbone.dim, backbone.depth)?")
     return {"loaded": loaded, "skipped": skipped, "new": new, "resampled": resampled,
-            "unused": sorted(k for k in source if k not in used)}
+            "unused": sorted(k for k in source if k not in used), **experts}
+
+
+def _between_experts(key: str, tensor: torch.Tensor, source: dict[str, torch.Tensor], merge: bool,
+                     path: str | Path) -> tuple[torch.Tensor | None, str | None, str]:
+    """(the tensor for `key` made from a dense MLP's or a mixture's experts' in `source`, "upcycled" | "merged" |
+    None, the source key it came from): an expert tensor (..mlp.experts.fc1.weight, (E, H, D)) from the dense
+    one (..mlp.fc1.weight, (H, D)), copied into every expert; a dense one from the experts', averaged."""
+    if ".experts." in key:
+        dense = key.replace(".experts.", ".", 1)
+        found = source.get(dense)
+        if found is not None and tuple(found.shape) == tuple(tensor.shape[1:]):
+            return found.unsqueeze(0).expand(tensor.shape), "upcycled", dense
+        return None, None, key
+    owner, _, leaf = key.rpartition(".")
+    mixed = f"{owner.rpartition('.')[0]}.experts.{owner.rpartition('.')[2]}.{leaf}" if owner else ""
+    found = source.get(mixed)
+    if found is None or tuple(found.shape[1:]) != tuple(tensor.shape):
+        return None, None, key
+    if not merge:
+        raise ConfigError(f"init_from checkpoint {path} has a mixture of experts where this model has a dense MLP: "
+                          f"{mixed} {list(found.shape)} (and the layer's other expert tensors) has no dense "
+                          f"{key}. Start a model with the same experts (backbone.mlp=moe), or set "
+                          "finetune.merge_experts=true to start each MLP as the mean of its experts")
+    return found.float().mean(dim=0).to(found.dtype), "merged", mixed
 
 
 def _source(model: nn.Module, path: str | Path, member: str | None, preloaded: dict[str, Any] | None):
@@ -115,9 +150,15 @@ def report(result: dict[str, Any], path: str | Path, run_dir: Path | None) -> st
     rows += [["skipped", n, list(a), list(b)] for n, a, b in result["skipped"]]
     rows += [["new", n, "", ""] for n in result["new"]]
     rows += [["unused", n, "", ""] for n in result["unused"]]
+    how = {n: status for status in ("upcycled", "merged") for n in result.get(status, [])}
+    rows = [[how.get(r[1], r[0]), *r[1:]] if r[0] == "loaded" else r for r in rows]
     summary = (f"init_from {path}: loaded {len(loaded)} parameter tensors, skipped {len(result['skipped'])} "
                f"(another shape), newly initialised {len(result['new'])}, unused in the checkpoint "
                f"{len(result['unused'])}")
+    if result.get("upcycled"):
+        summary += f"; of those loaded, {len(result['upcycled'])} upcycled (every expert a copy of the dense MLP)"
+    if result.get("merged"):
+        summary += f"; of those loaded, {len(result['merged'])} merged (each dense MLP the mean of its experts)"
     if run_dir is not None:
         atomic_write_text(Path(run_dir) / "init_from.tsv", tsv_text(rows))
         summary += f" (the table: {Path(run_dir) / 'init_from.tsv'})"
