@@ -7,9 +7,10 @@ on both.
         FLOPs a token, the same steps): test loss (the whole validation split), training throughput (median
         tokens/s of the logged windows) and fit time, parameters (all, and those a token meets).
     python scripts/bench_moe.py upcycle --root ../shared/data [--seeds 1 2 3] [--steps 400] [--lr 3e-4] [--extra ...]
-        From each seed's dense gpt_shakespeare_cpu checkpoint (the `lm` runs'): the dense model trained --steps
-        more (init_from, a new schedule), against the MoE model upcycled from it (every expert a copy of the dense
-        MLP, the router new) trained the same steps with the same schedule.
+            [--moe-extra backbone.moe.top_k=2]
+        From each seed's dense gpt_shakespeare_cpu checkpoint (the `lm` runs': the same --work folder): the dense
+        model trained --steps more (init_from, a new schedule), against the MoE model upcycled from it (every expert a
+        copy of the dense MLP, the router new) trained the same steps with the same schedule.
     python scripts/bench_moe.py cotrain --root ../shared/data [--seeds 1] [--dense]
         cotrain_multimodal with backbone.mlp=moe (--dense: the dense co-training run too): each member's test
         figure, and each member's expert load at the last validation (which experts its tokens go to).
@@ -84,7 +85,8 @@ def upcycle(args, work: Path) -> None:
         base = run_train("gpt_shakespeare_cpu", seed, work, args.root, name="dense")
         start = f"init_from={Path(base['run_dir']) / 'checkpoints' / 'last.ckpt'}"
         dense = run_train("gpt_shakespeare_cpu", seed, work, args.root, (start, *steps), name="dense-longer")
-        moe = run_train("gpt_shakespeare_moe_cpu", seed, work, args.root, (start, *steps), name="upcycled")
+        moe = run_train("gpt_shakespeare_moe_cpu", seed, work, args.root, (start, *steps, *args.moe_extra),
+                        name="upcycled" + "".join(f"-{o}" for o in args.moe_extra))
         rows.append((base["test/loss"], dense["test/loss"], moe["test/loss"]))
         print(f"seed {seed}: test/loss at {base['global_step']} steps {base['test/loss']:.4f}; +{args.steps} dense "
               f"{dense['test/loss']:.4f}, +{args.steps} upcycled MoE {moe['test/loss']:.4f} "
@@ -121,6 +123,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="upcycle: the steps after the dense run's 2,000")
     parser.add_argument("--lr", type=float, default=3e-4, help="upcycle: the peak learning rate of those steps")
     parser.add_argument("--extra", nargs="*", default=[], help="upcycle: more overrides for both continued runs")
+    parser.add_argument("--moe-extra", nargs="*", default=[], help="upcycle: overrides for the MoE run alone "
+                        "(backbone.moe.top_k=2)")
     parser.add_argument("--dense", action="store_true", help="cotrain: the dense co-training run too")
     parser.add_argument("--work", type=Path, default=None, help="runs and cache (default: a new temporary folder)")
     args = parser.parse_args()

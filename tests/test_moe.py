@@ -243,3 +243,19 @@ def test_a_run_with_experts_resumes_where_it_stopped(runs, text_root, tmp_path):
     assert whole["global_step"] == resumed["global_step"] == 6
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_a_member_cannot_ask_for_its_own_experts():
+    """The backbone is shared: a co-training member entry that asks for another backbone.mlp is named."""
+    from mmtx.config.members import resolve_cotrain
+
+    cfg = compose("cotrain_multimodal", ["members.text.overrides=['backbone.mlp=moe']"])
+    with pytest.raises(ConfigError, match=r"backbone\.mlp=moe.*backbone\.mlp=dense"):
+        resolve_cotrain(cfg)
+
+
+def test_gpt2_export_refuses_experts(runs, tmp_path):
+    from mmtx.export import export
+
+    with pytest.raises(ConfigError, match=r"backbone\.mlp=moe"):
+        export(runs["moe"]["best_checkpoint"], tmp_path / "hf", format="hf")

@@ -43,7 +43,7 @@ MEMBER_KEYS = ("task", "overrides", "loss_weight", "sample_weight", "tokenizer_f
 # Backbone keys that shape its weights or what they compute: the run's apply to every member; a member entry
 # that sets one to another value is an error, a member task whose own file differs is warned about.
 SHARED_BACKBONE_KEYS = ("dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "bias", "rotary", "norm_eps", "activation",
-                        "block")
+                        "block", "mlp", "moe")
 
 
 def is_cotrain(cfg: DictConfig | dict) -> bool:
