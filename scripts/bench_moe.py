@@ -86,7 +86,7 @@ def upcycle(args, work: Path) -> None:
         start = f"init_from={Path(base['run_dir']) / 'checkpoints' / 'last.ckpt'}"
         dense = run_train("gpt_shakespeare_cpu", seed, work, args.root, (start, *steps), name="dense-longer")
         moe = run_train("gpt_shakespeare_moe_cpu", seed, work, args.root, (start, *steps, *args.moe_extra),
-                        name="upcycled" + "".join(f"-{o}" for o in args.moe_extra))
+                        name="upcycled" + "".join("-" + o.rsplit(".", 1)[-1].replace("=", "") for o in args.moe_extra))
         rows.append((base["test/loss"], dense["test/loss"], moe["test/loss"]))
         print(f"seed {seed}: test/loss at {base['global_step']} steps {base['test/loss']:.4f}; +{args.steps} dense "
               f"{dense['test/loss']:.4f}, +{args.steps} upcycled MoE {moe['test/loss']:.4f} "
