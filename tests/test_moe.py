@@ -227,8 +227,6 @@ def test_an_expert_checkpoint_into_a_dense_model_names_the_experts_or_merges_the
 
 def test_a_run_with_experts_resumes_where_it_stopped(runs, text_root, tmp_path):
     """Resuming the 6-step run from its step-3 checkpoint ends on the same weights as the unbroken run."""
-    from conftest import StopAtStep  # noqa: F401 - the callback the interrupted run takes
-
     args = lm_run(tmp_path, text_root, "backbone.mlp=moe", "backbone.moe.num_experts=4")
     whole = train(compose("gpt_shakespeare_cpu", args), run_dir=tmp_path / "whole")
     first = train(compose("gpt_shakespeare_cpu", [*args, "+callbacks.stop._target_=conftest.StopAtStep",
@@ -236,7 +234,7 @@ def test_a_run_with_experts_resumes_where_it_stopped(runs, text_root, tmp_path):
     assert first["global_step"] == 3
     resumed = train(compose("gpt_shakespeare_cpu", [*args, f"resume={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"]),
                     run_dir=tmp_path / "resumed")
-    from mmtx.checkpoints.io import load_checkpoint, member_view
+    from mmtx.checkpoints.io import load_checkpoint
 
     a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")["state_dict"]
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["state_dict"]

@@ -223,7 +223,7 @@ class SmoothedLoss:
         self.value: float | None = None
         self._mean = None
         self._steps = 0
-        self._read_at = 0.0
+        self._read_at = float("-inf")  # the first step is read (time.monotonic() may be small: a machine just booted)
         self._pending = None  # (host tensor, CUDA event) of a copy in flight
 
     def update(self, outputs: Any) -> None:
