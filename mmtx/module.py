@@ -19,8 +19,8 @@ from torch import nn
 from mmtx.batch import Batch
 from mmtx.checkpoints.io import with_members
 from mmtx.errors import Count, NonFiniteError
-from mmtx.tasks.base import StepContext, TaskPart
 from mmtx.nn.mlp import active_parameters
+from mmtx.tasks.base import StepContext, TaskPart
 from mmtx.training.compiling import CompiledOrEager, compiler_unavailable
 from mmtx.training.experts import ExpertLog
 from mmtx.training.optim import build_optimizer
@@ -400,6 +400,10 @@ class MmtxModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if not self.trainer.is_global_zero:
             return
+        if self.experts:
+            log.info("mixture of experts in %d layers: %s parameters, %s of them a token meets (FLOPs and MFU count "
+                     "those)", len(self.experts.layers), f"{sum(p.numel() for p in self.parameters()):,}",
+                     f"{active_parameters(self):,}")
         folder = Path(self.trainer.default_root_dir)
         for name, part in self.tasks.items():
             target = folder if len(self.tasks) == 1 else folder / name

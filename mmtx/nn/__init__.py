@@ -2,6 +2,6 @@
 
 from mmtx.nn.attention import Attention, CrossAttention
 from mmtx.nn.block import Block, PostNormBlock
-from mmtx.nn.mlp import Mlp
+from mmtx.nn.mlp import MixtureOfExperts, Mlp, MoeSpec
 
-__all__ = ["Attention", "CrossAttention", "Block", "Mlp", "PostNormBlock"]
+__all__ = ["Attention", "CrossAttention", "Block", "MixtureOfExperts", "Mlp", "MoeSpec", "PostNormBlock"]
