@@ -127,7 +127,8 @@ class MixtureOfExperts(nn.Module):
     carries it on. The experts run as two batched matmuls over (E, capacity, D). Padding (`mask` False) is routed
     nowhere and counted nowhere. The capacity is a whole number computed from the shapes alone: no host sync.
 
-    Each call adds its router losses and load counts to `record` (see `take_records`): the load-balancing loss
+    Each call adds its router losses and load counts to `record` (`mmtx.training.experts.ExpertLog.take` takes
+    them after each forward): the load-balancing loss
     E * sum_e f_e P_e (f_e: the fraction of choices routed to expert e, P_e: its mean router probability) and the
     z-loss mean(logsumexp(logits)^2), already weighted, for the task's loss; and (detached) the counts for the logs.
     """
