@@ -6,9 +6,12 @@
         one sequence (with data.field_dropout), test accuracy of each; the fused model evaluated with one field missing
         (mmtx.eval data.eval_missing=[...]) against the model of the other field alone; and the image alone and the
         fused model again with the written digits noised (data.noise.image, in every split: AV-MNIST's setting).
-    python scripts/bench_fused.py clip --root ../shared/data [--seeds 1 2 3] [--epochs 15]
+    python scripts/bench_fused.py clip --root ../shared/data [--seeds 1 2 3] [--epochs 15] [--image-first 10]
+            [--clip-extra optim.lr=1e-3]
         av_digits_clip: audio->image and image->audio recall@1/@5 on the test pairs (a digit of the right class
-        counts) and zero-shot spoken-digit accuracy by the nearest written-digit class prototype.
+        counts) and zero-shot spoken-digit accuracy by the nearest written-digit class prototype. --image-first N:
+        LiT's and ImageBind's recipe: the written-digit tower trained first (av_digits data.use=[image], N epochs, the
+        image labels), then av_digits_clip from its checkpoint (init_from); the spoken digits' labels are never used.
 
 Each run's test metrics and wall time (the whole process); the mean and range over the seeds.
 """
@@ -44,7 +47,7 @@ def line(name: str, values: list[float], seeds: list[int], points: bool = True) 
 
 
 def av(args, work: Path) -> None:
-    epochs = (f"trainer.max_epochs={args.epochs}",)
+    epochs = (f"trainer.max_epochs={args.epochs}", *args.extra)
     drop = f"data.field_dropout={args.dropout}"
     noised = f"data.noise.image={args.noise}"
     rows: dict[str, list[float]] = {}
@@ -88,13 +91,23 @@ def clip(args, work: Path) -> None:
             "test/image_to_audio_r@5", "test/zero_shot_acc"]
     runs = []
     for seed in args.seeds:
-        run = run_train("av_digits_clip", seed, work, args.root, (f"trainer.max_epochs={args.epochs}",))
+        extra: tuple[str, ...] = (f"trainer.max_epochs={args.epochs}", *args.extra)
+        first = None
+        if args.image_first:
+            first = run_train("av_digits", seed, work, args.root, (f"trainer.max_epochs={args.image_first}",
+                                                                   "data.use=[image]", *args.extra), name="image-tower")
+            extra = (*extra, f"init_from={first['last_checkpoint']}")
+        run = run_train("av_digits_clip", seed, work, args.root, (*extra, *args.clip_extra))
+        if first is not None:
+            run["wall_s"] += first["wall_s"]
+            run["image_tower_acc"] = first["test/acc"]
         runs.append(run)
+        tower = f", image tower test/acc {first['test/acc'] * 100:.2f}%" if first else ""
         print(f"seed {seed}: " + ", ".join(f"{k} {run[k] * 100:.2f}%" for k in keys)
-              + f"; {run['global_step']} steps, {run['wall_s']:.0f} s", flush=True)
-    for key in keys:
+              + f"; {run['global_step']} steps, {run['wall_s']:.0f} s{tower}", flush=True)
+    for key in keys + (["image_tower_acc"] if args.image_first else []):
         print(line(key, [r[key] for r in runs], list(args.seeds)))
-    print(f"wall mean {statistics.mean(r['wall_s'] for r in runs):.0f} s")
+    print(f"wall mean {statistics.mean(r['wall_s'] for r in runs):.0f} s (both runs)")
 
 
 def main() -> None:
@@ -105,6 +118,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--noise", type=float, default=1.0, help="data.noise.image of the noised runs")
     parser.add_argument("--dropout", type=float, default=0.3, help="data.field_dropout of the fused runs")
+    parser.add_argument("--image-first", type=int, default=0,
+                        help="clip: epochs of the written-digit tower trained first (0: CLIP from scratch)")
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides of every run")
+    parser.add_argument("--clip-extra", nargs="*", default=[], help="clip: overrides of the av_digits_clip runs only")
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix=f"bench-fused-{args.what}-"))
