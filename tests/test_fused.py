@@ -20,6 +20,7 @@ from mmtx.tasks.contrastive import info_nce, recall_at, zero_shot_accuracy
 from mmtx.tokenizers import MelTokenizer, PatchTokenizer
 from mmtx.tokenizers.fused import FusedTokenizer
 from mmtx.train import train
+from mmtx.training.transfer import init_from
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -201,6 +202,26 @@ def test_av_digits_clip_trains_and_reports_retrieval(av_root, tmp_path):
     summary = train(cfg, run_dir=tmp_path / "run")
     for key in ("test/audio_to_image_r@1", "test/image_to_audio_r@5", "test/zero_shot_acc"):
         assert 0.0 <= summary[key] <= 1.0, key
+
+
+def test_clip_from_a_written_digit_tower_keeps_its_weights_and_its_segment_row(av_root, tmp_path):
+    """LiT's recipe: av_digits on the images alone, then av_digits_clip from that checkpoint. The tower's backbone,
+    image tokenizer and image segment row (matched by field name: the tower had one field) are loaded; the audio
+    tokenizer, its segment row and the projections start new."""
+    train(compose("av_digits", av_run(tmp_path, av_root, "data.use=[image]")), run_dir=tmp_path / "tower")
+    ckpt = tmp_path / "tower" / "checkpoints" / "last.ckpt"
+    tower = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    model, _ = build(compose("av_digits_clip", av_run(tmp_path, av_root)))
+    fresh_audio_row = model.task.tokenizer.segment[1].detach().clone()
+    result = init_from(model, ckpt)
+    tok = model.task.tokenizer
+    torch.testing.assert_close(tok.segment[0], tower["tasks.main.tokenizer.segment"][0])
+    torch.testing.assert_close(tok.segment[1], fresh_audio_row)
+    assert "tasks.main.tokenizer.segment" in [n for n, _, _ in result["resampled"]]
+    assert not result["skipped"]
+    torch.testing.assert_close(model.backbone.norm.weight, tower["backbone.norm.weight"])
+    assert any(n.startswith("tasks.main.tokenizer.fields.audio.") for n in result["new"])
+    assert "tasks.main.head.proj.weight" in result["unused"]
 
 
 def test_contrastive_needs_two_fields(av_root, tmp_path):

@@ -55,6 +55,21 @@ class FusedTokenizer(nn.Module):
     def names(self) -> list[str]:
         return list(self.fields)
 
+    def adapt_loaded(self, name: str, tensor: torch.Tensor, source_keys: list[str] = ()) -> torch.Tensor | None:
+        """`init_from` a fused model of other fields (a one-field run, `data.use=[image]`, into a two-field one):
+        the segment rows of the fields both have, by name, the others as initialised here. `source_keys`: the
+        checkpoint's names under this tokenizer (`fields.image.proj.weight`, ...), in the checkpoint's field order."""
+        if name != "segment" or tensor.ndim != 2 or tensor.shape[1] != self.segment.shape[1]:
+            return None
+        theirs = list(dict.fromkeys(k.split(".")[1] for k in source_keys if k.startswith("fields.")))
+        if len(theirs) != tensor.shape[0]:
+            return None  # the checkpoint's fields cannot be told apart: skipped, as before
+        rows = self.segment.detach().clone()
+        for i, field in enumerate(self.names):
+            if field in theirs:
+                rows[i] = tensor[theirs.index(field)]
+        return rows
+
     def field_tokens(self, name: str, batch: FusedBatch) -> Tokens:
         """Field `name`'s tokens alone, with its segment vector; a sample that lacks the field has all of them
         masked out (the contrastive family encodes each field this way)."""

@@ -11,6 +11,7 @@ encoder-decoder; its classifier head has no place there). One table says what wa
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,12 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None,
                 # A module that can take another shape of its tensor (ViT positions of another grid) adapts it.
                 owner, _, leaf = name.rpartition(".")
                 adapt = getattr(model.get_submodule(owner) if owner else model, "adapt_loaded", None)
-                adapted = adapt(leaf, found) if adapt is not None else None
+                adapted = None
+                if adapt is not None and "source_keys" in inspect.signature(adapt).parameters:
+                    prefix = key[:len(key) - len(leaf)]  # the owner's name in the checkpoint, with its dot
+                    adapted = adapt(leaf, found, source_keys=[k[len(prefix):] for k in source if k.startswith(prefix)])
+                elif adapt is not None:
+                    adapted = adapt(leaf, found)
                 if adapted is not None and tuple(adapted.shape) == tuple(tensor.shape):
                     resampled.append((name, tuple(found.shape), tuple(tensor.shape)))
                     found = adapted
