@@ -1,7 +1,7 @@
 """Several modalities in one sequence, measured with the shipped tasks run as a user runs them (`python -m mmtx.train`,
 `python -m mmtx.eval`), one process each, on the same paired samples and the same number of steps.
 
-    python scripts/bench_fused.py av --root ../shared/data [--seeds 1 2 3] [--epochs 15] [--noise 1.0] [--dropout 0.3]
+    python scripts/bench_fused.py av --root ../shared/data [--seeds 1 2 3] [--epochs 15] [--noise 1.0] [--dropout 0.5]
         av_digits: the written digit alone (data.use=[image]), the spoken digit alone (data.use=[audio]) and both in
         one sequence (with data.field_dropout), test accuracy of each; the fused model evaluated with one field missing
         (mmtx.eval data.eval_missing=[...]) against the model of the other field alone; and the image alone and the
@@ -107,7 +107,8 @@ def clip(args, work: Path) -> None:
               + f"; {run['global_step']} steps, {run['wall_s']:.0f} s{tower}", flush=True)
     for key in keys + (["image_tower_acc"] if args.image_first else []):
         print(line(key, [r[key] for r in runs], list(args.seeds)))
-    print(f"wall mean {statistics.mean(r['wall_s'] for r in runs):.0f} s (both runs)")
+    both = " (the tower's run and the CLIP run)" if args.image_first else ""
+    print(f"wall mean {statistics.mean(r['wall_s'] for r in runs):.0f} s{both}")
 
 
 def main() -> None:
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--noise", type=float, default=1.0, help="data.noise.image of the noised runs")
-    parser.add_argument("--dropout", type=float, default=0.3, help="data.field_dropout of the fused runs")
+    parser.add_argument("--dropout", type=float, default=0.5, help="data.field_dropout of the fused runs")
     parser.add_argument("--image-first", type=int, default=0,
                         help="clip: epochs of the written-digit tower trained first (0: CLIP from scratch)")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides of every run")
