@@ -10,6 +10,8 @@ its fields, and the shapes do not change from batch to batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.nn.init import trunc_normal_
@@ -55,7 +57,7 @@ class FusedTokenizer(nn.Module):
     def names(self) -> list[str]:
         return list(self.fields)
 
-    def adapt_loaded(self, name: str, tensor: torch.Tensor, source_keys: list[str] = ()) -> torch.Tensor | None:
+    def adapt_loaded(self, name: str, tensor: torch.Tensor, source_keys: Sequence[str] = ()) -> torch.Tensor | None:
         """`init_from` a fused model of other fields (a one-field run, `data.use=[image]`, into a two-field one):
         the segment rows of the fields both have, by name, the others as initialised here. `source_keys`: the
         checkpoint's names under this tokenizer (`fields.image.proj.weight`, ...), in the checkpoint's field order."""
