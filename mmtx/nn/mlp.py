@@ -127,10 +127,10 @@ class MixtureOfExperts(nn.Module):
     carries it on. The experts run as two batched matmuls over (E, capacity, D). Padding (`mask` False) is routed
     nowhere and counted nowhere. The capacity is a whole number computed from the shapes alone: no host sync.
 
-    Each call adds its router losses and load counts to `record` (`mmtx.training.experts.ExpertLog.take` takes
-    them after each forward): the load-balancing loss
-    E * sum_e f_e P_e (f_e: the fraction of choices routed to expert e, P_e: its mean router probability) and the
-    z-loss mean(logsumexp(logits)^2), already weighted, for the task's loss; and (detached) the counts for the logs.
+    Each call adds its router losses and load counts to `record` (`mmtx.training.experts.ExpertLog.take` takes them
+    after each forward): the load-balancing loss E * sum_e f_e P_e (f_e: the fraction of choices routed to expert e,
+    P_e: its mean router probability) and the z-loss mean(logsumexp(logits)^2), already weighted, for the task's
+    loss; and (detached) the counts for the logs.
     """
 
     def __init__(self, dim: int, hidden_dim: int, spec: MoeSpec, *, dropout: float = 0.0, bias: bool = True,

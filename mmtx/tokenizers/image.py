@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.nn.init import trunc_normal_  # timm.layers.trunc_normal_ is this function
@@ -161,7 +163,7 @@ class LearnedGrid(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"table"}
 
-    def adapt_loaded(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+    def adapt_loaded(self, name: str, tensor: torch.Tensor, source_keys: Sequence[str] = ()) -> torch.Tensor | None:
         """`init_from`: positions learned on another grid, resampled to this one (timm's loading does the same)."""
         if name != "table" or tensor.dim() != 3 or tensor.shape[-1] != self.table.shape[-1]:
             return None

@@ -277,7 +277,7 @@ class TokenEmbedding(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos"} if self.pos is not None else set()
 
-    def adapt_loaded(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+    def adapt_loaded(self, name: str, tensor: torch.Tensor, source_keys: Sequence[str] = ()) -> torch.Tensor | None:
         """`init_from`: a position table of a longer context (GPT-2's 1,024) gives its first `max_len` rows, the
         same numbers at the same positions; anything else does not fit (None)."""
         if name == "pos" and self.pos is not None and tensor.ndim == 2 and tensor.shape[1] == self.pos.shape[1] \

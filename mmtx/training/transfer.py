@@ -11,7 +11,6 @@ encoder-decoder; its classifier head has no place there). One table says what wa
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -66,15 +65,13 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None,
                 if how:
                     experts[how].append(name)
             if found is not None and tuple(found.shape) != tuple(tensor.shape):
-                # A module that can take another shape of its tensor (ViT positions of another grid) adapts it.
+                # A module that can take another shape of its tensor (ViT positions of another grid) adapts it,
+                # given the checkpoint's names under it (a fused tokenizer's fields).
                 owner, _, leaf = name.rpartition(".")
                 adapt = getattr(model.get_submodule(owner) if owner else model, "adapt_loaded", None)
-                adapted = None
-                if adapt is not None and "source_keys" in inspect.signature(adapt).parameters:
-                    prefix = key[:len(key) - len(leaf)]  # the owner's name in the checkpoint, with its dot
-                    adapted = adapt(leaf, found, source_keys=[k[len(prefix):] for k in source if k.startswith(prefix)])
-                elif adapt is not None:
-                    adapted = adapt(leaf, found)
+                prefix = key[:len(key) - len(leaf)]  # the owner's name in the checkpoint, with its dot
+                adapted = adapt(leaf, found, source_keys=[k[len(prefix):] for k in source if k.startswith(prefix)]) \
+                    if adapt is not None else None
                 if adapted is not None and tuple(adapted.shape) == tuple(tensor.shape):
                     resampled.append((name, tuple(found.shape), tuple(tensor.shape)))
                     found = adapted
