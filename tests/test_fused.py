@@ -224,6 +224,26 @@ def test_clip_from_a_written_digit_tower_keeps_its_weights_and_its_segment_row(a
     assert "tasks.main.head.proj.weight" in result["unused"]
 
 
+def test_init_from_the_same_fields_in_another_order_maps_segment_rows_by_name():
+    """A checkpoint of fields (audio, image) starting a model of (image, audio): the segment tensors have the same
+    shape, and each row still goes to the field of its name, not to the field at its position."""
+    dim = 16
+    theirs = FusedTokenizer({"audio": MelTokenizer(dim=dim, sample_rate=8000, spec_augment=None),
+                             "image": PatchTokenizer(dim=dim, image_size=(8, 8), patch_size=2)}, dim=dim)
+    ours = fused_tokenizer(dim)  # image, audio
+    source = {f"tokenizer.{k}": v for k, v in theirs.state_dict().items()}
+    model = torch.nn.Module()
+    model.tokenizer = ours
+    result = init_from(model, "given", preloaded={"state_dict": source})
+    torch.testing.assert_close(ours.segment[0], theirs.segment[1])  # image
+    torch.testing.assert_close(ours.segment[1], theirs.segment[0])  # audio
+    assert ("tokenizer.segment", (2, dim), (2, dim)) in result["resampled"]
+    torch.testing.assert_close(ours.fields["image"].proj.weight, theirs.fields["image"].proj.weight)
+    # the same order: loaded as it is, not listed as adapted
+    again = init_from(model, "given", preloaded={"state_dict": {f"tokenizer.{k}": v for k, v in ours.state_dict().items()}})
+    assert "tokenizer.segment" in again["loaded"] and not again["resampled"]
+
+
 def test_contrastive_needs_two_fields(av_root, tmp_path):
     with pytest.raises(ConfigError, match="aligns two fields"):
         build(compose("av_digits_clip", av_run(tmp_path, av_root, "data.use=[audio]")))

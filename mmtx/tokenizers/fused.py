@@ -32,6 +32,7 @@ class FusedTokenizer(nn.Module):
     the order of `fields`, each plus its segment vector."""
 
     modality = "fused"  # mmtx.data.modalities builds its Modality from the fields' own
+    adapts_by_name = frozenset({"segment"})  # init_from maps its rows by field name, whatever the shapes
 
     def __init__(self, fields: dict[str, nn.Module], dim: Count) -> None:
         super().__init__()
@@ -59,8 +60,9 @@ class FusedTokenizer(nn.Module):
 
     def adapt_loaded(self, name: str, tensor: torch.Tensor, source_keys: Sequence[str] = ()) -> torch.Tensor | None:
         """`init_from` a fused model of other fields (a one-field run, `data.use=[image]`, into a two-field one):
-        the segment rows of the fields both have, by name, the others as initialised here. `source_keys`: the
-        checkpoint's names under this tokenizer (`fields.image.proj.weight`, ...), in the checkpoint's field order."""
+        the segment rows of the fields both have, by name, the others as initialised here; the same fields in another
+        order are reordered. `source_keys`: the checkpoint's names under this tokenizer (`fields.image.proj.weight`,
+        ...), in the checkpoint's field order."""
         if name != "segment" or tensor.ndim != 2 or tensor.shape[1] != self.segment.shape[1]:
             return None
         theirs = list(dict.fromkeys(k.split(".")[1] for k in source_keys if k.startswith("fields.")))

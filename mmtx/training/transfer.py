@@ -64,17 +64,21 @@ def init_from(model: nn.Module, path: str | Path, member: str | None = None,
                 found, how, key = _between_experts(key, tensor, source, merge_experts, path)
                 if how:
                     experts[how].append(name)
-            if found is not None and tuple(found.shape) != tuple(tensor.shape):
+            if found is not None:
                 # A module that can take another shape of its tensor (ViT positions of another grid) adapts it,
-                # given the checkpoint's names under it (a fused tokenizer's fields).
+                # given the checkpoint's names under it; one whose rows stand for named things (a fused tokenizer's
+                # segment rows, one per field) lists them in `adapts_by_name` and maps them even at the same shape.
                 owner, _, leaf = name.rpartition(".")
-                adapt = getattr(model.get_submodule(owner) if owner else model, "adapt_loaded", None)
-                prefix = key[:len(key) - len(leaf)]  # the owner's name in the checkpoint, with its dot
-                adapted = adapt(leaf, found, source_keys=[k[len(prefix):] for k in source if k.startswith(prefix)]) \
-                    if adapt is not None else None
-                if adapted is not None and tuple(adapted.shape) == tuple(tensor.shape):
-                    resampled.append((name, tuple(found.shape), tuple(tensor.shape)))
-                    found = adapted
+                module = model.get_submodule(owner) if owner else model
+                adapt = getattr(module, "adapt_loaded", None)
+                same = tuple(found.shape) == tuple(tensor.shape)
+                if adapt is not None and (not same or leaf in getattr(module, "adapts_by_name", ())):
+                    prefix = key[:len(key) - len(leaf)]  # the owner's name in the checkpoint, with its dot
+                    adapted = adapt(leaf, found, source_keys=[k[len(prefix):] for k in source if k.startswith(prefix)])
+                    if adapted is not None and tuple(adapted.shape) == tuple(tensor.shape) and \
+                            not (same and torch.equal(adapted, found)):
+                        resampled.append((name, tuple(found.shape), tuple(tensor.shape)))
+                        found = adapted
             if found is None:
                 new.append(name)
             elif tuple(found.shape) != tuple(tensor.shape):
