@@ -22,7 +22,8 @@ class Backbone(nn.Module):
     `causal=True` makes every block attend only to earlier positions (a
     decoder's own stack); a task that uses a shared backbone causally (the
     language model) asks for it per call, `forward(..., causal=True)`, so the
-    same weights serve causal and bidirectional tasks. `cross_attention=True` gives every block a cross-attention to a
+    same weights serve causal and bidirectional tasks; `prefix=P` with `causal`
+    lets every position see the first P too (a prefix LM: `mmtx.tasks.PrefixLM`). `cross_attention=True` gives every block a cross-attention to a
     `context` sequence (the decoder of an encoder-decoder); `rotary=True`
     gives self-attention rotary positions. `mlp=moe` makes the MLP of every `moe.every_n_blocks`-th block a
     mixture of experts (`mmtx.nn.mlp.MoeSpec` holds `moe`'s keys). `norm_eps` (every LayerNorm) and
@@ -59,6 +60,7 @@ class Backbone(nn.Module):
         self.depth = depth
         self.num_heads = num_heads
         self.causal = causal
+        self.cross_attention = cross_attention
         self.rotary = rotary
         experts = moe_spec(mlp, moe)
         if experts is not None:
@@ -84,12 +86,13 @@ class Backbone(nn.Module):
         context_mask: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         causal: bool | None = None,
+        prefix: int = 0,
     ) -> torch.Tensor:
         causal = self.causal if causal is None else causal
         x = tokens.x
         for i, block in enumerate(self.blocks):
             x = block(x, mask=tokens.mask, causal=causal, context=context, context_mask=context_mask,
-                      cache=caches[i] if caches else None)
+                      cache=caches[i] if caches else None, prefix=prefix)
         return self.norm(x)
 
     def new_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:

@@ -16,17 +16,19 @@ from mmtx.nn.pos_embed import apply_rotary, rotary_tables
 
 
 def attention_mask(
-    key_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool
+    key_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool, prefix: int = 0
 ) -> tuple[torch.Tensor | None, bool]:
     """Combine a key-padding mask and causality into SDPA arguments.
 
     key_mask: (B, S) bool, True for real keys, or None. The queries are the
-    last `q_len` of the `k_len` positions (true with a KV cache too). Returns
-    (attn_mask, is_causal): a boolean (B|1, 1, T, S) mask where True means
-    "may attend", or None with `is_causal` set when plain causality suffices
-    (so SDPA can use its fused causal kernel).
+    last `q_len` of the `k_len` positions (true with a KV cache too). With
+    `causal`, the first `prefix` positions are seen by every query (a prefix
+    LM: bidirectional over the prefix, causal after it; Raffel et al., 2020,
+    PaLI, Fuyu). Returns (attn_mask, is_causal): a boolean (B|1, 1, T, S) mask
+    where True means "may attend", or None with `is_causal` set when plain
+    causality suffices (so SDPA can use its fused causal kernel).
     """
-    if key_mask is None:
+    if key_mask is None and not (causal and prefix and q_len > 1):
         # Branches, not a boolean expression: with dynamic shapes (torch.compile) the lengths are symbols, and SDPA
         # takes a Python bool, which a branch gives (Dynamo guards on it).
         if not causal or q_len == 1:  # q_len == 1 with a cache: the one new query may see every key
@@ -39,6 +41,8 @@ def attention_mask(
     if causal:
         device = key_mask.device if key_mask is not None else None
         tril = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)  # (T, S)
+        if prefix:
+            tril[:, :prefix] = True  # every query sees the whole prefix
         mask = tril[None, None] if mask is None else mask & tril
     # A query whose every key is masked would give NaN; let such rows (padding
     # queries, whose outputs are ignored) see everything instead.
@@ -147,6 +151,7 @@ class Attention(_MultiHead):
         mask: torch.Tensor | None = None,
         causal: bool = False,
         cache: KVCache | None = None,
+        prefix: int = 0,
     ) -> torch.Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)
@@ -156,7 +161,7 @@ class Attention(_MultiHead):
             q, k = self._rotate(q, start), self._rotate(k, start)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, start + T, Dh)
-        attn_mask, is_causal = attention_mask(mask, T, k.shape[2], causal)
+        attn_mask, is_causal = attention_mask(mask, T, k.shape[2], causal, prefix)
         return self.attend(q, k, v, attn_mask, is_causal)
 
 

@@ -64,8 +64,9 @@ class Block(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        prefix: int = 0,
     ) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), mask=mask, causal=causal, cache=cache))
+        x = x + self.drop_path(self.attn(self.norm1(x), mask=mask, causal=causal, cache=cache, prefix=prefix))
         if self.cross_attn is not None:
             if context is None:
                 raise ValueError("this block has cross-attention and needs a `context`")
@@ -84,8 +85,8 @@ class PostNormBlock(Block):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = self.norm1(x + self.drop_path(self.attn(x, mask=mask, causal=causal, cache=cache)))
+                cache: KVCache | None = None, prefix: int = 0) -> torch.Tensor:
+        x = self.norm1(x + self.drop_path(self.attn(x, mask=mask, causal=causal, cache=cache, prefix=prefix)))
         return self.norm2(x + self.drop_path(self.mlp(x, mask)))
 
 

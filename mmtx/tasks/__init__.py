@@ -7,6 +7,7 @@ from mmtx.tasks.contrastive import Contrastive
 from mmtx.tasks.image_gpt import ImageGPT
 from mmtx.tasks.language_model import LanguageModel
 from mmtx.tasks.masked import Masked
+from mmtx.tasks.prefix_lm import PrefixLM
 from mmtx.tasks.seq2seq import Seq2Seq
 
-__all__ = ["Classification", "Contrastive", "ImageGPT", "LanguageModel", "Masked", "Seq2Seq", "StepContext", "TaskPart", "TiedOutput"]
+__all__ = ["Classification", "Contrastive", "ImageGPT", "LanguageModel", "Masked", "PrefixLM", "Seq2Seq", "StepContext", "TaskPart", "TiedOutput"]

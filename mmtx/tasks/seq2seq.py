@@ -113,8 +113,7 @@ class Seq2Seq(TaskPart):
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
-        self.decoder = TextDecoder(dim, vocab, decoder, max_len=max_len, pos_embed=pos_embed,
-                                   dropout=decoder.get("dropout", 0.0))
+        self.decoder = self.make_decoder(dim, vocab, decoder, max_len, pos_embed)
         self.bos_id, self.eos_id, self.prefix_ids = bos_id, eos_id, [int(i) for i in prefix_ids]
         self.label_smoothing = label_smoothing
         self.search = {"beam_size": beam_size, "length_penalty": length_penalty,
@@ -126,6 +125,10 @@ class Seq2Seq(TaskPart):
         if tie_embeddings and src is not None and tgt is not None and (src is tgt or src.to_json() == tgt.to_json()):
             self.tokenizer.embed.weight = self.decoder.embed.embed.weight  # one vocabulary: one matrix
         self._examples: list[list[str]] = []
+
+    def make_decoder(self, dim: int, vocab: Vocab, decoder: dict[str, Any], max_len: int, pos_embed: str) -> nn.Module:
+        """The target side: a `TextDecoder` (its own stack, cross-attending); `PrefixLM` has no stack of its own."""
+        return TextDecoder(dim, vocab, decoder, max_len=max_len, pos_embed=pos_embed, dropout=decoder.get("dropout", 0.0))
 
     @property
     def tgt_vocab(self) -> Vocab | None:
@@ -139,9 +142,18 @@ class Seq2Seq(TaskPart):
         tokens = self.tokenizer(source)  # Tokens: (B, S, D), mask (B, S) | None
         return backbone(tokens), tokens.mask
 
+    def run_decoder(self, backbone: nn.Module, ids: torch.Tensor, memory: torch.Tensor,
+                    memory_mask: torch.Tensor | None, caches=None, start: int = 0) -> torch.Tensor:
+        """Logits (B, T, V) of target ids (B, T) at positions start.., given `encode`'s output (B, S, D)."""
+        return self.decoder(ids, memory, memory_mask, caches, start)
+
+    def new_decoder_caches(self, backbone: nn.Module, batch: int, max_len: int, memory: torch.Tensor):
+        """KV caches for decoding up to `max_len` target positions of `batch` rows."""
+        return self.decoder.new_caches(batch, max_len, device=memory.device, dtype=memory.dtype)
+
     def forward(self, backbone: nn.Module, batch: PairBatch) -> torch.Tensor:
         memory, memory_mask = self.encode(backbone, batch.source)
-        return self.decoder(batch.target.tokens, memory, memory_mask)  # (B, T, V)
+        return self.run_decoder(backbone, batch.target.tokens, memory, memory_mask)  # (B, T, V)
 
     outputs_needed = ()  # decoding at validation runs its own forward passes
 
@@ -252,11 +264,11 @@ class Seq2Seq(TaskPart):
 
         def step(ids, caches, t):
             if caches:
-                return self.decoder(ids[:, t:], memory, memory_mask, caches, t)
-            return self.decoder(ids, memory, memory_mask)
+                return self.run_decoder(backbone, ids[:, t:], memory, memory_mask, caches, t)
+            return self.run_decoder(backbone, ids, memory, memory_mask)
 
         def new_caches(n):
-            return self.decoder.new_caches(n, limit, device=memory.device, dtype=memory.dtype) if use_cache else []
+            return self.new_decoder_caches(backbone, n, limit, memory) if use_cache else []
 
         lp = self.search["length_penalty"] if length_penalty is None else length_penalty
         return beam_search(step, new_caches, memory.shape[0] // K, self.bos_id, self.eos_id, K, limit, lp,
