@@ -5,6 +5,9 @@ cached against uncached beam-search speed.
         `python -m mmtx.train task=asr_fsdd seed=S` as shipped, once per seed (the decoded cache built
         beforehand, untimed); prints each run's wall time (the whole process) and WER / CER on FSDD's
         official test split (takes 0-4, 300 clips), then their mean and range.
+    python scripts/bench_seq2seq.py asr --root ../shared/data --prefix-lm [--seeds 1 2 3]
+        the same with `task=asr_fsdd_prefix` (one decoder-only stack, a prefix LM) beside each seed's asr_fsdd
+        (the encoder-decoder), interleaved seed by seed: WER / CER and wall time of both, and their difference.
     python scripts/bench_seq2seq.py translate --root ../shared/data [--seeds 1]
         `python -m mmtx.train task=translate_multi30k_cpu seed=S` (15 minutes of training at most); prints
         the wall time and sacreBLEU on test_2016_flickr (beam 4, all 1,000 sentences); then runs `decode`
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="decode: sentences per batch")
     parser.add_argument("--beam", type=int, default=4, help="decode: beam size")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="asr: 1 2 3; translate: 1")
+    parser.add_argument("--prefix-lm", action="store_true", help="asr: asr_fsdd_prefix beside asr_fsdd, seed by seed")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.what in ("asr", "translate"):
@@ -72,6 +76,17 @@ def main() -> None:
         seeds = args.seeds or ([1, 2, 3] if args.what == "asr" else [1])
         work = Path(tempfile.mkdtemp(prefix=f"mmtx-bench-{task}-"))
         warm_cache(task, work, args.root)
+        if args.what == "asr" and args.prefix_lm:
+            both = {t: [] for t in (task, "asr_fsdd_prefix")}
+            for seed in seeds:  # interleaved: the machine's drift falls on both tasks alike
+                for t in both:
+                    both[t].append(run_train(t, seed, work, args.root))
+            for t, runs in both.items():
+                report(t, runs, metrics)
+            gaps = [p["test/wer"] - e["test/wer"] for e, p in zip(*both.values())]
+            print(f"test/wer prefix LM - encoder-decoder: mean {100 * sum(gaps) / len(gaps):+.2f} points "
+                  f"({', '.join(f'{100 * g:+.2f}' for g in gaps)})")
+            return
         runs = [run_train(task, seed, work, args.root) for seed in seeds]
         report(task, runs, metrics)
         if args.what == "translate":
