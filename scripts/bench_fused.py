@@ -2,8 +2,9 @@
 `python -m mmtx.eval`), one process each, on the same paired samples and the same number of steps.
 
     python scripts/bench_fused.py av --root ../shared/data [--seeds 1 2 3] [--epochs 15] [--noise 1.0] [--dropout 0.5]
+            [--subsets]
         av_digits: the written digit alone (data.use=[image]), the spoken digit alone (data.use=[audio]) and both in
-        one sequence (with data.field_dropout), test accuracy of each; the fused model evaluated with one field missing
+        one sequence (with data.field_dropout, or with --subsets data.field_subsets=true), test accuracy of each; the fused model evaluated with one field missing
         (mmtx.eval data.eval_missing=[...]) against the model of the other field alone; and the image alone and the
         fused model again with the written digits noised (data.noise.image, in every split: AV-MNIST's setting).
     python scripts/bench_fused.py clip --root ../shared/data [--seeds 1 2 3] [--epochs 15] [--image-first 10]
@@ -48,7 +49,8 @@ def line(name: str, values: list[float], seeds: list[int], points: bool = True) 
 
 def av(args, work: Path) -> None:
     epochs = (f"trainer.max_epochs={args.epochs}", *args.extra)
-    drop = f"data.field_dropout={args.dropout}"
+    drop = "data.field_subsets=true" if args.subsets else f"data.field_dropout={args.dropout}"
+    fused = "fused-subsets" if args.subsets else "fused"  # the run folders: other runs than the dropout ones
     noised = f"data.noise.image={args.noise}"
     rows: dict[str, list[float]] = {}
     walls: dict[str, list[float]] = {}
@@ -56,11 +58,11 @@ def av(args, work: Path) -> None:
         runs = {
             "image alone": run_train("av_digits", seed, work, args.root, (*epochs, "data.use=[image]"), name="image"),
             "audio alone": run_train("av_digits", seed, work, args.root, (*epochs, "data.use=[audio]"), name="audio"),
-            "fused": run_train("av_digits", seed, work, args.root, (*epochs, drop), name="fused"),
+            "fused": run_train("av_digits", seed, work, args.root, (*epochs, drop), name=fused),
             "image alone, noised": run_train("av_digits", seed, work, args.root, (*epochs, "data.use=[image]", noised),
                                              name="image-noised"),
             "fused, image noised": run_train("av_digits", seed, work, args.root, (*epochs, drop, noised),
-                                             name="fused-noised"),
+                                             name=f"{fused}-noised"),
         }
         for name, run in runs.items():
             rows.setdefault(name, []).append(run["test/acc"])
@@ -119,6 +121,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--noise", type=float, default=1.0, help="data.noise.image of the noised runs")
     parser.add_argument("--dropout", type=float, default=0.5, help="data.field_dropout of the fused runs")
+    parser.add_argument("--subsets", action="store_true",
+                        help="av: the fused runs with data.field_subsets=true (every sample with both fields and with "
+                             "each alone) instead of field dropout")
     parser.add_argument("--image-first", type=int, default=0,
                         help="clip: epochs of the written-digit tower trained first (0: CLIP from scratch)")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides of every run")

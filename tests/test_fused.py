@@ -120,6 +120,16 @@ def test_one_field_alone_has_the_same_samples_and_a_tokenizer_of_that_field(av_r
     assert set(batch.fields) == {"image"}
 
 
+def test_field_subsets_show_each_training_sample_with_all_its_fields_and_with_each_alone(av_root, tmp_path):
+    _, dm = build(compose("av_digits", av_run(tmp_path, av_root, "data.field_subsets=true")))
+    batch = dm.on_after_batch_transfer({"index": torch.arange(4), "split": "train"})
+    assert batch.fields["audio"].audio.shape[0] == 12 and torch.equal(batch.label, batch.label[:4].repeat(3))
+    image, audio = batch.present["image"], batch.present["audio"]
+    assert image.tolist() == [True] * 8 + [False] * 4 and audio.tolist() == [True] * 4 + [False] * 4 + [True] * 4
+    val = dm.on_after_batch_transfer({"index": torch.arange(2), "split": "val"})
+    assert val.present is None and len(val.label) == 2  # evaluation sees each sample once, with every field
+
+
 def test_evaluation_without_a_field_and_with_fixed_noise(av_root, tmp_path):
     cfg = compose("av_digits", av_run(tmp_path, av_root, "data.eval_missing=[image]", "data.noise.image=0.5"))
     _, dm = build(cfg)
@@ -136,10 +146,12 @@ def test_evaluation_without_a_field_and_with_fixed_noise(av_root, tmp_path):
     ("data.use=[video]", r"data.use names \['video'\], which data.fields does not have"),
     ("data.eval_missing=[image,audio]", "leaves the evaluated samples no field"),
     ("~tokenizer.fields.audio", "data.fields.audio has no tokenizer: add tokenizer.fields.audio"),
+    ("data.use=[image] data.field_subsets=true", "data.field_subsets=true shows every sample"),
+    ("data.field_dropout=0.5 data.field_subsets=true", r"data.field_dropout=0.5 drops fields too.*data.field_dropout=0"),
 ])
 def test_bad_fused_settings_name_the_key(av_root, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
-        build(compose("av_digits", av_run(tmp_path, av_root, override)))
+        build(compose("av_digits", av_run(tmp_path, av_root, *override.split())))
 
 
 def test_a_trained_fused_classifier_loads_from_its_checkpoint_alone(av_root, tmp_path):

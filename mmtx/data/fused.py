@@ -10,6 +10,9 @@ up each paired sample, and gathers the fields' batches into one `FusedBatch`.
 What it adds over its fields:
 - field_dropout: in training, the probability that a sample loses one of its fields (chosen uniformly), so that
   one model serves samples with either field or both (modality dropout, as in Neverova et al.'s ModDrop);
+- field_subsets: in training, every sample shown with all its fields and again with each field alone, in one batch
+  of (1 + fields) x batch_size samples (their losses averaged), so the model learns each field alone as much as
+  together, at that many times the compute of a step;
 - eval_missing: fields left out of every validation and test sample (how a model does when one modality is missing);
 - noise: {field: std} Gaussian noise added to a field's input in every split (AV-MNIST's corrupted images), in the
   field's normalised units, drawn from a seed fixed per batch in validation and test;
@@ -84,6 +87,7 @@ class PairedDataModule(IndexedSplits):
         pair: Annotated[str, one_of("class", "index")] = "class",
         use: list[str] | None = None,
         field_dropout: Rate = 0.0,
+        field_subsets: bool = False,
         eval_missing: list[str] | None = None,
         noise: dict[str, NonNegative] | None = None,
         device_resident: bool = True,
@@ -106,8 +110,14 @@ class PairedDataModule(IndexedSplits):
         if field_dropout and len(self.use) < 2:
             raise ConfigError(f"data.field_dropout={field_dropout} drops one of a sample's fields, but data.use="
                               f"{self.use} gives it one; set data.field_dropout=0")
+        if field_subsets and (len(self.use) < 2 or field_dropout):
+            why = f"data.use={self.use} gives a sample one field" if len(self.use) < 2 else \
+                f"data.field_dropout={field_dropout} drops fields too"
+            raise ConfigError(f"data.field_subsets=true shows every sample with each of its fields alone, but {why}; "
+                              "set data.field_subsets=false" + ("" if len(self.use) < 2 else " or data.field_dropout=0"))
         self.pair = pair
         self.field_dropout = field_dropout
+        self.field_subsets = field_subsets
         self.eval_missing = list(eval_missing or ())
         self.noise = {k: float(v) for k, v in (noise or {}).items() if v}
         self.classes: list[str] = []
@@ -169,6 +179,8 @@ class PairedDataModule(IndexedSplits):
                 "family": {"num_classes": self.num_classes, "class_names": self.classes}}
 
     def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> FusedBatch:
+        if split == "train" and self.field_subsets:
+            index = index.repeat(1 + len(self.use))  # (B,) -> ((1 + fields) * B,): all fields, then each alone
         batches = {}
         for name in self.use:
             data = self.fields[name]
@@ -180,6 +192,9 @@ class PairedDataModule(IndexedSplits):
         return FusedBatch(batches, label, self._present(split, len(index), device))
 
     def _present(self, split: str, n: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+        if split == "train" and self.field_subsets:
+            copy = torch.arange(n, device=device) // (n // (1 + len(self.use)))  # 0: every field; i: field i alone
+            return {name: (copy == 0) | (copy == i + 1) for i, name in enumerate(self.use)}
         if split == "train" and self.field_dropout:
             # Each sample loses one field (uniformly chosen) with probability field_dropout; never all of them.
             drop = torch.rand(n, device=device) < self.field_dropout  # (B,)
