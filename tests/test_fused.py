@@ -13,7 +13,7 @@ from conftest import make_image_folder, small_run
 from test_audio import make_tones
 
 from mmtx import build, compose
-from mmtx.batch import AudioBatch, FusedBatch, ImageBatch
+from mmtx.batch import AudioBatch, FusedBatch, ImageBatch, PairBatch
 from mmtx.data.fused import pair_by_class
 from mmtx.errors import ConfigError
 from mmtx.tasks.contrastive import info_nce, recall_at, zero_shot_accuracy
@@ -168,6 +168,43 @@ def test_a_trained_fused_classifier_loads_from_its_checkpoint_alone(av_root, tmp
     assert probs.shape == (4, 2) and torch.allclose(probs.sum(-1), torch.ones(4))
     with pytest.raises(ConfigError, match="several fields in one sequence"):
         model.predict([av_root / "digits" / "test" / "0" / "000.png"])
+
+
+# -- a prefix LM after the fused fields -----------------------------------------------------------------------------
+
+def test_av_digits_words_writes_the_class_word_after_both_fields_and_loads_alone(av_root, tmp_path):
+    import mmtx
+    from mmtx.eval import evaluate
+
+    cfg = compose("av_digits_words", av_run(tmp_path, av_root, "data.field_dropout=0.5"))
+    _, dm = build(cfg)
+    batch = dm.on_after_batch_transfer({"index": torch.arange(3), "split": "test"})
+    assert isinstance(batch, PairBatch) and isinstance(batch.source, FusedBatch)
+    words = [{"0": "zero", "1": "one"}[dm.classes[i]] for i in batch.source.label.tolist()]
+    assert batch.refs == words
+    vocab = dm.tgt_vocab
+    for row, word in zip(range(3), words):  # BOS + the word's characters; the characters + EOS
+        n = len(word)
+        assert batch.target.tokens[row, 0] == vocab.token_id("<s>")
+        assert vocab.decode(batch.target.tokens[row, 1:1 + n].tolist()) == word
+        assert batch.target.targets[row, n] == vocab.token_id("</s>") and (batch.target.targets[row, n + 1:] < 0).all()
+
+    summary = train(cfg, run_dir=tmp_path / "run")
+    assert 0.0 <= summary["test/wer"] <= 1.0 and 0.0 <= summary["test/cer"]
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    missing = evaluate(str(ckpt), ["data.eval_missing=[image]"])
+    assert 0.0 <= missing["test/wer"] <= 1.0
+    model = mmtx.load(ckpt, device="cpu")  # without its data: the fields' geometry and the captions' vocabulary
+    assert model.kind == "prefix_lm" and model.part.tokenizer.names == ["image", "audio"]
+    hyps = model.part.translate(model.module.backbone, batch.source)
+    assert len(hyps) == 3 and all(isinstance(h, str) for h in hyps)
+    with pytest.raises(ConfigError, match="several inputs in one sequence"):
+        model.generate(audio=str(next((av_root / "fsdd" / "recordings").glob("*.wav"))))
+
+
+def test_a_class_without_a_caption_is_named(av_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"data.captions has no text for class\(es\) \['1'\]"):
+        build(compose("av_digits_words", av_run(tmp_path, av_root, "data.captions.1=null")))
 
 
 # -- contrastive ----------------------------------------------------------------------------------------------------

@@ -38,6 +38,11 @@ def sample_rate(model) -> int | None:
 
 def seq2seq_inputs(model, args: dict[str, Any]) -> list[str]:
     """The texts (a text model) or audio file paths (a speech model) to decode, from the arguments."""
+    fields = getattr(model.task.tokenizer, "fields", None)
+    if fields is not None:  # a prefix LM after several fields (FusedTokenizer)
+        raise ConfigError(f"this checkpoint writes text after several inputs in one sequence (tokenizer.fields: "
+                          f"{', '.join(fields)}), and mmtx.generate takes one input a sample; load it with mmtx.load "
+                          "and call model.task.translate(model.backbone, <a mmtx.batch.FusedBatch>)")
     audio_model = sample_rate(model) is not None
     given = [k for k in ("text", "text_file", "audio") if args[k] is not None]
     if len(given) != 1:

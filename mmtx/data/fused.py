@@ -16,7 +16,10 @@ What it adds over its fields:
 - eval_missing: fields left out of every validation and test sample (how a model does when one modality is missing);
 - noise: {field: std} Gaussian noise added to a field's input in every split (AV-MNIST's corrupted images), in the
   field's normalised units, drawn from a seed fixed per batch in validation and test;
-- use: the fields a sample carries ([image]: the same samples, the same steps, the written digit alone).
+- use: the fields a sample carries ([image]: the same samples, the same steps, the written digit alone);
+- captions: {class name: text}: each sample's text is its class's, and batches become `PairBatch`es whose source is
+  the `FusedBatch` and whose target is that text (a prefix LM writes it after the fields' tokens: `family=prefix_lm`,
+  `task=av_digits_words`); the text's character vocabulary is made from the captions.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from typing import Annotated, Any
 import lightning as L
 import torch
 
-from mmtx.batch import FusedBatch
+from mmtx.batch import IGNORE_INDEX, FusedBatch, PairBatch, TokenBatch
 from mmtx.data.base import IndexedSplits
+from mmtx.data.seq2seq import special_ids, with_specials
 from mmtx.errors import ConfigError, Count, DataError, MaybeCount, NonNegative, Rate, one_of
+from mmtx.tokenizers.text import Vocab, build_vocab
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +95,11 @@ class PairedDataModule(IndexedSplits):
         field_subsets: bool = False,
         eval_missing: list[str] | None = None,
         noise: dict[str, NonNegative] | None = None,
+        captions: dict[str, str] | None = None,
         device_resident: bool = True,
         seed: int = 0,
         root: str | None = None,
+        fixed_tgt_vocab: Vocab | None = None,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, device_resident, seed)
         if not fields:
@@ -120,7 +127,10 @@ class PairedDataModule(IndexedSplits):
         self.field_subsets = field_subsets
         self.eval_missing = list(eval_missing or ())
         self.noise = {k: float(v) for k, v in (noise or {}).items() if v}
+        self.captions = {str(k): str(v) for k, v in (captions or {}).items() if v is not None}
+        self.tgt_vocab = fixed_tgt_vocab  # a checkpoint's, when one is evaluated; else made from the captions
         self.classes: list[str] = []
+        self._texts: dict[str, torch.Tensor] = {}  # captions: BOS + text and text + EOS, a row per class
 
     def prepare_data(self) -> None:
         for data in self.fields.values():
@@ -135,6 +145,8 @@ class PairedDataModule(IndexedSplits):
         for split in SPLITS:
             if all(data.has_split(split) for data in self.fields.values()):
                 self.splits[split] = self._paired(split)
+        if self.captions:
+            self._caption_rows()
         log.info("paired samples of fields %s (%s): %s", list(self.fields), self.pair,
                  {k: self.num_samples(k) for k in self.splits})
 
@@ -173,10 +185,34 @@ class PairedDataModule(IndexedSplits):
             first = labels[anchor][pairs[anchor]]
         return {"labels": first, **{f"{name}_index": idx for name, idx in pairs.items()}}
 
+    def _caption_rows(self) -> None:
+        """The captions' vocabulary (characters and <pad> <s> </s>) and, a row per class, the decoder's input
+        (BOS + text, padded) and targets (text + EOS, IGNORE_INDEX at padding)."""
+        lacking = [c for c in self.classes if c not in self.captions]
+        if lacking:
+            raise ConfigError(f"data.captions has no text for class(es) {lacking}; give every class one "
+                              f"(the classes: {self.classes})")
+        texts = [self.captions[c] for c in self.classes]
+        if self.tgt_vocab is None:
+            self.tgt_vocab = build_vocab(text="\n".join(texts), **with_specials({"kind": "char"}))
+        self.special = special_ids(self.tgt_vocab)
+        ids = [self.tgt_vocab.encode(t) for t in texts]
+        width = 1 + max(len(i) for i in ids)
+        tokens = torch.full((len(ids), width), self.special["pad_id"], dtype=torch.long)
+        targets = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+        for row, seq in enumerate(ids):
+            tokens[row, :1 + len(seq)] = torch.tensor([self.special["bos_id"], *seq])
+            targets[row, :1 + len(seq)] = torch.tensor([*seq, self.special["eos_id"]])
+        self._texts = {"tokens": tokens, "targets": targets}
+
     def runtime_kwargs(self) -> dict[str, dict[str, Any]]:
         self.setup()
-        return {"tokenizer": {"fields": {name: self.fields[name].runtime_kwargs()["tokenizer"] for name in self.use}},
-                "family": {"num_classes": self.num_classes, "class_names": self.classes}}
+        tokenizer = {"fields": {name: self.fields[name].runtime_kwargs()["tokenizer"] for name in self.use}}
+        if self.captions:  # a prefix LM writes the class's text
+            family = {"vocab": self.tgt_vocab, "bos_id": self.special["bos_id"], "eos_id": self.special["eos_id"],
+                      "max_len": self._texts["tokens"].shape[1], "prefix_ids": []}
+            return {"tokenizer": tokenizer, "family": family}
+        return {"tokenizer": tokenizer, "family": {"num_classes": self.num_classes, "class_names": self.classes}}
 
     def gather(self, split: str, store: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> FusedBatch:
         if split == "train" and self.field_subsets:
@@ -189,7 +225,13 @@ class PairedDataModule(IndexedSplits):
             batches[name] = self._noised(name, data.gather(split, data._store(split, device), picked, device),
                                          split, index)
         label = store["labels"][index].to(device, non_blocking=True)
-        return FusedBatch(batches, label, self._present(split, len(index), device))
+        fused = FusedBatch(batches, label, self._present(split, len(index), device))
+        if not self.captions:
+            return fused
+        rows = {k: v.to(device) for k, v in self._texts.items()}  # a few rows: copied, not kept per device
+        target = TokenBatch(rows["tokens"][label], targets=rows["targets"][label])  # (B, T) each
+        refs = None if split == "train" else [self.captions[self.classes[i]] for i in store["labels"][index].tolist()]
+        return PairBatch(fused, target, refs=refs)
 
     def _present(self, split: str, n: int, device: torch.device) -> dict[str, torch.Tensor] | None:
         if split == "train" and self.field_subsets:

@@ -15,6 +15,7 @@ from torch import nn
 
 from mmtx.backbone import scale_residual_init
 from mmtx.batch import AudioBatch, FusedBatch, TokenBatch, Tokens
+from mmtx.data.modalities import modality_of
 from mmtx.errors import ConfigError, Count, MaybeCount, Rate
 from mmtx.tasks.base import TiedOutput
 from mmtx.tasks.seq2seq import Seq2Seq
@@ -112,3 +113,23 @@ class PrefixLM(Seq2Seq):
 
     def new_decoder_caches(self, backbone: nn.Module, batch: int, max_len: int, memory: torch.Tensor):
         return backbone.new_caches(batch, memory.shape[1] + max_len, device=memory.device, dtype=memory.dtype)
+
+    # -- a checkpoint rebuilds it without its data ---------------------------------------------------
+
+    def extra_state(self) -> dict[str, Any]:
+        """Besides the encoder-decoder's (the target vocabulary, an audio source's sample rate): a fused source's
+        geometry and the target's special ids, so `mmtx.load` rebuilds a model of several fields without its data."""
+        state = super().extra_state()
+        if getattr(self.tokenizer, "modality", None) == "fused":
+            family = {"bos_id": self.bos_id, "eos_id": self.eos_id, "max_len": self.decoder.max_len,
+                      "prefix_ids": list(self.prefix_ids)}
+            state["mmtx_runtime"] = {"tokenizer": modality_of(self.tokenizer).geometry(self.tokenizer), "family": family}
+        return state
+
+    @classmethod
+    def runtime_from_checkpoint(cls, checkpoint: dict[str, Any], cfg: Any, path: str) -> dict[str, Any]:
+        runtime = checkpoint.get("mmtx_runtime")
+        if runtime is None or "mmtx_tgt_vocab" not in checkpoint:
+            return super().runtime_from_checkpoint(checkpoint, cfg, path)
+        return {"tokenizer": runtime["tokenizer"],
+                "family": {**runtime["family"], "vocab": Vocab.from_json(checkpoint["mmtx_tgt_vocab"])}}
