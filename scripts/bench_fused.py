@@ -13,6 +13,9 @@
         counts) and zero-shot spoken-digit accuracy by the nearest written-digit class prototype. --image-first N:
         LiT's and ImageBind's recipe: the written-digit tower trained first (av_digits data.use=[image], N epochs, the
         image labels), then av_digits_clip from its checkpoint (init_from); the spoken digits' labels are never used.
+    python scripts/bench_fused.py words --root ../shared/data [--seeds 1 2 3] [--epochs 15] [--dropout 0.5] [--subsets]
+        av_digits_words: a prefix LM writes the digit's word after both fields; test word and character error rates
+        with both fields, and with each missing at test (mmtx.eval data.eval_missing=[...]).
 
 Each run's test metrics and wall time (the whole process); the mean and range over the seeds.
 """
@@ -88,6 +91,28 @@ def av(args, work: Path) -> None:
                [f - i for f, i in zip(rows["fused, audio missing at test"], rows["image alone"])], seeds))
 
 
+def words(args, work: Path) -> None:
+    drop = "data.field_subsets=true" if args.subsets else f"data.field_dropout={args.dropout}"
+    rows: dict[str, list[float]] = {}
+    walls = []
+    for seed in args.seeds:
+        run = run_train("av_digits_words", seed, work, args.root, (f"trainer.max_epochs={args.epochs}", drop,
+                                                                    *args.extra))
+        walls.append(run["wall_s"])
+        results = {"both fields": run}
+        for missing in ("image", "audio"):
+            results[f"{missing} missing at test"] = evaluate(run["last_checkpoint"], work, args.root,
+                                                            f"data.eval_missing=[{missing}]")
+        for name, result in results.items():
+            for key in ("test/wer", "test/cer"):
+                rows.setdefault(f"{name}: {key}", []).append(result[key])
+        print(f"seed {seed}: " + ", ".join(f"{k} {v[-1] * 100:.2f}%" for k, v in rows.items())
+              + f"; {run['global_step']} steps, {run['wall_s']:.0f} s", flush=True)
+    for name, values in rows.items():
+        print(line(name, values, list(args.seeds)))
+    print(f"wall mean {statistics.mean(walls):.0f} s")
+
+
 def clip(args, work: Path) -> None:
     keys = ["test/audio_to_image_r@1", "test/audio_to_image_r@5", "test/image_to_audio_r@1",
             "test/image_to_audio_r@5", "test/zero_shot_acc"]
@@ -115,7 +140,7 @@ def clip(args, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["av", "clip"])
+    parser.add_argument("what", choices=["av", "clip", "words"])
     parser.add_argument("--root", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=15)
@@ -133,7 +158,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix=f"bench-fused-{args.what}-"))
     work.mkdir(parents=True, exist_ok=True)
     warm_cache("av_digits", work, args.root)  # one data cache for every run, decoded before any is timed
-    (av if args.what == "av" else clip)(args, work)
+    {"av": av, "clip": clip, "words": words}[args.what](args, work)
 
 
 if __name__ == "__main__":
