@@ -228,7 +228,9 @@ class PairedDataModule(IndexedSplits):
         fused = FusedBatch(batches, label, self._present(split, len(index), device))
         if not self.captions:
             return fused
-        rows = {k: v.to(device) for k, v in self._texts.items()}  # a few rows: copied, not kept per device
+        rows = self._texts
+        if rows["tokens"].device != device:  # moved to the training device once, not copied every batch
+            rows = self._texts = {k: v.to(device) for k, v in rows.items()}
         target = TokenBatch(rows["tokens"][label], targets=rows["targets"][label])  # (B, T) each
         refs = None if split == "train" else [self.captions[self.classes[i]] for i in store["labels"][index].tolist()]
         return PairBatch(fused, target, refs=refs)
