@@ -104,6 +104,24 @@ def test_mae_encodes_only_the_kept_patches():
     assert abs(patch.mean().item()) < 1e-4  # norm_pix_loss: every target patch normalised
 
 
+def test_mae_kept_tokens_see_nothing_of_the_dropped_patches_through_a_conv_stem():
+    # A conv stem's receptive field crosses patch borders: the dropped patches' pixels must not reach the encoder.
+    tokenizer = PatchTokenizer(DIM, patch_size=4, image_size=16, stem="conv")
+    part = Masked(tokenizer, DIM, decoder={"dim": 16, "depth": 1, "num_heads": 2}).eval()
+    backbone = Backbone(DIM, 1, 4).eval()
+    seen = []
+    backbone.register_forward_hook(lambda module, args, out: seen.append(args[0].x))
+    images = torch.randn(2, 3, 16, 16)
+    out = part(backbone, ImageBatch(images))
+    dropped = out.weight.view(2, 1, 4, 1, 4, 1).expand(2, 3, 4, 4, 4, 4).reshape(2, 3, 16, 16).bool()
+    part.epoch_start_eval()  # the same masks again
+    part(backbone, ImageBatch(torch.where(dropped, torch.randn_like(images) * 5, images)))
+    assert torch.equal(seen[0], seen[1])
+    part.epoch_start_eval()
+    part(backbone, ImageBatch(torch.where(dropped, images, images + 1)))  # a kept pixel changed: seen
+    assert not torch.allclose(seen[0], seen[2])
+
+
 def test_masked_spectrogram_replaces_spans_of_frames_and_predicts_them():
     tokenizer = MelTokenizer(DIM, sample_rate=8000, stem="stack", stack=2)
     part = Masked(tokenizer, DIM, mask_ratio=0.5, span=2)

@@ -6,7 +6,8 @@ One family, one recipe a modality (the tokenizer's `modality` picks it):
   `[MASK]`, 10% a random token, 10% stay; a head tied to the token embedding predicts the chosen tokens. The
   vocabulary gets `[MASK]` as one more id at its end (`vocab_tokens`), so no other token's id changes.
 - images (MAE, He et al., 2022): `mask_ratio` of the patches (default 75%) are dropped before the encoder, which
-  sees only the kept patches with their x/y positions (a quarter of the tokens at 75%); a small decoder of its own
+  sees only the kept patches with their x/y positions (a quarter of the tokens at 75%; the dropped patches' pixels
+  are zeroed before the tokenizer's stem, whose convolutions may reach across patches); a small decoder of its own
   width and depth (`family.decoder`) gets the encoded patches and a learned mask token at every dropped position,
   with fixed 2D sin-cos positions, and predicts the pixels of the dropped patches, each normalised by its own mean
   and variance (`norm_pix_loss`).
@@ -20,6 +21,7 @@ and test masks from a generator of their own, reset at every evaluation, so ever
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any, NamedTuple
 
 import torch
@@ -166,21 +168,27 @@ class Masked(TaskPart):
 
     def _image(self, backbone: nn.Module, batch: ImageBatch) -> MaskedOutputs:
         images = batch.image  # (B, C, H, W)
-        tokens = self.tokenizer(batch).x  # (B, N, D), positions added
-        B, N, D = tokens.shape
+        p = self.tokenizer.patch_size
+        B, gh, gw = images.shape[0], images.shape[-2] // p, images.shape[-1] // p
+        N = gh * gw
         keep = max(1, round(N * (1 - self.mask_ratio)))
-        order = self._uniform((B, N), tokens.device).argsort(dim=1)  # a random permutation a row
+        order = self._uniform((B, N), images.device).argsort(dim=1)  # a random permutation a row
         kept = order[:, :keep]  # (B, K)
+        weight = torch.ones(B, N, device=images.device)
+        weight.scatter_(1, kept, 0.0)  # 1 where a patch was dropped
+        # The dropped patches' pixels are zeroed (the normalised images' mean) before the stem: a convolutional
+        # stem's receptive field reaches past its own patch (15 px for three stride-2 3x3 convolutions at 8 px
+        # patches), so the kept tokens would otherwise carry the border pixels of the patches to reconstruct
+        # (ConvMAE masks its convolutions for the same reason). A patch stem's kept tokens are unchanged by it.
+        shown = 1.0 - weight.view(B, 1, gh, 1, gw, 1).expand(B, 1, gh, p, gw, p).reshape(B, 1, gh * p, gw * p)
+        tokens = self.tokenizer(replace(batch, image=images * shown.to(images.dtype))).x  # (B, N, D), positions added
+        D = tokens.shape[-1]
         encoded = backbone(Tokens(tokens.gather(1, kept[..., None].expand(-1, -1, D))), causal=False)  # (B, K, D)
         x = self.decoder_embed(encoded)  # (B, K, Dd)
         full = self.mask_token.to(x.dtype).expand(B, N, -1).clone()  # (B, N, Dd)
         full.scatter_(1, kept[..., None].expand(-1, -1, x.shape[-1]), x)
-        p = self.tokenizer.patch_size
-        gh, gw = images.shape[-2] // p, images.shape[-1] // p
         full = full + sincos_2d(gh, gw, full.shape[-1], device=full.device).to(full.dtype)
         pred = self.pixels(self.decoder(Tokens(full), causal=False))  # (B, N, p*p*C)
-        weight = torch.ones(B, N, device=tokens.device)
-        weight.scatter_(1, kept, 0.0)  # 1 where a patch was dropped
         return MaskedOutputs(pred, self._patch_targets(images), weight)
 
     def _patch_targets(self, images: torch.Tensor, normalise: bool | None = None) -> torch.Tensor:
