@@ -4,12 +4,17 @@
         MAE's training step (the encoder on the kept quarter of the patches, the decoder on all of them) against
         vit_cifar_cpu's (the encoder on every patch), same backbone and batch, in alternating rounds; and the
         encoder's forward alone on the kept patches against on all of them.
-    python scripts/bench_masked.py images --root ../shared/data [--seeds 1 2 3] [--pretrain-epochs 8] [--epochs 30]
+    python scripts/bench_masked.py images --root ../shared/data [--seeds 1 2 3] [--pretrain-epochs 100] [--epochs 16 30]
         CIFAR-10 with data.label_fraction=0.1: A, vit_cifar_cpu from scratch on the labelled tenth; B, mae_cifar_cpu
         on every training image (no labels), then vit_cifar_cpu on the same tenth from its checkpoint (with
-        --layer-decay, optim.layer_decay), the same fine-tuning steps as A. --equal-time adds A trained for B's whole time.
-    python scripts/bench_masked.py audio --root ../shared/data [--seeds 1 2 3] [--pretrain-epochs 30] [--epochs 50]
+        --layer-decay, optim.layer_decay), the same fine-tuning steps as A: one A and one B for each --epochs (default
+        16, vit_cifar_cpu's own schedule), all from the seed's one pretraining. --equal-time adds A trained for B's
+        whole time.
+    python scripts/bench_masked.py audio --root ../shared/data [--seeds 1 2 3] [--pretrain-epochs 50] [--epochs 50]
         The same for FSDD: audio_fsdd against mask_fsdd then audio_fsdd.
+
+Runs are named after their length (A-16ep-seed1, pretrain-100ep-seed1, ...): started again with the same --work, a
+benchmark reuses the runs it has finished (a longer pretraining or another fine-tuning length is a new run).
     python scripts/bench_masked.py text --root ../shared/data [--seeds 1 2 3]
         bert_shakespeare: masked-token accuracy on the validation split against the unigram baseline (always the
         most frequent training character), and the validation loss curve.
@@ -40,35 +45,45 @@ def summary_line(name: str, runs: list[dict], key: str) -> str:
 
 def low_label(args, scratch_task: str, masked_task: str, metric: str) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix=f"bench-masked-{scratch_task}-"))
-    few = ["data.label_fraction=0.1", f"trainer.max_epochs={args.epochs}", *args.extra]
-    a_runs, b_runs, pre_runs, equal_runs = [], [], [], []
     work.mkdir(parents=True, exist_ok=True)
     warm_cache(scratch_task, work, args.root)  # one data cache for every run, decoded before any is timed
+    key = f"test/{metric}"
+    a_runs, b_runs = {n: [] for n in args.epochs}, {n: [] for n in args.epochs}
+    pre_runs, equal_runs = [], []
+    decay = (f"optim.layer_decay={args.layer_decay}",) if args.layer_decay else ()
     for seed in args.seeds:
-        a = run_train(scratch_task, seed, work, args.root, tuple(few), name="A")
         pre = run_train(masked_task, seed, work, args.root,
                         (f"trainer.max_epochs={args.pretrain_epochs}", *args.extra, *args.pretrain_extra),
-                        name="pretrain")
-        decay = (f"optim.layer_decay={args.layer_decay}",) if args.layer_decay else ()
-        b = run_train(scratch_task, seed, work, args.root, (*few, f"init_from={pre['last_checkpoint']}", *decay),
-                      name="B")
-        for name, run in (("A scratch", a), ("pretrain", pre), ("B fine-tune", b)):
-            shown = run.get(f"test/{metric}", run.get("test/loss"))
-            print(f"seed {seed} {name}: {run['wall_s']:.0f} s, {run['global_step']} steps, test {shown:.4f}", flush=True)
-        a_runs.append(a), b_runs.append(b), pre_runs.append(pre)
+                        name=f"pretrain-{args.pretrain_epochs}ep")
+        pre_runs.append(pre)
+        print(f"seed {seed} pretrain: {pre['wall_s']:.0f} s, {pre['global_step']} steps, test loss {pre['test/loss']:.4f}",
+              flush=True)
+        for n in args.epochs:
+            few = ("data.label_fraction=0.1", f"trainer.max_epochs={n}", *args.extra)
+            a = run_train(scratch_task, seed, work, args.root, few, name=f"A-{n}ep")
+            b = run_train(scratch_task, seed, work, args.root, (*few, f"init_from={pre['last_checkpoint']}", *decay),
+                          name=f"B-{n}ep")
+            a_runs[n].append(a), b_runs[n].append(b)
+            print(f"seed {seed}, {n} epochs: A {a['wall_s']:.0f} s, {a['global_step']} steps, test {a[key]:.4f}; "
+                  f"B {b['wall_s']:.0f} s, test {b[key]:.4f}; B - A {(b[key] - a[key]) * 100:+.2f} points", flush=True)
         if args.equal_time:  # A with as many epochs as B's whole time buys it, at A's own speed
-            epochs = max(1, round(args.epochs * (pre["wall_s"] + b["wall_s"]) / a["wall_s"]))
+            n = args.epochs[0]
+            a, b = a_runs[n][-1], b_runs[n][-1]
+            epochs = max(1, round(n * (pre["wall_s"] + b["wall_s"]) / a["wall_s"]))
             eq = run_train(scratch_task, seed, work, args.root,
                            ("data.label_fraction=0.1", f"trainer.max_epochs={epochs}", *args.extra), name="A-equal-time")
-            print(f"seed {seed} A at B's time: {epochs} epochs, {eq['wall_s']:.0f} s, test {eq[f'test/{metric}']:.4f}")
+            print(f"seed {seed} A at B's time: {epochs} epochs, {eq['wall_s']:.0f} s, test {eq[key]:.4f}")
             equal_runs.append(eq)
-    print(summary_line("A from scratch", a_runs, f"test/{metric}"))
-    print(summary_line("B pretrained + fine-tuned", b_runs, f"test/{metric}"))
-    print(summary_line("B's pretraining", pre_runs, "test/loss"))
-    gain = [b[f"test/{metric}"] - a[f"test/{metric}"] for a, b in zip(a_runs, b_runs)]
-    print(f"B - A: mean {statistics.mean(gain) * 100:+.2f} points, range {min(gain) * 100:+.2f} to {max(gain) * 100:+.2f}")
+    print(summary_line(f"B's pretraining ({args.pretrain_epochs} epochs)", pre_runs, "test/loss"))
+    for n in args.epochs:
+        print(f"-- fine-tuning {n} epochs")
+        print(summary_line("A from scratch", a_runs[n], key))
+        print(summary_line("B pretrained + fine-tuned", b_runs[n], key))
+        gain = [b[key] - a[key] for a, b in zip(a_runs[n], b_runs[n])]
+        print(f"B - A: mean {statistics.mean(gain) * 100:+.2f} points, range {min(gain) * 100:+.2f} to "
+              f"{max(gain) * 100:+.2f}")
     if equal_runs:
-        print(summary_line("A at B's total time", equal_runs, f"test/{metric}"))
+        print(summary_line("A at B's total time", equal_runs, key))
 
 
 def text(args) -> None:
@@ -148,8 +163,9 @@ def main() -> None:
     parser.add_argument("what", choices=["speed", "images", "audio", "text"])
     parser.add_argument("--root", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (images 30, audio 50)")
-    parser.add_argument("--pretrain-epochs", type=int, default=None, help="images 8, audio 30")
+    parser.add_argument("--epochs", type=int, nargs="+", default=None,
+                        help="fine-tuning epochs, one A and one B for each (images 16, audio 50)")
+    parser.add_argument("--pretrain-epochs", type=int, default=None, help="images 100, audio 50 (mask_fsdd's own)")
     parser.add_argument("--equal-time", action="store_true")
     parser.add_argument("--layer-decay", type=float, default=None, help="optim.layer_decay of B's fine-tuning")
     parser.add_argument("--rounds", type=int, default=5)
@@ -164,8 +180,8 @@ def main() -> None:
     if args.what == "text":
         return text(args)
     images = args.what == "images"
-    args.epochs = args.epochs or (30 if images else 50)
-    args.pretrain_epochs = args.pretrain_epochs or (8 if images else 30)
+    args.epochs = args.epochs or [16 if images else 50]
+    args.pretrain_epochs = args.pretrain_epochs or (100 if images else 50)
     low_label(args, "vit_cifar_cpu" if images else "audio_fsdd", "mae_cifar_cpu" if images else "mask_fsdd", "acc")
 
 

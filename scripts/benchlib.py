@@ -27,7 +27,7 @@ def run_train(task: str, seed: int, work: Path, root: str | None, extra: tuple[s
     done_file, wall_file = run_dir / "summary.json", work / f"{name or task}-seed{seed}.wall"
     if done_file.is_file() and wall_file.is_file() and json.loads(done_file.read_text()).get("status") == "finished":
         # a benchmark started again in the same --work folder goes on from the runs it had finished
-        return {"seed": seed, "wall_s": float(wall_file.read_text()), **json.loads(done_file.read_text())}
+        return {"seed": seed, "wall_s": float(wall_file.read_text()), **moved(json.loads(done_file.read_text()), run_dir)}
     cmd = [sys.executable, "-m", "mmtx.train", f"task={task}", f"seed={seed}", f"hydra.run.dir={run_dir}",
            *cli_overrides(work, root), *extra]
     log = work / f"{name or task}-seed{seed}.log"
@@ -39,6 +39,16 @@ def run_train(task: str, seed: int, work: Path, root: str | None, extra: tuple[s
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}); see {log}")
     wall_file.write_text(f"{wall:.3f}")
     return {"seed": seed, "wall_s": wall, **json.loads((run_dir / "summary.json").read_text())}
+
+
+def moved(summary: dict, run_dir: Path) -> dict:
+    """A finished run's summary with its paths under `run_dir`, where the --work folder was moved since it ran."""
+    recorded, run_dir = summary.get("run_dir"), run_dir.resolve()
+    if not recorded or Path(recorded) == run_dir:
+        return summary
+    return {key: str(run_dir / Path(value).relative_to(recorded))
+            if isinstance(value, str) and Path(value).is_relative_to(recorded) else value
+            for key, value in summary.items()}
 
 
 def warm_cache(task: str, work: Path, root: str | None) -> None:
