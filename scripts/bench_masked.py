@@ -12,14 +12,13 @@
         whole time.
     python scripts/bench_masked.py audio --root ../shared/data [--seeds 1 2 3] [--pretrain-epochs 50] [--epochs 50]
         The same for FSDD: audio_fsdd against mask_fsdd then audio_fsdd.
-
-Runs are named after their length (A-16ep-seed1, pretrain-100ep-seed1, ...): started again with the same --work, a
-benchmark reuses the runs it has finished (a longer pretraining or another fine-tuning length is a new run).
     python scripts/bench_masked.py text --root ../shared/data [--seeds 1 2 3]
         bert_shakespeare: masked-token accuracy on the validation split against the unigram baseline (always the
         most frequent training character), and the validation loss curve.
 
 Each run's test metrics, wall time (the whole process) and steps; the mean and range over the seeds.
+Runs are named after their length (A-16ep-seed1, pretrain-100ep-seed1, ...): started again with the same --work, a
+benchmark reuses the runs it has finished (a longer pretraining or another fine-tuning length is a new run).
 """
 
 from __future__ import annotations
