@@ -70,7 +70,8 @@ def low_label(args, scratch_task: str, masked_task: str, metric: str) -> None:
             a, b = a_runs[n][-1], b_runs[n][-1]
             epochs = max(1, round(n * (pre["wall_s"] + b["wall_s"]) / a["wall_s"]))
             eq = run_train(scratch_task, seed, work, args.root,
-                           ("data.label_fraction=0.1", f"trainer.max_epochs={epochs}", *args.extra), name="A-equal-time")
+                           ("data.label_fraction=0.1", f"trainer.max_epochs={epochs}", *args.extra),
+                           name=f"A-{epochs}ep-equal-time")
             print(f"seed {seed} A at B's time: {epochs} epochs, {eq['wall_s']:.0f} s, test {eq[key]:.4f}")
             equal_runs.append(eq)
     print(summary_line(f"B's pretraining ({args.pretrain_epochs} epochs)", pre_runs, "test/loss"))
