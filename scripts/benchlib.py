@@ -25,9 +25,10 @@ def run_train(task: str, seed: int, work: Path, root: str | None, extra: tuple[s
     `name`: the run's folder and log under `work` (default: TASK), for several runs of one task."""
     run_dir = work / f"{name or task}-seed{seed}"
     done_file, wall_file = run_dir / "summary.json", work / f"{name or task}-seed{seed}.wall"
-    if done_file.is_file() and wall_file.is_file() and json.loads(done_file.read_text()).get("status") == "finished":
+    finished = json.loads(done_file.read_text()) if done_file.is_file() and wall_file.is_file() else {}
+    if finished.get("status") == "finished":
         # a benchmark started again in the same --work folder goes on from the runs it had finished
-        return {"seed": seed, "wall_s": float(wall_file.read_text()), **moved(json.loads(done_file.read_text()), run_dir)}
+        return {"seed": seed, "wall_s": float(wall_file.read_text()), **moved(finished, run_dir)}
     cmd = [sys.executable, "-m", "mmtx.train", f"task={task}", f"seed={seed}", f"hydra.run.dir={run_dir}",
            *cli_overrides(work, root), *extra]
     log = work / f"{name or task}-seed{seed}.log"
